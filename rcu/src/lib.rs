@@ -1,2 +1,52 @@
-//! Userspace read-copy-update of the QSBR flavour, the Bonsai tree and an RCU range map.
+//! Userspace read-copy-update of the QSBR flavour, with the RCU rules checked by the compiler.
+//!
+//! - A [`Domain`] holds the grace-period state; [`Domain::global`] is the process-wide one.
+//! - A thread [`register`](Domain::register)s and gets a [`Reader`] (`!Send`). Its
+//!   [`read`](Reader::read) returns a [`ReadGuard`] that costs nothing to take or drop;
+//!   references loaded under it live no longer than it. [`Reader::quiescent_state`] and
+//!   [`Reader::offline`] take the reader mutably, so no reference survives them: that misuse
+//!   is a compile error, not a use-after-free.
+//! - [`RcuCell`] is a published pointer: loads need a guard, stores retire the old value.
+//! - Writers call [`Domain::synchronize`] to wait for a grace period, or retire objects with
+//!   [`Domain::defer_drop`] / [`Domain::defer`] for batched reclamation on a background thread,
+//!   with back-pressure past [`Config::max_backlog`]; [`Domain::barrier`] waits for it all.
+//!
+//! ```
+//! use rcu::{Domain, RcuCell};
+//! use std::sync::Arc;
+//!
+//! let domain = Domain::new();
+//! let current = Arc::new(RcuCell::new(&domain, 0u64));
+//! let reader_thread = {
+//!     let (domain, current) = (domain.clone(), current.clone());
+//!     std::thread::spawn(move || {
+//!         let mut reader = domain.register();
+//!         for _ in 0..1000 {
+//!             let guard = reader.read();
+//!             let v = *current.load(&guard).unwrap();
+//!             assert!(v < 100);
+//!             drop(guard);
+//!             reader.quiescent_state();
+//!         }
+//!     })
+//! };
+//! for v in 1..100 {
+//!     current.store(Some(v));
+//! }
+//! reader_thread.join().unwrap();
+//! domain.barrier();
+//! assert_eq!(domain.stats().backlog, 0);
+//! ```
 #![deny(missing_docs)]
+
+mod cell;
+mod domain;
+mod reader;
+mod reclaim;
+mod stats;
+mod sync;
+
+pub use cell::RcuCell;
+pub use domain::{Config, Domain};
+pub use reader::{Offline, ReadGuard, Reader};
+pub use stats::{LatencyHistogram, Stats};

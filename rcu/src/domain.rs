@@ -1,0 +1,445 @@
+//! RCU domains: the grace-period state shared by a set of readers and writers.
+//!
+//! The protocol is liburcu's QSBR flavour with a 64-bit counter (so a single phase suffices):
+//!
+//! - `gp_ctr` is the global grace-period counter. It is odd and only ever grows, by 2, under
+//!   `gp_lock`.
+//! - Each registered reader has a [`Slot`] whose `ctr` is 0 while the reader is offline and
+//!   otherwise a snapshot of `gp_ctr` taken at its last quiescent state (or when it came
+//!   online).
+//! - A grace period advances `gp_ctr` to `new` and waits until every slot holds 0 or `new`:
+//!   each reader then has been offline, or announced a quiescent state after the grace period
+//!   began, so no read-side section that began before it is still running.
+//!
+//! Read-side sections cost nothing; the fences live in `quiescent_state`, `offline` and
+//! `online`, and in the writer.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64 as StatU64, Ordering::Relaxed as StatRelaxed};
+use std::time::Instant;
+
+use crate::reclaim::Reclaim;
+use crate::stats::{AtomicHistogram, Stats};
+use crate::sync::{fence, lock, spin_hint, thread, Arc, AtomicBool, AtomicU64, Mutex};
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+
+/// How many times a waiting writer re-checks a reader before it parks.
+#[cfg(not(loom))]
+const SPIN_LIMIT: u32 = 1000;
+#[cfg(loom)]
+const SPIN_LIMIT: u32 = 1;
+
+/// The value of `gp_ctr` before the first grace period (odd: 0 means "offline" in a slot).
+const GP_CTR_INIT: u64 = 1;
+
+/// Tuning of a [`Domain`].
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Bound on retired-but-not-freed objects. A thread that retires past it reclaims a batch
+    /// itself (waiting for a grace period) before returning, so the backlog cannot grow
+    /// without bound however fast a writer retires.
+    pub max_backlog: usize,
+    /// Run a background thread that reclaims retired objects in batches after grace periods.
+    /// Without it, reclamation happens only through back-pressure, [`Domain::barrier`] and
+    /// [`Domain::reclaim`].
+    pub background_reclaim: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_backlog: 64 * 1024,
+            background_reclaim: cfg!(not(loom)),
+        }
+    }
+}
+
+/// One reader's announcement slot, padded to its own cache lines so readers never share a line
+/// with each other or with the global counter.
+#[repr(align(128))]
+pub(crate) struct Slot {
+    /// 0 = offline; otherwise the `gp_ctr` value at the reader's last quiescent state.
+    /// Written only by the owning reader (relaxed stores bracketed by SeqCst fences), read by
+    /// writers in `wait_for_reader`.
+    pub(crate) ctr: AtomicU64,
+    /// The thread that owns this slot: a writer that finds its own thread's slot online
+    /// knows it would wait for itself.
+    owner: thread::ThreadId,
+    /// Live read guards of this reader. Touched only by the owning thread (the reader is
+    /// `!Send`, and a writer reads it only when `owner` is the writer's own thread).
+    pub(crate) guards: Cell<u32>,
+}
+
+// SAFETY: `ctr` is atomic and `owner` is immutable. `guards` is a plain `Cell`, but it is only
+// ever accessed from the owning thread: through the owning `Reader`/`ReadGuard`, both `!Send`,
+// or by `wait_for_reader` after checking that the current thread is `owner`.
+unsafe impl Sync for Slot {}
+
+/// The grace-period and reclamation state of a domain.
+pub(crate) struct Inner {
+    /// Global grace-period counter (liburcu `gp.ctr`).
+    pub(crate) gp_ctr: CachePadded<AtomicU64>,
+    /// The counter value of the last completed grace period (only written under `gp_lock`).
+    completed: AtomicU64,
+    /// Set by a writer about to park (liburcu `gp.futex == -1`); a reader that announces a
+    /// quiescent state or goes offline checks it after a fence and unparks the writer.
+    waiting: CachePadded<AtomicBool>,
+    /// The parked writer, if any.
+    waiter: Mutex<Option<thread::Thread>>,
+    /// Serialises grace periods; holds a scratch list of slots reused across them.
+    gp_lock: Mutex<Vec<Arc<Slot>>>,
+    /// Every registered reader.
+    registry: Mutex<Vec<Arc<Slot>>>,
+    pub(crate) reclaim: Reclaim,
+    pub(crate) config: Config,
+    grace_periods: StatU64,
+    synchronize_calls: StatU64,
+    gp_latency: AtomicHistogram,
+}
+
+/// Pads and aligns a value to 128 bytes (two cache lines, which covers adjacent-line prefetch).
+#[repr(align(128))]
+pub(crate) struct CachePadded<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for CachePadded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl Inner {
+    fn new(config: Config) -> Self {
+        Self {
+            gp_ctr: CachePadded(AtomicU64::new(GP_CTR_INIT)),
+            completed: AtomicU64::new(GP_CTR_INIT),
+            waiting: CachePadded(AtomicBool::new(false)),
+            waiter: Mutex::new(None),
+            gp_lock: Mutex::new(Vec::new()),
+            registry: Mutex::new(Vec::new()),
+            reclaim: Reclaim::new(),
+            config,
+            grace_periods: StatU64::new(0),
+            synchronize_calls: StatU64::new(0),
+            gp_latency: AtomicHistogram::new(),
+        }
+    }
+
+    /// Adds a slot, offline, to the registry.
+    pub(crate) fn register_slot(&self) -> Arc<Slot> {
+        let slot = Arc::new(Slot {
+            ctr: AtomicU64::new(0),
+            owner: thread::current().id(),
+            guards: Cell::new(0),
+        });
+        lock(&self.registry).push(slot.clone());
+        slot
+    }
+
+    /// Removes an (offline) slot from the registry.
+    pub(crate) fn unregister_slot(&self, slot: &Arc<Slot>) {
+        let mut reg = lock(&self.registry);
+        if let Some(i) = reg.iter().position(|s| Arc::ptr_eq(s, slot)) {
+            reg.swap_remove(i);
+        }
+    }
+
+    /// The reader side of a quiescent state (liburcu `rcu_quiescent_state`).
+    #[inline]
+    pub(crate) fn quiescent_state(&self, slot: &Slot) {
+        let gp = self.gp_ctr.load(Relaxed);
+        if gp == slot.ctr.load(Relaxed) {
+            // No grace period started since our last announcement: nothing to tell anyone.
+            return;
+        }
+        // Every read-side access before this point completes before the announcement
+        // (pairs with the writer's fence after it reads our slot).
+        fence(SeqCst);
+        slot.ctr.store(gp, Relaxed);
+        // The announcement is visible before we read `waiting` (pairs with the writer's fence
+        // between setting `waiting` and re-reading our slot) and before any later read-side
+        // access (pairs with the writer's fence between its unpublish and its counter flip).
+        fence(SeqCst);
+        self.wake_up_gp();
+    }
+
+    /// The reader goes offline (liburcu `rcu_thread_offline`).
+    #[inline]
+    pub(crate) fn thread_offline(&self, slot: &Slot) {
+        // Read-side accesses complete before we stop being waited for.
+        fence(SeqCst);
+        slot.ctr.store(0, Relaxed);
+        // Offline state visible before we read `waiting` (pairs as in `quiescent_state`).
+        fence(SeqCst);
+        self.wake_up_gp();
+    }
+
+    /// The reader comes back online (liburcu `rcu_thread_online`).
+    #[inline]
+    pub(crate) fn thread_online(&self, slot: &Slot) {
+        slot.ctr.store(self.gp_ctr.load(Relaxed), Relaxed);
+        // Online state visible before any read-side access: a writer that then reads our slot
+        // as offline ordered its unpublish before our loads (pairs with the writer's fence
+        // after its counter flip).
+        fence(SeqCst);
+    }
+
+    #[inline]
+    fn wake_up_gp(&self) {
+        if self.waiting.load(Relaxed) {
+            self.waiting.store(false, Relaxed);
+            if let Some(t) = lock(&self.waiter).as_ref() {
+                t.unpark();
+            }
+        }
+    }
+
+    /// Waits for a grace period: returns once every reader that was online when this call
+    /// began has passed a quiescent state or gone offline. Concurrent callers share grace
+    /// periods.
+    pub(crate) fn synchronize(&self) {
+        self.synchronize_calls.fetch_add(1, StatRelaxed);
+        // The caller's unpublish stores are ordered before we sample the counter.
+        fence(SeqCst);
+        let entry = self.gp_ctr.load(Relaxed);
+        let mut scratch = lock(&self.gp_lock);
+        // A grace period that began after our entry (its counter exceeds `entry`) and has
+        // completed serves us too. `completed` is only written under `gp_lock`, which we hold.
+        if self.completed.load(Relaxed) >= entry + 2 {
+            // Order the caller's subsequent frees after the readers' accesses (the grace
+            // period's writer fenced after seeing them; `gp_lock` carries that to us).
+            fence(SeqCst);
+            return;
+        }
+        let start = Instant::now();
+        let new = self.gp_ctr.load(Relaxed) + 2;
+        self.gp_ctr.store(new, Relaxed);
+        // The flip is visible before we read any slot (pairs with the fences in
+        // `quiescent_state`/`thread_online`).
+        fence(SeqCst);
+
+        scratch.clear();
+        scratch.extend(lock(&self.registry).iter().cloned());
+        let me = thread::current().id();
+        for slot in scratch.iter() {
+            self.wait_for_reader(slot, new, me);
+        }
+        scratch.clear();
+        // Every reader access that preceded a quiescent state we observed happens before the
+        // caller's frees (pairs with the readers' fence before their announcement).
+        fence(SeqCst);
+        self.completed.store(new, Relaxed);
+        self.grace_periods.fetch_add(1, StatRelaxed);
+        self.gp_latency.record(start.elapsed());
+    }
+
+    fn wait_for_reader(&self, slot: &Slot, new: u64, me: thread::ThreadId) {
+        let quiescent = |v: u64| v == 0 || v == new;
+        let mut spins = 0u32;
+        loop {
+            if quiescent(slot.ctr.load(Relaxed)) {
+                break;
+            }
+            if slot.owner == me {
+                // The caller is itself this online reader. Without a live guard it holds no
+                // RCU-protected reference (references cannot outlive their guard), so it is
+                // quiescent right now; with one, waiting would deadlock.
+                if slot.guards.get() == 0 {
+                    break;
+                }
+                panic!(
+                    "rcu: synchronize() called while this thread holds a read guard of the same \
+                     domain: the grace period would wait for itself forever"
+                );
+            }
+            if spins < SPIN_LIMIT {
+                spins += 1;
+                spin_hint();
+                continue;
+            }
+            // Park: publish that we wait, then re-check (a reader either sees `waiting` after
+            // its announcement, or we see its announcement here).
+            {
+                let mut w = lock(&self.waiter);
+                if w.is_none() {
+                    *w = Some(thread::current());
+                }
+            }
+            self.waiting.store(true, Relaxed);
+            fence(SeqCst);
+            if quiescent(slot.ctr.load(Relaxed)) {
+                break;
+            }
+            thread::park();
+        }
+        if spins >= SPIN_LIMIT {
+            self.waiting.store(false, Relaxed);
+            *lock(&self.waiter) = None;
+        }
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        let (retired, freed, stalls) = self.reclaim.counts();
+        Stats {
+            grace_periods: self.grace_periods.load(StatRelaxed),
+            grace_period_latency: self.gp_latency.snapshot(),
+            synchronize_calls: self.synchronize_calls.load(StatRelaxed),
+            retired,
+            freed,
+            backlog: retired.saturating_sub(freed),
+            backpressure_stalls: stalls,
+            readers: lock(&self.registry).len() as u64,
+        }
+    }
+}
+
+/// An RCU domain: a grace-period counter, its registered readers and its reclamation queue.
+///
+/// `Domain` is a cheap handle (clone it freely); the domain lives while any handle, reader or
+/// [`RcuCell`](crate::RcuCell) of it does. When the last one goes, everything still retired is
+/// freed at once (no reader can exist any more).
+///
+/// ```
+/// use rcu::{Domain, RcuCell};
+///
+/// let domain = Domain::new();
+/// let config = RcuCell::new(&domain, String::from("v1"));
+/// let mut reader = domain.register();
+/// {
+///     let guard = reader.read();
+///     assert_eq!(config.load(&guard).map(String::as_str), Some("v1"));
+/// }
+/// config.store(Some(String::from("v2"))); // "v1" is freed after a grace period
+/// reader.quiescent_state();
+/// domain.barrier(); // wait until "v1" is freed
+/// assert_eq!(domain.stats().freed, 1);
+/// ```
+#[derive(Clone)]
+pub struct Domain {
+    handle: Arc<Handle>,
+}
+
+struct Handle {
+    inner: Arc<Inner>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.inner.reclaim.shut_down();
+        let joined = lock(&self.thread).take();
+        if let Some(t) = joined {
+            // The last handle may be dropped by a destructor the reclaim thread runs: never
+            // join ourselves.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Default for Domain {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Domain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Domain")
+            .field("id", &Arc::as_ptr(&self.handle.inner))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Domain {
+    /// A new domain with the default [`Config`].
+    pub fn new() -> Self {
+        Self::with_config(Config::default())
+    }
+
+    /// A new domain with the given tuning.
+    pub fn with_config(config: Config) -> Self {
+        let background = config.background_reclaim;
+        let inner = Arc::new(Inner::new(config));
+        let thread = if background {
+            Reclaim::spawn_thread(&inner)
+        } else {
+            None
+        };
+        Self {
+            handle: Arc::new(Handle {
+                inner,
+                thread: Mutex::new(thread),
+            }),
+        }
+    }
+
+    /// The process-wide default domain.
+    #[cfg(not(loom))]
+    pub fn global() -> &'static Domain {
+        static GLOBAL: std::sync::OnceLock<Domain> = std::sync::OnceLock::new();
+        GLOBAL.get_or_init(Domain::new)
+    }
+
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.handle.inner
+    }
+
+    /// Whether `self` and `other` are handles to the same domain.
+    pub fn same_as(&self, other: &Domain) -> bool {
+        Arc::ptr_eq(&self.handle.inner, &other.handle.inner)
+    }
+
+    /// Registers the calling thread as a reader and brings it online. The handle is `!Send`:
+    /// it stays on this thread, and unregisters (going offline first) when dropped, also
+    /// during a panic's unwinding.
+    pub fn register(&self) -> crate::Reader {
+        crate::Reader::new(self.clone())
+    }
+
+    /// Waits until every reader that was online when this call began has passed a quiescent
+    /// state or gone offline. Concurrent callers share grace periods: N threads calling at
+    /// once cost at most two grace periods, not N.
+    ///
+    /// The writer spins briefly and then parks; a reader that announces a quiescent state,
+    /// goes offline or unregisters wakes it.
+    ///
+    /// Calling this from a thread whose own reader of this domain is online is allowed when
+    /// that reader holds no guard (it counts as quiescent). With a live guard it would wait
+    /// for itself forever, so it panics instead; use [`Reader::synchronize`](crate::Reader::synchronize).
+    pub fn synchronize(&self) {
+        self.inner().synchronize();
+    }
+
+    /// Runs `f` after a grace period, on the reclamation thread (`call_rcu`). Callbacks run in
+    /// batches, in the order they were deferred.
+    ///
+    /// Back-pressure: if the backlog has reached [`Config::max_backlog`], the calling thread
+    /// first waits for a grace period and runs a batch itself.
+    pub fn defer<F: FnOnce() + Send + 'static>(&self, f: F) {
+        self.inner().reclaim.push(self.inner(), Box::new(f));
+    }
+
+    /// Drops `value` after a grace period: the way to retire an object that readers may still
+    /// be looking at. Same batching and back-pressure as [`defer`](Self::defer).
+    pub fn defer_drop<T: Send + 'static>(&self, value: T) {
+        self.defer(move || drop(value));
+    }
+
+    /// Waits until everything retired before this call has been freed (`rcu_barrier`).
+    pub fn barrier(&self) {
+        self.inner().reclaim.barrier(self.inner());
+    }
+
+    /// Frees what was retired so far after one grace period, on the calling thread, and
+    /// returns how many objects that was. Useful without a background thread.
+    pub fn reclaim(&self) -> usize {
+        self.inner().reclaim.drain(self.inner())
+    }
+
+    /// A snapshot of the domain's statistics.
+    pub fn stats(&self) -> Stats {
+        self.inner().stats()
+    }
+}

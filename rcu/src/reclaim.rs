@@ -1,0 +1,186 @@
+//! Deferred reclamation (`call_rcu`): retired objects wait in a FIFO queue and are freed in
+//! batches after a grace period, by a background thread, by a retiring thread that hit the
+//! backlog bound (back-pressure), or by `barrier()`.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64 as StatU64, Ordering::Relaxed};
+
+use crate::domain::Inner;
+use crate::sync::{lock, Arc, AtomicBool, Condvar, Mutex};
+
+type Deferred = Box<dyn FnOnce() + Send>;
+
+#[cfg(not(loom))]
+std::thread_local! {
+    /// Set while this thread runs deferred callbacks: a callback that retires more objects
+    /// must not block on (or re-enter) reclamation.
+    static IN_RECLAIM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+#[cfg(loom)]
+loom::thread_local! {
+    static IN_RECLAIM: std::cell::Cell<bool> = std::cell::Cell::new(false);
+}
+
+pub(crate) struct Reclaim {
+    /// Retired callbacks, oldest first, and the count ever pushed (under the same lock, so
+    /// `barrier` reads an exact target).
+    queue: Mutex<Queue>,
+    /// Wakes the background thread.
+    work: Condvar,
+    /// Serialises draining so that callbacks run in FIFO order and `freed` counts a prefix.
+    free_lock: Mutex<()>,
+    shutdown: AtomicBool,
+    freed: StatU64,
+    stalls: StatU64,
+}
+
+struct Queue {
+    items: VecDeque<Deferred>,
+    pushed: u64,
+}
+
+struct CountOnDrop<'a>(&'a StatU64, u64);
+
+impl Drop for CountOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(self.1, Relaxed);
+    }
+}
+
+struct ReclaimScope;
+
+impl ReclaimScope {
+    fn enter() -> Self {
+        IN_RECLAIM.with(|f| f.set(true));
+        ReclaimScope
+    }
+}
+
+impl Drop for ReclaimScope {
+    fn drop(&mut self) {
+        IN_RECLAIM.with(|f| f.set(false));
+    }
+}
+
+fn in_reclaim() -> bool {
+    IN_RECLAIM.with(|f| f.get())
+}
+
+impl Reclaim {
+    pub(crate) fn new() -> Self {
+        Self {
+            queue: Mutex::new(Queue {
+                items: VecDeque::new(),
+                pushed: 0,
+            }),
+            work: Condvar::new(),
+            free_lock: Mutex::new(()),
+            shutdown: AtomicBool::new(false),
+            freed: StatU64::new(0),
+            stalls: StatU64::new(0),
+        }
+    }
+
+    pub(crate) fn counts(&self) -> (u64, u64, u64) {
+        let pushed = lock(&self.queue).pushed;
+        (pushed, self.freed.load(Relaxed), self.stalls.load(Relaxed))
+    }
+
+    pub(crate) fn push(&self, inner: &Inner, f: Deferred) {
+        let len = {
+            let mut q = lock(&self.queue);
+            q.items.push_back(f);
+            q.pushed += 1;
+            q.items.len()
+        };
+        if len >= inner.config.max_backlog && !in_reclaim() {
+            // Back-pressure: the retiring thread pays for the grace period itself.
+            self.stalls.fetch_add(1, Relaxed);
+            self.drain(inner);
+        } else if len == 1 || len % 256 == 0 {
+            self.work.notify_one();
+        }
+    }
+
+    /// Waits for a grace period and runs every callback queued before it began. Returns how
+    /// many ran.
+    pub(crate) fn drain(&self, inner: &Inner) -> usize {
+        let _serial = lock(&self.free_lock);
+        let n = lock(&self.queue).items.len();
+        if n == 0 {
+            return 0;
+        }
+        // Everything among the first `n` was unpublished before it was queued, and queued
+        // before this grace period began.
+        inner.synchronize();
+        let batch: Vec<Deferred> = lock(&self.queue).items.drain(..n).collect();
+        // Counted even if a callback panics (the rest of the batch is then dropped uncalled,
+        // which still drops what the callbacks captured), so `barrier` cannot wait forever.
+        let _count = CountOnDrop(&self.freed, n as u64);
+        let _scope = ReclaimScope::enter();
+        for f in batch {
+            f();
+        }
+        n
+    }
+
+    pub(crate) fn barrier(&self, inner: &Inner) {
+        let target = lock(&self.queue).pushed;
+        while self.freed.load(Relaxed) < target {
+            self.drain(inner);
+        }
+    }
+
+    pub(crate) fn shut_down(&self) {
+        self.shutdown
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let _q = lock(&self.queue);
+        self.work.notify_all();
+    }
+
+    #[cfg(not(loom))]
+    pub(crate) fn spawn_thread(inner: &Arc<Inner>) -> Option<std::thread::JoinHandle<()>> {
+        let inner = inner.clone();
+        std::thread::Builder::new()
+            .name("rcu-reclaim".into())
+            .spawn(move || inner.reclaim.thread_main(&inner))
+            .ok()
+    }
+
+    #[cfg(loom)]
+    pub(crate) fn spawn_thread(_inner: &Arc<Inner>) -> Option<std::thread::JoinHandle<()>> {
+        None
+    }
+
+    #[cfg(not(loom))]
+    fn thread_main(&self, inner: &Inner) {
+        use std::sync::atomic::Ordering::Relaxed as R;
+        loop {
+            {
+                let mut q = lock(&self.queue);
+                while q.items.is_empty() && !self.shutdown.load(R) {
+                    q = self.work.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            if self.shutdown.load(R) {
+                return;
+            }
+            // Let a burst of retirements accumulate so one grace period serves a batch.
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            // A panicking destructor must not kill reclamation for everyone else.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.drain(inner)));
+        }
+    }
+}
+
+impl Drop for Reclaim {
+    fn drop(&mut self) {
+        // The domain is going away: no reader can exist any more (readers keep the domain
+        // alive), so everything still retired can run now.
+        let q = std::mem::take(&mut lock(&self.queue).items);
+        let _scope = ReclaimScope::enter();
+        for f in q {
+            f();
+        }
+    }
+}

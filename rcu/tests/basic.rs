@@ -1,0 +1,201 @@
+//! Grace-period behaviour seen from outside: who a writer waits for and who it does not.
+
+use rcu::{Config, Domain, RcuCell};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+#[test]
+fn synchronize_waits_for_an_online_reader_holding_a_guard() {
+    let domain = Domain::new();
+    let entered = Arc::new(Barrier::new(2));
+    let released = Arc::new(AtomicBool::new(false));
+    let t = {
+        let (domain, entered, released) = (domain.clone(), entered.clone(), released.clone());
+        std::thread::spawn(move || {
+            let mut reader = domain.register();
+            let guard = reader.read();
+            entered.wait();
+            std::thread::sleep(Duration::from_millis(100));
+            released.store(true, SeqCst);
+            drop(guard);
+            reader.quiescent_state();
+        })
+    };
+    entered.wait();
+    domain.synchronize();
+    assert!(
+        released.load(SeqCst),
+        "grace period ended while a reader was in its section"
+    );
+    t.join().unwrap();
+    assert_eq!(domain.stats().grace_periods, 1);
+}
+
+#[test]
+fn offline_readers_are_not_waited_for() {
+    let domain = Domain::new();
+    let ready = Arc::new(Barrier::new(2));
+    let done = Arc::new(Barrier::new(2));
+    let t = {
+        let (domain, ready, done) = (domain.clone(), ready.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut reader = domain.register();
+            reader.offline_while(|| {
+                ready.wait();
+                done.wait(); // blocked "in KVM_RUN" until the writer is through
+            });
+        })
+    };
+    ready.wait();
+    domain.synchronize(); // must not wait for the blocked, offline reader
+    done.wait();
+    t.join().unwrap();
+}
+
+#[test]
+fn a_reader_going_offline_wakes_a_parked_writer() {
+    let domain = Domain::new();
+    let ready = Arc::new(Barrier::new(2));
+    let t = {
+        let (domain, ready) = (domain.clone(), ready.clone());
+        std::thread::spawn(move || {
+            let mut reader = domain.register();
+            ready.wait();
+            std::thread::sleep(Duration::from_millis(50)); // writer spins, then parks
+            let _off = reader.offline();
+            std::thread::sleep(Duration::from_millis(200));
+        })
+    };
+    ready.wait();
+    let start = Instant::now();
+    domain.synchronize();
+    // Woken by going offline (at ~50 ms), not by the thread's exit (at ~250 ms).
+    assert!(
+        start.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        start.elapsed()
+    );
+    t.join().unwrap();
+}
+
+#[test]
+fn synchronize_from_a_reader_thread_without_a_guard_does_not_deadlock() {
+    let domain = Domain::new();
+    let mut reader = domain.register();
+    domain.synchronize(); // this thread is online but holds no guard
+    reader.synchronize();
+    reader.quiescent_state();
+}
+
+#[test]
+#[should_panic(expected = "would wait for itself")]
+fn synchronize_under_own_guard_panics_instead_of_deadlocking() {
+    let domain = Domain::new();
+    let reader = domain.register();
+    let _guard = reader.read();
+    domain.synchronize();
+}
+
+#[test]
+fn concurrent_synchronize_callers_share_grace_periods() {
+    let domain = Domain::new();
+    // A reader that announces quiescent states only every 20 ms keeps grace periods long.
+    let stop = Arc::new(AtomicBool::new(false));
+    let r = {
+        let (domain, stop) = (domain.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut reader = domain.register();
+            while !stop.load(SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+                reader.quiescent_state();
+            }
+        })
+    };
+    let callers = 8;
+    let start = Arc::new(Barrier::new(callers));
+    let threads: Vec<_> = (0..callers)
+        .map(|_| {
+            let (domain, start) = (domain.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                domain.synchronize();
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    stop.store(true, SeqCst);
+    r.join().unwrap();
+    let s = domain.stats();
+    assert_eq!(s.synchronize_calls, callers as u64);
+    assert!(
+        s.grace_periods <= 3,
+        "{callers} callers ran {} grace periods",
+        s.grace_periods
+    );
+}
+
+#[test]
+fn deferred_callbacks_run_after_barrier_and_domain_drop_frees_the_rest() {
+    let ran = Arc::new(AtomicUsize::new(0));
+    let domain = Domain::new();
+    for _ in 0..100 {
+        let ran = ran.clone();
+        domain.defer(move || {
+            ran.fetch_add(1, SeqCst);
+        });
+    }
+    domain.barrier();
+    assert_eq!(ran.load(SeqCst), 100);
+    let s = domain.stats();
+    assert_eq!((s.retired, s.freed, s.backlog), (100, 100, 0));
+
+    let quiet = Domain::with_config(Config {
+        background_reclaim: false,
+        ..Config::default()
+    });
+    for _ in 0..10 {
+        let ran = ran.clone();
+        quiet.defer(move || {
+            ran.fetch_add(1, SeqCst);
+        });
+    }
+    assert_eq!(ran.load(SeqCst), 100, "nothing runs without a grace period");
+    drop(quiet);
+    assert_eq!(
+        ran.load(SeqCst),
+        110,
+        "dropping the domain runs what was left"
+    );
+}
+
+#[test]
+fn backlog_is_bounded_by_back_pressure() {
+    let domain = Domain::with_config(Config {
+        max_backlog: 64,
+        background_reclaim: false,
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let r = {
+        let (domain, stop) = (domain.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut reader = domain.register();
+            while !stop.load(SeqCst) {
+                reader.quiescent_state();
+                std::thread::yield_now();
+            }
+        })
+    };
+    let cell = RcuCell::new(&domain, 0usize);
+    for i in 0..10_000 {
+        cell.store(Some(i));
+        assert!(domain.stats().backlog <= 64);
+    }
+    stop.store(true, SeqCst);
+    r.join().unwrap();
+    assert!(domain.stats().backpressure_stalls > 0);
+    domain.barrier();
+    assert_eq!(domain.stats().backlog, 0);
+}
