@@ -1,11 +1,333 @@
 //! `vmm`: a KVM virtual machine monitor.
-use clap::Parser;
+//!
+//! Exit codes: 0 success; 2 usage error; 1 any other error (one line on stderr saying what
+//! failed and what to do). `vmm run` exits with the guest's own status, 1 when the guest
+//! crashed (with a one-line diagnosis), 124 when it ran past `--timeout`.
+#![deny(unsafe_code)]
+
+mod boot;
+mod devices;
+#[allow(unsafe_code)]
+mod kvm;
+mod memory;
+mod size;
+mod vcpu;
+mod vm;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::vm::{RunConfig, RunOutcome};
+
+/// Exit status when the guest crashed or the VMM failed.
+const EXIT_FAILURE: u8 = 1;
+/// Exit status when the guest ran past `--timeout` (as `timeout(1)`).
+const EXIT_TIMEOUT: u8 = 124;
 
 /// A KVM virtual machine monitor whose guest memory lives in an RCU balanced tree.
-#[derive(Parser)]
-#[command(version)]
-struct Cli {}
+#[derive(Parser, Debug)]
+#[command(name = "vmm", version, about, propagate_version = true)]
+struct Cli {
+    /// More logging on stderr (-v: info, including boot times; -vv: debug; -vvv: trace).
+    /// RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
 
-fn main() {
-    let _cli = Cli::parse();
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot the built-in guest (or --kernel ELF) on KVM and show its serial console.
+    ///
+    /// Serial output goes to stdout, the VMM's own messages to stderr. Exits with the guest's
+    /// status; 1 when the guest crashed (triple fault, unknown port or MMIO, HLT, KVM error)
+    /// or the VMM failed, with a one-line diagnosis; 124 when the guest ran past --timeout.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    vcpus: u32,
+
+    /// Guest RAM: a plain integer or with a K/M/G/T suffix (powers of 1024).
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = size::parse_size)]
+    mem: u64,
+
+    /// Boot this static x86-64 ELF instead of the built-in guest. It is entered in 64-bit
+    /// mode on an identity map with rdi = vCPU index, rsi = boot-info address (see
+    /// docs/run.md); its PT_LOAD segments must lie in RAM, clear of the boot area.
+    #[arg(long, value_name = "ELF")]
+    kernel: Option<PathBuf>,
+
+    /// What the guest does. hello: each vCPU prints `hello from vcpu K`, exit 0. The others
+    /// are test workloads: exit (status --exit-status), spin (forever), triple-fault,
+    /// bad-port, bad-mmio, hlt.
+    #[arg(long, value_enum, default_value_t = Workload::Hello)]
+    workload: Workload,
+
+    /// Exit status for `--workload exit`.
+    #[arg(long, value_name = "STATUS", default_value_t = 0)]
+    exit_status: u8,
+
+    /// How first touches of guest RAM are serviced (demand paging is not implemented yet:
+    /// accepted and ignored).
+    #[arg(long, value_enum, default_value_t = FaultMode::Vcpu)]
+    fault_mode: FaultMode,
+
+    /// Pages populated per fault (accepted; used once demand paging lands).
+    #[arg(long, value_name = "PAGES", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=512))]
+    fault_around: u32,
+
+    /// Address-space implementation (accepted; used once demand paging lands).
+    #[arg(long, value_enum, default_value_t = AddressSpace::Bonsai)]
+    address_space: AddressSpace,
+
+    /// Control socket path (not implemented yet: no socket is created).
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+
+    /// Stop the guest after this many seconds (fractions allowed; 0 = never).
+    #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = size::parse_timeout)]
+    timeout: Duration,
+
+    /// The KVM device.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "VMM_KVM_DEV",
+        default_value = "/dev/kvm"
+    )]
+    kvm_dev: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Workload {
+    Hello,
+    Touch,
+    Hotplug,
+    Exit,
+    Spin,
+    TripleFault,
+    BadPort,
+    BadMmio,
+    Hlt,
+}
+
+impl Workload {
+    fn id(self) -> Option<u32> {
+        use abi::workload as w;
+        Some(match self {
+            Workload::Hello => w::HELLO,
+            Workload::Touch | Workload::Hotplug => return None,
+            Workload::Exit => w::EXIT,
+            Workload::Spin => w::SPIN,
+            Workload::TripleFault => w::TRIPLE_FAULT,
+            Workload::BadPort => w::BAD_PORT,
+            Workload::BadMmio => w::BAD_MMIO,
+            Workload::Hlt => w::HLT,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum FaultMode {
+    Vcpu,
+    Handler,
+    Kernel,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum AddressSpace {
+    Bonsai,
+    Rwlock,
+    Cow,
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let process_start = Instant::now();
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match cli.command {
+        Command::Run(args) => ExitCode::from(cmd_run(args, process_start)),
+    }
+}
+
+fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
+    let Some(workload) = args.workload.id() else {
+        eprintln!(
+            "vmm: --workload {}: not implemented yet; use hello",
+            args.workload
+                .to_possible_value()
+                .map(|v| v.get_name().to_owned())
+                .unwrap_or_default()
+        );
+        return EXIT_FAILURE;
+    };
+    tracing::info!(
+        fault_mode = ?args.fault_mode,
+        fault_around = args.fault_around,
+        address_space = ?args.address_space,
+        "demand paging is not implemented yet: guest RAM is plain anonymous memory"
+    );
+    if let Some(sock) = &args.api_sock {
+        tracing::warn!(
+            "--api-sock {}: the control socket is not implemented yet; none is created",
+            sock.display()
+        );
+    }
+    let cfg = RunConfig {
+        kvm_dev: args.kvm_dev,
+        vcpus: args.vcpus,
+        mem_bytes: args.mem,
+        kernel: args.kernel,
+        workload,
+        params: vec![u64::from(args.exit_status)],
+        timeout: (!args.timeout.is_zero()).then_some(args.timeout),
+        process_start,
+    };
+    let report = match vm::run(&cfg, Box::new(std::io::stdout())) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            return EXIT_FAILURE;
+        }
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    match report.first_line {
+        Some(t) => tracing::info!(
+            "boot: first serial line {:.2} ms after process start; run ended after {:.2} ms",
+            ms(t),
+            ms(report.total)
+        ),
+        None => tracing::info!(
+            "boot: no serial line; run ended {:.2} ms after process start",
+            ms(report.total)
+        ),
+    }
+    if !report.stuck.is_empty() {
+        eprintln!(
+            "vmm: warning: vcpus {:?} did not stop within 2 s of being kicked",
+            report.stuck
+        );
+    }
+    match report.outcome {
+        RunOutcome::Exited(status) => status,
+        RunOutcome::AllParked => {
+            tracing::info!("every vCPU parked without an exit status: exiting 0");
+            0
+        }
+        RunOutcome::Fatal(d) => {
+            eprintln!("vmm: {d}");
+            EXIT_FAILURE
+        }
+        RunOutcome::TimedOut { after, rips } => {
+            let mut where_ = rips
+                .iter()
+                .take(8)
+                .map(|(i, rip)| format!("vcpu {i} rip={rip:#x}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            if rips.len() > 8 {
+                where_.push_str(&format!(", and {} more", rips.len() - 8));
+            }
+            eprintln!(
+                "vmm: timeout: guest still running after {} s (--timeout); stopped it: {where_}",
+                after.as_secs_f64()
+            );
+            EXIT_TIMEOUT
+        }
+        RunOutcome::SetupFailed { vcpu, message } => {
+            eprintln!("vmm: vcpu {vcpu}: setup failed: {message}");
+            EXIT_FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_defaults() {
+        let cli = Cli::try_parse_from(["vmm", "run"]).unwrap();
+        let Command::Run(a) = cli.command;
+        assert_eq!(a.vcpus, 2);
+        assert_eq!(a.mem, 256 << 20);
+        assert_eq!(a.workload, Workload::Hello);
+        assert_eq!(a.fault_mode, FaultMode::Vcpu);
+        assert_eq!(a.fault_around, 1);
+        assert_eq!(a.address_space, AddressSpace::Bonsai);
+        assert_eq!(a.timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn run_flags() {
+        let cli = Cli::try_parse_from([
+            "vmm",
+            "run",
+            "--vcpus",
+            "4",
+            "--mem",
+            "1G",
+            "--workload",
+            "triple-fault",
+            "--fault-mode",
+            "handler",
+            "--fault-around",
+            "16",
+            "--address-space",
+            "cow",
+            "--api-sock",
+            "/tmp/s",
+            "--timeout",
+            "0.5",
+            "-v",
+        ])
+        .unwrap();
+        assert_eq!(cli.verbose, 1);
+        let Command::Run(a) = cli.command;
+        assert_eq!(a.vcpus, 4);
+        assert_eq!(a.mem, 1 << 30);
+        assert_eq!(a.workload, Workload::TripleFault);
+        assert_eq!(a.timeout, Duration::from_millis(500));
+        for bad in [
+            &["vmm", "run", "--vcpus", "0"][..],
+            &["vmm", "run", "--mem", "lots"],
+            &["vmm", "run", "--workload", "dance"],
+            &["vmm", "run", "--fault-around", "0"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+    }
 }

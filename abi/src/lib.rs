@@ -1,0 +1,332 @@
+//! The ABI shared by the built-in guest and the VMM.
+//!
+//! Everything the two sides must agree on lives here, so that they cannot disagree: the
+//! guest-physical layout of the boot area, the port numbers of the devices, the workload ids,
+//! and the `#[repr(C)]` layouts of the boot-info block, the per-vCPU results area and the
+//! hot-plug mailbox. The crate is `no_std` and has no dependencies: the guest's nested cargo
+//! build compiles it too.
+//!
+//! How a vCPU is entered (64-bit mode, paging on): `rip` = the ELF entry point,
+//! `rsp` = [`stack_top`]`(index) - 8` (so the stack is aligned as after a `call`),
+//! `rdi` = the vCPU index, `rsi` = [`layout::BOOT_INFO`]. In Rust terms the entry is
+//! `extern "C" fn(vcpu: u64, boot_info: *const BootInfo) -> !`.
+#![no_std]
+#![forbid(unsafe_code)]
+
+/// The guest-physical layout of the boot area. All addresses are identity-mapped.
+pub mod layout {
+    /// Size of a small page.
+    pub const PAGE_SIZE: u64 = 0x1000;
+
+    /// The GDT (null, code64, data, TSS descriptors).
+    pub const GDT: u64 = 0x1000;
+    /// The boot-info block ([`crate::BootInfo`]), one page.
+    pub const BOOT_INFO: u64 = 0x2000;
+    /// The hot-plug mailbox ([`crate::Mailbox`]), one page.
+    pub const MAILBOX: u64 = 0x3000;
+    /// The top-level page table (PML4).
+    pub const PML4: u64 = 0x4000;
+    /// The page-directory-pointer table for the first 512 GiB.
+    pub const PDPT: u64 = 0x5000;
+    /// Per-vCPU results ([`crate::VcpuResult`]), `MAX_VCPUS` entries (16 KiB).
+    pub const RESULTS: u64 = 0x8000;
+    /// Page directories used when the host has no 1 GiB pages: one page per GiB mapped.
+    pub const PAGE_DIRS: u64 = 0x10000;
+    /// Number of page directories at [`PAGE_DIRS`] (so 2 MiB pages map 0..64 GiB).
+    pub const PAGE_DIRS_COUNT: u64 = 64;
+    /// End of the boot data below the image (page tables etc.).
+    pub const BOOT_DATA_END: u64 = PAGE_DIRS + PAGE_DIRS_COUNT * PAGE_SIZE;
+
+    /// Where the built-in guest image is linked (1 MiB).
+    pub const IMAGE_START: u64 = 0x10_0000;
+    /// The built-in guest image must end below this (4 MiB).
+    pub const IMAGE_END: u64 = 0x40_0000;
+
+    /// Per-vCPU stacks: vCPU `k`'s stack is `[STACKS + k * STACK_SIZE, + STACK_SIZE)`.
+    pub const STACKS: u64 = 0x40_0000;
+    /// Size of each vCPU's stack.
+    pub const STACK_SIZE: u64 = 0x4000;
+    /// The most vCPUs the layout has room for (stacks, results).
+    pub const MAX_VCPUS: u64 = 256;
+    /// End of the boot area (8 MiB): boot data, image window and stacks all lie below.
+    pub const BOOT_AREA_END: u64 = STACKS + MAX_VCPUS * STACK_SIZE;
+
+    /// Identity-mapped guest-physical space with 1 GiB pages (the whole first PML4 entry).
+    pub const IDENTITY_MAP_1G_BYTES: u64 = 512 << 30;
+    /// Identity-mapped guest-physical space with 2 MiB pages (hosts without `pdpe1gb`).
+    pub const IDENTITY_MAP_2M_BYTES: u64 = PAGE_DIRS_COUNT << 30;
+
+    /// Start of the 32-bit hole (no RAM between this and 4 GiB).
+    pub const HOLE_START: u64 = 0xc000_0000;
+    /// End of the 32-bit hole; RAM above 3 GiB continues here.
+    pub const HOLE_END: u64 = 0x1_0000_0000;
+}
+
+/// GDT selectors. The VMM enters every vCPU with the kernel selectors (CPL 0); the built-in
+/// guest drops to CPL 3 with the user selectors (see the guest's `_start`).
+pub mod selectors {
+    /// 64-bit code, DPL 0.
+    pub const KERNEL_CS: u16 = 0x08;
+    /// Data, DPL 0.
+    pub const KERNEL_DS: u16 = 0x10;
+    /// 64-bit TSS.
+    pub const TSS: u16 = 0x18;
+    /// 64-bit code, DPL 3 (RPL 3).
+    pub const USER_CS: u16 = 0x20 | 3;
+    /// Data, DPL 3 (RPL 3).
+    pub const USER_DS: u16 = 0x28 | 3;
+}
+
+/// The top of vCPU `index`'s stack (exclusive).
+pub const fn stack_top(index: u64) -> u64 {
+    layout::STACKS + (index + 1) * layout::STACK_SIZE
+}
+
+/// The guest-physical address of vCPU `index`'s [`VcpuResult`].
+pub const fn result_addr(index: u64) -> u64 {
+    layout::RESULTS + index * core::mem::size_of::<VcpuResult>() as u64
+}
+
+/// I/O ports.
+pub mod ports {
+    /// The 16550 UART (COM1): 8 registers from here.
+    pub const SERIAL: u16 = 0x3f8;
+    /// Number of UART registers.
+    pub const SERIAL_LEN: u16 = 8;
+    /// The exit port: a write ends the run; the value written is the exit status.
+    pub const EXIT: u16 = 0xf4;
+    /// The park port: a write stops the writing vCPU only; the others go on.
+    pub const PARK: u16 = 0xf5;
+}
+
+/// Workload ids, as stored in [`BootInfo::workload`].
+pub mod workload {
+    /// Each vCPU prints `hello from vcpu K`; the guest exits 0.
+    pub const HELLO: u32 = 0;
+    /// Each vCPU writes a per-page pattern to its slice, then verifies it.
+    pub const TOUCH: u32 = 1;
+    /// Follow the mailbox, touch new regions, tolerate removed ones.
+    pub const HOTPLUG: u32 = 2;
+    /// vCPU 0 exits at once with status `params[0]`.
+    pub const EXIT: u32 = 3;
+    /// Every vCPU spins forever (for `--timeout`).
+    pub const SPIN: u32 = 4;
+    /// vCPU 0 raises an exception with no IDT: a triple fault.
+    pub const TRIPLE_FAULT: u32 = 5;
+    /// vCPU 0 writes to an I/O port no device owns.
+    pub const BAD_PORT: u32 = 6;
+    /// vCPU 0 writes to a guest-physical address outside RAM.
+    pub const BAD_MMIO: u32 = 7;
+    /// vCPU 0 executes `hlt` with interrupts off.
+    pub const HLT: u32 = 8;
+}
+
+/// `BootInfo::magic`: "VMMBOOT1" little-endian.
+pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"VMMBOOT1");
+/// `BootInfo::version`.
+pub const BOOT_VERSION: u32 = 1;
+/// Room for memory-map entries in the boot info.
+pub const MAX_MEM_REGIONS: usize = 16;
+/// Room for workload parameters in the boot info.
+pub const MAX_PARAMS: usize = 8;
+
+/// Kinds of memory-map entry.
+pub mod mem_kind {
+    /// Boot area: boot data, image and stacks; not for workloads.
+    pub const BOOT: u32 = 1;
+    /// Ordinary RAM, free for workloads.
+    pub const RAM: u32 = 2;
+}
+
+/// One memory-map entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemRegion {
+    /// First guest-physical address.
+    pub start: u64,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// One of [`mem_kind`].
+    pub kind: u32,
+    /// Zero.
+    pub reserved: u32,
+}
+
+/// The boot-info block at [`layout::BOOT_INFO`], written by the VMM before any vCPU runs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BootInfo {
+    /// [`BOOT_MAGIC`].
+    pub magic: u64,
+    /// [`BOOT_VERSION`].
+    pub version: u32,
+    /// Number of vCPUs.
+    pub nr_vcpus: u32,
+    /// One of [`workload`].
+    pub workload: u32,
+    /// Number of valid entries in `mem_regions`.
+    pub nr_mem_regions: u32,
+    /// Workload parameters (for `EXIT`: `params[0]` is the status).
+    pub params: [u64; MAX_PARAMS],
+    /// The memory map, sorted by address.
+    pub mem_regions: [MemRegion; MAX_MEM_REGIONS],
+}
+
+impl BootInfo {
+    /// Size of the encoded block in bytes.
+    pub const SIZE: usize = core::mem::size_of::<BootInfo>();
+
+    /// An empty boot info for `nr_vcpus` running `workload`.
+    pub const fn new(nr_vcpus: u32, workload: u32) -> Self {
+        BootInfo {
+            magic: BOOT_MAGIC,
+            version: BOOT_VERSION,
+            nr_vcpus,
+            workload,
+            nr_mem_regions: 0,
+            params: [0; MAX_PARAMS],
+            mem_regions: [MemRegion {
+                start: 0,
+                size_bytes: 0,
+                kind: 0,
+                reserved: 0,
+            }; MAX_MEM_REGIONS],
+        }
+    }
+
+    /// The little-endian bytes of this block exactly as laid out by `#[repr(C)]`
+    /// (the struct has no padding: every field is naturally aligned).
+    pub fn to_bytes(&self) -> [u8; Self::SIZE] {
+        let mut out = [0u8; Self::SIZE];
+        let mut w = Writer {
+            buf: &mut out,
+            pos: 0,
+        };
+        w.u64(self.magic);
+        w.u32(self.version);
+        w.u32(self.nr_vcpus);
+        w.u32(self.workload);
+        w.u32(self.nr_mem_regions);
+        for p in self.params {
+            w.u64(p);
+        }
+        for r in self.mem_regions {
+            w.u64(r.start);
+            w.u64(r.size_bytes);
+            w.u32(r.kind);
+            w.u32(r.reserved);
+        }
+        out
+    }
+}
+
+struct Writer<'a> {
+    buf: &'a mut [u8],
+    pos: usize,
+}
+
+impl Writer<'_> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.buf[self.pos..self.pos + bytes.len()].copy_from_slice(bytes);
+        self.pos += bytes.len();
+    }
+    fn u64(&mut self, v: u64) {
+        self.put(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.put(&v.to_le_bytes());
+    }
+}
+
+/// One vCPU's results slot at [`result_addr`]: written by the guest, read by the VMM.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuResult {
+    /// Nonzero once the vCPU has finished its workload.
+    pub done: u64,
+    /// Pages touched.
+    pub pages: u64,
+    /// Pages whose content was wrong on verification.
+    pub verify_errors: u64,
+    /// Total time spent touching, in TSC cycles.
+    pub touch_cycles: u64,
+    /// Room for more counters.
+    pub reserved: [u64; 4],
+}
+
+/// Room for regions in the mailbox.
+pub const MAILBOX_MAX_REGIONS: usize = 160;
+
+/// The hot-plug mailbox at [`layout::MAILBOX`]: the VMM writes the region list, then bumps
+/// `generation` (release); the guest reads `generation` (acquire), then the list.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mailbox {
+    /// Incremented by the VMM after each change of `regions`.
+    pub generation: u64,
+    /// Number of valid entries in `regions`.
+    pub nr_regions: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// Hot-plugged regions.
+    pub regions: [MemRegion; MAILBOX_MAX_REGIONS],
+}
+
+const _: () = assert!(BootInfo::SIZE <= layout::PAGE_SIZE as usize);
+const _: () = assert!(core::mem::size_of::<Mailbox>() <= layout::PAGE_SIZE as usize);
+const _: () = assert!(core::mem::size_of::<VcpuResult>() == 64);
+const _: () = assert!(result_addr(layout::MAX_VCPUS) <= layout::PAGE_DIRS);
+const _: () = assert!(layout::BOOT_DATA_END <= layout::IMAGE_START);
+const _: () = assert!(layout::BOOT_AREA_END == 0x80_0000);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::offset_of;
+
+    #[test]
+    fn boot_info_layout_is_fixed() {
+        assert_eq!(offset_of!(BootInfo, magic), 0);
+        assert_eq!(offset_of!(BootInfo, version), 8);
+        assert_eq!(offset_of!(BootInfo, nr_vcpus), 12);
+        assert_eq!(offset_of!(BootInfo, workload), 16);
+        assert_eq!(offset_of!(BootInfo, nr_mem_regions), 20);
+        assert_eq!(offset_of!(BootInfo, params), 24);
+        assert_eq!(offset_of!(BootInfo, mem_regions), 24 + 8 * MAX_PARAMS);
+        assert_eq!(core::mem::size_of::<MemRegion>(), 24);
+        assert_eq!(BootInfo::SIZE, 24 + 8 * MAX_PARAMS + 24 * MAX_MEM_REGIONS);
+    }
+
+    #[test]
+    fn to_bytes_matches_repr_c_offsets() {
+        let mut b = BootInfo::new(3, workload::EXIT);
+        b.params[1] = 0x1122_3344_5566_7788;
+        b.nr_mem_regions = 1;
+        b.mem_regions[2] = MemRegion {
+            start: 0xabc,
+            size_bytes: 0x1000,
+            kind: mem_kind::RAM,
+            reserved: 0,
+        };
+        let bytes = b.to_bytes();
+        let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
+        let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+        assert_eq!(u64_at(offset_of!(BootInfo, magic)), BOOT_MAGIC);
+        assert_eq!(u32_at(offset_of!(BootInfo, nr_vcpus)), 3);
+        assert_eq!(u32_at(offset_of!(BootInfo, workload)), workload::EXIT);
+        assert_eq!(
+            u64_at(offset_of!(BootInfo, params) + 8),
+            0x1122_3344_5566_7788
+        );
+        let r2 = offset_of!(BootInfo, mem_regions) + 2 * 24;
+        assert_eq!(u64_at(r2), 0xabc);
+        assert_eq!(u64_at(r2 + 8), 0x1000);
+        assert_eq!(u32_at(r2 + 16), mem_kind::RAM);
+    }
+
+    #[test]
+    fn stacks_fit_the_boot_area() {
+        assert_eq!(stack_top(layout::MAX_VCPUS - 1), layout::BOOT_AREA_END);
+        assert_eq!(stack_top(0), layout::STACKS + layout::STACK_SIZE);
+    }
+}

@@ -1,0 +1,233 @@
+//! The built-in guest: a freestanding x86-64 program the VMM enters directly in 64-bit mode.
+//!
+//! Every vCPU starts at `_start` (CPL 0) with `rdi` = its index and `rsi` = the boot-info block
+//! (see the `abi` crate); paging, the GDT, SSE and the stack are already set up by the VMM.
+//! `_start` does the only privileged work (the `hlt` test workload), then drops to CPL 3 with
+//! IOPL 3 (port I/O still allowed) and calls [`guest_main`]. The Rust code runs at CPL 3
+//! because some KVM hosts (PVM, which runs guests under shadow paging in hardware ring 3)
+//! emulate every x87/SSE instruction executed at guest CPL 0, and their emulator lacks most of
+//! them; at CPL 3 SSE runs natively everywhere. There is no IDT: any exception triple-faults,
+//! which the VMM reports.
+#![no_std]
+#![no_main]
+
+use abi::{ports, selectors, workload, BootInfo};
+use core::arch::{asm, global_asm};
+use core::sync::atomic::{AtomicU32, Ordering};
+
+/// vCPUs that have finished the `hello` workload.
+static DONE: AtomicU32 = AtomicU32::new(0);
+
+// The CPL-0 entry of every vCPU. rdi = vCPU index, rsi = boot info, rsp = 16n - 8.
+global_asm!(
+    ".section .text._start, \"ax\"",
+    ".globl _start",
+    "_start:",
+    // vCPU 0 of the `hlt` workload halts with interrupts off, at CPL 0 where hlt is allowed.
+    "    test rdi, rdi",
+    "    jnz 2f",
+    "    cmp dword ptr [rsi + {workload_off}], {hlt}",
+    "    jne 2f",
+    "    cli",
+    "    hlt",
+    // Drop to CPL 3 on the same stack with IOPL 3, as if `guest_main` had been called.
+    "2:  mov rax, rsp",
+    "    push {user_ds}",
+    "    push rax",
+    "    push 0x3002",
+    "    push {user_cs}",
+    "    lea rax, [rip + {main}]",
+    "    push rax",
+    "    iretq",
+    workload_off = const core::mem::offset_of!(BootInfo, workload),
+    hlt = const workload::HLT,
+    user_ds = const selectors::USER_DS,
+    user_cs = const selectors::USER_CS,
+    main = sym guest_main,
+);
+
+/// The CPL-3 entry of every vCPU, reached from `_start`.
+///
+/// # Safety
+///
+/// Entered only from `_start`, with `boot_info` pointing at a valid [`BootInfo`].
+pub unsafe extern "C" fn guest_main(vcpu: u64, boot_info: *const BootInfo) -> ! {
+    // SAFETY: the VMM wrote a valid BootInfo at this identity-mapped address before starting
+    // any vCPU, and nobody writes it afterwards.
+    let info = unsafe { core::ptr::read_volatile(boot_info) };
+    let first = vcpu == 0;
+    match info.workload {
+        workload::HELLO => hello(vcpu, info.nr_vcpus),
+        workload::EXIT if first => exit(info.params[0] as u32),
+        workload::SPIN => loop {
+            core::hint::spin_loop();
+        },
+        workload::TRIPLE_FAULT if first => {
+            // SAFETY: deliberately raises #UD; with no IDT that becomes a triple fault.
+            unsafe { asm!("ud2", options(noreturn)) }
+        }
+        workload::BAD_PORT if first => {
+            outb(0x1234, 0x42);
+            exit(0)
+        }
+        workload::BAD_MMIO if first => {
+            // SAFETY: the address lies in the 32-bit hole, identity-mapped but not RAM: the
+            // write exits to the VMM, which is what this workload tests.
+            unsafe { core::ptr::write_volatile(0xd000_0000 as *mut u32, 0xdead_beef) };
+            exit(0)
+        }
+        workload::EXIT | workload::TRIPLE_FAULT | workload::BAD_PORT => park(),
+        // vCPU 0 of `hlt` halted in `_start`; if it ever gets here, the test has failed.
+        workload::HLT if first => exit(3),
+        workload::BAD_MMIO | workload::HLT => park(),
+        _ => {
+            puts(b"guest: unknown workload\n");
+            exit(2)
+        }
+    }
+}
+
+/// Each vCPU prints its line; the last one to finish ends the run with status 0.
+fn hello(vcpu: u64, nr_vcpus: u32) -> ! {
+    let mut line = [0u8; 40];
+    let prefix = b"hello from vcpu ";
+    line[..prefix.len()].copy_from_slice(prefix);
+    let mut len = prefix.len() + fmt_u64(vcpu, &mut line[prefix.len()..]);
+    line[len] = b'\n';
+    len += 1;
+    puts(&line[..len]);
+    if DONE.fetch_add(1, Ordering::AcqRel) + 1 == nr_vcpus {
+        exit(0)
+    }
+    park()
+}
+
+/// Writes `v` in decimal to the start of `out`, returning the number of digits.
+fn fmt_u64(mut v: u64, out: &mut [u8]) -> usize {
+    let mut digits = [0u8; 20];
+    let mut n = 0;
+    loop {
+        digits[n] = b'0' + (v % 10) as u8;
+        n += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for i in 0..n {
+        out[i] = digits[n - 1 - i];
+    }
+    n
+}
+
+/// Writes bytes to the UART's transmit register. The VMM's UART is always ready, so the line
+/// status register is not polled (that would double the number of exits).
+fn puts(s: &[u8]) {
+    for &b in s {
+        outb(ports::SERIAL, b);
+    }
+}
+
+fn outb(port: u16, value: u8) {
+    // SAFETY: port I/O only exits to the VMM; it touches no guest memory.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack)) };
+}
+
+/// Ends the whole run with `status`.
+fn exit(status: u32) -> ! {
+    // SAFETY: see `outb`.
+    unsafe { asm!("out dx, eax", in("dx") ports::EXIT, in("eax") status, options(nomem, nostack)) };
+    park()
+}
+
+/// Stops this vCPU; the others go on.
+fn park() -> ! {
+    loop {
+        outb(ports::PARK, 0);
+        core::hint::spin_loop();
+    }
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    puts(b"guest: panic\n");
+    exit(101)
+}
+
+// The freestanding image has no libc: provide the memory routines the compiler may call.
+// They use `rep movsb`/`rep stosb` so that the compiler cannot turn them back into calls.
+
+/// # Safety
+///
+/// `dst` and `src` valid for `n` bytes, not overlapping.
+#[no_mangle]
+pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees both ranges are valid for `n` bytes.
+    unsafe {
+        asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _, inout("rsi") src => _,
+             options(nostack, preserves_flags))
+    };
+    dst
+}
+
+/// # Safety
+///
+/// `dst` and `src` valid for `n` bytes; they may overlap.
+#[no_mangle]
+pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    if (dst as usize) <= (src as usize) || (dst as usize) >= (src as usize) + n {
+        // SAFETY: forward copy is correct when dst is below src or the ranges are disjoint.
+        return unsafe { memcpy(dst, src, n) };
+    }
+    // SAFETY: copy backwards (direction flag set, then cleared) for an overlapping dst > src.
+    unsafe {
+        asm!("std", "rep movsb", "cld",
+             inout("rcx") n => _, inout("rdi") dst.add(n - 1) => _, inout("rsi") src.add(n - 1) => _,
+             options(nostack))
+    };
+    dst
+}
+
+/// # Safety
+///
+/// `dst` valid for `n` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees the range is valid for `n` bytes.
+    unsafe {
+        asm!("rep stosb", inout("rcx") n => _, inout("rdi") dst => _, in("al") c as u8,
+             options(nostack, preserves_flags))
+    };
+    dst
+}
+
+/// # Safety
+///
+/// `a` and `b` valid for `n` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    let mut i = 0;
+    while i < n {
+        // SAFETY: `i < n` and the caller guarantees both ranges are valid for `n` bytes.
+        let (x, y) = unsafe {
+            (
+                core::ptr::read_volatile(a.add(i)),
+                core::ptr::read_volatile(b.add(i)),
+            )
+        };
+        if x != y {
+            return x as i32 - y as i32;
+        }
+        i += 1;
+    }
+    0
+}
+
+/// # Safety
+///
+/// As [`memcmp`].
+#[no_mangle]
+pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    // SAFETY: same contract as memcmp.
+    unsafe { memcmp(a, b, n) }
+}

@@ -1,0 +1,348 @@
+//! End-to-end tests of `vmm run` on real KVM: the built-in guest's workloads, the exit status,
+//! the diagnoses of a guest that goes wrong, `--kernel`, and the errors a user can cause.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use support::{run, stderr, stdout, vmm};
+
+fn hello(vcpus: usize) {
+    let n = vcpus.to_string();
+    let o = run(&["run", "--vcpus", &n]);
+    let out = stdout(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "stdout:\n{out}\nstderr:\n{}",
+        stderr(&o)
+    );
+    let mut seen = BTreeSet::new();
+    for line in out.lines() {
+        let k: usize = line
+            .strip_prefix("hello from vcpu ")
+            .and_then(|k| k.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected (interleaved?) line {line:?} in:\n{out}"));
+        assert!(seen.insert(k), "vcpu {k} greeted twice:\n{out}");
+    }
+    assert_eq!(seen, (0..vcpus).collect(), "stdout:\n{out}");
+    assert!(stderr(&o).is_empty(), "stderr: {}", stderr(&o));
+}
+
+#[test]
+fn hello_1_vcpu() {
+    require_kvm!();
+    hello(1);
+}
+
+#[test]
+fn hello_2_vcpus() {
+    require_kvm!();
+    hello(2);
+}
+
+#[test]
+fn hello_4_vcpus() {
+    require_kvm!();
+    hello(4);
+}
+
+#[test]
+fn hello_16_vcpus() {
+    require_kvm!();
+    hello(16);
+}
+
+#[test]
+fn default_run_is_hello_on_2_vcpus() {
+    require_kvm!();
+    let o = run(&["run"]);
+    assert_eq!(o.status.code(), Some(0));
+    let out = stdout(&o);
+    assert!(
+        out.contains("hello from vcpu 0") && out.contains("hello from vcpu 1"),
+        "{out}"
+    );
+}
+
+#[test]
+fn exit_status_is_the_guests() {
+    require_kvm!();
+    for status in ["0", "3", "42", "255"] {
+        let o = run(&[
+            "run",
+            "--vcpus",
+            "2",
+            "--workload",
+            "exit",
+            "--exit-status",
+            status,
+        ]);
+        assert_eq!(
+            o.status.code(),
+            Some(status.parse().unwrap()),
+            "stderr: {}",
+            stderr(&o)
+        );
+    }
+}
+
+/// The diagnosis is one line on stderr naming the vCPU, what happened and the registers.
+fn assert_diagnosis(o: &std::process::Output, code: i32, needles: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "want one line, got: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{n:?} missing from: {err}");
+    }
+}
+
+#[test]
+fn triple_fault_is_diagnosed() {
+    require_kvm!();
+    let o = run(&["run", "--vcpus", "2", "--workload", "triple-fault"]);
+    assert_diagnosis(
+        &o,
+        1,
+        &[
+            "vmm: vcpu 0: guest triple-faulted (KVM_EXIT_SHUTDOWN)",
+            "rip=0x",
+            "cr3=0x4000",
+            "efer=",
+        ],
+    );
+}
+
+#[test]
+fn unknown_port_is_diagnosed() {
+    require_kvm!();
+    let o = run(&["run", "--vcpus", "2", "--workload", "bad-port"]);
+    assert_diagnosis(
+        &o,
+        1,
+        &["vcpu 0:", "unknown I/O port 0x1234", "0x42", "rip=0x"],
+    );
+}
+
+#[test]
+fn unknown_mmio_is_diagnosed() {
+    require_kvm!();
+    let o = run(&["run", "--vcpus", "1", "--workload", "bad-mmio"]);
+    assert_diagnosis(
+        &o,
+        1,
+        &["gpa 0xd0000000", "outside guest RAM", "KVM_EXIT_MMIO"],
+    );
+}
+
+#[test]
+fn hlt_is_diagnosed() {
+    require_kvm!();
+    let o = run(&["run", "--vcpus", "2", "--workload", "hlt"]);
+    assert_diagnosis(&o, 1, &["vcpu 0:", "KVM_EXIT_HLT", "rip=0x"]);
+}
+
+#[test]
+fn spinning_guest_is_stopped_by_timeout() {
+    require_kvm!();
+    let start = Instant::now();
+    let o = run(&[
+        "run",
+        "--vcpus",
+        "4",
+        "--workload",
+        "spin",
+        "--timeout",
+        "0.5",
+    ]);
+    let took = start.elapsed();
+    assert_diagnosis(
+        &o,
+        124,
+        &["timeout", "0.5 s", "vcpu 0 rip=0x", "vcpu 3 rip=0x"],
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert!(took >= Duration::from_millis(500), "took {took:?}");
+}
+
+#[test]
+fn missing_kvm_device_is_a_clear_error() {
+    // Needs no KVM: the device is never opened.
+    let o = run(&["run", "--kvm-dev", "/nonexistent/kvm"]);
+    assert_diagnosis(&o, 1, &["/nonexistent/kvm", "does not exist", "KVM"]);
+    let o = vmm()
+        .args(["run"])
+        .env("VMM_KVM_DEV", "/nonexistent/kvm2")
+        .output()
+        .unwrap();
+    assert_diagnosis(&o, 1, &["/nonexistent/kvm2", "does not exist"]);
+}
+
+#[test]
+fn unopenable_kvm_device_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("vmm-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dev = dir.join("not-kvm");
+    std::fs::write(&dev, b"").unwrap();
+    let o = run(&["run", "--kvm-dev", dev.to_str().unwrap()]);
+    let _ = std::fs::remove_dir_all(&dir);
+    // Opening works but it is no KVM device: the ioctl fails; either way one line, status 1.
+    assert_eq!(o.status.code(), Some(1), "stderr: {}", stderr(&o));
+    assert_eq!(stderr(&o).lines().count(), 1, "stderr: {}", stderr(&o));
+}
+
+#[test]
+fn user_errors_are_one_line_with_status_1() {
+    require_kvm!();
+    let cases: &[(&[&str], &str)] = &[
+        (&["run", "--vcpus", "100000"], "too many vCPUs"),
+        (&["run", "--mem", "1M"], "too little memory"),
+        (&["run", "--mem", "100T"], "too much memory"),
+        (&["run", "--mem", "16781313"], "multiple of 4K"),
+        (&["run", "--workload", "touch"], "not implemented yet"),
+        (
+            &["run", "--kernel", "/nonexistent/kernel"],
+            "cannot read it",
+        ),
+    ];
+    for (args, needle) in cases {
+        let o = run(args);
+        assert_diagnosis(&o, 1, &[needle]);
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        &["run", "--vcpus", "0"][..],
+        &["run", "--mem", "lots"],
+        &["run", "--workload", "dance"],
+        &["run", "--bogus"],
+        &["frobnicate"],
+    ] {
+        let o = run(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn help_documents_run() {
+    let o = run(&["--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).contains("run"));
+    let o = run(&["run", "--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    let h = stdout(&o);
+    for flag in [
+        "--vcpus",
+        "--mem",
+        "--kernel",
+        "--workload",
+        "--fault-mode",
+        "--fault-around",
+        "--address-space",
+        "--api-sock",
+        "--timeout",
+        "--kvm-dev",
+        "VMM_KVM_DEV",
+    ] {
+        assert!(h.contains(flag), "{flag} missing from run --help");
+    }
+}
+
+#[test]
+fn verbose_reports_boot_times() {
+    require_kvm!();
+    let o = run(&["run", "-v", "--vcpus", "2"]);
+    assert_eq!(o.status.code(), Some(0));
+    let err = stderr(&o);
+    assert!(
+        err.contains("first serial line") && err.contains("ms after process start"),
+        "{err}"
+    );
+}
+
+/// A minimal static ELF: `code` loaded and entered at 0x100000.
+fn tiny_elf(code: &[u8]) -> Vec<u8> {
+    let load = 0x10_0000u64;
+    let mut b = vec![0u8; 64 + 56];
+    b[0..4].copy_from_slice(b"\x7fELF");
+    b[4] = 2; // ELF64
+    b[5] = 1; // little-endian
+    b[6] = 1;
+    b[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    b[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+    b[20..24].copy_from_slice(&1u32.to_le_bytes());
+    b[24..32].copy_from_slice(&load.to_le_bytes()); // entry
+    b[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+    b[52..54].copy_from_slice(&64u16.to_le_bytes());
+    b[54..56].copy_from_slice(&56u16.to_le_bytes());
+    b[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = 64;
+    b[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    b[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+    b[ph + 8..ph + 16].copy_from_slice(&120u64.to_le_bytes()); // offset
+    b[ph + 16..ph + 24].copy_from_slice(&load.to_le_bytes());
+    b[ph + 24..ph + 32].copy_from_slice(&load.to_le_bytes());
+    b[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    b[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    b.extend_from_slice(code);
+    b
+}
+
+fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("vmm-test-{}-{name}", std::process::id()));
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+#[test]
+fn user_kernel_runs_on_every_vcpu() {
+    require_kvm!();
+    #[rustfmt::skip]
+    let code = [
+        0x66, 0xba, 0xf8, 0x03,             // mov dx, 0x3f8
+        0xb0, b'K',                         // mov al, 'K'
+        0xee,                               // out dx, al
+        0xb0, b'\n',                        // mov al, '\n'
+        0xee,                               // out dx, al
+        0x48, 0x85, 0xff,                   // test rdi, rdi   (vCPU index)
+        0x75, 0x0b,                         // jnz park
+        0x66, 0xba, 0xf4, 0x00,             // mov dx, 0xf4
+        0xb8, 0x05, 0x00, 0x00, 0x00,       // mov eax, 5
+        0xef,                               // out dx, eax
+        0xeb, 0xfe,                         // jmp $
+        0x66, 0xba, 0xf5, 0x00,             // park: mov dx, 0xf5
+        0xee,                               // out dx, al
+        0xeb, 0xfe,                         // jmp $
+    ];
+    let path = temp_file("kernel.elf", &tiny_elf(&code));
+    let o = run(&["run", "--vcpus", "1", "--kernel", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(o.status.code(), Some(5), "stderr: {}", stderr(&o));
+    assert_eq!(stdout(&o), "K\n");
+}
+
+#[test]
+fn bad_kernel_files_are_rejected_clearly() {
+    require_kvm!();
+    let not_elf = temp_file("not-elf", &[b'x'; 200]);
+    let mut low = tiny_elf(&[0xeb, 0xfe]);
+    low[64 + 16..64 + 24].copy_from_slice(&0x1000u64.to_le_bytes());
+    low[64 + 24..64 + 32].copy_from_slice(&0x1000u64.to_le_bytes());
+    low[24..32].copy_from_slice(&0x1000u64.to_le_bytes());
+    let low = temp_file("low.elf", &low);
+    let mut arm = tiny_elf(&[0xeb, 0xfe]);
+    arm[18..20].copy_from_slice(&183u16.to_le_bytes());
+    let arm = temp_file("arm.elf", &arm);
+    for (path, needle) in [
+        (&not_elf, "bad magic"),
+        (&low, "overlaps the VMM's boot data"),
+        (&arm, "need x86-64"),
+    ] {
+        let o = run(&["run", "--kernel", path.to_str().unwrap()]);
+        let _ = std::fs::remove_file(path);
+        assert_diagnosis(&o, 1, &["--kernel", "not a loadable image", needle]);
+    }
+}

@@ -1,0 +1,66 @@
+//! The VM's devices and the port-I/O bus that routes guest port accesses to them.
+#![deny(unsafe_code)]
+
+pub mod exit_port;
+pub mod serial;
+
+use abi::ports;
+
+pub use serial::SerialConsole;
+
+/// What a port access did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PioOutcome {
+    /// The device handled it; the vCPU goes on.
+    Handled,
+    /// The guest asked to end the run with this status.
+    Exit(u8),
+    /// The guest asked to stop this vCPU.
+    Park,
+    /// No device owns the port.
+    Unknown,
+}
+
+/// The devices of one VM.
+pub struct Devices {
+    /// COM1.
+    pub serial: SerialConsole,
+}
+
+impl Devices {
+    /// Devices for `nr_vcpus` vCPUs with serial output to `sink`.
+    pub fn new(nr_vcpus: usize, sink: Box<dyn std::io::Write + Send>) -> Self {
+        Devices {
+            serial: SerialConsole::new(nr_vcpus, sink),
+        }
+    }
+
+    /// vCPU `vcpu` writes `data` to `port`.
+    pub fn pio_write(&self, vcpu: usize, port: u16, data: &[u8]) -> PioOutcome {
+        match port {
+            p if (ports::SERIAL..ports::SERIAL + ports::SERIAL_LEN).contains(&p) => {
+                if let Some(&b) = data.first() {
+                    self.serial.write(vcpu, (p - ports::SERIAL) as u8, b);
+                }
+                PioOutcome::Handled
+            }
+            ports::EXIT => PioOutcome::Exit(exit_port::decode_status(data)),
+            ports::PARK => PioOutcome::Park,
+            _ => PioOutcome::Unknown,
+        }
+    }
+
+    /// vCPU reads `data.len()` bytes from `port`.
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) -> PioOutcome {
+        match port {
+            p if (ports::SERIAL..ports::SERIAL + ports::SERIAL_LEN).contains(&p) => {
+                data.fill(0);
+                if let Some(b) = data.first_mut() {
+                    *b = self.serial.read((p - ports::SERIAL) as u8);
+                }
+                PioOutcome::Handled
+            }
+            _ => PioOutcome::Unknown,
+        }
+    }
+}

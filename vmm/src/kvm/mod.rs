@@ -1,0 +1,206 @@
+//! Thin wrappers over kvm-ioctls: opening the KVM device, installing memslots, kicking vCPUs
+//! out of `KVM_RUN`, and the few reads of `kvm_run` that kvm-ioctls does not decode.
+//!
+//! This is one of the few modules allowed `unsafe`; every block says why it is sound.
+
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+
+use kvm_bindings::{kvm_run, kvm_userspace_memory_region, KVM_API_VERSION};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    /// The device node does not exist.
+    #[error(
+        "cannot open {path}: it does not exist; KVM is not available on this host \
+         (enable virtualisation and load the kvm_intel or kvm_amd module, or point \
+         --kvm-dev/VMM_KVM_DEV at the KVM device)"
+    )]
+    Missing {
+        /// The path tried.
+        path: PathBuf,
+    },
+    /// The device node exists but cannot be opened.
+    #[error(
+        "cannot open {path}: {source}; check its permissions (run as root or join the \
+         group that owns it, usually `kvm`)"
+    )]
+    Open {
+        /// The path tried.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The path contains a NUL byte.
+    #[error("invalid KVM device path {path:?}: it contains a NUL byte")]
+    BadPath {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The kernel's KVM API is not the stable one.
+    #[error("{path}: KVM API version {found}, expected {expected}")]
+    ApiVersion {
+        /// The device.
+        path: PathBuf,
+        /// What the kernel reports.
+        found: i32,
+        /// What we need.
+        expected: u32,
+    },
+    /// A capability we need is missing.
+    #[error("KVM lacks a capability this VMM needs: {0}")]
+    MissingCap(&'static str),
+    /// An ioctl failed.
+    #[error("{what} failed: {source}")]
+    Ioctl {
+        /// What we were doing.
+        what: &'static str,
+        /// The kernel's error.
+        source: kvm_ioctls::Error,
+    },
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+    /// A guest memory region has no host address.
+    #[error("guest memory region at {gpa:#x} has no host mapping")]
+    NoHostAddress {
+        /// Start of the region.
+        gpa: u64,
+    },
+}
+
+/// Opens the KVM device at `path` and checks the API version and the capabilities we use.
+pub fn open(path: &Path) -> Result<Kvm, KvmError> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        KvmError::BadPath {
+            path: path.to_owned(),
+        }
+    })?;
+    let kvm = Kvm::new_with_path(&c_path).map_err(|e| {
+        let io = std::io::Error::from_raw_os_error(e.errno());
+        if io.kind() == std::io::ErrorKind::NotFound {
+            KvmError::Missing {
+                path: path.to_owned(),
+            }
+        } else {
+            KvmError::Open {
+                path: path.to_owned(),
+                source: io,
+            }
+        }
+    })?;
+    let version = kvm.get_api_version();
+    if version != KVM_API_VERSION as i32 {
+        return Err(KvmError::ApiVersion {
+            path: path.to_owned(),
+            found: version,
+            expected: KVM_API_VERSION,
+        });
+    }
+    for (cap, name) in [
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(KvmError::MissingCap(name));
+        }
+    }
+    Ok(kvm)
+}
+
+/// Installs `region` as memslot `slot` of `vm`.
+///
+/// The host mapping must outlive the memslot: callers keep the `GuestMemoryMmap` alive for as
+/// long as the `VmFd` (see `vm::Vm`, whose field order drops the VM first).
+pub fn add_memslot(vm: &VmFd, slot: u32, region: &GuestRegionMmap) -> Result<(), KvmError> {
+    let gpa = region.start_addr().0;
+    let host = region
+        .get_host_address(MemoryRegionAddress(0))
+        .map_err(|_| KvmError::NoHostAddress { gpa })?;
+    let mem_region = kvm_userspace_memory_region {
+        slot,
+        flags: 0,
+        guest_phys_addr: gpa,
+        memory_size: region.len(),
+        userspace_addr: host as u64,
+    };
+    // SAFETY: `host..host+len` is a live anonymous mapping owned by `region`, which the caller
+    // keeps mapped for as long as the memslot exists; it does not alias any Rust object other
+    // than through vm-memory's volatile accessors.
+    unsafe { vm.set_user_memory_region(mem_region) }.map_err(|source| KvmError::Ioctl {
+        what: "KVM_SET_USER_MEMORY_REGION",
+        source,
+    })
+}
+
+/// The signal used to kick a vCPU thread out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+thread_local! {
+    /// This thread's vCPU `kvm_run` mapping, for the kick signal handler. Const-initialised
+    /// and without a destructor, so reading it in a signal handler allocates nothing.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(
+    _num: libc::c_int,
+    _info: *mut libc::siginfo_t,
+    _ctx: *mut libc::c_void,
+) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer was registered by `KickGuard` from this thread's own `VcpuFd`,
+        // whose `kvm_run` mapping lives until the guard is dropped (which clears the pointer
+        // first). A single-byte volatile store is what the KVM API prescribes for
+        // `immediate_exit` from a signal handler: the next (or current) KVM_RUN returns EINTR.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// Installs the kick signal handler (idempotent).
+pub fn install_kick_handler() -> Result<(), KvmError> {
+    register_signal_handler(kick_signal(), kick_handler).map_err(KvmError::Signal)
+}
+
+/// While alive, the kick signal sets this thread's vCPU's `immediate_exit`.
+pub struct KickGuard {
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl KickGuard {
+    /// Registers `vcpu`'s `kvm_run` for the calling thread.
+    ///
+    /// The guard must be dropped before `vcpu` (declare it after the vCPU it guards).
+    pub fn register(vcpu: &mut VcpuFd) -> Self {
+        let run: *mut kvm_run = vcpu.get_kvm_run();
+        KVM_RUN.with(|c| c.set(run));
+        KickGuard {
+            _not_send: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for KickGuard {
+    fn drop(&mut self) {
+        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+    }
+}
+
+/// The sub-error and the data words of a `KVM_EXIT_INTERNAL_ERROR` exit (valid right after
+/// such an exit).
+pub fn internal_error_info(vcpu: &mut VcpuFd) -> (u32, Vec<u64>) {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: the `internal` member of the `kvm_run` union is plain integers, so reading it is
+    // always defined; the values are meaningful because the caller only asks after
+    // `KVM_EXIT_INTERNAL_ERROR`.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let n = (internal.ndata as usize).min(internal.data.len());
+    (internal.suberror, internal.data[..n].to_vec())
+}

@@ -1,0 +1,202 @@
+//! Guest RAM: the plan of guest-physical ranges for a given size, and the vm-memory regions
+//! that back them.
+//!
+//! RAM is anonymous `mmap(MAP_NORESERVE)` memory (vm-memory's `MmapRegion::new`), so it costs
+//! nothing until touched and is already zero. The boot area `[0, BOOT_AREA_END)` is its own
+//! region (memslot 0) so that later work can back it eagerly while the rest is demand-paged.
+#![deny(unsafe_code)]
+
+use abi::layout::{BOOT_AREA_END, HOLE_END, HOLE_START, PAGE_SIZE};
+use abi::mem_kind;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+/// The least RAM a VM may have.
+pub const MIN_MEM_BYTES: u64 = 16 << 20;
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// Less than the minimum.
+    #[error(
+        "--mem {size}: too little memory; the guest needs at least {min} (boot area plus room \
+         for workloads)",
+        size = fmt_size(*.size_bytes), min = fmt_size(MIN_MEM_BYTES)
+    )]
+    TooLittle {
+        /// Requested size.
+        size_bytes: u64,
+    },
+    /// More than the identity map covers.
+    #[error(
+        "--mem {size}: too much memory; guest RAM would end at {top:#x}, beyond the \
+         {map} of guest-physical space the boot page tables identity-map; use at most {max}",
+        size = fmt_size(*.size_bytes), map = fmt_size(*.identity_map_bytes), max = fmt_size(*.max_bytes)
+    )]
+    TooMuch {
+        /// Requested size.
+        size_bytes: u64,
+        /// Where RAM would end.
+        top: u64,
+        /// The identity-mapped range.
+        identity_map_bytes: u64,
+        /// The largest size that fits.
+        max_bytes: u64,
+    },
+    /// Not a multiple of the page size.
+    #[error("--mem {size_bytes}: not a multiple of 4K")]
+    Unaligned {
+        /// Requested size.
+        size_bytes: u64,
+    },
+    /// The host could not map the memory.
+    #[error("cannot map {size} of guest RAM: {source}", size = fmt_size(*.size_bytes))]
+    Map {
+        /// Requested size.
+        size_bytes: u64,
+        /// Why.
+        source: vm_memory::mmap::FromRangesError,
+    },
+}
+
+/// One planned guest-physical RAM range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamRange {
+    /// First guest-physical address.
+    pub start: GuestAddress,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// One of `abi::mem_kind`.
+    pub kind: u32,
+}
+
+impl RamRange {
+    /// One past the last address.
+    pub fn end(&self) -> u64 {
+        self.start.0 + self.size_bytes
+    }
+}
+
+/// Plans the RAM ranges for `size_bytes` of RAM: the boot area, RAM up to the 32-bit hole,
+/// and the rest above 4 GiB. Every range must lie below `identity_map_bytes`.
+pub fn plan(size_bytes: u64, identity_map_bytes: u64) -> Result<Vec<RamRange>, MemoryError> {
+    if size_bytes < MIN_MEM_BYTES {
+        return Err(MemoryError::TooLittle { size_bytes });
+    }
+    if size_bytes % PAGE_SIZE != 0 {
+        return Err(MemoryError::Unaligned { size_bytes });
+    }
+    let hole = HOLE_END - HOLE_START;
+    let top = if size_bytes > HOLE_START {
+        size_bytes.saturating_add(hole)
+    } else {
+        size_bytes
+    };
+    if top > identity_map_bytes {
+        return Err(MemoryError::TooMuch {
+            size_bytes,
+            top,
+            identity_map_bytes,
+            max_bytes: identity_map_bytes - hole,
+        });
+    }
+    let mut ranges = vec![RamRange {
+        start: GuestAddress(0),
+        size_bytes: BOOT_AREA_END,
+        kind: mem_kind::BOOT,
+    }];
+    let low_end = size_bytes.min(HOLE_START);
+    ranges.push(RamRange {
+        start: GuestAddress(BOOT_AREA_END),
+        size_bytes: low_end - BOOT_AREA_END,
+        kind: mem_kind::RAM,
+    });
+    if size_bytes > HOLE_START {
+        ranges.push(RamRange {
+            start: GuestAddress(HOLE_END),
+            size_bytes: size_bytes - HOLE_START,
+            kind: mem_kind::RAM,
+        });
+    }
+    Ok(ranges)
+}
+
+/// Maps host memory for the planned ranges (one vm-memory region each, in order).
+pub fn create(ranges: &[RamRange]) -> Result<GuestMemoryMmap, MemoryError> {
+    let spec: Vec<(GuestAddress, usize)> = ranges
+        .iter()
+        .map(|r| (r.start, r.size_bytes as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&spec).map_err(|source| MemoryError::Map {
+        size_bytes: ranges.iter().map(|r| r.size_bytes).sum(),
+        source,
+    })
+}
+
+/// Whether `[gpa, gpa+len)` lies entirely inside one of `ranges`.
+pub fn contains(ranges: &[RamRange], gpa: u64, len: u64) -> bool {
+    let Some(end) = gpa.checked_add(len) else {
+        return false;
+    };
+    ranges.iter().any(|r| gpa >= r.start.0 && end <= r.end())
+}
+
+/// Formats a byte count with the largest exact binary suffix (`256M`, `1G`, `12345`).
+pub fn fmt_size(bytes: u64) -> String {
+    for (shift, suffix) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        if bytes != 0 && bytes % (1 << shift) == 0 {
+            return format!("{}{suffix}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use abi::layout::{IDENTITY_MAP_1G_BYTES, IDENTITY_MAP_2M_BYTES};
+
+    #[test]
+    fn small_vm_is_boot_area_plus_low_ram() {
+        let r = plan(256 << 20, IDENTITY_MAP_1G_BYTES).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].start.0, 0);
+        assert_eq!(r[0].end(), BOOT_AREA_END);
+        assert_eq!(r[1].start.0, BOOT_AREA_END);
+        assert_eq!(r[1].end(), 256 << 20);
+    }
+
+    #[test]
+    fn big_vm_skips_the_hole() {
+        let r = plan(4 << 30, IDENTITY_MAP_1G_BYTES).unwrap();
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[1].end(), HOLE_START);
+        assert_eq!(r[2].start.0, HOLE_END);
+        assert_eq!(r[2].size_bytes, 1 << 30);
+        assert!(!contains(&r, 0xd000_0000, 4));
+        assert!(contains(&r, HOLE_END, 4096));
+    }
+
+    #[test]
+    fn limits() {
+        assert!(matches!(
+            plan(1 << 20, IDENTITY_MAP_1G_BYTES),
+            Err(MemoryError::TooLittle { .. })
+        ));
+        assert!(matches!(
+            plan((16 << 20) + 1, IDENTITY_MAP_1G_BYTES),
+            Err(MemoryError::Unaligned { .. })
+        ));
+        let e = plan(64 << 30, IDENTITY_MAP_2M_BYTES).unwrap_err();
+        assert!(e.to_string().contains("use at most 63G"), "{e}");
+        assert!(plan(63 << 30, IDENTITY_MAP_2M_BYTES).is_ok());
+        assert!(plan(511 << 30, IDENTITY_MAP_1G_BYTES).is_ok());
+        assert!(plan(!0xfff, IDENTITY_MAP_1G_BYTES).is_err());
+    }
+
+    #[test]
+    fn sizes_format() {
+        assert_eq!(fmt_size(256 << 20), "256M");
+        assert_eq!(fmt_size(3 << 30), "3G");
+        assert_eq!(fmt_size(1000), "1000");
+    }
+}

@@ -1,0 +1,580 @@
+//! vCPU threads: the run loop, exit decoding and the diagnosis of a guest that went wrong.
+//!
+//! The loop is `loop { check stop; vcpu.run(); handle_exit(..) }`. `KVM_RUN` is one clearly
+//! delimited call ([`run_once`]) and exit handling is the pure function [`handle_exit`], so
+//! the RCU work can wrap the former in `reader.offline(|| ..)` and make each handled exit one
+//! read-side critical section.
+#![deny(unsafe_code)]
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::CpuId;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::devices::{Devices, PioOutcome};
+use crate::kvm::{self, KickGuard};
+use crate::memory::RamRange;
+
+/// An exit, decoded into our own terms (so that [`handle_exit`] can be tested without KVM).
+#[derive(Debug)]
+pub enum ExitEvent<'a> {
+    /// `in` from a port.
+    IoIn {
+        /// The port.
+        port: u16,
+        /// To fill in.
+        data: &'a mut [u8],
+    },
+    /// `out` to a port.
+    IoOut {
+        /// The port.
+        port: u16,
+        /// What was written.
+        data: &'a [u8],
+    },
+    /// A read from a guest-physical address with no memslot.
+    MmioRead {
+        /// The address.
+        gpa: u64,
+        /// To fill in.
+        data: &'a mut [u8],
+    },
+    /// A write to a guest-physical address with no memslot.
+    MmioWrite {
+        /// The address.
+        gpa: u64,
+        /// What was written.
+        data: &'a [u8],
+    },
+    /// `hlt` (there is no in-kernel irqchip, so nothing can wake the vCPU).
+    Hlt,
+    /// Triple fault.
+    Shutdown,
+    /// KVM could not emulate something.
+    InternalError {
+        /// `kvm_run.internal.suberror`.
+        suberror: u32,
+    },
+    /// VM entry failed.
+    FailEntry {
+        /// Hardware reason.
+        reason: u64,
+        /// Host CPU.
+        cpu: u32,
+    },
+    /// A system event (reset, shutdown, crash).
+    SystemEvent {
+        /// `KVM_SYSTEM_EVENT_*`.
+        kind: u32,
+    },
+    /// Interrupted by a signal.
+    Interrupted,
+    /// Anything else.
+    Other {
+        /// Name of the exit.
+        name: String,
+    },
+}
+
+impl<'a> From<VcpuExit<'a>> for ExitEvent<'a> {
+    fn from(exit: VcpuExit<'a>) -> Self {
+        match exit {
+            VcpuExit::IoIn(port, data) => ExitEvent::IoIn { port, data },
+            VcpuExit::IoOut(port, data) => ExitEvent::IoOut { port, data },
+            VcpuExit::MmioRead(gpa, data) => ExitEvent::MmioRead { gpa, data },
+            VcpuExit::MmioWrite(gpa, data) => ExitEvent::MmioWrite { gpa, data },
+            VcpuExit::Hlt => ExitEvent::Hlt,
+            VcpuExit::Shutdown => ExitEvent::Shutdown,
+            // The sub-error is filled in by the caller, which can read kvm_run.
+            VcpuExit::InternalError => ExitEvent::InternalError { suberror: 0 },
+            VcpuExit::FailEntry(reason, cpu) => ExitEvent::FailEntry { reason, cpu },
+            VcpuExit::SystemEvent(kind, _) => ExitEvent::SystemEvent { kind },
+            VcpuExit::Intr => ExitEvent::Interrupted,
+            other => ExitEvent::Other {
+                name: format!("{other:?}"),
+            },
+        }
+    }
+}
+
+/// Why a vCPU cannot go on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FatalExit {
+    /// KVM_EXIT_SHUTDOWN.
+    TripleFault,
+    /// `out` to a port no device owns.
+    UnknownPortWrite {
+        /// The port.
+        port: u16,
+        /// Access width.
+        size: usize,
+        /// The value.
+        value: u64,
+    },
+    /// `in` from a port no device owns.
+    UnknownPortRead {
+        /// The port.
+        port: u16,
+        /// Access width.
+        size: usize,
+    },
+    /// MMIO to an address outside guest RAM.
+    UnknownMmio {
+        /// The address.
+        gpa: u64,
+        /// Write or read.
+        write: bool,
+        /// Access width.
+        size: usize,
+        /// The value written.
+        value: u64,
+        /// Whether the address is inside a RAM range (no memslot answered it anyway).
+        in_ram: bool,
+    },
+    /// `hlt`.
+    Halted,
+    /// KVM_EXIT_INTERNAL_ERROR.
+    InternalError {
+        /// The sub-error.
+        suberror: u32,
+        /// KVM's data words.
+        data: Vec<u64>,
+    },
+    /// KVM_EXIT_FAIL_ENTRY.
+    FailEntry {
+        /// Hardware reason.
+        reason: u64,
+        /// Host CPU.
+        cpu: u32,
+    },
+    /// KVM_EXIT_SYSTEM_EVENT.
+    SystemEvent {
+        /// The event type.
+        kind: u32,
+    },
+    /// Any exit we do not handle.
+    Unexpected {
+        /// Its name.
+        name: String,
+    },
+    /// KVM_RUN itself failed.
+    RunFailed {
+        /// errno.
+        errno: i32,
+    },
+}
+
+fn le_value(data: &[u8]) -> u64 {
+    let mut v = [0u8; 8];
+    let n = data.len().min(8);
+    v[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(v)
+}
+
+impl fmt::Display for FatalExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FatalExit::TripleFault => write!(f, "guest triple-faulted (KVM_EXIT_SHUTDOWN)"),
+            FatalExit::UnknownPortWrite { port, size, value } => write!(
+                f,
+                "guest wrote {value:#x} ({size}-byte) to unknown I/O port {port:#x} (KVM_EXIT_IO)"
+            ),
+            FatalExit::UnknownPortRead { port, size } => write!(
+                f,
+                "guest read ({size}-byte) from unknown I/O port {port:#x} (KVM_EXIT_IO)"
+            ),
+            FatalExit::UnknownMmio {
+                gpa,
+                write,
+                size,
+                value,
+                in_ram,
+            } => {
+                if *write {
+                    write!(f, "guest wrote {value:#x} ({size}-byte) to gpa {gpa:#x}")?;
+                } else {
+                    write!(f, "guest read ({size}-byte) from gpa {gpa:#x}")?;
+                }
+                if *in_ram {
+                    write!(
+                        f,
+                        ", inside guest RAM but not answered by it (KVM_EXIT_MMIO)"
+                    )
+                } else {
+                    write!(f, ", outside guest RAM (KVM_EXIT_MMIO)")
+                }
+            }
+            FatalExit::Halted => write!(
+                f,
+                "guest halted (KVM_EXIT_HLT); there are no interrupts to wake it"
+            ),
+            FatalExit::InternalError { suberror, data } => {
+                let what = match suberror {
+                    1 => " (instruction emulation failed)",
+                    2 => " (simultaneous exceptions)",
+                    3 => " (delivery event failed)",
+                    _ => "",
+                };
+                write!(
+                    f,
+                    "KVM internal error, suberror {suberror}{what} data={data:x?} \
+                     (KVM_EXIT_INTERNAL_ERROR)"
+                )
+            }
+            FatalExit::FailEntry { reason, cpu } => write!(
+                f,
+                "VM entry failed, hardware reason {reason:#x} on host cpu {cpu} \
+                 (KVM_EXIT_FAIL_ENTRY)"
+            ),
+            FatalExit::SystemEvent { kind } => {
+                write!(f, "guest system event {kind} (KVM_EXIT_SYSTEM_EVENT)")
+            }
+            FatalExit::Unexpected { name } => write!(f, "unexpected exit {name}"),
+            FatalExit::RunFailed { errno } => write!(
+                f,
+                "KVM_RUN failed: {}",
+                std::io::Error::from_raw_os_error(*errno)
+            ),
+        }
+    }
+}
+
+/// What handling one exit decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VcpuEmulation {
+    /// Go on running.
+    Handled,
+    /// A signal interrupted `KVM_RUN`: check whether to stop, then go on.
+    Interrupted,
+    /// This vCPU is done; the others go on.
+    Parked,
+    /// The guest ended the run with this status.
+    Stopped(u8),
+    /// The guest did something we cannot continue from.
+    Fatal(FatalExit),
+}
+
+/// Decides what an exit means. Pure apart from the device side effects: no vCPU needed.
+pub fn handle_exit(
+    exit: ExitEvent<'_>,
+    vcpu: usize,
+    devices: &Devices,
+    ram: &[RamRange],
+) -> VcpuEmulation {
+    match exit {
+        ExitEvent::IoOut { port, data } => match devices.pio_write(vcpu, port, data) {
+            PioOutcome::Handled => VcpuEmulation::Handled,
+            PioOutcome::Exit(status) => VcpuEmulation::Stopped(status),
+            PioOutcome::Park => VcpuEmulation::Parked,
+            PioOutcome::Unknown => VcpuEmulation::Fatal(FatalExit::UnknownPortWrite {
+                port,
+                size: data.len(),
+                value: le_value(data),
+            }),
+        },
+        ExitEvent::IoIn { port, data } => match devices.pio_read(port, data) {
+            PioOutcome::Handled => VcpuEmulation::Handled,
+            PioOutcome::Exit(status) => VcpuEmulation::Stopped(status),
+            PioOutcome::Park => VcpuEmulation::Parked,
+            PioOutcome::Unknown => VcpuEmulation::Fatal(FatalExit::UnknownPortRead {
+                port,
+                size: data.len(),
+            }),
+        },
+        ExitEvent::MmioRead { gpa, data } => handle_mmio(gpa, None, data.len(), ram),
+        ExitEvent::MmioWrite { gpa, data } => handle_mmio(gpa, Some(data), data.len(), ram),
+        ExitEvent::Hlt => VcpuEmulation::Fatal(FatalExit::Halted),
+        ExitEvent::Shutdown => VcpuEmulation::Fatal(FatalExit::TripleFault),
+        ExitEvent::InternalError { suberror } => VcpuEmulation::Fatal(FatalExit::InternalError {
+            suberror,
+            data: Vec::new(),
+        }),
+        ExitEvent::FailEntry { reason, cpu } => {
+            VcpuEmulation::Fatal(FatalExit::FailEntry { reason, cpu })
+        }
+        ExitEvent::SystemEvent { kind } => VcpuEmulation::Fatal(FatalExit::SystemEvent { kind }),
+        ExitEvent::Interrupted => VcpuEmulation::Interrupted,
+        ExitEvent::Other { name } => VcpuEmulation::Fatal(FatalExit::Unexpected { name }),
+    }
+}
+
+/// The one place MMIO exits are decided. There are no MMIO devices yet, and RAM accesses do
+/// not exit, so every MMIO exit is a guest bug. (Demand paging will turn first touches of RAM
+/// into MMIO exits inside `ram`, and accesses outside it into counted open-bus accesses.)
+fn handle_mmio(gpa: u64, write: Option<&[u8]>, size: usize, ram: &[RamRange]) -> VcpuEmulation {
+    VcpuEmulation::Fatal(FatalExit::UnknownMmio {
+        gpa,
+        write: write.is_some(),
+        size,
+        value: write.map(le_value).unwrap_or(0),
+        in_ram: crate::memory::contains(ram, gpa, size as u64),
+    })
+}
+
+/// Registers that explain where a vCPU was.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RegsSnapshot {
+    /// rip.
+    pub rip: u64,
+    /// rsp.
+    pub rsp: u64,
+    /// rflags.
+    pub rflags: u64,
+    /// cr0.
+    pub cr0: u64,
+    /// cr2 (last page-fault address).
+    pub cr2: u64,
+    /// cr3.
+    pub cr3: u64,
+    /// cr4.
+    pub cr4: u64,
+    /// efer.
+    pub efer: u64,
+}
+
+impl RegsSnapshot {
+    /// Reads the registers of `vcpu` (zeros where the read fails).
+    pub fn read(vcpu: &VcpuFd) -> Self {
+        let mut s = RegsSnapshot::default();
+        if let Ok(r) = vcpu.get_regs() {
+            s.rip = r.rip;
+            s.rsp = r.rsp;
+            s.rflags = r.rflags;
+        }
+        if let Ok(sr) = vcpu.get_sregs() {
+            s.cr0 = sr.cr0;
+            s.cr2 = sr.cr2;
+            s.cr3 = sr.cr3;
+            s.cr4 = sr.cr4;
+            s.efer = sr.efer;
+        }
+        s
+    }
+}
+
+impl fmt::Display for RegsSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+            self.rip, self.rsp, self.rflags, self.cr0, self.cr2, self.cr3, self.cr4, self.efer
+        )
+    }
+}
+
+/// A fatal exit with where it happened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diagnosis {
+    /// vCPU index.
+    pub vcpu: usize,
+    /// What went wrong.
+    pub exit: FatalExit,
+    /// Where.
+    pub regs: RegsSnapshot,
+}
+
+impl fmt::Display for Diagnosis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "vcpu {}: {} at {}", self.vcpu, self.exit, self.regs)
+    }
+}
+
+/// How a vCPU thread ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VcpuOutcome {
+    /// The guest wrote the exit port.
+    Exited(u8),
+    /// The guest parked this vCPU.
+    Parked,
+    /// The VMM stopped it (another vCPU ended the run, or the timeout); `rip` is where it was.
+    Kicked {
+        /// Where the vCPU was.
+        rip: u64,
+    },
+    /// The guest did something fatal.
+    Fatal(Diagnosis),
+    /// Setting the vCPU up failed.
+    SetupFailed(String),
+}
+
+/// State shared by all vCPU threads of a VM.
+pub struct VcpuShared {
+    /// The devices.
+    pub devices: Devices,
+    /// Guest RAM ranges.
+    pub ram: Vec<RamRange>,
+    /// Set (before kicking) when every vCPU must stop.
+    pub stop: AtomicBool,
+}
+
+/// Everything one vCPU thread needs.
+pub struct Vcpu {
+    /// Index (= APIC id).
+    pub index: usize,
+    /// The KVM vCPU.
+    pub fd: VcpuFd,
+    /// Entry point.
+    pub entry: u64,
+}
+
+/// One `KVM_RUN`: the only place the thread is inside the guest.
+fn run_once(fd: &mut VcpuFd) -> Result<VcpuExit<'_>, kvm_ioctls::Error> {
+    fd.run()
+}
+
+/// The run-state machine of one vCPU thread.
+pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> VcpuOutcome {
+    if let Err(e) = crate::boot::regs::configure(&vcpu.fd, vcpu.index as u32, vcpu.entry, cpuid) {
+        return VcpuOutcome::SetupFailed(e.to_string());
+    }
+    let _kick = KickGuard::register(&mut vcpu.fd);
+    let index = vcpu.index;
+    loop {
+        // Pairs with the Release store in `Vm::stop_all`, made before the kick signal: either
+        // we see `stop` here, or the signal's `immediate_exit` makes the next KVM_RUN return.
+        if shared.stop.load(Ordering::Acquire) {
+            let rip = vcpu.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+            return VcpuOutcome::Kicked { rip };
+        }
+        let emulation = match run_once(&mut vcpu.fd) {
+            Ok(VcpuExit::InternalError) => {
+                let (suberror, data) = kvm::internal_error_info(&mut vcpu.fd);
+                VcpuEmulation::Fatal(FatalExit::InternalError { suberror, data })
+            }
+            Ok(exit) => handle_exit(ExitEvent::from(exit), index, &shared.devices, &shared.ram),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                VcpuEmulation::Interrupted
+            }
+            Err(e) => VcpuEmulation::Fatal(FatalExit::RunFailed { errno: e.errno() }),
+        };
+        match emulation {
+            VcpuEmulation::Handled => {}
+            VcpuEmulation::Interrupted => vcpu.fd.set_kvm_immediate_exit(0),
+            VcpuEmulation::Parked => return VcpuOutcome::Parked,
+            VcpuEmulation::Stopped(status) => return VcpuOutcome::Exited(status),
+            VcpuEmulation::Fatal(exit) => {
+                return VcpuOutcome::Fatal(Diagnosis {
+                    vcpu: index,
+                    exit,
+                    regs: RegsSnapshot::read(&vcpu.fd),
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::serial::tests::Recorder;
+    use abi::ports;
+
+    fn devices() -> (Devices, Recorder) {
+        let rec = Recorder::default();
+        (Devices::new(2, Box::new(rec.clone())), rec)
+    }
+
+    fn ram() -> Vec<RamRange> {
+        crate::memory::plan(64 << 20, abi::layout::IDENTITY_MAP_1G_BYTES).unwrap()
+    }
+
+    #[test]
+    fn serial_and_exit_ports() {
+        let (d, rec) = devices();
+        for &b in b"hi\n" {
+            let e = ExitEvent::IoOut {
+                port: ports::SERIAL,
+                data: &[b],
+            };
+            assert_eq!(handle_exit(e, 1, &d, &ram()), VcpuEmulation::Handled);
+        }
+        assert_eq!(rec.0.lock().unwrap().concat(), b"hi\n");
+        let e = ExitEvent::IoOut {
+            port: ports::EXIT,
+            data: &[5, 0, 0, 0],
+        };
+        assert_eq!(handle_exit(e, 0, &d, &ram()), VcpuEmulation::Stopped(5));
+        let e = ExitEvent::IoOut {
+            port: ports::PARK,
+            data: &[0],
+        };
+        assert_eq!(handle_exit(e, 0, &d, &ram()), VcpuEmulation::Parked);
+        let mut lsr = [0u8];
+        let e = ExitEvent::IoIn {
+            port: ports::SERIAL + 5,
+            data: &mut lsr,
+        };
+        assert_eq!(handle_exit(e, 0, &d, &ram()), VcpuEmulation::Handled);
+        assert_ne!(lsr[0] & 0x20, 0);
+    }
+
+    #[test]
+    fn fatal_exits() {
+        let (d, _) = devices();
+        let r = ram();
+        let e = ExitEvent::IoOut {
+            port: 0x1234,
+            data: &[0x42],
+        };
+        assert_eq!(
+            handle_exit(e, 0, &d, &r),
+            VcpuEmulation::Fatal(FatalExit::UnknownPortWrite {
+                port: 0x1234,
+                size: 1,
+                value: 0x42
+            })
+        );
+        let mut buf = [0u8; 2];
+        let e = ExitEvent::IoIn {
+            port: 0x60,
+            data: &mut buf,
+        };
+        assert!(matches!(
+            handle_exit(e, 0, &d, &r),
+            VcpuEmulation::Fatal(FatalExit::UnknownPortRead {
+                port: 0x60,
+                size: 2
+            })
+        ));
+        let e = ExitEvent::MmioWrite {
+            gpa: 0xd000_0000,
+            data: &[0xef, 0xbe, 0xad, 0xde],
+        };
+        let VcpuEmulation::Fatal(f) = handle_exit(e, 0, &d, &r) else {
+            panic!("mmio write must be fatal")
+        };
+        assert!(f.to_string().contains("0xdeadbeef"), "{f}");
+        assert!(f.to_string().contains("gpa 0xd0000000"), "{f}");
+        assert_eq!(
+            handle_exit(ExitEvent::Shutdown, 0, &d, &r),
+            VcpuEmulation::Fatal(FatalExit::TripleFault)
+        );
+        assert_eq!(
+            handle_exit(ExitEvent::Hlt, 0, &d, &r),
+            VcpuEmulation::Fatal(FatalExit::Halted)
+        );
+        assert_eq!(
+            handle_exit(ExitEvent::Interrupted, 0, &d, &r),
+            VcpuEmulation::Interrupted
+        );
+    }
+
+    #[test]
+    fn diagnosis_line() {
+        let d = Diagnosis {
+            vcpu: 1,
+            exit: FatalExit::TripleFault,
+            regs: RegsSnapshot {
+                rip: 0x100010,
+                cr3: 0x4000,
+                ..Default::default()
+            },
+        };
+        let s = d.to_string();
+        assert!(s.starts_with("vcpu 1: guest triple-faulted (KVM_EXIT_SHUTDOWN) at rip=0x100010"));
+        assert!(s.contains("cr3=0x4000"));
+        assert!(!s.contains('\n'));
+    }
+}
