@@ -490,7 +490,15 @@ mod tests {
             };
             assert_eq!(handle_exit(e, 1, &d, &ram()), VcpuEmulation::Handled);
         }
-        assert_eq!(rec.0.lock().unwrap().concat(), b"hi\n");
+        let e = ExitEvent::IoOut {
+            port: ports::SERIAL,
+            data: b"string I/O\n",
+        };
+        assert_eq!(handle_exit(e, 0, &d, &ram()), VcpuEmulation::Handled);
+        assert_eq!(
+            rec.0.lock().unwrap().clone(),
+            vec![b"hi\n".to_vec(), b"string I/O\n".to_vec()]
+        );
         let e = ExitEvent::IoOut {
             port: ports::EXIT,
             data: &[5, 0, 0, 0],

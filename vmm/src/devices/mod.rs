@@ -35,13 +35,12 @@ impl Devices {
         }
     }
 
-    /// vCPU `vcpu` writes `data` to `port`.
+    /// vCPU `vcpu` writes `data` to `port`. For the UART, `data` may hold many bytes: a string
+    /// output (`rep outsb`) arrives as one exit, and each byte is written in turn.
     pub fn pio_write(&self, vcpu: usize, port: u16, data: &[u8]) -> PioOutcome {
         match port {
             p if (ports::SERIAL..ports::SERIAL + ports::SERIAL_LEN).contains(&p) => {
-                if let Some(&b) = data.first() {
-                    self.serial.write(vcpu, (p - ports::SERIAL) as u8, b);
-                }
+                self.serial.write_all(vcpu, (p - ports::SERIAL) as u8, data);
                 PioOutcome::Handled
             }
             ports::EXIT => PioOutcome::Exit(exit_port::decode_status(data)),

@@ -105,11 +105,20 @@ impl SerialConsole {
     }
 
     /// vCPU `vcpu` writes `value` to register `offset`.
+    #[cfg(test)]
     pub fn write(&self, vcpu: usize, offset: u8, value: u8) {
+        self.write_all(vcpu, offset, &[value]);
+    }
+
+    /// vCPU `vcpu` writes each of `values` in turn to register `offset` (string I/O).
+    pub fn write_all(&self, vcpu: usize, offset: u8, values: &[u8]) {
         let mut uart = self.uart.lock().unwrap_or_else(PoisonError::into_inner);
         uart.writer_mut().current_vcpu = vcpu;
-        // Our output never fails (errors are counted inside), and NoInterrupt cannot fail.
-        let _ = uart.write(offset, value);
+        for &v in values {
+            // Our output never fails (errors are logged once inside), and NoInterrupt cannot
+            // fail.
+            let _ = uart.write(offset, v);
+        }
     }
 
     /// vCPU reads register `offset`.
