@@ -39,14 +39,20 @@
 //! ```
 #![deny(missing_docs)]
 
+#[cfg(feature = "baselines")]
+pub mod baselines;
+pub mod bonsai;
 mod cell;
 mod domain;
+pub mod range_map;
 mod reader;
 mod reclaim;
 mod stats;
 mod sync;
 
+pub use bonsai::BonsaiTree;
 pub use cell::RcuCell;
 pub use domain::{Config, Domain};
+pub use range_map::{ConcurrentRangeMap, RangeError, RangeMap, RangeValue};
 pub use reader::{Offline, ReadGuard, Reader};
 pub use stats::{LatencyHistogram, Stats};
