@@ -1,0 +1,2 @@
+//! Range-map benchmarks (filled in by the next commit).
+fn main() {}
