@@ -41,6 +41,12 @@ pub enum KvmError {
         /// The path given.
         path: PathBuf,
     },
+    /// The path is not a KVM device.
+    #[error("{path} is not a KVM device (KVM_GET_API_VERSION failed); point --kvm-dev/VMM_KVM_DEV at /dev/kvm")]
+    NotKvm {
+        /// The path.
+        path: PathBuf,
+    },
     /// The kernel's KVM API is not the stable one.
     #[error("{path}: KVM API version {found}, expected {expected}")]
     ApiVersion {
@@ -94,6 +100,11 @@ pub fn open(path: &Path) -> Result<Kvm, KvmError> {
         }
     })?;
     let version = kvm.get_api_version();
+    if version < 0 {
+        return Err(KvmError::NotKvm {
+            path: path.to_owned(),
+        });
+    }
     if version != KVM_API_VERSION as i32 {
         return Err(KvmError::ApiVersion {
             path: path.to_owned(),
