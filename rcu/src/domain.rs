@@ -66,14 +66,42 @@ pub(crate) struct Slot {
     /// knows it would wait for itself.
     owner: thread::ThreadId,
     /// Live read guards of this reader. Touched only by the owning thread (the reader is
-    /// `!Send`, and a writer reads it only when `owner` is the writer's own thread).
+    /// `!Send`, and the domain reads it only after checking that `owner` is the current
+    /// thread).
     pub(crate) guards: Cell<u32>,
+    /// Whether the reader is offline (`ctr` is 0), as the owning thread last set it. Owner-only,
+    /// like `guards`: [`Reader::read`](crate::Reader::read) checks it so that a leaked
+    /// [`Offline`](crate::Offline) guard cannot leave a reader reading while offline.
+    pub(crate) offline: Cell<bool>,
 }
 
-// SAFETY: `ctr` is atomic and `owner` is immutable. `guards` is a plain `Cell`, but it is only
-// ever accessed from the owning thread: through the owning `Reader`/`ReadGuard`, both `!Send`,
-// or by `wait_for_reader` after checking that the current thread is `owner`.
+// SAFETY: `ctr` is atomic and `owner` is immutable. `guards` and `offline` are plain `Cell`s,
+// but they are only ever accessed from the owning thread: through the owning
+// `Reader`/`ReadGuard`/`Offline`, all `!Send`, or by `Inner` methods after checking that the
+// current thread is `owner`.
 unsafe impl Sync for Slot {}
+
+/// The calling thread's online readers of a domain, taken offline for the duration of a
+/// blocking wait (for `gp_lock`, for the reclamation lock, for a grace period) and brought
+/// back online when this is dropped, also while unwinding.
+///
+/// Without it a reader thread that calls `synchronize`, `barrier`, `reclaim` or retires past
+/// the backlog bound deadlocks against another thread's grace period that is waiting for
+/// this very reader while holding the lock it queues on. Going offline is sound because it
+/// is only done for readers holding no guard: such a reader holds no RCU-protected reference
+/// (references cannot outlive their guard), so it is quiescent anyway.
+pub(crate) struct OwnReadersOffline<'a> {
+    inner: &'a Inner,
+    slots: Vec<Arc<Slot>>,
+}
+
+impl Drop for OwnReadersOffline<'_> {
+    fn drop(&mut self) {
+        for slot in &self.slots {
+            self.inner.thread_online(slot);
+        }
+    }
+}
 
 /// The grace-period and reclamation state of a domain.
 pub(crate) struct Inner {
@@ -131,6 +159,7 @@ impl Inner {
             ctr: AtomicU64::new(0),
             owner: thread::current().id(),
             guards: Cell::new(0),
+            offline: Cell::new(true),
         });
         lock(&self.registry).push(slot.clone());
         slot
@@ -156,6 +185,8 @@ impl Inner {
         // (pairs with the writer's fence after it reads our slot).
         fence(SeqCst);
         slot.ctr.store(gp, Relaxed);
+        // (Online now, even if an `Offline` guard was leaked.)
+        slot.offline.set(false);
         // The announcement is visible before we read `waiting` (pairs with the writer's fence
         // between setting `waiting` and re-reading our slot) and before any later read-side
         // access (pairs with the writer's fence between its unpublish and its counter flip).
@@ -169,6 +200,7 @@ impl Inner {
         // Read-side accesses complete before we stop being waited for.
         fence(SeqCst);
         slot.ctr.store(0, Relaxed);
+        slot.offline.set(true);
         // Offline state visible before we read `waiting` (pairs as in `quiescent_state`).
         fence(SeqCst);
         self.wake_up_gp();
@@ -178,10 +210,47 @@ impl Inner {
     #[inline]
     pub(crate) fn thread_online(&self, slot: &Slot) {
         slot.ctr.store(self.gp_ctr.load(Relaxed), Relaxed);
+        slot.offline.set(false);
         // Online state visible before any read-side access: a writer that then reads our slot
         // as offline ordered its unpublish before our loads (pairs with the writer's fence
         // after its counter flip).
         fence(SeqCst);
+    }
+
+    /// Whether the calling thread holds a read guard of this domain.
+    pub(crate) fn this_thread_holds_a_guard(&self) -> bool {
+        let me = thread::current().id();
+        lock(&self.registry)
+            .iter()
+            // `guards` is read only for slots owned by this thread (see `Slot`).
+            .any(|s| s.owner == me && s.guards.get() > 0)
+    }
+
+    /// Takes the calling thread's online readers of this domain offline until the result is
+    /// dropped (see [`OwnReadersOffline`]).
+    ///
+    /// # Panics
+    ///
+    /// If one of them holds a read guard: whatever the caller is about to wait for would wait
+    /// for that guard, that is, for itself.
+    pub(crate) fn own_readers_offline(&self, what: &str) -> OwnReadersOffline<'_> {
+        let me = thread::current().id();
+        let slots: Vec<Arc<Slot>> = lock(&self.registry)
+            .iter()
+            // `offline` and `guards` are read only for slots owned by this thread.
+            .filter(|s| s.owner == me && !s.offline.get())
+            .cloned()
+            .collect();
+        if slots.iter().any(|s| s.guards.get() > 0) {
+            panic!(
+                "rcu: {what} called while this thread holds a read guard of the same domain: \
+                 the grace period would wait for itself forever"
+            );
+        }
+        for slot in &slots {
+            self.thread_offline(slot);
+        }
+        OwnReadersOffline { inner: self, slots }
     }
 
     #[inline]
@@ -409,6 +478,10 @@ impl Domain {
     /// that reader holds no guard (it counts as quiescent). With a live guard it would wait
     /// for itself forever, so it panics instead; use [`Reader::synchronize`](crate::Reader::synchronize).
     pub fn synchronize(&self) {
+        // This thread's own readers (necessarily guard-free, or this panics) go offline while
+        // we wait for `gp_lock` and for the readers: another grace period may be holding the
+        // lock while it waits for them.
+        let _offline = self.inner().own_readers_offline("synchronize()");
         self.inner().synchronize();
     }
 
@@ -416,7 +489,11 @@ impl Domain {
     /// batches, in the order they were deferred.
     ///
     /// Back-pressure: if the backlog has reached [`Config::max_backlog`], the calling thread
-    /// first waits for a grace period and runs a batch itself.
+    /// first waits for a grace period and runs a batch itself (its own readers of this domain
+    /// are offline meanwhile). Two exceptions, where waiting would wait for the caller itself:
+    /// a thread that holds a read guard of this domain, and a deferred callback of this domain
+    /// retiring more; the backlog then goes past the bound until the next retirement outside
+    /// them.
     pub fn defer<F: FnOnce() + Send + 'static>(&self, f: F) {
         self.inner().reclaim.push(self.inner(), Box::new(f));
     }
@@ -428,12 +505,25 @@ impl Domain {
     }
 
     /// Waits until everything retired before this call has been freed (`rcu_barrier`).
+    ///
+    /// Like [`synchronize`](Self::synchronize), it may be called from a reader thread whose
+    /// readers hold no guard.
+    ///
+    /// # Panics
+    ///
+    /// If the calling thread holds a read guard of this domain, or if called from one of
+    /// this domain's deferred callbacks: either would wait for itself forever.
     pub fn barrier(&self) {
         self.inner().reclaim.barrier(self.inner());
     }
 
     /// Frees what was retired so far after one grace period, on the calling thread, and
-    /// returns how many objects that was. Useful without a background thread.
+    /// returns how many objects that was. Useful without a background thread. Called from one
+    /// of this domain's deferred callbacks, it does nothing and returns 0.
+    ///
+    /// # Panics
+    ///
+    /// If the calling thread holds a read guard of this domain (see [`barrier`](Self::barrier)).
     pub fn reclaim(&self) -> usize {
         self.inner().reclaim.drain(self.inner())
     }

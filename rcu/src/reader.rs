@@ -76,11 +76,23 @@ impl Reader {
     /// after the guard's last use.
     #[inline]
     pub fn read(&self) -> ReadGuard<'_> {
+        if self.slot.offline.get() {
+            // Only possible if an `Offline` guard was leaked (`mem::forget`): its borrow has
+            // ended without bringing us back online. Reading offline would let grace periods
+            // ignore this section.
+            self.come_back_online();
+        }
         self.slot.guards.set(self.slot.guards.get() + 1);
         ReadGuard {
             reader: self,
             _not_send: PhantomData,
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn come_back_online(&self) {
+        self.domain.inner().thread_online(&self.slot);
     }
 
     /// Announces a quiescent state: this thread holds no reference to RCU-protected data. A
@@ -93,7 +105,9 @@ impl Reader {
 
     /// Goes offline until the returned guard is dropped: grace periods stop waiting for this
     /// thread while it blocks (in `KVM_RUN`, `poll`, a sleep). Coming back online is one store
-    /// and one fence, and happens on every path out, errors and panics included.
+    /// and one fence, and happens on every path out, errors and panics included. If the guard
+    /// is leaked (`mem::forget`), the next [`read`](Self::read) or
+    /// [`quiescent_state`](Self::quiescent_state) brings the reader back online.
     pub fn offline(&mut self) -> Offline<'_> {
         self.domain.inner().thread_offline(&self.slot);
         Offline { reader: self }

@@ -3,7 +3,10 @@
 //! backlog bound (back-pressure), or by `barrier()`.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64 as StatU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64 as StatU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
 
 use crate::domain::Inner;
 use crate::sync::{lock, Arc, AtomicBool, Condvar, Mutex};
@@ -12,13 +15,14 @@ type Deferred = Box<dyn FnOnce() + Send>;
 
 #[cfg(not(loom))]
 std::thread_local! {
-    /// Set while this thread runs deferred callbacks: a callback that retires more objects
-    /// must not block on (or re-enter) reclamation.
-    static IN_RECLAIM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The domains (`Reclaim` addresses) whose deferred callbacks this thread is running,
+    /// innermost last: a callback that retires more objects into, or drains, the same domain
+    /// must not block on (or re-enter) its reclamation.
+    static IN_RECLAIM: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 #[cfg(loom)]
 loom::thread_local! {
-    static IN_RECLAIM: std::cell::Cell<bool> = std::cell::Cell::new(false);
+    static IN_RECLAIM: std::cell::RefCell<Vec<usize>> = std::cell::RefCell::new(Vec::new());
 }
 
 pub(crate) struct Reclaim {
@@ -43,27 +47,24 @@ struct CountOnDrop<'a>(&'a StatU64, u64);
 
 impl Drop for CountOnDrop<'_> {
     fn drop(&mut self) {
-        self.0.fetch_add(self.1, Relaxed);
+        self.0.fetch_add(self.1, Release);
     }
 }
 
+/// Marks this thread as running `Reclaim`'s callbacks (see `IN_RECLAIM`).
 struct ReclaimScope;
 
 impl ReclaimScope {
-    fn enter() -> Self {
-        IN_RECLAIM.with(|f| f.set(true));
+    fn enter(reclaim: &Reclaim) -> Self {
+        IN_RECLAIM.with(|s| s.borrow_mut().push(reclaim.id()));
         ReclaimScope
     }
 }
 
 impl Drop for ReclaimScope {
     fn drop(&mut self) {
-        IN_RECLAIM.with(|f| f.set(false));
+        IN_RECLAIM.with(|s| s.borrow_mut().pop());
     }
-}
-
-fn in_reclaim() -> bool {
-    IN_RECLAIM.with(|f| f.get())
 }
 
 impl Reclaim {
@@ -81,6 +82,16 @@ impl Reclaim {
         }
     }
 
+    fn id(&self) -> usize {
+        self as *const Self as usize
+    }
+
+    /// Whether the calling thread is running one of this domain's deferred callbacks.
+    fn in_callback(&self) -> bool {
+        let id = self.id();
+        IN_RECLAIM.with(|s| s.borrow().contains(&id))
+    }
+
     pub(crate) fn counts(&self) -> (u64, u64, u64) {
         let pushed = lock(&self.queue).pushed;
         (pushed, self.freed.load(Relaxed), self.stalls.load(Relaxed))
@@ -93,8 +104,13 @@ impl Reclaim {
             q.pushed += 1;
             q.items.len()
         };
-        if len >= inner.config.max_backlog && !in_reclaim() {
-            // Back-pressure: the retiring thread pays for the grace period itself.
+        if len >= inner.config.max_backlog
+            && !self.in_callback()
+            && !inner.this_thread_holds_a_guard()
+        {
+            // Back-pressure: the retiring thread pays for the grace period itself. Not from a
+            // callback (it would wait for its own batch) nor under a read guard (the grace
+            // period would wait for the guard): see `Domain::defer`.
             self.stalls.fetch_add(1, Relaxed);
             self.drain(inner);
         } else if len == 1 || len % 256 == 0 {
@@ -103,8 +119,21 @@ impl Reclaim {
     }
 
     /// Waits for a grace period and runs every callback queued before it began. Returns how
-    /// many ran.
+    /// many ran (0, doing nothing, when called from one of this domain's callbacks).
+    ///
+    /// # Panics
+    ///
+    /// If the calling thread holds a read guard of this domain.
     pub(crate) fn drain(&self, inner: &Inner) -> usize {
+        if self.in_callback() {
+            // We hold `free_lock` further up this very stack.
+            return 0;
+        }
+        // This thread's readers are offline while we queue for `free_lock` (its holder may be
+        // waiting for them in a grace period) and during our own grace period; back online
+        // before the callbacks run, so a callback sees this thread as it left it.
+        let offline =
+            inner.own_readers_offline("a grace-period wait (barrier, reclaim, back-pressure)");
         let _serial = lock(&self.free_lock);
         let n = lock(&self.queue).items.len();
         if n == 0 {
@@ -114,10 +143,13 @@ impl Reclaim {
         // before this grace period began.
         inner.synchronize();
         let batch: Vec<Deferred> = lock(&self.queue).items.drain(..n).collect();
+        drop(offline);
         // Counted even if a callback panics (the rest of the batch is then dropped uncalled,
         // which still drops what the callbacks captured), so `barrier` cannot wait forever.
+        // Release: `barrier` acquires it, so a barrier that returns without draining itself
+        // still sees everything these callbacks did.
         let _count = CountOnDrop(&self.freed, n as u64);
-        let _scope = ReclaimScope::enter();
+        let _scope = ReclaimScope::enter(self);
         for f in batch {
             f();
         }
@@ -125,8 +157,14 @@ impl Reclaim {
     }
 
     pub(crate) fn barrier(&self, inner: &Inner) {
+        assert!(
+            !self.in_callback(),
+            "rcu: barrier() called from a deferred callback of the same domain would wait for \
+             itself forever"
+        );
         let target = lock(&self.queue).pushed;
-        while self.freed.load(Relaxed) < target {
+        // Acquire pairs with the release in `CountOnDrop`: the callbacks' effects are visible.
+        while self.freed.load(Acquire) < target {
             self.drain(inner);
         }
     }
@@ -178,7 +216,7 @@ impl Drop for Reclaim {
         // The domain is going away: no reader can exist any more (readers keep the domain
         // alive), so everything still retired can run now.
         let q = std::mem::take(&mut lock(&self.queue).items);
-        let _scope = ReclaimScope::enter();
+        let _scope = ReclaimScope::enter(self);
         for f in q {
             f();
         }

@@ -199,3 +199,162 @@ fn backlog_is_bounded_by_back_pressure() {
     domain.barrier();
     assert_eq!(domain.stats().backlog, 0);
 }
+
+/// Runs `f` on a new thread and reports whether it returned within `limit` (a deadlocked `f`
+/// is left behind, blocked, and the test fails instead of hanging).
+fn finishes_within(limit: Duration, f: impl FnOnce() + Send + 'static) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        f();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(limit).is_ok()
+}
+
+/// Starts a writer whose grace period waits for the calling thread's online reader, and
+/// returns once that writer holds the grace-period lock and is waiting.
+fn writer_waiting_for_me(domain: &Domain) -> std::thread::JoinHandle<()> {
+    let d = domain.clone();
+    let w = std::thread::spawn(move || d.synchronize());
+    let start = Instant::now();
+    while domain.stats().synchronize_calls == 0 && start.elapsed() < Duration::from_secs(5) {
+        std::thread::yield_now();
+    }
+    std::thread::sleep(Duration::from_millis(20)); // past its counter flip, spinning or parked
+    w
+}
+
+// Regression: a reader thread (online, no guard) calling `synchronize` while another
+// writer's grace period waits for it used to block on the grace-period lock while still
+// online: a deadlock.
+#[test]
+fn synchronize_from_an_online_reader_while_another_grace_period_waits_for_it() {
+    let domain = Domain::new();
+    let d = domain.clone();
+    assert!(finishes_within(Duration::from_secs(5), move || {
+        let _reader = d.register();
+        let w = writer_waiting_for_me(&d);
+        d.synchronize();
+        w.join().unwrap();
+    }));
+}
+
+// Regression: the same for `barrier()` (and `reclaim()`), which queue on the reclamation lock
+// held by a drainer that waits for this reader.
+#[test]
+fn barrier_from_an_online_reader_while_a_drainer_waits_for_it() {
+    let domain = Domain::with_config(Config {
+        max_backlog: 1 << 20,
+        background_reclaim: false,
+    });
+    let d = domain.clone();
+    assert!(finishes_within(Duration::from_secs(5), move || {
+        let _reader = d.register();
+        d.defer(|| ());
+        let drainer = {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                d.reclaim();
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50)); // drainer holds the lock, waits for us
+        d.defer(|| ());
+        d.barrier();
+        assert_eq!(d.reclaim(), 0);
+        drainer.join().unwrap();
+    }));
+    assert_eq!(domain.stats().backlog, 0);
+}
+
+// Regression: back-pressure reached by a thread that holds a read guard (a `swap` or a
+// `compare_exchange`, which need one) used to panic "would wait for itself".
+#[test]
+fn retiring_past_the_bound_under_a_guard_defers_back_pressure() {
+    let domain = Domain::with_config(Config {
+        max_backlog: 4,
+        background_reclaim: false,
+    });
+    let cell = RcuCell::new(&domain, 0u64);
+    let mut reader = domain.register();
+    {
+        let guard = reader.read();
+        for i in 1..=10 {
+            let cur = cell.load(&guard);
+            assert_eq!(cell.compare_exchange(cur, Some(i)), Ok(()));
+            assert_eq!(cell.swap(Some(i), &guard), Some(&i));
+        }
+        assert_eq!(domain.stats().backpressure_stalls, 0);
+        assert_eq!(domain.stats().backlog, 20);
+    }
+    reader.quiescent_state();
+    cell.store(Some(99)); // outside the guard: back-pressure applies again
+    let s = domain.stats();
+    assert_eq!((s.backpressure_stalls, s.backlog), (1, 0));
+}
+
+// Regression: `mem::forget` of an `Offline` guard used to leave the reader offline while it
+// kept reading: grace periods ignored its sections and freed what it was reading.
+#[test]
+fn a_leaked_offline_guard_does_not_leave_the_reader_reading_offline() {
+    struct Flagged(Arc<AtomicBool>);
+    impl Drop for Flagged {
+        fn drop(&mut self) {
+            self.0.store(true, SeqCst);
+        }
+    }
+    let domain = Domain::new();
+    let dropped = Arc::new(AtomicBool::new(false));
+    let cell = Arc::new(RcuCell::new(&domain, Flagged(dropped.clone())));
+    let mut reader = domain.register();
+    std::mem::forget(reader.offline());
+    let guard = reader.read();
+    let _old = cell.load(&guard).unwrap();
+    let writer = {
+        let (domain, cell) = (domain.clone(), cell.clone());
+        std::thread::spawn(move || {
+            cell.store(Some(Flagged(Arc::new(AtomicBool::new(false)))));
+            domain.barrier();
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    // Checked through the flag, never through `_old`, so a failure is not a use-after-free.
+    assert!(
+        !dropped.load(SeqCst),
+        "freed under a guard of a reader whose Offline guard was leaked"
+    );
+    drop(guard);
+    reader.quiescent_state();
+    writer.join().unwrap();
+    assert!(dropped.load(SeqCst));
+}
+
+// Regression: `reclaim()` from inside a deferred callback used to self-deadlock on the
+// reclamation lock; `barrier()` there now panics with a message instead.
+#[test]
+fn reclaim_and_barrier_from_a_deferred_callback() {
+    let domain = Domain::new();
+    let results = Arc::new(std::sync::Mutex::new(None));
+    {
+        let (d, results) = (domain.clone(), results.clone());
+        domain.defer(move || {
+            let reclaimed = d.reclaim();
+            let barrier = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.barrier()));
+            let msg = barrier
+                .err()
+                .map(|e| match e.downcast::<String>() {
+                    Ok(s) => *s,
+                    Err(e) => e
+                        .downcast::<&str>()
+                        .map(|s| s.to_string())
+                        .unwrap_or_default(),
+                })
+                .unwrap_or_default();
+            *results.lock().unwrap() = Some((reclaimed, msg));
+        });
+    }
+    let d = domain.clone();
+    assert!(finishes_within(Duration::from_secs(5), move || d.barrier()));
+    let (reclaimed, msg) = results.lock().unwrap().take().unwrap();
+    assert_eq!(reclaimed, 0);
+    assert!(msg.contains("would wait for itself"), "{msg}");
+}

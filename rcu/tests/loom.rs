@@ -280,3 +280,60 @@ fn reader_unregistering_while_a_writer_waits() {
         assert_eq!(d.stats().readers, 0);
     });
 }
+/// (e) Back-pressure from an online reader thread: a reader that retires past the backlog
+/// bound (without holding a guard) must not deadlock with another thread already draining
+/// (which waits for this very reader to pass a quiescent state).
+#[test]
+fn back_pressure_from_an_online_reader_does_not_deadlock() {
+    loom::model(|| {
+        let d = Domain::with_config(Config {
+            max_backlog: 1,
+            background_reclaim: false,
+        });
+        let heap = Heap::new(2);
+        let reader = {
+            let (d, heap) = (d.clone(), heap.clone());
+            thread::spawn(move || {
+                let mut r = d.register();
+                heap.read(&r.read());
+                let old = heap.replace(1);
+                let h = heap.clone();
+                d.defer(move || h.free(old)); // hits the bound: drains
+                r.quiescent_state();
+            })
+        };
+        d.reclaim();
+        reader.join().unwrap();
+        d.barrier();
+        assert_eq!(d.stats().backlog, 0);
+    });
+}
+
+/// (f) The waiter's wake-up: the reader reads, then keeps announcing quiescent states (the
+/// fast path, which wakes nobody, once it has caught up) until the writer is through. The
+/// writer, parked after one spin, must be woken by the announcement's slow path: if it is
+/// not, the model livelocks and loom reports it.
+#[test]
+fn quiescent_state_wakes_a_parked_writer() {
+    loom::model(|| {
+        let d = domain();
+        let heap = Heap::new(2);
+        let done = Arc::new(loom::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (d, heap, done) = (d.clone(), heap.clone(), done.clone());
+            thread::spawn(move || {
+                let mut r = d.register();
+                heap.read(&r.read());
+                while !done.load(Acquire) {
+                    r.quiescent_state();
+                    thread::yield_now();
+                }
+            })
+        };
+        let old = heap.replace(1);
+        d.synchronize();
+        heap.free(old);
+        done.store(true, Release);
+        reader.join().unwrap();
+    });
+}
