@@ -298,7 +298,7 @@ fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
 }
 
 #[test]
-fn user_kernel_runs_on_every_vcpu() {
+fn user_kernel_boots_and_sets_the_status() {
     require_kvm!();
     #[rustfmt::skip]
     let code = [
@@ -345,4 +345,23 @@ fn bad_kernel_files_are_rejected_clearly() {
         let _ = std::fs::remove_file(path);
         assert_diagnosis(&o, 1, &["--kernel", "not a loadable image", needle]);
     }
+}
+
+#[test]
+fn partial_lines_are_flushed_when_every_vcpu_parks() {
+    require_kvm!();
+    #[rustfmt::skip]
+    let code = [
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, b'x',             // mov al, 'x'
+        0xee,                   // out dx, al     (no newline)
+        0x66, 0xba, 0xf5, 0x00, // mov dx, 0xf5
+        0xee,                   // out dx, al     (park)
+        0xeb, 0xfe,             // jmp $
+    ];
+    let path = temp_file("park.elf", &tiny_elf(&code));
+    let o = run(&["run", "--vcpus", "3", "--kernel", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert_eq!(stdout(&o), "x\nx\nx\n");
 }
