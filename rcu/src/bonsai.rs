@@ -484,20 +484,20 @@ unsafe fn floor<'a, K: Borrow<Q>, V, Q: Ord + ?Sized>(
     key: &Q,
     ord: Ordering,
 ) -> Option<&'a Node<K, V>> {
+    // Branch-free descent (the comparison selects, it does not jump): a random address is an
+    // unpredictable branch at every level, so this trades mispredictions for a data
+    // dependency. An exact hit descends on to a leaf (every key in the right subtree is
+    // greater, so `best` stays put).
     let mut p = root;
-    let mut best = None;
+    let mut best: *const Node<K, V> = ptr::null();
     // SAFETY: per the contract, for each node on the path.
     while let Some(n) = unsafe { deref(p) } {
-        p = match key.cmp(n.key.borrow()) {
-            Cmp::Less => n.left.load(ord),
-            Cmp::Greater => {
-                best = Some(n);
-                n.right.load(ord)
-            }
-            Cmp::Equal => return Some(n),
-        };
+        let go_right = key >= n.key.borrow();
+        best = if go_right { n } else { best };
+        p = if go_right { &n.right } else { &n.left }.load(ord);
     }
-    best
+    // SAFETY: `best` is null or a node on the path.
+    unsafe { best.as_ref() }
 }
 
 /// # Safety
