@@ -457,7 +457,9 @@ impl Domain {
 
     /// Whether `self` and `other` are handles to the same domain.
     pub fn same_as(&self, other: &Domain) -> bool {
-        Arc::ptr_eq(&self.handle.inner, &other.handle.inner)
+        // One `Handle` per domain (clones share it), so comparing handles is comparing domains,
+        // one dependent load cheaper on each side (this check is on `RcuCell::load`'s path).
+        Arc::ptr_eq(&self.handle, &other.handle)
     }
 
     /// Registers the calling thread as a reader and brings it online. The handle is `!Send`:
