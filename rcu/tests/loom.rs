@@ -186,7 +186,8 @@ impl Val {
 impl Drop for Val {
     fn drop(&mut self) {
         assert_eq!(self.magic, LIVE, "value dropped twice");
-        self.magic = POISON;
+        // Volatile: a store to memory about to be freed is otherwise a dead store.
+        unsafe { std::ptr::write_volatile(&mut self.magic, POISON) };
     }
 }
 
@@ -206,7 +207,9 @@ fn rcu_cell_retirement_against_a_late_reader() {
                     let g = r.read();
                     let v = cell.load(&g).unwrap();
                     thread::yield_now();
-                    assert_eq!(v.magic, LIVE, "read a freed value");
+                    // Volatile: read it now, not when the compiler finds convenient.
+                    let magic = unsafe { std::ptr::read_volatile(&v.magic) };
+                    assert_eq!(magic, LIVE, "read a freed value");
                 }
                 r.quiescent_state();
             })
