@@ -35,7 +35,10 @@ pub mod layout {
     /// Number of page directories at [`PAGE_DIRS`] (so 2 MiB pages map 0..64 GiB).
     pub const PAGE_DIRS_COUNT: u64 = 64;
     /// End of the boot data below the image (page tables etc.).
-    pub const BOOT_DATA_END: u64 = PAGE_DIRS + PAGE_DIRS_COUNT * PAGE_SIZE;
+    pub const BOOT_DATA_END: u64 = HISTOGRAMS + MAX_VCPUS * crate::HIST_BUCKETS as u64 * 4;
+    /// Per-vCPU touch-latency histograms ([`crate::HIST_BUCKETS`] `u32` counters each), right
+    /// after the page directories.
+    pub const HISTOGRAMS: u64 = PAGE_DIRS + PAGE_DIRS_COUNT * PAGE_SIZE;
 
     /// Where the built-in guest image is linked (1 MiB).
     pub const IMAGE_START: u64 = 0x10_0000;
@@ -82,6 +85,35 @@ pub const fn stack_top(index: u64) -> u64 {
     layout::STACKS + (index + 1) * layout::STACK_SIZE
 }
 
+/// Buckets of a touch-latency histogram: four per power of two of TSC cycles.
+pub const HIST_BUCKETS: usize = 256;
+
+/// The histogram bucket of `cycles`: exact below 4, then four sub-buckets per power of two
+/// (at most 25% wide).
+pub const fn hist_bucket(cycles: u64) -> usize {
+    if cycles < 4 {
+        return cycles as usize;
+    }
+    let e = 63 - cycles.leading_zeros() as u64;
+    let sub = (cycles >> (e - 2)) & 3;
+    (4 + (e - 2) * 4 + sub) as usize
+}
+
+/// The smallest cycle count that falls in bucket `b` (inverse of [`hist_bucket`]).
+pub const fn hist_bucket_low(b: usize) -> u64 {
+    if b < 4 {
+        return b as u64;
+    }
+    let e = (b as u64 - 4) / 4 + 2;
+    let sub = (b as u64 - 4) % 4;
+    (4 | sub) << (e - 2)
+}
+
+/// The guest-physical address of vCPU `index`'s touch-latency histogram.
+pub const fn hist_addr(index: u64) -> u64 {
+    layout::HISTOGRAMS + index * HIST_BUCKETS as u64 * 4
+}
+
 /// The guest-physical address of vCPU `index`'s [`VcpuResult`].
 pub const fn result_addr(index: u64) -> u64 {
     layout::RESULTS + index * core::mem::size_of::<VcpuResult>() as u64
@@ -103,7 +135,10 @@ pub mod ports {
 pub mod workload {
     /// Each vCPU prints `hello from vcpu K`; the guest exits 0.
     pub const HELLO: u32 = 0;
-    /// Each vCPU writes a per-page pattern to its slice, then verifies it.
+    /// Each vCPU writes a per-page pattern to its slice of RAM, then verifies it; it reports
+    /// in its [`crate::VcpuResult`] and histogram. `params[1]`: pages per vCPU (0: all RAM,
+    /// split evenly); `params[2]`: rounds (0 = 1): later rounds rewrite and re-verify the same
+    /// pages, whose first touch is already done.
     pub const TOUCH: u32 = 1;
     /// Follow the mailbox, touch new regions, tolerate removed ones.
     pub const HOTPLUG: u32 = 2;
@@ -283,6 +318,21 @@ const _: () = assert!(layout::BOOT_AREA_END == 0x80_0000);
 mod tests {
     use super::*;
     use core::mem::offset_of;
+
+    #[test]
+    fn histogram_buckets_invert() {
+        for v in [0u64, 1, 3, 4, 5, 7, 8, 100, 1000, 12345, 1 << 40, u64::MAX] {
+            let b = hist_bucket(v);
+            assert!(b < HIST_BUCKETS);
+            assert!(hist_bucket_low(b) <= v, "{v}");
+            if b + 1 < HIST_BUCKETS {
+                assert!(hist_bucket_low(b + 1) > v, "{v}");
+            }
+        }
+        for b in 0..252 {
+            assert_eq!(hist_bucket(hist_bucket_low(b)), b);
+        }
+    }
 
     #[test]
     fn boot_info_layout_is_fixed() {

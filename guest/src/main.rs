@@ -72,10 +72,14 @@ pub unsafe extern "C" fn guest_main(vcpu: u64, boot_info: *const BootInfo) -> ! 
         }
         workload::BAD_MMIO if first => {
             // SAFETY: the address lies in the 32-bit hole, identity-mapped but not RAM: the
-            // write exits to the VMM, which is what this workload tests.
+            // accesses exit to the VMM, which answers them as open bus (writes dropped, reads
+            // all-ones) and lets the guest go on, which is what this workload tests.
             unsafe { core::ptr::write_volatile(0xd000_0000 as *mut u32, 0xdead_beef) };
-            exit(0)
+            // SAFETY: as above.
+            let v = unsafe { core::ptr::read_volatile(0xd000_0000 as *const u32) };
+            exit(if v == 0xffff_ffff { 0 } else { 1 })
         }
+        workload::TOUCH => touch(vcpu, &info),
         workload::EXIT | workload::TRIPLE_FAULT | workload::BAD_PORT => park(),
         // vCPU 0 of `hlt` halted in `_start`; if it ever gets here, the test has failed.
         workload::HLT if first => exit(3),
@@ -103,6 +107,96 @@ fn hello(vcpu: u64, nr_vcpus: u32) -> ! {
 }
 
 /// Writes `v` in decimal to the start of `out`, returning the number of digits.
+/// The pattern vCPU `vcpu` writes into page `index` of its slice.
+fn pattern(vcpu: u64, index: u64) -> u64 {
+    (vcpu << 48) ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
+}
+
+fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: rdtsc reads the time-stamp counter; CR4.TSD is clear, so CPL 3 may.
+    unsafe { asm!("lfence", "rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// The guest-physical address of RAM page `n` (counting pages of the RAM entries of the
+/// memory map in order), if there is one.
+fn ram_page(info: &BootInfo, mut n: u64) -> Option<u64> {
+    for r in &info.mem_regions[..info.nr_mem_regions as usize] {
+        if r.kind != abi::mem_kind::RAM {
+            continue;
+        }
+        let pages = r.size_bytes / abi::layout::PAGE_SIZE;
+        if n < pages {
+            return Some(r.start + n * abi::layout::PAGE_SIZE);
+        }
+        n -= pages;
+    }
+    None
+}
+
+/// `touch`: write a per-page pattern over this vCPU's slice of RAM (each write the page's
+/// first touch), timing each with rdtsc into the histogram, then read everything back.
+fn touch(vcpu: u64, info: &BootInfo) -> ! {
+    let ram_pages: u64 = info.mem_regions[..info.nr_mem_regions as usize]
+        .iter()
+        .filter(|r| r.kind == abi::mem_kind::RAM)
+        .map(|r| r.size_bytes / abi::layout::PAGE_SIZE)
+        .sum();
+    let nr = u64::from(info.nr_vcpus);
+    let per = match info.params[1] {
+        0 => ram_pages / nr,
+        p => p.min(ram_pages / nr),
+    };
+    let rounds = info.params[2].max(1);
+    let hist = abi::hist_addr(vcpu) as *mut u32;
+    let first = vcpu * per;
+    let mut cycles = 0u64;
+    let mut errors = 0u64;
+    for round in 0..rounds {
+        for i in 0..per {
+            let Some(page) = ram_page(info, first + i) else { break };
+            // A different word of each page, so that a page mapped at the wrong place shows.
+            let addr = (page + (i % 512) * 8) as *mut u64;
+            let t0 = rdtsc();
+            // SAFETY: `addr` is inside RAM from the memory map, identity-mapped, and inside
+            // this vCPU's slice: no other vCPU writes it.
+            unsafe { core::ptr::write_volatile(addr, pattern(vcpu, i) ^ round) };
+            let dt = rdtsc().wrapping_sub(t0);
+            if round == 0 {
+                cycles += dt;
+                let b = abi::hist_bucket(dt);
+                // SAFETY: this vCPU's histogram in the boot area, written by it alone.
+                unsafe {
+                    let p = hist.add(b);
+                    core::ptr::write_volatile(p, core::ptr::read_volatile(p) + 1);
+                }
+            }
+        }
+        for i in 0..per {
+            let Some(page) = ram_page(info, first + i) else { break };
+            let addr = (page + (i % 512) * 8) as *const u64;
+            // SAFETY: as above.
+            if unsafe { core::ptr::read_volatile(addr) } != pattern(vcpu, i) ^ round {
+                errors += 1;
+            }
+        }
+    }
+    let result = abi::result_addr(vcpu) as *mut u64;
+    // SAFETY: this vCPU's results slot in the boot area; `done` is written last.
+    unsafe {
+        core::ptr::write_volatile(result.add(1), per);
+        core::ptr::write_volatile(result.add(2), errors);
+        core::ptr::write_volatile(result.add(3), cycles);
+        core::sync::atomic::fence(Ordering::Release);
+        core::ptr::write_volatile(result.add(0), 1);
+    }
+    if DONE.fetch_add(1, Ordering::AcqRel) + 1 == info.nr_vcpus {
+        exit(0)
+    }
+    park()
+}
+
 fn fmt_u64(mut v: u64, out: &mut [u8]) -> usize {
     let mut digits = [0u8; 20];
     let mut n = 0;

@@ -7,10 +7,12 @@
 
 mod boot;
 mod devices;
+mod efault;
 #[allow(unsafe_code)]
 mod kvm;
 mod memory;
 mod size;
+mod summary;
 mod vcpu;
 mod vm;
 
@@ -76,19 +78,25 @@ struct RunArgs {
     #[arg(long, value_name = "STATUS", default_value_t = 0)]
     exit_status: u8,
 
-    /// How first touches of guest RAM are serviced (demand paging is not implemented yet:
-    /// accepted and ignored).
+    /// How first touches of guest RAM are serviced: vcpu (userfaultfd SIGBUS mode, serviced
+    /// on the faulting vCPU's thread), handler (userfaultfd handler thread), kernel (the host
+    /// kernel's own faults).
     #[arg(long, value_enum, default_value_t = FaultMode::Vcpu)]
     fault_mode: FaultMode,
 
-    /// Pages populated per fault (accepted; used once demand paging lands).
-    #[arg(long, value_name = "PAGES", default_value_t = 1,
-          value_parser = clap::value_parser!(u32).range(1..=512))]
-    fault_around: u32,
+    /// Pages populated per fault: an aligned window around the faulting page (a power of two,
+    /// 1 to 512; never beyond the region, never over a present page).
+    #[arg(long, value_name = "PAGES", default_value_t = 1, value_parser = parse_fault_around)]
+    fault_around: u64,
 
-    /// Address-space implementation (accepted; used once demand paging lands).
+    /// Address-space implementation: bonsai (RCU balanced tree), rwlock (RwLock<BTreeMap>),
+    /// cow (copy-on-write map published with arc-swap).
     #[arg(long, value_enum, default_value_t = AddressSpace::Bonsai)]
     address_space: AddressSpace,
+
+    /// Pages each vCPU touches with `--workload touch` (0: all RAM, split evenly).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pages: u64,
 
     /// Control socket path (not implemented yet: no socket is created).
     #[arg(long, value_name = "PATH")]
@@ -126,7 +134,8 @@ impl Workload {
         use abi::workload as w;
         Some(match self {
             Workload::Hello => w::HELLO,
-            Workload::Touch | Workload::Hotplug => return None,
+            Workload::Touch => w::TOUCH,
+            Workload::Hotplug => return None,
             Workload::Exit => w::EXIT,
             Workload::Spin => w::SPIN,
             Workload::TripleFault => w::TRIPLE_FAULT,
@@ -144,11 +153,44 @@ enum FaultMode {
     Kernel,
 }
 
+impl From<FaultMode> for memory::FaultMode {
+    fn from(m: FaultMode) -> Self {
+        match m {
+            FaultMode::Vcpu => memory::FaultMode::Vcpu,
+            FaultMode::Handler => memory::FaultMode::Handler,
+            FaultMode::Kernel => memory::FaultMode::Kernel,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum AddressSpace {
     Bonsai,
     Rwlock,
     Cow,
+}
+
+impl AddressSpace {
+    fn name(self) -> &'static str {
+        match self {
+            AddressSpace::Bonsai => "bonsai",
+            AddressSpace::Rwlock => "rwlock",
+            AddressSpace::Cow => "cow",
+        }
+    }
+}
+
+fn parse_fault_around(s: &str) -> Result<u64, String> {
+    let v: u64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of pages"))?;
+    if v == 0 || v > memory::address_space::MAX_FAULT_AROUND || !v.is_power_of_two() {
+        return Err(format!(
+            "{v}: the fault-around window must be a power of two from 1 to {}",
+            memory::address_space::MAX_FAULT_AROUND
+        ));
+    }
+    Ok(v)
 }
 
 fn init_logging(verbose: u8) {
@@ -188,12 +230,6 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
         );
         return EXIT_FAILURE;
     };
-    tracing::info!(
-        fault_mode = ?args.fault_mode,
-        fault_around = args.fault_around,
-        address_space = ?args.address_space,
-        "demand paging is not implemented yet: guest RAM is plain anonymous memory"
-    );
     if let Some(sock) = &args.api_sock {
         tracing::warn!(
             "--api-sock {}: the control socket is not implemented yet; none is created",
@@ -206,10 +242,14 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
         mem_bytes: args.mem,
         kernel: args.kernel,
         workload,
-        params: vec![u64::from(args.exit_status)],
+        params: vec![u64::from(args.exit_status), args.pages],
         timeout: (!args.timeout.is_zero()).then_some(args.timeout),
         process_start,
+        fault_mode: args.fault_mode.into(),
+        fault_around: args.fault_around,
+        address_space: args.address_space.name().to_owned(),
     };
+    let touch = args.workload == Workload::Touch;
     let report = match vm::run(&cfg, Box::new(std::io::stdout())) {
         Ok(r) => r,
         Err(e) => {
@@ -235,7 +275,27 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
             report.stuck
         );
     }
+    let c = report.counters;
+    if c.open_bus_reads + c.open_bus_writes > 0 {
+        eprintln!(
+            "vmm: open bus: {} reads, {} writes of unmapped guest-physical addresses",
+            c.open_bus_reads, c.open_bus_writes
+        );
+    }
+    if c.readonly_writes > 0 {
+        eprintln!(
+            "vmm: {} guest writes to read-only memory were dropped",
+            c.readonly_writes
+        );
+    }
+    let mut touch_failed = false;
+    if touch && matches!(report.outcome, RunOutcome::Exited(0)) {
+        let s = summary::TouchSummary::new(&report);
+        eprintln!("{s}");
+        touch_failed = s.verify_errors > 0 || s.vcpus_done < report.results.len();
+    }
     match report.outcome {
+        RunOutcome::Exited(0) if touch_failed => EXIT_FAILURE,
         RunOutcome::Exited(status) => status,
         RunOutcome::AllParked => {
             tracing::info!("every vCPU parked without an exit status: exiting 0");

@@ -15,7 +15,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::devices::{Devices, PioOutcome};
 use crate::kvm::{self, KickGuard};
-use crate::memory::RamRange;
+use crate::memory::{Access, AddressSpace, FaultError, Serviced};
+use rcu::ReadGuard;
 
 /// An exit, decoded into our own terms (so that [`handle_exit`] can be tested without KVM).
 #[derive(Debug)]
@@ -47,6 +48,16 @@ pub enum ExitEvent<'a> {
         gpa: u64,
         /// What was written.
         data: &'a [u8],
+    },
+    /// KVM could not fault a page in (`KVM_EXIT_MEMORY_FAULT`, on hosts that annotate
+    /// failed guest memory accesses): populate it and re-enter, the access is re-executed.
+    MemoryFault {
+        /// The guest-physical address.
+        gpa: u64,
+        /// Size of the range.
+        size: u64,
+        /// `KVM_MEMORY_EXIT_FLAG_*`.
+        flags: u64,
     },
     /// `hlt` (there is no in-kernel irqchip, so nothing can wake the vCPU).
     Hlt,
@@ -85,6 +96,9 @@ impl<'a> From<VcpuExit<'a>> for ExitEvent<'a> {
             VcpuExit::IoOut(port, data) => ExitEvent::IoOut { port, data },
             VcpuExit::MmioRead(gpa, data) => ExitEvent::MmioRead { gpa, data },
             VcpuExit::MmioWrite(gpa, data) => ExitEvent::MmioWrite { gpa, data },
+            VcpuExit::MemoryFault { flags, gpa, size } => {
+                ExitEvent::MemoryFault { gpa, size, flags }
+            }
             VcpuExit::Hlt => ExitEvent::Hlt,
             VcpuExit::Shutdown => ExitEvent::Shutdown,
             // The sub-error is filled in by the caller, which can read kvm_run.
@@ -120,18 +134,13 @@ pub enum FatalExit {
         /// Access width.
         size: usize,
     },
-    /// MMIO to an address outside guest RAM.
-    UnknownMmio {
-        /// The address.
+    /// Servicing a guest memory access failed on the host (out of memory, broken
+    /// userfaultfd).
+    FaultFailed {
+        /// The guest-physical address.
         gpa: u64,
-        /// Write or read.
-        write: bool,
-        /// Access width.
-        size: usize,
-        /// The value written.
-        value: u64,
-        /// Whether the address is inside a RAM range (no memslot answered it anyway).
-        in_ram: bool,
+        /// What failed.
+        message: String,
     },
     /// `hlt`.
     Halted,
@@ -185,27 +194,10 @@ impl fmt::Display for FatalExit {
                 f,
                 "guest read ({size}-byte) from unknown I/O port {port:#x} (KVM_EXIT_IO)"
             ),
-            FatalExit::UnknownMmio {
-                gpa,
-                write,
-                size,
-                value,
-                in_ram,
-            } => {
-                if *write {
-                    write!(f, "guest wrote {value:#x} ({size}-byte) to gpa {gpa:#x}")?;
-                } else {
-                    write!(f, "guest read ({size}-byte) from gpa {gpa:#x}")?;
-                }
-                if *in_ram {
-                    write!(
-                        f,
-                        ", inside guest RAM but not answered by it (KVM_EXIT_MMIO)"
-                    )
-                } else {
-                    write!(f, ", outside guest RAM (KVM_EXIT_MMIO)")
-                }
-            }
+            FatalExit::FaultFailed { gpa, message } => write!(
+                f,
+                "servicing a guest access to gpa {gpa:#x} failed: {message} (KVM_EXIT_MMIO)"
+            ),
             FatalExit::Halted => write!(
                 f,
                 "guest halted (KVM_EXIT_HLT); there are no interrupts to wake it"
@@ -261,7 +253,7 @@ pub fn handle_exit(
     exit: ExitEvent<'_>,
     vcpu: usize,
     devices: &Devices,
-    ram: &[RamRange],
+    mem: &dyn GuestMemoryExits,
 ) -> VcpuEmulation {
     match exit {
         ExitEvent::IoOut { port, data } => match devices.pio_write(vcpu, port, data) {
@@ -283,8 +275,24 @@ pub fn handle_exit(
                 size: data.len(),
             }),
         },
-        ExitEvent::MmioRead { gpa, data } => handle_mmio(gpa, None, data.len(), ram),
-        ExitEvent::MmioWrite { gpa, data } => handle_mmio(gpa, Some(data), data.len(), ram),
+        ExitEvent::MmioRead { gpa, data } => fault_outcome(gpa, mem.mmio(gpa, Access::Read(data))),
+        ExitEvent::MmioWrite { gpa, data } => {
+            fault_outcome(gpa, mem.mmio(gpa, Access::Write(data)))
+        }
+        ExitEvent::MemoryFault { gpa, size, flags } => {
+            let write = flags & u64::from(kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE) == 0;
+            match mem.memory_fault(gpa, size, write) {
+                Ok(true) => VcpuEmulation::Handled,
+                Ok(false) => VcpuEmulation::Fatal(FatalExit::FaultFailed {
+                    gpa,
+                    message: "no region covers it (KVM_EXIT_MEMORY_FAULT)".into(),
+                }),
+                Err(e) => VcpuEmulation::Fatal(FatalExit::FaultFailed {
+                    gpa,
+                    message: e.to_string(),
+                }),
+            }
+        }
         ExitEvent::Hlt => VcpuEmulation::Fatal(FatalExit::Halted),
         ExitEvent::Shutdown => VcpuEmulation::Fatal(FatalExit::TripleFault),
         ExitEvent::InternalError { suberror } => VcpuEmulation::Fatal(FatalExit::InternalError {
@@ -300,17 +308,61 @@ pub fn handle_exit(
     }
 }
 
-/// The one place MMIO exits are decided. There are no MMIO devices yet, and RAM accesses do
-/// not exit, so every MMIO exit is a guest bug. (Demand paging will turn first touches of RAM
-/// into MMIO exits inside `ram`, and accesses outside it into counted open-bus accesses.)
-fn handle_mmio(gpa: u64, write: Option<&[u8]>, size: usize, ram: &[RamRange]) -> VcpuEmulation {
-    VcpuEmulation::Fatal(FatalExit::UnknownMmio {
-        gpa,
-        write: write.is_some(),
-        size,
-        value: write.map(le_value).unwrap_or(0),
-        in_ram: crate::memory::contains(ram, gpa, size as u64),
-    })
+/// How the vCPU loop reaches guest memory when an exit needs it: the address space under
+/// the read guard of the exit being handled (a trait so that `handle_exit` is testable
+/// without KVM).
+pub trait GuestMemoryExits {
+    /// Completes an MMIO exit (a first touch, an access without a memslot, or open bus).
+    fn mmio(&self, gpa: u64, access: Access<'_>) -> Result<Serviced, FaultError>;
+    /// Populates after `KVM_EXIT_MEMORY_FAULT`; `Ok(false)` when no region covers `gpa`.
+    fn memory_fault(&self, gpa: u64, size: u64, write: bool) -> Result<bool, FaultError>;
+}
+
+/// The address space, read under one guard: one exit, one read-side critical section.
+pub struct GuardedSpace<'a, 'g> {
+    /// The address space.
+    pub space: &'a AddressSpace,
+    /// The guard of this exit.
+    pub guard: &'a ReadGuard<'g>,
+}
+
+impl GuardedSpace<'_, '_> {
+    /// Populates the page of `gpa` if the VMM has not; returns whether it was missing.
+    pub fn populate_if_missing(&self, gpa: u64, write: bool) -> Result<bool, FaultError> {
+        let was_present = self.space.is_resident(gpa);
+        let covered = self.space.populate_for_fault(self.guard, gpa, write)?;
+        Ok(covered && !was_present)
+    }
+
+    /// Reads guest memory that is present (populating it first if needed).
+    pub fn read_guest(&self, gpa: u64, dst: &mut [u8]) -> Result<Serviced, FaultError> {
+        self.space.complete_mmio(self.guard, gpa, Access::Read(dst))
+    }
+}
+
+impl GuestMemoryExits for GuardedSpace<'_, '_> {
+    fn mmio(&self, gpa: u64, access: Access<'_>) -> Result<Serviced, FaultError> {
+        self.space.complete_mmio(self.guard, gpa, access)
+    }
+    fn memory_fault(&self, gpa: u64, _size: u64, write: bool) -> Result<bool, FaultError> {
+        self.space.populate_for_fault(self.guard, gpa, write)
+    }
+}
+
+/// The one place MMIO outcomes are decided: RAM and open bus go on (open bus is counted and
+/// logged by the address space); a host failure is fatal.
+fn fault_outcome(gpa: u64, r: Result<Serviced, FaultError>) -> VcpuEmulation {
+    match r {
+        Ok(Serviced::OpenBus) => {
+            tracing::debug!(gpa = format_args!("{gpa:#x}"), "open-bus access");
+            VcpuEmulation::Handled
+        }
+        Ok(_) => VcpuEmulation::Handled,
+        Err(e) => VcpuEmulation::Fatal(FatalExit::FaultFailed {
+            gpa,
+            message: e.to_string(),
+        }),
+    }
 }
 
 /// Registers that explain where a vCPU was.
@@ -403,8 +455,8 @@ pub enum VcpuOutcome {
 pub struct VcpuShared {
     /// The devices.
     pub devices: Devices,
-    /// Guest RAM ranges.
-    pub ram: Vec<RamRange>,
+    /// Guest memory.
+    pub space: Arc<AddressSpace>,
     /// Set (before kicking) when every vCPU must stop.
     pub stop: AtomicBool,
 }
@@ -419,6 +471,9 @@ pub struct Vcpu {
     pub entry: u64,
 }
 
+/// Consecutive `-EFAULT`s without progress before the vCPU gives up.
+const MAX_STALLED_EFAULTS: u32 = 16;
+
 /// One `KVM_RUN`: the only place the thread is inside the guest.
 fn run_once(fd: &mut VcpuFd) -> Result<VcpuExit<'_>, kvm_ioctls::Error> {
     fd.run()
@@ -431,6 +486,11 @@ pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> Vcpu
     }
     let _kick = KickGuard::register(&mut vcpu.fd);
     let index = vcpu.index;
+    // This thread is an RCU reader of the address space: offline while inside the guest, online
+    // while it handles an exit; each handled exit is one read-side critical section, and going
+    // offline again for the next KVM_RUN is its quiescent state.
+    let mut reader = shared.space.domain().register();
+    let mut stalled_efaults = 0u32;
     loop {
         // Pairs with the Release store in `Vm::stop_all`, made before the kick signal: either
         // we see `stop` here, or the signal's `immediate_exit` makes the next KVM_RUN return.
@@ -438,17 +498,54 @@ pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> Vcpu
             let rip = vcpu.fd.get_regs().map(|r| r.rip).unwrap_or(0);
             return VcpuOutcome::Kicked { rip };
         }
-        let emulation = match run_once(&mut vcpu.fd) {
+        let exit = reader.offline_while(|| run_once(&mut vcpu.fd));
+        let guard = reader.read();
+        let mem = GuardedSpace {
+            space: &shared.space,
+            guard: &guard,
+        };
+        let emulation = match exit {
             Ok(VcpuExit::InternalError) => {
                 let (suberror, data) = kvm::internal_error_info(&mut vcpu.fd);
                 VcpuEmulation::Fatal(FatalExit::InternalError { suberror, data })
             }
-            Ok(exit) => handle_exit(ExitEvent::from(exit), index, &shared.devices, &shared.ram),
+            Ok(exit) => handle_exit(ExitEvent::from(exit), index, &shared.devices, &mem),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 VcpuEmulation::Interrupted
             }
+            Err(e) if e.errno() == libc::EFAULT && shared.space.uffd().is_some() => {
+                // A first touch on a host that does not report the address (see `efault`).
+                match crate::efault::resolve(&vcpu.fd, &mem) {
+                    Ok(r) if r.populated > 0 => {
+                        stalled_efaults = 0;
+                        shared
+                            .space
+                            .counters
+                            .unannotated_faults
+                            .fetch_add(1, Ordering::Relaxed);
+                        VcpuEmulation::Handled
+                    }
+                    // Another vCPU may have populated the page first: retry a few times.
+                    Ok(_) if stalled_efaults < MAX_STALLED_EFAULTS => {
+                        stalled_efaults += 1;
+                        VcpuEmulation::Handled
+                    }
+                    Ok(r) => VcpuEmulation::Fatal(FatalExit::FaultFailed {
+                        gpa: 0,
+                        message: format!(
+                            "KVM_RUN keeps failing with EFAULT although all {} pages the \
+                             instruction touches are present",
+                            r.pages
+                        ),
+                    }),
+                    Err(message) => {
+                        VcpuEmulation::Fatal(FatalExit::FaultFailed { gpa: 0, message })
+                    }
+                }
+            }
             Err(e) => VcpuEmulation::Fatal(FatalExit::RunFailed { errno: e.errno() }),
         };
+        drop(guard);
         match emulation {
             VcpuEmulation::Handled => {}
             VcpuEmulation::Interrupted => vcpu.fd.set_kvm_immediate_exit(0),
@@ -476,8 +573,31 @@ mod tests {
         (Devices::new(2, Box::new(rec.clone())), rec)
     }
 
-    fn ram() -> Vec<RamRange> {
-        crate::memory::plan(64 << 20, abi::layout::IDENTITY_MAP_1G_BYTES).unwrap()
+    /// Guest memory with nothing mapped: every access is open bus, or fails on the host.
+    struct FakeMem {
+        fail: bool,
+    }
+
+    impl GuestMemoryExits for FakeMem {
+        fn mmio(&self, gpa: u64, access: Access<'_>) -> Result<Serviced, FaultError> {
+            if self.fail {
+                return Err(FaultError {
+                    gpa,
+                    source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+                });
+            }
+            if let Access::Read(d) = access {
+                d.fill(0xff);
+            }
+            Ok(Serviced::OpenBus)
+        }
+        fn memory_fault(&self, _gpa: u64, _size: u64, _write: bool) -> Result<bool, FaultError> {
+            Ok(!self.fail)
+        }
+    }
+
+    fn ram() -> FakeMem {
+        FakeMem { fail: false }
     }
 
     #[test]
@@ -550,11 +670,33 @@ mod tests {
             gpa: 0xd000_0000,
             data: &[0xef, 0xbe, 0xad, 0xde],
         };
-        let VcpuEmulation::Fatal(f) = handle_exit(e, 0, &d, &r) else {
-            panic!("mmio write must be fatal")
+        assert_eq!(
+            handle_exit(e, 0, &d, &r),
+            VcpuEmulation::Handled,
+            "open bus goes on"
+        );
+        let mut buf = [0u8; 4];
+        let e = ExitEvent::MmioRead {
+            gpa: 0xd000_0000,
+            data: &mut buf,
         };
-        assert!(f.to_string().contains("0xdeadbeef"), "{f}");
-        assert!(f.to_string().contains("gpa 0xd0000000"), "{f}");
+        assert_eq!(handle_exit(e, 0, &d, &r), VcpuEmulation::Handled);
+        assert_eq!(buf, [0xff; 4], "open-bus reads are all-ones");
+        let failing = FakeMem { fail: true };
+        let e = ExitEvent::MmioWrite {
+            gpa: 0x100_0000,
+            data: &[1],
+        };
+        let VcpuEmulation::Fatal(f) = handle_exit(e, 0, &d, &failing) else {
+            panic!("a host failure servicing an access must be fatal")
+        };
+        assert!(f.to_string().contains("gpa 0x1000000"), "{f}");
+        let e = ExitEvent::MemoryFault {
+            gpa: 0x100_0000,
+            size: 4096,
+            flags: 0,
+        };
+        assert_eq!(handle_exit(e, 0, &d, &r), VcpuEmulation::Handled);
         assert_eq!(
             handle_exit(ExitEvent::Shutdown, 0, &d, &r),
             VcpuEmulation::Fatal(FatalExit::TripleFault)

@@ -11,13 +11,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::signal::Killable;
 
 use crate::boot::{self, elf, BootError};
 use crate::devices::Devices;
 use crate::kvm::{self, KvmError};
-use crate::memory::{self, MemoryError};
+use crate::memory::{
+    self, AddressSpace, AsConfig, Backing, FaultMode, Limits, MemoryError, RegionKind,
+};
 use crate::vcpu::{self, Diagnosis, Vcpu, VcpuOutcome, VcpuShared};
 
 /// Where KVM may put the real-mode TSS (Intel without unrestricted guest); in the 32-bit hole.
@@ -46,6 +47,12 @@ pub struct RunConfig {
     pub timeout: Option<Duration>,
     /// When the process started (for boot-time figures).
     pub process_start: Instant,
+    /// How first touches are serviced.
+    pub fault_mode: FaultMode,
+    /// Pages populated per fault.
+    pub fault_around: u64,
+    /// `bonsai` | `rwlock` | `cow`.
+    pub address_space: String,
 }
 
 /// How the run ended.
@@ -84,6 +91,16 @@ pub struct RunReport {
     pub total: Duration,
     /// vCPUs that did not stop within the grace period after being kicked.
     pub stuck: Vec<usize>,
+    /// The fault mode in effect (after any fallback).
+    pub fault_mode: FaultMode,
+    /// What each vCPU's workload reported in its results slot.
+    pub results: Vec<abi::VcpuResult>,
+    /// Touch latencies of all vCPUs, in TSC cycles (`abi::hist_bucket` buckets).
+    pub touch_histogram: Vec<u64>,
+    /// The guest's TSC frequency (0 if unknown).
+    pub tsc_khz: u32,
+    /// The address space's counters at the end.
+    pub counters: memory::address_space::CountersSnapshot,
 }
 
 /// Errors before the guest runs.
@@ -140,6 +157,12 @@ pub enum VmError {
         /// Why.
         source: kvm_ioctls::Error,
     },
+    /// Populating guest memory for the image failed.
+    #[error("cannot populate guest memory for the image: {0}")]
+    Populate(String),
+    /// A thread could not start.
+    #[error("cannot start the userfaultfd handler thread: {0}")]
+    SpawnHandler(std::io::Error),
     /// A vCPU thread could not start.
     #[error("cannot start the thread of vcpu {index}: {source}")]
     Spawn {
@@ -199,33 +222,78 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         None => VmError::BadBuiltin(source),
     })?;
 
-    // Declared before the VM so that it is dropped after it: memslots point into it.
-    let guest_mem = memory::create(&ranges)?;
-    let vm = ioctl("KVM_CREATE_VM", kvm_fd.create_vm())?;
+    let vm = Arc::new(ioctl("KVM_CREATE_VM", kvm_fd.create_vm())?);
     ioctl("KVM_SET_TSS_ADDR", vm.set_tss_address(TSS_ADDR))?;
-    for (slot, region) in guest_mem.iter().enumerate() {
-        kvm::add_memslot(&vm, slot as u32, region)?;
+    let fault_mode = probe_fault_mode(cfg.fault_mode);
+    let nr_slots = u32::try_from(kvm_fd.get_nr_memslots()).unwrap_or(u32::MAX);
+    let domain = rcu::Domain::new();
+    let space_bytes = boot::identity_map_bytes(one_gig);
+    let space = Arc::new(
+        AddressSpace::new(
+            &domain,
+            &AsConfig {
+                implementation: cfg.address_space.clone(),
+                fault_mode,
+                fault_around: cfg.fault_around,
+                space_bytes,
+                limits: Limits {
+                    max_regions: (nr_slots as usize).saturating_sub(64).max(1),
+                    max_bytes: space_bytes,
+                },
+            },
+            Box::new(kvm::KvmMemslots::new(Arc::clone(&vm), nr_slots)),
+        )
+        .map_err(MemoryError::from)?,
+    );
+    for r in &ranges {
+        let kind = if r.kind == abi::mem_kind::BOOT {
+            RegionKind::Boot
+        } else {
+            RegionKind::Ram
+        };
+        space
+            .map(r.start.0, r.size_bytes, Backing::Anon, false, kind)
+            .map_err(MemoryError::from)?;
     }
+    // A user's image may load into demand-paged RAM: populate those pages before writing.
+    for seg in &image.segments {
+        let start = seg.gpa.max(abi::layout::BOOT_AREA_END);
+        let end = seg.gpa + seg.memsz.max(seg.file_range.len() as u64);
+        if end > start {
+            space
+                .populate_range(start, end - start)
+                .map_err(|e| VmError::Populate(e.to_string()))?;
+        }
+    }
+    let guest_mem = memory::boot_view(&space, &ranges)?;
     let info = boot::boot_info(cfg.vcpus, cfg.workload, &cfg.params, &ranges)?;
     boot::write_boot_data(&guest_mem, one_gig, &info)?;
     boot::load_image(&guest_mem, &image, image_bytes)?;
     tracing::debug!(
         one_gig_pages = one_gig,
         entry = format_args!("{:#x}", image.entry),
-        regions = guest_mem.num_regions(),
+        regions = space.len(),
+        fault_mode = fault_mode.name(),
+        fault_around = cfg.fault_around,
+        address_space = space.implementation(),
         "guest memory and boot data ready"
     );
+    let handler = match fault_mode {
+        FaultMode::Handler => Some(spawn_uffd_handler(&space)?),
+        _ => None,
+    };
 
     kvm::install_kick_handler()?;
     let shared = Arc::new(VcpuShared {
         devices: Devices::new(cfg.vcpus as usize, serial_sink),
-        ram: ranges.clone(),
+        space: Arc::clone(&space),
         stop: std::sync::atomic::AtomicBool::new(false),
     });
     let cpuid = Arc::new(cpuid);
     let (tx, rx) = mpsc::channel::<(usize, VcpuOutcome)>();
     let mut handles: Vec<JoinHandle<()>> = Vec::with_capacity(cfg.vcpus as usize);
     let run_start = Instant::now();
+    let mut tsc_khz = 0u32;
     for index in 0..cfg.vcpus as usize {
         let fd = match vm.create_vcpu(index as u64) {
             Ok(fd) => fd,
@@ -237,6 +305,9 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
                 });
             }
         };
+        if index == 0 {
+            tsc_khz = fd.get_tsc_khz().unwrap_or(0);
+        }
         let vcpu = Vcpu {
             index,
             fd,
@@ -316,6 +387,13 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         }
     }
     shared.devices.serial.flush_partial();
+    if let Some((stop, h)) = handler {
+        stop.store(true, Ordering::Release);
+        let _ = h.join();
+    }
+    let results = read_results(&guest_mem, cfg.vcpus);
+    let touch_histogram = read_histograms(&guest_mem, cfg.vcpus);
+    let counters = space.counters.snapshot();
 
     let outcome = match decided {
         Some(RunOutcome::TimedOut { after, .. }) => RunOutcome::TimedOut {
@@ -343,12 +421,16 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
             // A vCPU thread that panicked has already been accounted as missing.
             let _ = h.join();
         }
-        drop(vm);
         drop(guest_mem);
+        drop(shared);
+        drop(space);
+        drop(vm);
     } else {
         // A vCPU that never stopped may still be inside KVM_RUN: keep its memory mapped
         // until the process exits rather than unmap it under the guest.
         std::mem::forget(guest_mem);
+        std::mem::forget(shared);
+        std::mem::forget(space);
         std::mem::forget(vm);
     }
     Ok(RunReport {
@@ -356,6 +438,11 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         first_line,
         total: cfg.process_start.elapsed(),
         stuck,
+        fault_mode,
+        results,
+        touch_histogram,
+        tsc_khz,
+        counters,
     })
 }
 
@@ -371,4 +458,78 @@ fn stop_all(shared: &VcpuShared, handles: &[JoinHandle<()>], outcomes: &[Option<
             tracing::debug!(vcpu = i, "kick failed: {e}");
         }
     }
+}
+
+/// Picks the fault mode the host can do: `vcpu` needs userfaultfd's SIGBUS feature, `handler`
+/// plain userfaultfd. Falls back (with a message) rather than failing.
+fn probe_fault_mode(wanted: FaultMode) -> FaultMode {
+    use crate::memory::uffd::{Uffd, UffdMode};
+    let mut mode = wanted;
+    if mode == FaultMode::Vcpu {
+        if let Err(e) = Uffd::new(UffdMode::Sigbus) {
+            eprintln!(
+                "vmm: --fault-mode vcpu needs userfaultfd with UFFD_FEATURE_SIGBUS, which this host refuses ({e}); falling back to --fault-mode handler"
+            );
+            mode = FaultMode::Handler;
+        }
+    }
+    if mode == FaultMode::Handler {
+        if let Err(e) = Uffd::new(UffdMode::Handler) {
+            eprintln!(
+                "vmm: userfaultfd is not available here ({e}; as non-root set vm.unprivileged_userfaultfd=1); falling back to --fault-mode kernel"
+            );
+            mode = FaultMode::Kernel;
+        }
+    }
+    tracing::debug!(wanted = wanted.name(), using = mode.name(), "fault mode");
+    mode
+}
+
+/// Starts the userfaultfd handler thread (`--fault-mode handler`): an RCU reader that is
+/// offline while it waits in `poll`, and services each fault under a read guard.
+fn spawn_uffd_handler(
+    space: &Arc<AddressSpace>,
+) -> Result<(Arc<std::sync::atomic::AtomicBool>, JoinHandle<()>), VmError> {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (space, stop2) = (Arc::clone(space), Arc::clone(&stop));
+    let h = std::thread::Builder::new()
+        .name("uffd-handler".into())
+        .spawn(move || memory::fault::handler_loop(&space, &stop2))
+        .map_err(VmError::SpawnHandler)?;
+    Ok((stop, h))
+}
+
+/// Reads every vCPU's results slot.
+fn read_results(mem: &vm_memory::GuestMemoryMmap, vcpus: u32) -> Vec<abi::VcpuResult> {
+    use vm_memory::Bytes;
+    (0..u64::from(vcpus))
+        .map(|i| {
+            let mut words = [0u64; 8];
+            for (k, w) in words.iter_mut().enumerate() {
+                *w = mem
+                    .read_obj::<u64>(vm_memory::GuestAddress(abi::result_addr(i) + 8 * k as u64))
+                    .unwrap_or(0);
+            }
+            abi::VcpuResult {
+                done: words[0],
+                pages: words[1],
+                verify_errors: words[2],
+                touch_cycles: words[3],
+                reserved: [words[4], words[5], words[6], words[7]],
+            }
+        })
+        .collect()
+}
+
+/// Sums every vCPU's touch-latency histogram.
+fn read_histograms(mem: &vm_memory::GuestMemoryMmap, vcpus: u32) -> Vec<u64> {
+    use vm_memory::Bytes;
+    let mut total = vec![0u64; abi::HIST_BUCKETS];
+    for i in 0..u64::from(vcpus) {
+        for (b, t) in total.iter_mut().enumerate() {
+            let a = vm_memory::GuestAddress(abi::hist_addr(i) + 4 * b as u64);
+            *t += u64::from(mem.read_obj::<u32>(a).unwrap_or(0));
+        }
+    }
+    total
 }

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 
 use kvm_bindings::{kvm_run, kvm_userspace_memory_region, KVM_API_VERSION};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 /// Errors of this module.
@@ -71,12 +70,6 @@ pub enum KvmError {
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
-    /// A guest memory region has no host address.
-    #[error("guest memory region at {gpa:#x} has no host mapping")]
-    NoHostAddress {
-        /// Start of the region.
-        gpa: u64,
-    },
 }
 
 /// Opens the KVM device at `path` and checks the API version and the capabilities we use.
@@ -124,29 +117,62 @@ pub fn open(path: &Path) -> Result<Kvm, KvmError> {
     Ok(kvm)
 }
 
-/// Installs `region` as memslot `slot` of `vm`.
-///
-/// The host mapping must outlive the memslot: callers keep the `GuestMemoryMmap` alive for as
-/// long as the `VmFd` (see `vm::Vm`, whose field order drops the VM first).
-pub fn add_memslot(vm: &VmFd, slot: u32, region: &GuestRegionMmap) -> Result<(), KvmError> {
-    let gpa = region.start_addr().0;
-    let host = region
-        .get_host_address(MemoryRegionAddress(0))
-        .map_err(|_| KvmError::NoHostAddress { gpa })?;
-    let mem_region = kvm_userspace_memory_region {
-        slot,
-        flags: 0,
-        guest_phys_addr: gpa,
-        memory_size: region.len(),
-        userspace_addr: host as u64,
-    };
-    // SAFETY: `host..host+len` is a live anonymous mapping owned by `region`, which the caller
-    // keeps mapped for as long as the memslot exists; it does not alias any Rust object other
-    // than through vm-memory's volatile accessors.
-    unsafe { vm.set_user_memory_region(mem_region) }.map_err(|source| KvmError::Ioctl {
-        what: "KVM_SET_USER_MEMORY_REGION",
-        source,
-    })
+/// The VM's memslots, as the address space installs and deletes them.
+pub struct KvmMemslots {
+    vm: std::sync::Arc<VmFd>,
+    capacity: u32,
+}
+
+impl KvmMemslots {
+    /// Memslots of `vm`; `capacity` is `KVM_CAP_NR_MEMSLOTS`.
+    pub fn new(vm: std::sync::Arc<VmFd>, capacity: u32) -> Self {
+        Self { vm, capacity }
+    }
+}
+
+impl crate::memory::Memslots for KvmMemslots {
+    fn install(
+        &self,
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        host_addr: u64,
+        readonly: bool,
+    ) -> std::io::Result<()> {
+        let mem_region = kvm_userspace_memory_region {
+            slot,
+            flags: if readonly {
+                kvm_bindings::KVM_MEM_READONLY
+            } else {
+                0
+            },
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host_addr,
+        };
+        // SAFETY: the address space maps `host_addr..+size` before installing the memslot and
+        // releases it only after deleting the memslot (and a grace period); guest memory is
+        // never borrowed by a Rust object, only touched through raw host addresses.
+        unsafe { self.vm.set_user_memory_region(mem_region) }
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn delete(&self, slot: u32, gpa: u64) -> std::io::Result<()> {
+        let mem_region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: 0,
+            userspace_addr: 0,
+        };
+        // SAFETY: a zero-sized region deletes the slot; no host memory is handed to KVM.
+        unsafe { self.vm.set_user_memory_region(mem_region) }
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn capacity(&self) -> u32 {
+        self.capacity
+    }
 }
 
 /// The signal used to kick a vCPU thread out of `KVM_RUN`.

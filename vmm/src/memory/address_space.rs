@@ -1,0 +1,1092 @@
+//! The VMM's address space: guest-physical regions in a concurrent range map (the Bonsai tree
+//! by default), their host memory, their KVM memslots, and the operations that change them.
+//!
+//! Readers (vCPU threads handling an exit, userfaultfd handler threads) look regions up under
+//! an RCU read guard; writers (the control thread, the stress churn thread) are serialised by
+//! one mutex and follow DESIGN.md's ordering rules:
+//!
+//! - **map**: reserve host memory, register it with userfaultfd, publish the region, *then*
+//!   install the memslot. A guest access that comes before the memslot exits to the VMM,
+//!   finds the region and is serviced.
+//! - **unmap**: unpublish (remaining pieces of split regions are published in the same
+//!   store), delete the memslots, wait for a grace period (no thread can still be servicing a
+//!   fault in the range), *then* unregister and free the host memory. Without the grace
+//!   period a late `UFFDIO_COPY` could land in memory mapped again at the same place.
+//! - **protect**: publish the region with its new protection, then swap its memslot.
+//!
+//! Every failure rolls back: the tree, the memslots and the host mappings stay consistent.
+#![deny(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::io;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use rcu::baselines::AnyRangeMap;
+use rcu::{ConcurrentRangeMap, Domain, RangeError, RangeValue};
+
+use super::host::{Backing, HostSpace};
+use super::region::{Region, RegionKind};
+use super::residency::Residency;
+use super::uffd::{Uffd, UffdMode};
+
+/// Page size.
+pub const PAGE: u64 = 4096;
+
+/// A region as the range map stores it: shared between the map, readers and the writer.
+#[derive(Clone, Debug)]
+pub struct RegionRef(pub Arc<Region>);
+
+impl std::ops::Deref for RegionRef {
+    type Target = Region;
+    fn deref(&self) -> &Region {
+        &self.0
+    }
+}
+
+impl RangeValue for RegionRef {
+    fn slice(&self, _whole: Range<u64>, part: Range<u64>) -> Self {
+        RegionRef(Arc::new(self.0.slice(part)))
+    }
+}
+
+/// Installs and deletes KVM memslots (the KVM VM in production; a fake in unit tests, or a
+/// failing one for fault injection).
+pub trait Memslots: Send + Sync {
+    /// Installs memslot `slot` for `[gpa, gpa + size)` at host address `host_addr`.
+    fn install(
+        &self,
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        host_addr: u64,
+        readonly: bool,
+    ) -> io::Result<()>;
+    /// Deletes memslot `slot` (KVM waits until no vCPU uses it).
+    fn delete(&self, slot: u32, gpa: u64) -> io::Result<()>;
+    /// How many memslots the host allows.
+    fn capacity(&self) -> u32;
+}
+
+/// How first touches of guest memory are serviced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultMode {
+    /// userfaultfd in SIGBUS mode: a first touch exits to the faulting vCPU's thread.
+    Vcpu,
+    /// userfaultfd with handler threads.
+    Handler,
+    /// The host kernel's own faults.
+    Kernel,
+}
+
+impl FaultMode {
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultMode::Vcpu => "vcpu",
+            FaultMode::Handler => "handler",
+            FaultMode::Kernel => "kernel",
+        }
+    }
+}
+
+/// Limits on what may be mapped.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Most regions at once.
+    pub max_regions: usize,
+    /// Most guest memory mapped at once, in bytes.
+    pub max_bytes: u64,
+}
+
+/// Why an address-space operation failed. Each maps to a control-protocol error code.
+#[derive(Debug, thiserror::Error)]
+pub enum AsError {
+    /// Malformed: unaligned, empty, out of range.
+    #[error("{0}")]
+    Invalid(String),
+    /// Overlaps an existing region.
+    #[error("[{gpa:#x}, {end:#x}) overlaps region [{}, {})", fmt_hex(existing.start), fmt_hex(existing.end))]
+    Overlap {
+        /// Start asked for.
+        gpa: u64,
+        /// End asked for.
+        end: u64,
+        /// The region it overlaps.
+        existing: Range<u64>,
+    },
+    /// Nothing mapped there.
+    #[error("no region in [{gpa:#x}, {end:#x})")]
+    NotFound {
+        /// Start asked for.
+        gpa: u64,
+        /// End asked for.
+        end: u64,
+    },
+    /// Over a limit.
+    #[error("{0}")]
+    Limit(String),
+    /// The range holds boot memory or a device.
+    #[error("[{gpa:#x}, {end:#x}) touches {what} memory, which cannot be changed at run time")]
+    Reserved {
+        /// Start asked for.
+        gpa: u64,
+        /// End asked for.
+        end: u64,
+        /// What is there.
+        what: &'static str,
+    },
+    /// The host refused (mmap, userfaultfd, memslot); everything was rolled back.
+    #[error("{what} failed: {source} (nothing was changed)")]
+    Host {
+        /// The step that failed.
+        what: &'static str,
+        /// The host's error.
+        source: io::Error,
+    },
+}
+
+impl AsError {
+    /// The control protocol's error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AsError::Invalid(_) => "invalid",
+            AsError::Overlap { .. } => "overlap",
+            AsError::NotFound { .. } => "not_found",
+            AsError::Limit(_) => "limit",
+            AsError::Reserved { .. } => "reserved",
+            AsError::Host { .. } => "internal",
+        }
+    }
+}
+
+fn fmt_hex(v: u64) -> String {
+    format!("{v:#x}")
+}
+
+/// The writer's own view: what is mapped and which memslot each region has. Kept under the
+/// writer mutex, so that every change is planned (and validated) before anything is touched.
+#[derive(Debug, Default)]
+struct WriterState {
+    /// start -> (end, memslot, kind, readonly, backing)
+    regions: BTreeMap<u64, Planned>,
+    free_slots: Vec<u32>,
+    next_slot: u32,
+    mapped_bytes: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Planned {
+    end: u64,
+    slot: Option<u32>,
+    kind: RegionKind,
+    readonly: bool,
+    backing: Backing,
+}
+
+impl WriterState {
+    fn overlapping(&self, range: &Range<u64>) -> Vec<(u64, Planned)> {
+        let mut out = Vec::new();
+        if let Some((&s, p)) = self.regions.range(..range.start).next_back() {
+            if p.end > range.start {
+                out.push((s, *p));
+            }
+        }
+        out.extend(
+            self.regions
+                .range(range.start..range.end)
+                .map(|(&s, p)| (s, *p)),
+        );
+        out
+    }
+
+    fn alloc_slot(&mut self, capacity: u32) -> Option<u32> {
+        if let Some(s) = self.free_slots.pop() {
+            return Some(s);
+        }
+        (self.next_slot < capacity).then(|| {
+            self.next_slot += 1;
+            self.next_slot - 1
+        })
+    }
+
+    fn slots_available(&self, capacity: u32) -> usize {
+        self.free_slots.len() + (capacity.saturating_sub(self.next_slot)) as usize
+    }
+}
+
+/// Address-space wide counters.
+#[derive(Debug, Default)]
+pub struct AsCounters {
+    /// Guest reads of unmapped guest-physical addresses (answered with all-ones).
+    pub open_bus_reads: AtomicU64,
+    /// Guest writes to unmapped guest-physical addresses (dropped).
+    pub open_bus_writes: AtomicU64,
+    /// Guest writes refused because the region is read-only.
+    pub readonly_writes: AtomicU64,
+    /// Faults serviced (populates and completed accesses).
+    pub faults: AtomicU64,
+    /// Pages populated by the VMM.
+    pub pages_populated: AtomicU64,
+    /// Populates that found the page already there (another thread won).
+    pub populate_races: AtomicU64,
+    /// First touches reported as a bare `-EFAULT` and resolved by decoding the instruction.
+    pub unannotated_faults: AtomicU64,
+    /// Successful map / unmap / protect operations.
+    pub maps: AtomicU64,
+    /// See `maps`.
+    pub unmaps: AtomicU64,
+    /// See `maps`.
+    pub protects: AtomicU64,
+}
+
+/// A copy of [`AsCounters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CountersSnapshot {
+    /// See [`AsCounters::open_bus_reads`].
+    pub open_bus_reads: u64,
+    /// See [`AsCounters::open_bus_writes`].
+    pub open_bus_writes: u64,
+    /// See [`AsCounters::readonly_writes`].
+    pub readonly_writes: u64,
+    /// See [`AsCounters::faults`].
+    pub faults: u64,
+    /// See [`AsCounters::pages_populated`].
+    pub pages_populated: u64,
+    /// See [`AsCounters::populate_races`].
+    pub populate_races: u64,
+    /// See [`AsCounters::unannotated_faults`].
+    pub unannotated_faults: u64,
+    /// See [`AsCounters::maps`].
+    pub maps: u64,
+    /// See [`AsCounters::unmaps`].
+    pub unmaps: u64,
+    /// See [`AsCounters::protects`].
+    pub protects: u64,
+}
+
+impl AsCounters {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> CountersSnapshot {
+        CountersSnapshot {
+            open_bus_reads: self.open_bus_reads.load(Relaxed),
+            open_bus_writes: self.open_bus_writes.load(Relaxed),
+            readonly_writes: self.readonly_writes.load(Relaxed),
+            faults: self.faults.load(Relaxed),
+            pages_populated: self.pages_populated.load(Relaxed),
+            populate_races: self.populate_races.load(Relaxed),
+            unannotated_faults: self.unannotated_faults.load(Relaxed),
+            maps: self.maps.load(Relaxed),
+            unmaps: self.unmaps.load(Relaxed),
+            protects: self.protects.load(Relaxed),
+        }
+    }
+}
+
+/// One region as `list` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegionInfo {
+    /// First guest-physical address.
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Memslot, if installed.
+    pub slot: Option<u32>,
+    /// Backing.
+    pub backing: &'static str,
+    /// Kind.
+    pub kind: &'static str,
+    /// Read-only.
+    pub readonly: bool,
+    /// Pages known present.
+    pub resident_pages: u64,
+    /// Faults serviced in it.
+    pub faults: u64,
+}
+
+/// The address space.
+pub struct AddressSpace {
+    /// First field: dropped first, so the VM (and its memslots) goes before the host memory.
+    slots: Box<dyn Memslots>,
+    pub(crate) domain: Domain,
+    pub(crate) map: AnyRangeMap<RegionRef>,
+    pub(crate) host: HostSpace,
+    pub(crate) residency: Residency,
+    pub(crate) uffd: Option<Uffd>,
+    pub(crate) fault_mode: FaultMode,
+    /// Pages populated per fault (a power of two, at least 1).
+    pub(crate) fault_around: u64,
+    /// Zeroes to populate write faults from (`fault_around` pages).
+    pub(crate) zeroes: Box<[u8]>,
+    limits: Limits,
+    writer: Mutex<WriterState>,
+    /// Counters.
+    pub counters: AsCounters,
+}
+
+impl std::fmt::Debug for AddressSpace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AddressSpace")
+            .field("implementation", &self.map.name())
+            .field("fault_mode", &self.fault_mode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How to build an address space.
+#[derive(Clone, Debug)]
+pub struct AsConfig {
+    /// `bonsai` | `rwlock` | `cow`.
+    pub implementation: String,
+    /// Fault mode.
+    pub fault_mode: FaultMode,
+    /// Fault-around window in pages (1 = no fault-around).
+    pub fault_around: u64,
+    /// Guest-physical space mirrored on the host (bytes).
+    pub space_bytes: u64,
+    /// Limits on run-time mapping.
+    pub limits: Limits,
+}
+
+/// The largest fault-around window.
+pub const MAX_FAULT_AROUND: u64 = 512;
+
+impl AddressSpace {
+    /// A new, empty address space.
+    pub fn new(domain: &Domain, cfg: &AsConfig, slots: Box<dyn Memslots>) -> Result<Self, AsError> {
+        let map = AnyRangeMap::new(&cfg.implementation, domain)
+            .map_err(|e| AsError::Invalid(e.to_string()))?;
+        if cfg.fault_around == 0
+            || cfg.fault_around > MAX_FAULT_AROUND
+            || !cfg.fault_around.is_power_of_two()
+        {
+            return Err(AsError::Invalid(format!(
+                "--fault-around {}: must be a power of two from 1 to {MAX_FAULT_AROUND}",
+                cfg.fault_around
+            )));
+        }
+        let host = HostSpace::reserve(cfg.space_bytes).map_err(|source| AsError::Host {
+            what: "reserving host address space for guest memory",
+            source,
+        })?;
+        let uffd = match cfg.fault_mode {
+            FaultMode::Kernel => None,
+            FaultMode::Vcpu => Some(Uffd::new(UffdMode::Sigbus)),
+            FaultMode::Handler => Some(Uffd::new(UffdMode::Handler)),
+        }
+        .transpose()
+        .map_err(|source| AsError::Host {
+            what: "opening a userfaultfd",
+            source,
+        })?;
+        Ok(Self {
+            domain: domain.clone(),
+            map,
+            residency: Residency::new(cfg.space_bytes),
+            host,
+            uffd,
+            fault_mode: cfg.fault_mode,
+            fault_around: cfg.fault_around,
+            zeroes: vec![0u8; (cfg.fault_around * PAGE) as usize].into_boxed_slice(),
+            slots,
+            limits: cfg.limits,
+            writer: Mutex::new(WriterState::default()),
+            counters: AsCounters::default(),
+        })
+    }
+
+    /// The RCU domain readers of this address space register with.
+    pub fn domain(&self) -> &Domain {
+        &self.domain
+    }
+
+    /// The implementation's name.
+    pub fn implementation(&self) -> &'static str {
+        self.map.name()
+    }
+
+    /// The fault mode.
+    pub fn fault_mode(&self) -> FaultMode {
+        self.fault_mode
+    }
+
+    /// The host address of a guest-physical address.
+    pub fn host_addr(&self, gpa: u64) -> u64 {
+        self.host.host_addr(gpa)
+    }
+
+    /// The userfaultfd, in fault modes that have one.
+    pub fn uffd(&self) -> Option<&Uffd> {
+        self.uffd.as_ref()
+    }
+
+    /// Whether the VMM knows the page of `gpa` to be present.
+    pub fn is_resident(&self, gpa: u64) -> bool {
+        self.residency.is_present(gpa / PAGE)
+    }
+
+    /// The mirrored host space.
+    pub fn host(&self) -> &HostSpace {
+        &self.host
+    }
+
+    fn writer(&self) -> std::sync::MutexGuard<'_, WriterState> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn validate(&self, gpa: u64, size: u64, align: u64) -> Result<Range<u64>, AsError> {
+        if size == 0 {
+            return Err(AsError::Invalid("size must not be 0".into()));
+        }
+        if gpa % align != 0 || size % align != 0 {
+            return Err(AsError::Invalid(format!(
+                "gpa {gpa:#x} and size {size:#x} must be multiples of {align:#x}"
+            )));
+        }
+        let end = gpa
+            .checked_add(size)
+            .filter(|&e| e <= self.host.size_bytes())
+            .ok_or_else(|| {
+                AsError::Invalid(format!(
+                    "[{gpa:#x}, {:#x}) lies beyond the guest-physical space ({:#x} bytes)",
+                    gpa.saturating_add(size),
+                    self.host.size_bytes()
+                ))
+            })?;
+        Ok(gpa..end)
+    }
+
+    /// Maps `[gpa, gpa + size)` with fresh zero memory. Boot-time regions (`kind` Boot/Ram)
+    /// bypass the run-time limits.
+    pub fn map(
+        &self,
+        gpa: u64,
+        size: u64,
+        backing: Backing,
+        readonly: bool,
+        kind: RegionKind,
+    ) -> Result<RegionInfo, AsError> {
+        let range = self.validate(gpa, size, backing.align_bytes())?;
+        let mut w = self.writer();
+        if let Some((s, p)) = w.overlapping(&range).first() {
+            return Err(AsError::Overlap {
+                gpa,
+                end: range.end,
+                existing: *s..p.end,
+            });
+        }
+        if kind == RegionKind::Hotplug {
+            let hotplugged = w
+                .regions
+                .values()
+                .filter(|p| p.kind == RegionKind::Hotplug)
+                .count();
+            if hotplugged >= self.limits.max_regions {
+                return Err(AsError::Limit(format!(
+                    "at most {} run-time regions may be mapped at once",
+                    self.limits.max_regions
+                )));
+            }
+            if w.mapped_bytes + size > self.limits.max_bytes {
+                return Err(AsError::Limit(format!(
+                    "mapping {size:#x} more bytes would exceed the limit of {:#x} bytes of guest memory",
+                    self.limits.max_bytes
+                )));
+            }
+        }
+        let capacity = self.slots.capacity();
+        let Some(slot) = w.alloc_slot(capacity) else {
+            return Err(AsError::Limit(format!(
+                "all {capacity} KVM memslots are in use"
+            )));
+        };
+        let demand_paged = self.uffd.is_some() && kind != RegionKind::Boot;
+        // 1. Host memory.
+        if let Err(source) = self.host.map(gpa, size, backing) {
+            w.free_slots.push(slot);
+            return Err(AsError::Host {
+                what: "mapping host memory",
+                source,
+            });
+        }
+        let host_addr = self.host.host_addr(gpa);
+        // 2. userfaultfd registration.
+        if demand_paged {
+            if let Some(u) = &self.uffd {
+                if let Err(source) = u.register(host_addr, size) {
+                    let _ = self.host.release(gpa, size);
+                    w.free_slots.push(slot);
+                    return Err(AsError::Host {
+                        what: "registering guest memory with userfaultfd",
+                        source,
+                    });
+                }
+            }
+        }
+        let region = RegionRef(Arc::new(Region::new(
+            gpa,
+            size,
+            backing,
+            readonly,
+            kind,
+            demand_paged,
+        )));
+        // 3. Publish: from here on a guest access finds the region.
+        if let Err(e) = self.map.insert(range.clone(), region.clone()) {
+            self.teardown(gpa, size, demand_paged);
+            w.free_slots.push(slot);
+            return Err(match e {
+                RangeError::Overlap { existing, .. } => AsError::Overlap {
+                    gpa,
+                    end: range.end,
+                    existing,
+                },
+                other => AsError::Invalid(other.to_string()),
+            });
+        }
+        // 4. The memslot, last: until it is there, guest accesses exit and are serviced.
+        if let Err(source) = self.slots.install(slot, gpa, size, host_addr, readonly) {
+            let _ = self.map.remove(range);
+            // No thread may still be servicing a fault in it when its memory goes.
+            self.domain.synchronize();
+            self.teardown(gpa, size, demand_paged);
+            w.free_slots.push(slot);
+            return Err(AsError::Host {
+                what: "installing the KVM memslot",
+                source,
+            });
+        }
+        w.regions.insert(
+            gpa,
+            Planned {
+                end: range.end,
+                slot: Some(slot),
+                kind,
+                readonly,
+                backing,
+            },
+        );
+        if kind == RegionKind::Hotplug {
+            w.mapped_bytes += size;
+        }
+        self.counters.maps.fetch_add(1, Relaxed);
+        Ok(self.info(gpa, size, Some(slot), backing, kind, readonly, 0))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn info(
+        &self,
+        gpa: u64,
+        size: u64,
+        slot: Option<u32>,
+        backing: Backing,
+        kind: RegionKind,
+        readonly: bool,
+        faults: u64,
+    ) -> RegionInfo {
+        RegionInfo {
+            gpa,
+            size_bytes: size,
+            slot,
+            backing: backing.name(),
+            kind: kind.name(),
+            readonly,
+            resident_pages: self.residency.count_range(gpa / PAGE, size / PAGE),
+            faults,
+        }
+    }
+
+    fn teardown(&self, gpa: u64, size: u64, demand_paged: bool) {
+        if demand_paged {
+            if let Some(u) = &self.uffd {
+                let _ = u.unregister(self.host.host_addr(gpa), size);
+            }
+        }
+        let _ = self.host.release(gpa, size);
+        self.residency.clear_range(gpa / PAGE, size / PAGE);
+    }
+
+    /// Unmaps every address in `[gpa, gpa + size)`: regions inside go, regions partly covered
+    /// are split, and what remains of them stays accessible to the guest at every instant.
+    /// Returns the removed pieces; host memory is released before it returns.
+    pub fn unmap(&self, gpa: u64, size: u64) -> Result<Vec<RegionInfo>, AsError> {
+        let range = self.validate(gpa, size, PAGE)?;
+        let mut w = self.writer();
+        let affected = w.overlapping(&range);
+        if affected.is_empty() {
+            return Err(AsError::NotFound {
+                gpa,
+                end: range.end,
+            });
+        }
+        if let Some((_, p)) = affected.iter().find(|(_, p)| p.kind != RegionKind::Hotplug) {
+            return Err(AsError::Reserved {
+                gpa,
+                end: range.end,
+                what: p.kind.name(),
+            });
+        }
+        // Pieces that remain: each affected region split at most in two.
+        let mut remaining = Vec::new();
+        for (s, p) in &affected {
+            if *s < range.start {
+                remaining.push((*s..range.start, *p));
+            }
+            if p.end > range.end {
+                remaining.push((range.end..p.end, *p));
+            }
+        }
+        let capacity = self.slots.capacity();
+        // The affected regions' slots are freed first, so this many are needed beyond them.
+        let freed = affected.iter().filter(|(_, p)| p.slot.is_some()).count();
+        if remaining.len() > freed + w.slots_available(capacity) {
+            return Err(AsError::Limit(format!(
+                "splitting needs {} more KVM memslots than are free",
+                remaining.len() - freed
+            )));
+        }
+        // 1. Unpublish, with the remaining pieces published in the same store.
+        let removed = match self.map.remove_range(range.clone()) {
+            Ok(r) => r,
+            Err(e) => return Err(AsError::Invalid(e.to_string())),
+        };
+        // 2. Memslots: delete the affected regions' (KVM waits for vCPUs in guest mode);
+        //    install slots for the remaining pieces. Between the two, their accesses exit and
+        //    are serviced through the tree.
+        for (s, p) in &affected {
+            w.regions.remove(s);
+            if let Some(slot) = p.slot {
+                if let Err(e) = self.slots.delete(slot, *s) {
+                    tracing::error!(slot, gpa = s, error = %e, "deleting a memslot failed");
+                }
+                w.free_slots.push(slot);
+            }
+        }
+        for (r, p) in remaining {
+            let slot = w.alloc_slot(capacity);
+            let slot = slot.and_then(|slot| {
+                match self.slots.install(slot, r.start, r.end - r.start, self.host.host_addr(r.start), p.readonly) {
+                    Ok(()) => Some(slot),
+                    Err(e) => {
+                        // The piece stays mapped and accessible through the exit path.
+                        tracing::warn!(slot, gpa = r.start, error = %e, "installing a memslot for a split piece failed; it is served by exits");
+                        w.free_slots.push(slot);
+                        None
+                    }
+                }
+            });
+            w.regions.insert(
+                r.start,
+                Planned {
+                    end: r.end,
+                    slot,
+                    ..p
+                },
+            );
+        }
+        // 3. Grace period: no vCPU or handler thread is still servicing a fault in the range.
+        self.domain.synchronize();
+        // 4. Only now: unregister and free the host memory.
+        let mut out = Vec::with_capacity(removed.len());
+        for (r, region) in removed {
+            let len = r.end - r.start;
+            let faults = region.counters.faults.load(Relaxed);
+            let info = self.info(
+                r.start,
+                len,
+                None,
+                region.backing,
+                region.kind,
+                region.readonly,
+                faults,
+            );
+            self.teardown(r.start, len, region.demand_paged);
+            w.mapped_bytes = w.mapped_bytes.saturating_sub(len);
+            out.push(info);
+        }
+        self.counters.unmaps.fetch_add(1, Relaxed);
+        Ok(out)
+    }
+
+    /// Makes `[gpa, gpa + size)` read-only (or writable again). The range must be fully
+    /// mapped by run-time regions; partly covered regions are split.
+    pub fn protect(&self, gpa: u64, size: u64, readonly: bool) -> Result<Vec<RegionInfo>, AsError> {
+        let range = self.validate(gpa, size, PAGE)?;
+        let mut w = self.writer();
+        let affected = w.overlapping(&range);
+        // Fully covered, no gaps.
+        let mut cursor = range.start;
+        for (s, p) in &affected {
+            if *s > cursor {
+                break;
+            }
+            cursor = cursor.max(p.end);
+        }
+        if affected.is_empty() || cursor < range.end {
+            return Err(AsError::NotFound {
+                gpa,
+                end: range.end,
+            });
+        }
+        if let Some((_, p)) = affected.iter().find(|(_, p)| p.kind != RegionKind::Hotplug) {
+            return Err(AsError::Reserved {
+                gpa,
+                end: range.end,
+                what: p.kind.name(),
+            });
+        }
+        // New pieces: outside parts keep their protection, inside parts get the new one.
+        let mut pieces = Vec::new();
+        for (s, p) in &affected {
+            let inner = (*s).max(range.start)..p.end.min(range.end);
+            if *s < inner.start {
+                pieces.push((*s..inner.start, *p));
+            }
+            pieces.push((inner.clone(), Planned { readonly, ..*p }));
+            if p.end > inner.end {
+                pieces.push((inner.end..p.end, *p));
+            }
+        }
+        let capacity = self.slots.capacity();
+        let freed = affected.iter().filter(|(_, p)| p.slot.is_some()).count();
+        if pieces.len() > freed + w.slots_available(capacity) {
+            return Err(AsError::Limit(
+                "not enough free KVM memslots to split the range".into(),
+            ));
+        }
+        // 1. Publish the new protection (one store for the whole change).
+        let published = self.map_transaction_protect(&affected, &range, readonly);
+        if let Err(e) = published {
+            return Err(AsError::Invalid(e.to_string()));
+        }
+        // 2. Swap memslots.
+        for (s, p) in &affected {
+            w.regions.remove(s);
+            if let Some(slot) = p.slot {
+                if let Err(e) = self.slots.delete(slot, *s) {
+                    tracing::error!(slot, gpa = s, error = %e, "deleting a memslot failed");
+                }
+                w.free_slots.push(slot);
+            }
+        }
+        let mut out = Vec::new();
+        for (r, p) in pieces {
+            let len = r.end - r.start;
+            let slot = w.alloc_slot(capacity).and_then(|slot| {
+                match self.slots.install(slot, r.start, len, self.host.host_addr(r.start), p.readonly) {
+                    Ok(()) => Some(slot),
+                    Err(e) => {
+                        tracing::warn!(slot, gpa = r.start, error = %e, "installing a memslot failed; the piece is served by exits");
+                        w.free_slots.push(slot);
+                        None
+                    }
+                }
+            });
+            w.regions.insert(
+                r.start,
+                Planned {
+                    end: r.end,
+                    slot,
+                    ..p
+                },
+            );
+            if r.start >= range.start && r.end <= range.end {
+                out.push(self.info(r.start, len, slot, p.backing, p.kind, p.readonly, 0));
+            }
+        }
+        self.counters.protects.fetch_add(1, Relaxed);
+        Ok(out)
+    }
+
+    fn map_transaction_protect(
+        &self,
+        affected: &[(u64, Planned)],
+        range: &Range<u64>,
+        readonly: bool,
+    ) -> Result<(), RangeError> {
+        // Each covered part is replaced by a copy with the new protection; the parts outside
+        // are cut off the old value by `replace` (sliced), all in one publication per region.
+        for (s, p) in affected {
+            let inner = (*s).max(range.start)..p.end.min(range.end);
+            let demand_paged = self.uffd.is_some() && p.kind != RegionKind::Boot;
+            let new = Region::new(
+                inner.start,
+                inner.end - inner.start,
+                p.backing,
+                readonly,
+                p.kind,
+                demand_paged,
+            );
+            self.map.replace(inner, RegionRef(Arc::new(new)))?;
+        }
+        Ok(())
+    }
+
+    /// Every region, in order, with its memslot and residency.
+    pub fn list(&self) -> Vec<RegionInfo> {
+        let w = self.writer();
+        let snapshot = self.map.snapshot();
+        snapshot
+            .into_iter()
+            .map(|(r, region)| {
+                let slot = w.regions.get(&r.start).and_then(|p| p.slot);
+                self.info(
+                    r.start,
+                    r.end - r.start,
+                    slot,
+                    region.backing,
+                    region.kind,
+                    region.readonly,
+                    region.counters.faults.load(Relaxed),
+                )
+            })
+            .collect()
+    }
+
+    /// Number of regions.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether no region is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::fault::{Access, Serviced};
+    use std::sync::atomic::AtomicBool;
+
+    /// Memslots that KVM would have: recorded, optionally failing.
+    #[derive(Default)]
+    struct FakeSlots {
+        installed: Mutex<BTreeMap<u32, (u64, u64, bool)>>,
+        fail_install: AtomicBool,
+    }
+
+    impl Memslots for Arc<FakeSlots> {
+        fn install(&self, slot: u32, gpa: u64, size: u64, _host: u64, ro: bool) -> io::Result<()> {
+            if self.fail_install.load(Relaxed) {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            self.installed.lock().unwrap().insert(slot, (gpa, size, ro));
+            Ok(())
+        }
+        fn delete(&self, slot: u32, _gpa: u64) -> io::Result<()> {
+            self.installed.lock().unwrap().remove(&slot);
+            Ok(())
+        }
+        fn capacity(&self) -> u32 {
+            8
+        }
+    }
+
+    fn space(mode: FaultMode, implementation: &str) -> (AddressSpace, Arc<FakeSlots>) {
+        let slots = Arc::new(FakeSlots::default());
+        let cfg = AsConfig {
+            implementation: implementation.into(),
+            fault_mode: mode,
+            fault_around: 4,
+            space_bytes: 1 << 30,
+            limits: Limits {
+                max_regions: 5,
+                max_bytes: 256 << 20,
+            },
+        };
+        let s = AddressSpace::new(&Domain::new(), &cfg, Box::new(slots.clone())).unwrap();
+        (s, slots)
+    }
+
+    const MB: u64 = 1 << 20;
+
+    #[test]
+    fn map_touch_split_unmap_in_every_mode_and_implementation() {
+        for mode in [FaultMode::Vcpu, FaultMode::Handler, FaultMode::Kernel] {
+            for imp in ["bonsai", "rwlock", "cow"] {
+                let (s, slots) = space(mode, imp);
+                let info = s
+                    .map(16 * MB, 4 * MB, Backing::Anon, false, RegionKind::Hotplug)
+                    .unwrap();
+                assert_eq!(info.slot, Some(0));
+                let mut reader = s.domain().register();
+                {
+                    let g = reader.read();
+                    // Writes populate (with fault-around) and land; reads see them.
+                    for page in 0..8u64 {
+                        let gpa = 16 * MB + page * PAGE + 8;
+                        let v = (page as u32 + 1).to_le_bytes();
+                        assert_eq!(
+                            s.complete_mmio(&g, gpa, Access::Write(&v)).unwrap(),
+                            Serviced::Ram
+                        );
+                    }
+                    let mut b = [0u8; 4];
+                    s.complete_mmio(&g, 16 * MB + 3 * PAGE + 8, Access::Read(&mut b))
+                        .unwrap();
+                    assert_eq!(u32::from_le_bytes(b), 4, "{mode:?} {imp}");
+                    // An access straddling a page boundary.
+                    s.complete_mmio(&g, 16 * MB + 9 * PAGE - 2, Access::Write(&[1, 2, 3, 4]))
+                        .unwrap();
+                    let mut b = [0u8; 4];
+                    s.complete_mmio(&g, 16 * MB + 9 * PAGE - 2, Access::Read(&mut b))
+                        .unwrap();
+                    assert_eq!(b, [1, 2, 3, 4]);
+                }
+                reader.quiescent_state();
+                if mode != FaultMode::Kernel {
+                    let c = s.counters.snapshot();
+                    // 10 pages touched, populated in aligned windows of 4: pages 0-3, 4-7, 8-11.
+                    assert_eq!(c.pages_populated, 12, "{mode:?} {imp}");
+                    assert_eq!(c.faults, 3, "{mode:?} {imp}");
+                }
+                // Unmap the middle: two pieces remain, each with its own memslot, data intact.
+                let removed = reader.offline_while(|| s.unmap(17 * MB, MB)).unwrap();
+                assert_eq!(removed.len(), 1);
+                assert_eq!((removed[0].gpa, removed[0].size_bytes), (17 * MB, MB));
+                let list = s.list();
+                let ranges: Vec<_> = list.iter().map(|r| (r.gpa, r.size_bytes)).collect();
+                assert_eq!(ranges, vec![(16 * MB, MB), (18 * MB, 2 * MB)]);
+                assert!(list.iter().all(|r| r.slot.is_some()));
+                assert_eq!(slots.installed.lock().unwrap().len(), 2);
+                {
+                    let g = reader.read();
+                    let mut b = [0u8; 4];
+                    s.complete_mmio(&g, 16 * MB + 3 * PAGE + 8, Access::Read(&mut b))
+                        .unwrap();
+                    assert_eq!(u32::from_le_bytes(b), 4, "data kept across the split");
+                    let mut b = [0u8; 4];
+                    assert_eq!(
+                        s.complete_mmio(&g, 17 * MB, Access::Read(&mut b)).unwrap(),
+                        Serviced::OpenBus
+                    );
+                    assert_eq!(b, [0xff; 4]);
+                }
+                reader.quiescent_state();
+                let removed = reader.offline_while(|| s.unmap(16 * MB, 4 * MB)).unwrap();
+                assert_eq!(removed.len(), 2);
+                assert!(s.is_empty());
+                assert!(slots.installed.lock().unwrap().is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn bad_requests_change_nothing() {
+        let (s, slots) = space(FaultMode::Vcpu, "bonsai");
+        s.map(16 * MB, 4 * MB, Backing::Anon, false, RegionKind::Hotplug)
+            .unwrap();
+        let before = s.list();
+        let e = s
+            .map(18 * MB, 4 * MB, Backing::Anon, false, RegionKind::Hotplug)
+            .unwrap_err();
+        assert_eq!(e.code(), "overlap");
+        assert!(e.to_string().contains("0x1000000"), "{e}");
+        assert_eq!(
+            s.map(18 * MB + 1, PAGE, Backing::Anon, false, RegionKind::Hotplug)
+                .unwrap_err()
+                .code(),
+            "invalid"
+        );
+        assert_eq!(
+            s.map(64 * MB, 0, Backing::Anon, false, RegionKind::Hotplug)
+                .unwrap_err()
+                .code(),
+            "invalid"
+        );
+        assert_eq!(
+            s.map(1 << 30, PAGE, Backing::Anon, false, RegionKind::Hotplug)
+                .unwrap_err()
+                .code(),
+            "invalid"
+        );
+        assert_eq!(
+            s.map(64 * MB, 512 * MB, Backing::Anon, false, RegionKind::Hotplug)
+                .unwrap_err()
+                .code(),
+            "limit"
+        );
+        assert_eq!(s.unmap(64 * MB, PAGE).unwrap_err().code(), "not_found");
+        assert_eq!(s.unmap(16 * MB + 1, PAGE).unwrap_err().code(), "invalid");
+        assert_eq!(
+            s.protect(15 * MB, 2 * MB, true).unwrap_err().code(),
+            "not_found"
+        );
+        s.map(0, MB, Backing::Anon, false, RegionKind::Boot)
+            .unwrap();
+        assert_eq!(s.unmap(0, PAGE).unwrap_err().code(), "reserved");
+        // A memslot failure rolls everything back.
+        slots.fail_install.store(true, Relaxed);
+        let e = s
+            .map(64 * MB, MB, Backing::Anon, false, RegionKind::Hotplug)
+            .unwrap_err();
+        assert_eq!(e.code(), "internal");
+        slots.fail_install.store(false, Relaxed);
+        let mut after = s.list();
+        after.retain(|r| r.kind != "boot");
+        assert_eq!(after, before);
+        // And the range is usable again.
+        s.map(64 * MB, MB, Backing::Memfd, false, RegionKind::Hotplug)
+            .unwrap();
+        // Region limit: 5 run-time regions.
+        for i in 0..3 {
+            s.map(
+                (100 + i) * MB,
+                MB,
+                Backing::Anon,
+                false,
+                RegionKind::Hotplug,
+            )
+            .unwrap();
+        }
+        assert_eq!(
+            s.map(200 * MB, MB, Backing::Anon, false, RegionKind::Hotplug)
+                .unwrap_err()
+                .code(),
+            "limit"
+        );
+    }
+
+    #[test]
+    fn protect_drops_writes_and_splits() {
+        let (s, slots) = space(FaultMode::Vcpu, "bonsai");
+        s.map(16 * MB, 4 * MB, Backing::Anon, false, RegionKind::Hotplug)
+            .unwrap();
+        let changed = s.protect(17 * MB, MB, true).unwrap();
+        assert_eq!(changed.len(), 1);
+        assert!(changed[0].readonly);
+        let list = s.list();
+        assert_eq!(list.len(), 3);
+        assert_eq!(list.iter().filter(|r| r.readonly).count(), 1);
+        let ro: Vec<_> = slots
+            .installed
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|v| v.2)
+            .cloned()
+            .collect();
+        assert_eq!(ro, vec![(17 * MB, MB, true)]);
+        let reader = s.domain().register();
+        let g = reader.read();
+        assert_eq!(
+            s.complete_mmio(&g, 17 * MB, Access::Write(&[1])).unwrap(),
+            Serviced::ReadOnly
+        );
+        let mut b = [9u8];
+        s.complete_mmio(&g, 17 * MB, Access::Read(&mut b)).unwrap();
+        assert_eq!(b, [0], "the dropped write left the zero page");
+        assert_eq!(
+            s.complete_mmio(&g, 16 * MB, Access::Write(&[1])).unwrap(),
+            Serviced::Ram
+        );
+        assert_eq!(s.counters.snapshot().readonly_writes, 1);
+        drop(g);
+        drop(reader);
+        s.protect(16 * MB, 4 * MB, false).unwrap();
+        assert!(s.list().iter().all(|r| !r.readonly));
+    }
+}

@@ -1,0 +1,316 @@
+//! Fault servicing: what a vCPU thread (or a userfaultfd handler thread) does when the guest
+//! touches memory the host has not populated, or memory without a memslot.
+//!
+//! Every entry point runs inside one RCU read-side critical section: the caller passes the
+//! guard under which the region is looked up, and the region's host memory cannot be freed
+//! before the guard is gone (unmapping waits for a grace period first). Nothing here takes a
+//! lock or allocates.
+
+use std::io;
+use std::sync::atomic::Ordering::Relaxed;
+
+use rcu::{ConcurrentRangeMap, ReadGuard};
+
+use super::address_space::{AddressSpace, FaultMode, PAGE};
+use super::region::Region;
+use super::uffd::Populated;
+
+/// An access the guest made that KVM handed to the VMM to complete (an MMIO exit).
+#[derive(Debug)]
+pub enum Access<'a> {
+    /// A load: fill in the bytes.
+    Read(&'a mut [u8]),
+    /// A store of these bytes.
+    Write(&'a [u8]),
+}
+
+/// What became of an access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serviced {
+    /// Completed against guest RAM (populating it first if needed).
+    Ram,
+    /// No region covers the address: reads see all-ones, writes are dropped.
+    OpenBus,
+    /// A write to a read-only region: dropped.
+    ReadOnly,
+}
+
+/// Populating guest memory failed: the host is out of memory or the userfaultfd broke.
+#[derive(Debug, thiserror::Error)]
+#[error("populating guest page {gpa:#x} failed: {source}")]
+pub struct FaultError {
+    /// The page.
+    pub gpa: u64,
+    /// The kernel's error.
+    #[source]
+    pub source: io::Error,
+}
+
+impl AddressSpace {
+    /// Completes an MMIO exit at `gpa`: the guest touched a page that is not populated yet
+    /// (userfaultfd SIGBUS mode), or an address without a memslot (a region being published
+    /// or split, or no region at all).
+    pub fn complete_mmio(
+        &self,
+        guard: &ReadGuard<'_>,
+        gpa: u64,
+        access: Access<'_>,
+    ) -> Result<Serviced, FaultError> {
+        // MMIO accesses are at most 8 bytes, but may straddle a page (and so a region)
+        // boundary: complete each page's part on its own.
+        let len = match &access {
+            Access::Read(d) => d.len(),
+            Access::Write(d) => d.len(),
+        } as u64;
+        let mut outcome = Serviced::Ram;
+        let mut done = 0u64;
+        let mut access = access;
+        while done < len {
+            let addr = gpa + done;
+            let chunk = (PAGE - addr % PAGE).min(len - done);
+            let r = match &mut access {
+                Access::Read(d) => self.complete_chunk(
+                    guard,
+                    addr,
+                    ChunkAccess::Read(&mut d[done as usize..(done + chunk) as usize]),
+                )?,
+                Access::Write(d) => self.complete_chunk(
+                    guard,
+                    addr,
+                    ChunkAccess::Write(&d[done as usize..(done + chunk) as usize]),
+                )?,
+            };
+            if r != Serviced::Ram {
+                outcome = r;
+            }
+            done += chunk;
+        }
+        Ok(outcome)
+    }
+
+    fn complete_chunk(
+        &self,
+        guard: &ReadGuard<'_>,
+        gpa: u64,
+        access: ChunkAccess<'_>,
+    ) -> Result<Serviced, FaultError> {
+        self.map.lookup(guard, gpa, |hit| {
+            let Some((_, region)) = hit else {
+                match access {
+                    ChunkAccess::Read(d) => {
+                        d.fill(0xff);
+                        self.counters.open_bus_reads.fetch_add(1, Relaxed);
+                    }
+                    ChunkAccess::Write(_) => {
+                        self.counters.open_bus_writes.fetch_add(1, Relaxed);
+                    }
+                }
+                return Ok(Serviced::OpenBus);
+            };
+            let write = matches!(access, ChunkAccess::Write(_));
+            if write && region.readonly {
+                region.counters.readonly_writes.fetch_add(1, Relaxed);
+                self.counters.readonly_writes.fetch_add(1, Relaxed);
+                return Ok(Serviced::ReadOnly);
+            }
+            if self.ensure_present(region, gpa, write)? {
+                region.counters.faults.fetch_add(1, Relaxed);
+                self.counters.faults.fetch_add(1, Relaxed);
+            }
+            match access {
+                ChunkAccess::Read(d) => self.read_present(gpa, d),
+                ChunkAccess::Write(d) => self.write_present(gpa, d),
+            }
+            Ok(Serviced::Ram)
+        })
+    }
+
+    /// Populates the page of `gpa` (and its fault-around window) if the VMM has not yet,
+    /// without completing any access: for `KVM_EXIT_MEMORY_FAULT`, after which the vCPU
+    /// re-executes the instruction. Returns whether a region covers `gpa`.
+    pub fn populate_for_fault(
+        &self,
+        guard: &ReadGuard<'_>,
+        gpa: u64,
+        write: bool,
+    ) -> Result<bool, FaultError> {
+        self.map.lookup(guard, gpa, |hit| match hit {
+            None => Ok(false),
+            Some((_, region)) => {
+                if self.ensure_present(region, gpa, write)? {
+                    region.counters.faults.fetch_add(1, Relaxed);
+                    self.counters.faults.fetch_add(1, Relaxed);
+                }
+                Ok(true)
+            }
+        })
+    }
+
+    /// Makes the page of `gpa` present: with userfaultfd, populates the aligned fault-around
+    /// window's missing pages (never beyond the region, never over a present page). Returns
+    /// whether the page was missing (a fault serviced).
+    fn ensure_present(&self, region: &Region, gpa: u64, write: bool) -> Result<bool, FaultError> {
+        let pfn = gpa / PAGE;
+        if !region.demand_paged || self.residency.is_present(pfn) {
+            return Ok(false);
+        }
+        let Some(uffd) = &self.uffd else {
+            return Ok(false);
+        };
+        let win = self.fault_around;
+        let first = (pfn & !(win - 1)).max(region.gpa / PAGE);
+        let end = ((pfn | (win - 1)) + 1).min(region.end() / PAGE);
+        let n = self.populate_pages(uffd, first, end, write)?;
+        region.counters.pages_populated.fetch_add(n, Relaxed);
+        Ok(true)
+    }
+
+    /// Populates every page of `[first, end)` (page numbers) not known present, in runs of at
+    /// most `fault_around` pages, with zeroes; returns how many this call populated.
+    fn populate_pages(
+        &self,
+        uffd: &super::uffd::Uffd,
+        first: u64,
+        end: u64,
+        write: bool,
+    ) -> Result<u64, FaultError> {
+        let max_run = self.fault_around;
+        let mut populated = 0;
+        let mut p = first;
+        while let Some(start) = self.residency.next_missing(p, end) {
+            let run_end = self.residency.next_present(start, end).min(start + max_run);
+            let mut s = start;
+            while s < run_end {
+                let bytes = (run_end - s) * PAGE;
+                let host = self.host.host_addr(s * PAGE);
+                // Write faults get private zeroed pages at once (no copy-on-write fault
+                // later); read faults map the shared zero page.
+                let r = if write {
+                    uffd.copy(host, &self.zeroes[..bytes as usize])
+                } else {
+                    uffd.zeropage(host, bytes)
+                };
+                match r {
+                    Ok(Populated::Done) => {
+                        let n = run_end - s;
+                        self.residency.set_range(s, n);
+                        populated += n;
+                        s = run_end;
+                    }
+                    Ok(Populated::AlreadyPresent { bytes }) => {
+                        // `bytes` were populated; the page after them was already there.
+                        let n = bytes / PAGE;
+                        self.residency.set_range(s, n + 1);
+                        populated += n;
+                        self.counters.populate_races.fetch_add(1, Relaxed);
+                        s += n + 1;
+                    }
+                    Err(source) => {
+                        return Err(FaultError {
+                            gpa: s * PAGE,
+                            source,
+                        })
+                    }
+                }
+            }
+            p = run_end;
+        }
+        self.counters.pages_populated.fetch_add(populated, Relaxed);
+        Ok(populated)
+    }
+
+    /// Populates `[gpa, gpa + len)` ahead of any guest access (writer side, e.g. before the
+    /// boot code writes a user's image into demand-paged RAM). A no-op without userfaultfd.
+    pub fn populate_range(&self, gpa: u64, len: u64) -> Result<(), FaultError> {
+        let Some(uffd) = &self.uffd else {
+            return Ok(());
+        };
+        let end = (gpa + len).div_ceil(PAGE);
+        self.populate_pages(uffd, gpa / PAGE, end, true).map(|_| ())
+    }
+
+    /// Services one fault read from the userfaultfd by a handler thread: the faulting thread
+    /// sleeps in the kernel until the page is populated (and woken).
+    pub fn handle_userfault(
+        &self,
+        guard: &ReadGuard<'_>,
+        host_addr: u64,
+        write: bool,
+    ) -> Result<(), FaultError> {
+        let Some(gpa) = self.host.gpa_of(host_addr) else {
+            return Ok(());
+        };
+        let found = self.populate_for_fault(guard, gpa, write)?;
+        if !found || self.fault_mode == FaultMode::Handler {
+            // The region went away under the fault (it is being unmapped) or another thread
+            // populated it: wake the sleeper so that it retries.
+            if let Some(u) = &self.uffd {
+                let page = host_addr & !(PAGE - 1);
+                let _ = u.wake(page, PAGE);
+            }
+        }
+        Ok(())
+    }
+
+    fn read_present(&self, gpa: u64, dst: &mut [u8]) {
+        #[allow(unsafe_code)]
+        // SAFETY: the caller found `gpa`'s region under a read guard that is still held, so
+        // its host memory stays mapped until the guard goes (unmapping waits for a grace
+        // period); the page is present: `ensure_present` populated it (or the region is not
+        // demand-paged and the kernel faults it in).
+        unsafe {
+            self.host.read(gpa, dst)
+        }
+    }
+
+    fn write_present(&self, gpa: u64, src: &[u8]) {
+        #[allow(unsafe_code)]
+        // SAFETY: as in `read_present`; the region is writable (checked by the caller).
+        unsafe {
+            self.host.write(gpa, src)
+        }
+    }
+}
+
+enum ChunkAccess<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
+
+/// The userfaultfd handler thread (`--fault-mode handler`, the Firecracker / QEMU postcopy
+/// design): an RCU reader, offline while it sleeps in `poll`, each batch of faults one
+/// read-side critical section. Runs until `stop` is set.
+pub fn handler_loop(space: &AddressSpace, stop: &std::sync::atomic::AtomicBool) {
+    let Some(uffd) = space.uffd() else {
+        return;
+    };
+    let mut reader = space.domain().register();
+    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+        let ready = reader.offline_while(|| uffd.poll(50));
+        match ready {
+            Ok(false) => continue,
+            Ok(true) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "polling the userfaultfd failed; handler thread stops");
+                return;
+            }
+        }
+        let guard = reader.read();
+        loop {
+            match uffd.read_fault() {
+                Ok(Some(f)) => {
+                    if let Err(e) = space.handle_userfault(&guard, f.host_addr, f.write) {
+                        tracing::error!(error = %e, "servicing a userfault failed");
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the userfaultfd failed");
+                    break;
+                }
+            }
+        }
+        drop(guard);
+        reader.quiescent_state();
+    }
+}

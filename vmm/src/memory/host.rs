@@ -1,0 +1,332 @@
+//! Host virtual memory for the guest: one reservation that mirrors guest-physical space.
+//!
+//! Guest-physical address `gpa` lives at host address `base + gpa`, always. The reservation is
+//! `PROT_NONE` and `MAP_NORESERVE` (it costs address space only); mapping a region replaces
+//! part of it (`MAP_FIXED`) with real memory, and releasing the region puts the reservation
+//! back, which frees the pages. So a host address never needs a lookup to find its
+//! guest-physical address (the userfaultfd handler thread relies on that), and a range freed
+//! by one region can only ever be reused for the same guest-physical range, after the grace
+//! period that unmapping waits for.
+//!
+//! Every `unsafe` block that maps or touches guest memory from the host side lives here.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// What backs a region's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backing {
+    /// Private anonymous memory.
+    Anon,
+    /// A `memfd` (shared memory; could be handed to another process).
+    Memfd,
+    /// A `memfd` on hugetlbfs with 2 MiB pages (needs pages reserved in
+    /// `/proc/sys/vm/nr_hugepages`).
+    Hugetlb,
+}
+
+impl Backing {
+    /// The name used on the command line and in the control protocol.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backing::Anon => "anon",
+            Backing::Memfd => "memfd",
+            Backing::Hugetlb => "hugetlb",
+        }
+    }
+
+    /// Parses a protocol name.
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "anon" => Some(Backing::Anon),
+            "memfd" => Some(Backing::Memfd),
+            "hugetlb" => Some(Backing::Hugetlb),
+            _ => None,
+        }
+    }
+
+    /// The alignment a region of this backing needs, in bytes.
+    pub fn align_bytes(self) -> u64 {
+        match self {
+            Backing::Hugetlb => 2 << 20,
+            _ => 4 << 10,
+        }
+    }
+}
+
+/// The host-side reservation mirroring guest-physical space.
+#[derive(Debug)]
+pub struct HostSpace {
+    base: u64,
+    size_bytes: u64,
+}
+
+// The reservation is plain address space; the addresses are only handed to the kernel or
+// touched through the checked accessors below.
+
+fn mmap_fixed(
+    addr: u64,
+    len: u64,
+    prot: libc::c_int,
+    flags: libc::c_int,
+    fd: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: MAP_FIXED replaces whatever is mapped at `[addr, addr + len)`. Callers only pass
+    // ranges inside our own reservation (checked by `HostSpace::check`), which no Rust object
+    // borrows: guest memory is reached only through raw host addresses.
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len as usize,
+            prot,
+            flags | libc::MAP_FIXED,
+            fd,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl HostSpace {
+    /// Reserves `size_bytes` of host address space (1 GiB aligned, so that huge pages line up
+    /// with guest-physical ones).
+    pub fn reserve(size_bytes: u64) -> io::Result<Self> {
+        let align = 1u64 << 30;
+        let len = size_bytes + align;
+        // SAFETY: a fresh anonymous PROT_NONE mapping at an address the kernel picks.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let start = p as u64;
+        let base = (start + align - 1) & !(align - 1);
+        // Trim the slack before and after the aligned window.
+        // SAFETY: both ranges lie inside the mapping just made and nothing refers to them.
+        unsafe {
+            if base > start {
+                libc::munmap(p, (base - start) as usize);
+            }
+            let tail = start + len - (base + size_bytes);
+            if tail > 0 {
+                libc::munmap((base + size_bytes) as *mut libc::c_void, tail as usize);
+            }
+        }
+        Ok(Self { base, size_bytes })
+    }
+
+    /// The host address of guest-physical address `gpa`.
+    #[inline]
+    pub fn host_addr(&self, gpa: u64) -> u64 {
+        self.base + gpa
+    }
+
+    /// The guest-physical address of host address `host`, if it lies in the reservation.
+    #[inline]
+    pub fn gpa_of(&self, host: u64) -> Option<u64> {
+        host.checked_sub(self.base).filter(|&g| g < self.size_bytes)
+    }
+
+    /// Size of the mirrored guest-physical space.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    fn check(&self, gpa: u64, len: u64) -> io::Result<()> {
+        let ok = len > 0
+            && gpa % 4096 == 0
+            && len % 4096 == 0
+            && gpa
+                .checked_add(len)
+                .is_some_and(|end| end <= self.size_bytes);
+        if ok {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("gpa {gpa:#x} size {len:#x} is not a page-aligned range of the host reservation"),
+            ))
+        }
+    }
+
+    /// Backs `[gpa, gpa + len)` with fresh, zero, lazily allocated memory. Returns the memfd
+    /// for shared backings.
+    pub fn map(&self, gpa: u64, len: u64, backing: Backing) -> io::Result<Option<OwnedFd>> {
+        self.check(gpa, len)?;
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let addr = self.host_addr(gpa);
+        match backing {
+            Backing::Anon => {
+                mmap_fixed(
+                    addr,
+                    len,
+                    rw,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                )?;
+                Ok(None)
+            }
+            Backing::Memfd | Backing::Hugetlb => {
+                if gpa % backing.align_bytes() != 0 || len % backing.align_bytes() != 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "{} backing needs {:#x}-aligned ranges",
+                            backing.name(),
+                            backing.align_bytes()
+                        ),
+                    ));
+                }
+                let mut flags = libc::MFD_CLOEXEC;
+                if backing == Backing::Hugetlb {
+                    flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+                }
+                // SAFETY: memfd_create takes a NUL-terminated name and flags; returns a new fd.
+                let fd = unsafe { libc::memfd_create(c"vmm-guest-ram".as_ptr(), flags) };
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: `fd` is fresh and owned by nothing else.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                // SAFETY: ftruncate on our own fd.
+                if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                mmap_fixed(
+                    addr,
+                    len,
+                    rw,
+                    libc::MAP_SHARED | libc::MAP_NORESERVE,
+                    fd.as_raw_fd(),
+                )?;
+                Ok(Some(fd))
+            }
+        }
+    }
+
+    /// Gives `[gpa, gpa + len)` back to the reservation: its pages are freed. Only after a
+    /// grace period, when no thread can still be touching them.
+    pub fn release(&self, gpa: u64, len: u64) -> io::Result<()> {
+        self.check(gpa, len)?;
+        mmap_fixed(
+            self.host_addr(gpa),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+        )
+    }
+
+    /// A vm-memory view (`GuestMemoryMmap`) of mapped ranges `(gpa, size)`, sorted, for code
+    /// that reads and writes guest memory through vm-memory's `Bytes`. The ranges must stay
+    /// mapped, and not be demand-paged (or be populated first), while the view is used.
+    pub fn vm_memory(
+        &self,
+        ranges: impl IntoIterator<Item = (u64, u64)>,
+    ) -> Result<vm_memory::GuestMemoryMmap, Box<dyn std::error::Error + Send + Sync>> {
+        let mut regions = Vec::new();
+        for (gpa, size) in ranges {
+            self.check(gpa, size)?;
+            // SAFETY: `[host_addr(gpa), + size)` lies inside our reservation (checked) and the
+            // caller has mapped it read-write; the region does not own the mapping (`build_raw`
+            // never unmaps), so dropping the view leaves guest memory alone.
+            let mmap = unsafe {
+                vm_memory::MmapRegion::build_raw(
+                    self.host_addr(gpa) as *mut u8,
+                    size as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                )?
+            };
+            let region = vm_memory::GuestRegionMmap::new(mmap, vm_memory::GuestAddress(gpa))
+                .ok_or("guest region wraps around the address space")?;
+            regions.push(region);
+        }
+        Ok(vm_memory::GuestMemoryMmap::from_regions(regions)?)
+    }
+
+    /// Copies `dst.len()` bytes of guest memory at `gpa` into `dst`.
+    ///
+    /// # Safety
+    ///
+    /// The range must be mapped and every page of it present (populated, or not registered
+    /// with a SIGBUS-mode userfaultfd), and must stay so for the duration of the call (the
+    /// caller holds the read guard under which it found the region).
+    pub unsafe fn read(&self, gpa: u64, dst: &mut [u8]) {
+        let src = self.host_addr(gpa) as *const u8;
+        for (i, b) in dst.iter_mut().enumerate() {
+            // SAFETY: per the contract the source is mapped, readable and present; guest
+            // memory may change concurrently (the guest writes it), so copy with volatile reads.
+            *b = unsafe { std::ptr::read_volatile(src.add(i)) };
+        }
+    }
+
+    /// Copies `src` into guest memory at `gpa`.
+    ///
+    /// # Safety
+    ///
+    /// As for [`read`](Self::read), and the range must be writable.
+    pub unsafe fn write(&self, gpa: u64, src: &[u8]) {
+        let dst = self.host_addr(gpa) as *mut u8;
+        for (i, &b) in src.iter().enumerate() {
+            // SAFETY: per the contract the destination is mapped, writable and present.
+            unsafe { std::ptr::write_volatile(dst.add(i), b) };
+        }
+    }
+}
+
+impl Drop for HostSpace {
+    fn drop(&mut self) {
+        // SAFETY: the whole reservation is ours; the VM (and so every vCPU and memslot that
+        // could refer to it) is gone before the address space that owns this is dropped.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.size_bytes as usize) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_touch_release() {
+        let hs = HostSpace::reserve(1 << 30).unwrap();
+        assert_eq!(hs.host_addr(0) % (1 << 30), 0);
+        hs.map(0x10000, 0x4000, Backing::Anon).unwrap();
+        // SAFETY: just mapped, anonymous, not registered with userfaultfd.
+        unsafe {
+            hs.write(0x10008, &[1, 2, 3]);
+            let mut b = [0u8; 4];
+            hs.read(0x10007, &mut b);
+            assert_eq!(b, [0, 1, 2, 3]);
+        }
+        hs.release(0x10000, 0x4000).unwrap();
+        hs.map(0x10000, 0x4000, Backing::Memfd).unwrap();
+        let mut b = [9u8; 4];
+        // SAFETY: just mapped again.
+        unsafe { hs.read(0x10007, &mut b) };
+        assert_eq!(b, [0; 4], "released memory comes back zeroed");
+        assert_eq!(hs.gpa_of(hs.host_addr(0x1234)), Some(0x1234));
+        assert_eq!(hs.gpa_of(hs.host_addr(0) - 1), None);
+    }
+
+    #[test]
+    fn rejects_ranges_outside_or_unaligned() {
+        let hs = HostSpace::reserve(1 << 30).unwrap();
+        assert!(hs.map(0x10001, 0x1000, Backing::Anon).is_err());
+        assert!(hs.map(1 << 30, 0x1000, Backing::Anon).is_err());
+        assert!(hs.map(0, 0, Backing::Anon).is_err());
+        assert!(hs.map(0x1000, 0x1000, Backing::Memfd).is_ok());
+        assert!(hs.map(0x1000, 0x1000, Backing::Hugetlb).is_err());
+    }
+}
