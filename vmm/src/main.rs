@@ -248,6 +248,7 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
         fault_mode: args.fault_mode.into(),
         fault_around: args.fault_around,
         address_space: args.address_space.name().to_owned(),
+        sidecars: Default::default(),
     };
     let touch = args.workload == Workload::Touch;
     let report = match vm::run(&cfg, Box::new(std::io::stdout())) {
@@ -275,6 +276,12 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
             report.stuck
         );
     }
+    let (e, g) = (report.exits, &report.rcu);
+    tracing::info!(
+        "exits: {} (io {}, mmio {}, memory-fault {}, efault {}, interrupted {}, other {}); rcu: {} grace periods, p99 {} ns",
+        e.total(), e.io, e.mmio, e.memory_fault, e.efault, e.interrupted, e.other,
+        g.grace_periods, g.grace_period_latency.quantile_ns(0.99)
+    );
     let c = report.counters;
     if c.open_bus_reads + c.open_bus_writes > 0 {
         eprintln!(

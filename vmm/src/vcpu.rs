@@ -7,7 +7,7 @@
 #![deny(unsafe_code)]
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::CpuId;
@@ -459,6 +459,77 @@ pub struct VcpuShared {
     pub space: Arc<AddressSpace>,
     /// Set (before kicking) when every vCPU must stop.
     pub stop: AtomicBool,
+    /// Exits by reason, across vCPUs.
+    pub exits: ExitCounters,
+}
+
+/// VM exits handled, by reason (relaxed counters).
+#[derive(Debug, Default)]
+pub struct ExitCounters {
+    /// Port I/O (serial, exit port).
+    pub io: AtomicU64,
+    /// `KVM_EXIT_MMIO` (first touches on hosts that emulate them, accesses without a
+    /// memslot, open bus).
+    pub mmio: AtomicU64,
+    /// `KVM_EXIT_MEMORY_FAULT`.
+    pub memory_fault: AtomicU64,
+    /// Bare `-EFAULT` from `KVM_RUN` resolved by decoding the instruction.
+    pub efault: AtomicU64,
+    /// Signals (kicks).
+    pub interrupted: AtomicU64,
+    /// Anything else.
+    pub other: AtomicU64,
+}
+
+/// A copy of [`ExitCounters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitCounts {
+    /// See [`ExitCounters::io`].
+    pub io: u64,
+    /// See [`ExitCounters::mmio`].
+    pub mmio: u64,
+    /// See [`ExitCounters::memory_fault`].
+    pub memory_fault: u64,
+    /// See [`ExitCounters::efault`].
+    pub efault: u64,
+    /// See [`ExitCounters::interrupted`].
+    pub interrupted: u64,
+    /// See [`ExitCounters::other`].
+    pub other: u64,
+}
+
+impl ExitCounts {
+    /// All exits.
+    pub fn total(&self) -> u64 {
+        self.io + self.mmio + self.memory_fault + self.efault + self.interrupted + self.other
+    }
+}
+
+impl ExitCounters {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> ExitCounts {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ExitCounts {
+            io: r(&self.io),
+            mmio: r(&self.mmio),
+            memory_fault: r(&self.memory_fault),
+            efault: r(&self.efault),
+            interrupted: r(&self.interrupted),
+            other: r(&self.other),
+        }
+    }
+
+    fn count(&self, exit: &Result<VcpuExit<'_>, kvm_ioctls::Error>) {
+        let c = match exit {
+            Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..)) => &self.io,
+            Ok(VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)) => &self.mmio,
+            Ok(VcpuExit::MemoryFault { .. }) => &self.memory_fault,
+            Err(e) if e.errno() == libc::EFAULT => &self.efault,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => &self.interrupted,
+            _ => &self.other,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Everything one vCPU thread needs.
@@ -499,6 +570,7 @@ pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> Vcpu
             return VcpuOutcome::Kicked { rip };
         }
         let exit = reader.offline_while(|| run_once(&mut vcpu.fd));
+        shared.exits.count(&exit);
         let guard = reader.read();
         let mem = GuardedSpace {
             space: &shared.space,

@@ -29,7 +29,7 @@ const KICK_INTERVAL: Duration = Duration::from_millis(5);
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// What to run.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct RunConfig {
     /// The KVM device.
     pub kvm_dev: PathBuf,
@@ -53,6 +53,31 @@ pub struct RunConfig {
     pub fault_around: u64,
     /// `bonsai` | `rwlock` | `cow`.
     pub address_space: String,
+    /// Threads to run beside the vCPUs once the VM is built (taken by `run`).
+    pub sidecars: Sidecars,
+}
+
+/// Companion threads to start with the VM (see [`VmHandle`]).
+#[derive(Default)]
+#[allow(dead_code)] // `push` and `VmHandle`'s fields serve the control server and stress churn
+pub struct Sidecars(pub std::sync::Mutex<Vec<Sidecar>>);
+
+#[allow(dead_code)]
+impl Sidecars {
+    /// Adds one.
+    pub fn push(&self, s: Sidecar) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+    }
+
+    fn take(&self) -> Vec<Sidecar> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl std::fmt::Debug for Sidecars {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sidecars")
+    }
 }
 
 /// How the run ended.
@@ -101,7 +126,29 @@ pub struct RunReport {
     pub tsc_khz: u32,
     /// The address space's counters at the end.
     pub counters: memory::address_space::CountersSnapshot,
+    /// VM exits by reason.
+    pub exits: vcpu::ExitCounts,
+    /// The address space's RCU domain: grace periods and their latency, reclamation.
+    pub rcu: rcu::Stats,
 }
+
+/// What a companion thread gets: the running VM's address space, a view of guest memory (for
+/// device state such as the hot-plug mailbox), and a flag set when the run is over (the
+/// thread must then return promptly; the run waits for it).
+#[allow(dead_code)]
+pub struct VmHandle {
+    /// Guest memory.
+    pub space: Arc<AddressSpace>,
+    /// vm-memory view of the boot area and RAM (the boot area is always safe to access).
+    pub guest_mem: vm_memory::GuestMemoryMmap,
+    /// Set when the run is over.
+    pub stop: Arc<std::sync::atomic::AtomicBool>,
+    /// The vCPUs' shared state (devices, exit counters).
+    pub shared: Arc<VcpuShared>,
+}
+
+/// A companion thread's body (see [`VmHandle`]).
+pub type Sidecar = Box<dyn FnOnce(VmHandle) + Send>;
 
 /// Errors before the guest runs.
 #[derive(Debug, thiserror::Error)]
@@ -288,7 +335,26 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         devices: Devices::new(cfg.vcpus as usize, serial_sink),
         space: Arc::clone(&space),
         stop: std::sync::atomic::AtomicBool::new(false),
+        exits: vcpu::ExitCounters::default(),
     });
+    // Companion threads (control socket server, stress churn) get the running VM.
+    let sidecar_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut sidecar_handles = Vec::new();
+    for (i, sidecar) in cfg.sidecars.take().into_iter().enumerate() {
+        let handle = VmHandle {
+            space: Arc::clone(&space),
+            guest_mem: guest_mem.clone(),
+            stop: Arc::clone(&sidecar_stop),
+            shared: Arc::clone(&shared),
+        };
+        match std::thread::Builder::new()
+            .name(format!("sidecar{i}"))
+            .spawn(move || sidecar(handle))
+        {
+            Ok(h) => sidecar_handles.push(h),
+            Err(e) => tracing::error!(error = %e, "cannot start a companion thread"),
+        }
+    }
     let cpuid = Arc::new(cpuid);
     let (tx, rx) = mpsc::channel::<(usize, VcpuOutcome)>();
     let mut handles: Vec<JoinHandle<()>> = Vec::with_capacity(cfg.vcpus as usize);
@@ -391,6 +457,12 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         stop.store(true, Ordering::Release);
         let _ = h.join();
     }
+    sidecar_stop.store(true, Ordering::Release);
+    for h in sidecar_handles {
+        let _ = h.join();
+    }
+    let exits = shared.exits.snapshot();
+    let rcu = space.domain().stats();
     let results = read_results(&guest_mem, cfg.vcpus);
     let touch_histogram = read_histograms(&guest_mem, cfg.vcpus);
     let counters = space.counters.snapshot();
@@ -443,6 +515,8 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         touch_histogram,
         tsc_khz,
         counters,
+        exits,
+        rcu,
     })
 }
 
