@@ -154,6 +154,13 @@ pub mod workload {
     pub const BAD_MMIO: u32 = 7;
     /// vCPU 0 executes `hlt` with interrupts off.
     pub const HLT: u32 = 8;
+    /// Every vCPU first-touches the same `params[1]` pages at once (each writes its own word
+    /// of each page), then verifies every vCPU's words: races on one page populate it once.
+    pub const RACE: u32 = 9;
+    /// Every vCPU does `lock xadd` of 1 on the first word of the same `params[1]` fresh pages
+    /// at once; vCPU 0 then counts pages whose word is not the vCPU count (lost updates, in
+    /// `verify_errors`): measures whether first touches keep locked operations atomic.
+    pub const XADD: u32 = 10;
 }
 
 /// `BootInfo::magic`: "VMMBOOT1" little-endian.

@@ -80,6 +80,8 @@ pub unsafe extern "C" fn guest_main(vcpu: u64, boot_info: *const BootInfo) -> ! 
             exit(if v == 0xffff_ffff { 0 } else { 1 })
         }
         workload::TOUCH => touch(vcpu, &info),
+        workload::RACE => race(vcpu, &info),
+        workload::XADD => xadd(vcpu, &info),
         workload::EXIT | workload::TRIPLE_FAULT | workload::BAD_PORT => park(),
         // vCPU 0 of `hlt` halted in `_start`; if it ever gets here, the test has failed.
         workload::HLT if first => exit(3),
@@ -182,19 +184,82 @@ fn touch(vcpu: u64, info: &BootInfo) -> ! {
             }
         }
     }
+    report(vcpu, info.nr_vcpus, per, errors, cycles)
+}
+
+static ARRIVED: AtomicU32 = AtomicU32::new(0);
+
+/// Waits until every vCPU has called this `round`-th time (rounds count from 1).
+fn barrier(nr_vcpus: u32, round: u32) {
+    ARRIVED.fetch_add(1, Ordering::AcqRel);
+    while ARRIVED.load(Ordering::Acquire) < nr_vcpus * round {
+        core::hint::spin_loop();
+    }
+}
+
+/// Writes this vCPU's result slot (`done` last) and ends the run when every vCPU is done.
+fn report(vcpu: u64, nr_vcpus: u32, pages: u64, errors: u64, cycles: u64) -> ! {
     let result = abi::result_addr(vcpu) as *mut u64;
     // SAFETY: this vCPU's results slot in the boot area; `done` is written last.
     unsafe {
-        core::ptr::write_volatile(result.add(1), per);
+        core::ptr::write_volatile(result.add(1), pages);
         core::ptr::write_volatile(result.add(2), errors);
         core::ptr::write_volatile(result.add(3), cycles);
         core::sync::atomic::fence(Ordering::Release);
         core::ptr::write_volatile(result.add(0), 1);
     }
-    if DONE.fetch_add(1, Ordering::AcqRel) + 1 == info.nr_vcpus {
+    if DONE.fetch_add(1, Ordering::AcqRel) + 1 == nr_vcpus {
         exit(0)
     }
     park()
+}
+
+/// `race`: every vCPU first-touches the same pages at the same time.
+fn race(vcpu: u64, info: &BootInfo) -> ! {
+    let pages = info.params[1].max(1);
+    barrier(info.nr_vcpus, 1);
+    for i in 0..pages {
+        let Some(page) = ram_page(info, i) else { break };
+        // SAFETY: RAM from the memory map; each vCPU writes only its own word of the page.
+        unsafe { core::ptr::write_volatile((page + vcpu * 8) as *mut u64, pattern(vcpu, i)) };
+    }
+    barrier(info.nr_vcpus, 2);
+    let mut errors = 0;
+    for i in 0..pages {
+        let Some(page) = ram_page(info, i) else { break };
+        for v in 0..u64::from(info.nr_vcpus) {
+            // SAFETY: as above; all writes finished before the barrier.
+            if unsafe { core::ptr::read_volatile((page + v * 8) as *const u64) } != pattern(v, i) {
+                errors += 1;
+            }
+        }
+    }
+    report(vcpu, info.nr_vcpus, pages, errors, 0)
+}
+
+/// `xadd`: every vCPU does `lock xadd` on the same never-touched words at the same time.
+fn xadd(vcpu: u64, info: &BootInfo) -> ! {
+    let pages = info.params[1].max(1);
+    barrier(info.nr_vcpus, 1);
+    for i in 0..pages {
+        let Some(page) = ram_page(info, i) else { break };
+        // SAFETY: RAM from the memory map; every vCPU adds atomically to the same word.
+        unsafe {
+            asm!("lock xadd qword ptr [{p}], {v}", p = in(reg) page, v = inout(reg) 1u64 => _,
+                 options(nostack))
+        };
+    }
+    barrier(info.nr_vcpus, 2);
+    let mut lost = 0;
+    if vcpu == 0 {
+        for i in 0..pages {
+            let Some(page) = ram_page(info, i) else { break };
+            // SAFETY: as above; all additions finished before the barrier.
+            let v = unsafe { core::ptr::read_volatile(page as *const u64) };
+            lost += u64::from(info.nr_vcpus).saturating_sub(v);
+        }
+    }
+    report(vcpu, info.nr_vcpus, pages, lost, 0)
 }
 
 fn fmt_u64(mut v: u64, out: &mut [u8]) -> usize {

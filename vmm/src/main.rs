@@ -127,6 +127,8 @@ enum Workload {
     BadPort,
     BadMmio,
     Hlt,
+    Race,
+    Xadd,
 }
 
 impl Workload {
@@ -142,6 +144,8 @@ impl Workload {
             Workload::BadPort => w::BAD_PORT,
             Workload::BadMmio => w::BAD_MMIO,
             Workload::Hlt => w::HLT,
+            Workload::Race => w::RACE,
+            Workload::Xadd => w::XADD,
         })
     }
 }
@@ -250,7 +254,15 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
         address_space: args.address_space.name().to_owned(),
         sidecars: Default::default(),
     };
-    let touch = args.workload == Workload::Touch;
+    let touch = matches!(
+        args.workload,
+        Workload::Touch | Workload::Race | Workload::Xadd
+    );
+    let label = match args.workload {
+        Workload::Race => "race",
+        Workload::Xadd => "xadd",
+        _ => "touch",
+    };
     let report = match vm::run(&cfg, Box::new(std::io::stdout())) {
         Ok(r) => r,
         Err(e) => {
@@ -297,7 +309,7 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
     }
     let mut touch_failed = false;
     if touch && matches!(report.outcome, RunOutcome::Exited(0)) {
-        let s = summary::TouchSummary::new(&report);
+        let s = summary::TouchSummary::new(&report, label);
         eprintln!("{s}");
         touch_failed = s.verify_errors > 0 || s.vcpus_done < report.results.len();
     }

@@ -22,6 +22,10 @@ pub struct TouchSummary {
     pub latency_ns: Option<[u64; 4]>,
     /// The fault mode.
     pub fault_mode: &'static str,
+    /// The workload (`touch`, `race`, `xadd`).
+    pub label: &'static str,
+    /// Populates that found the page already present (another vCPU won the race).
+    pub populate_races: u64,
 }
 
 /// The `q`-quantile of a bucketed histogram, as the bucket's lower bound (in cycles).
@@ -43,9 +47,10 @@ pub fn hist_quantile(hist: &[u64], q: f64) -> u64 {
 
 impl TouchSummary {
     /// Summarises a finished run.
-    pub fn new(r: &RunReport) -> Self {
+    pub fn new(r: &RunReport, label: &'static str) -> Self {
         let done: Vec<_> = r.results.iter().filter(|x| x.done != 0).collect();
-        let latency_ns = (r.tsc_khz > 0).then(|| {
+        let timed = r.touch_histogram.iter().any(|&c| c > 0);
+        let latency_ns = (r.tsc_khz > 0 && timed).then(|| {
             let to_ns = |cycles: u64| cycles.saturating_mul(1_000_000) / u64::from(r.tsc_khz);
             let max_b = r.touch_histogram.iter().rposition(|&c| c > 0).unwrap_or(0);
             [
@@ -57,30 +62,44 @@ impl TouchSummary {
         });
         Self {
             vcpus_done: done.len(),
-            pages: done.iter().map(|x| x.pages).sum(),
+            // `touch` slices are disjoint; `race` and `xadd` share the same pages.
+            pages: if label == "touch" {
+                done.iter().map(|x| x.pages).sum()
+            } else {
+                done.iter().map(|x| x.pages).max().unwrap_or(0)
+            },
             verify_errors: done.iter().map(|x| x.verify_errors).sum(),
             faults: r.counters.faults,
             pages_populated: r.counters.pages_populated,
             latency_ns,
             fault_mode: r.fault_mode.name(),
+            label,
+            populate_races: r.counters.populate_races,
         }
     }
 }
 
 impl fmt::Display for TouchSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = if self.label == "xadd" {
+            "lost updates"
+        } else {
+            "pages wrong"
+        };
         write!(
             f,
-            "touch: {} vCPUs touched {} pages ({} mode): {} faults serviced, {} pages populated by the VMM, verify {}",
+            "{}: {} vCPUs touched {} pages ({} mode): {} faults serviced, {} pages populated by the VMM, {} populate races, verify {}",
+            self.label,
             self.vcpus_done,
             self.pages,
             self.fault_mode,
             self.faults,
             self.pages_populated,
+            self.populate_races,
             if self.verify_errors == 0 {
                 "ok (0 errors)".to_string()
             } else {
-                format!("FAILED ({} pages wrong)", self.verify_errors)
+                format!("FAILED ({} {what})", self.verify_errors)
             }
         )?;
         if let Some([p50, p99, p999, max]) = self.latency_ns {
