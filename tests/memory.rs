@@ -100,9 +100,10 @@ fn shared_pages(workload: &str, mode: &str, pages: &str) -> String {
         .find(|l| l.starts_with(&format!("{workload}: ")))
         .unwrap_or_else(|| panic!("no summary in:\n{err}"))
         .to_owned();
-    (o.status.code() == Some(0) || line.contains("lost updates"))
-        .then_some(())
-        .unwrap_or_else(|| panic!("vmm {workload} {mode}: {err}"));
+    assert!(
+        o.status.code() == Some(0) || line.contains("lost updates"),
+        "vmm {workload} {mode}: {err}"
+    );
     line
 }
 
