@@ -9,7 +9,5 @@ echo "== cargo test (workspace, release profile)"
 cargo test --workspace --release
 
 echo "== loom models (RUSTFLAGS=--cfg loom)"
-if [ -f rcu/tests/loom.rs ]; then
-  RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-3}" \
-    cargo test -p rcu --release --test loom
-fi
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-3}" \
+  cargo test -p rcu --release --test loom --test loom_bonsai
