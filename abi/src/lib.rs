@@ -140,7 +140,15 @@ pub mod workload {
     /// split evenly); `params[2]`: rounds (0 = 1): later rounds rewrite and re-verify the same
     /// pages, whose first touch is already done.
     pub const TOUCH: u32 = 1;
-    /// Follow the mailbox, touch new regions, tolerate removed ones.
+    /// Follow the hot-plug [`crate::Mailbox`]: each vCPU writes a per-page pattern into the
+    /// pages of listed regions (its share: pages `k mod nr_vcpus == vcpu`), reads it back, and
+    /// tolerates regions that vanish under it (open bus) or turn read-only. It runs until the
+    /// mailbox's [`crate::mailbox_flags::STOP`] flag, then reports in its
+    /// [`crate::VcpuResult`] (`pages`: pages touched, `verify_errors`: pages wrong although
+    /// the mailbox did not change meanwhile, `reserved[0]`: pages found changed by a
+    /// concurrent unmap/protect, `reserved[1]`: passes, `reserved[2]`: the last mailbox
+    /// generation seen); it updates the slot after every pass, `done` last. The last vCPU to
+    /// stop exits 0.
     pub const HOTPLUG: u32 = 2;
     /// vCPU 0 exits at once with status `params[0]`.
     pub const EXIT: u32 = 3;
@@ -178,6 +186,22 @@ pub mod mem_kind {
     pub const BOOT: u32 = 1;
     /// Ordinary RAM, free for workloads.
     pub const RAM: u32 = 2;
+    /// Memory hot-plugged at run time (only in the [`crate::Mailbox`]).
+    pub const HOTPLUG: u32 = 3;
+}
+
+/// Bits of [`MemRegion::reserved`] in [`Mailbox`] entries.
+pub mod region_flags {
+    /// The guest may read but not write the region (writes are dropped by the VMM).
+    pub const READONLY: u32 = 1;
+}
+
+/// Bits of [`Mailbox::flags`].
+pub mod mailbox_flags {
+    /// The VMM asks the `hotplug` workload to finish its pass, report, and exit.
+    pub const STOP: u32 = 1;
+    /// More regions are mapped than [`crate::MAILBOX_MAX_REGIONS`]: the list holds the first.
+    pub const TRUNCATED: u32 = 2;
 }
 
 /// One memory-map entry.
@@ -190,7 +214,7 @@ pub struct MemRegion {
     pub size_bytes: u64,
     /// One of [`mem_kind`].
     pub kind: u32,
-    /// Zero.
+    /// Zero in the boot info; [`region_flags`] in the [`Mailbox`].
     pub reserved: u32,
 }
 
@@ -299,19 +323,37 @@ pub struct VcpuResult {
 /// Room for regions in the mailbox.
 pub const MAILBOX_MAX_REGIONS: usize = 160;
 
-/// The hot-plug mailbox at [`layout::MAILBOX`]: the VMM writes the region list, then bumps
-/// `generation` (release); the guest reads `generation` (acquire), then the list.
+/// The hot-plug mailbox at [`layout::MAILBOX`], a sequence lock written by the VMM only.
+///
+/// Before a change that can take memory away (unmap, protect) the VMM makes `generation` odd
+/// (release store), then changes the address space, writes the new list, and makes
+/// `generation` even again (release store, after a fence). The guest reads `generation`
+/// (acquire; retries while odd), copies the list, and reads `generation` again: equal means a
+/// consistent copy. A guest access whose result surprised it (all-ones from open bus, a
+/// dropped write) is a real error only if `generation` was the same even value before the
+/// access and after it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mailbox {
-    /// Incremented by the VMM after each change of `regions`.
+    /// Sequence number: odd while a change is under way, even when the list is valid.
     pub generation: u64,
     /// Number of valid entries in `regions`.
     pub nr_regions: u32,
-    /// Zero.
-    pub reserved: u32,
-    /// Hot-plugged regions.
+    /// [`mailbox_flags`].
+    pub flags: u32,
+    /// Hot-plugged regions, sorted by address ([`mem_kind::HOTPLUG`], [`region_flags`]).
     pub regions: [MemRegion; MAILBOX_MAX_REGIONS],
+}
+
+impl Mailbox {
+    /// Byte offset of `generation`.
+    pub const GENERATION_OFFSET: u64 = 0;
+    /// Byte offset of `nr_regions`.
+    pub const NR_REGIONS_OFFSET: u64 = 8;
+    /// Byte offset of `flags`.
+    pub const FLAGS_OFFSET: u64 = 12;
+    /// Byte offset of `regions`.
+    pub const REGIONS_OFFSET: u64 = 16;
 }
 
 const _: () = assert!(BootInfo::SIZE <= layout::PAGE_SIZE as usize);
@@ -332,7 +374,8 @@ mod tests {
             let b = hist_bucket(v);
             assert!(b < HIST_BUCKETS);
             assert!(hist_bucket_low(b) <= v, "{v}");
-            if b + 1 < HIST_BUCKETS {
+            // Bucket 251 (u64::MAX's) is the last one in use.
+            if b < 251 {
                 assert!(hist_bucket_low(b + 1) > v, "{v}");
             }
         }
@@ -379,6 +422,20 @@ mod tests {
         assert_eq!(u64_at(r2), 0xabc);
         assert_eq!(u64_at(r2 + 8), 0x1000);
         assert_eq!(u32_at(r2 + 16), mem_kind::RAM);
+    }
+
+    #[test]
+    fn mailbox_layout_is_fixed() {
+        assert_eq!(
+            offset_of!(Mailbox, generation) as u64,
+            Mailbox::GENERATION_OFFSET
+        );
+        assert_eq!(
+            offset_of!(Mailbox, nr_regions) as u64,
+            Mailbox::NR_REGIONS_OFFSET
+        );
+        assert_eq!(offset_of!(Mailbox, flags) as u64, Mailbox::FLAGS_OFFSET);
+        assert_eq!(offset_of!(Mailbox, regions) as u64, Mailbox::REGIONS_OFFSET);
     }
 
     #[test]
