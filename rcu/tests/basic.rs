@@ -358,3 +358,93 @@ fn reclaim_and_barrier_from_a_deferred_callback() {
     assert_eq!(reclaimed, 0);
     assert!(msg.contains("would wait for itself"), "{msg}");
 }
+
+#[test]
+fn a_reader_dropped_while_unwinding_unregisters_and_stops_holding_grace_periods() {
+    let domain = Domain::new();
+    let d = domain.clone();
+    let r = std::thread::spawn(move || {
+        let reader = d.register();
+        let _guard = reader.read();
+        panic!("reader thread panics inside a read-side section");
+    })
+    .join();
+    assert!(r.is_err(), "the thread panicked");
+    assert_eq!(
+        domain.stats().readers,
+        0,
+        "the reader unregistered while unwinding"
+    );
+    // A grace period would hang if the dead reader were still online.
+    assert!(finishes_within(Duration::from_secs(5), {
+        let d = domain.clone();
+        move || d.synchronize()
+    }));
+}
+
+#[test]
+fn defer_from_inside_a_deferred_callback_runs_too() {
+    let domain = Domain::new();
+    let ran = Arc::new(AtomicUsize::new(0));
+    {
+        let (d, ran) = (domain.clone(), ran.clone());
+        domain.defer(move || {
+            let ran2 = ran.clone();
+            d.defer(move || {
+                ran2.fetch_add(10, SeqCst);
+            });
+            ran.fetch_add(1, SeqCst);
+        });
+    }
+    domain.barrier(); // runs the first callback, which queues the second
+    domain.barrier(); // runs the second
+    assert_eq!(ran.load(SeqCst), 11);
+}
+
+#[test]
+fn the_global_domain_is_one_domain() {
+    let a = Domain::global();
+    let b = Domain::global();
+    assert!(a.same_as(b));
+    assert!(!a.same_as(&Domain::new()));
+    let cell = RcuCell::new(a, 7u32);
+    let reader = b.register();
+    assert_eq!(cell.load(&reader.read()), Some(&7));
+}
+
+#[test]
+fn stats_count_what_happened() {
+    let domain = Domain::with_config(Config {
+        background_reclaim: false,
+        ..Config::default()
+    });
+    let before = domain.stats();
+    assert_eq!(
+        (
+            before.grace_periods,
+            before.retired,
+            before.freed,
+            before.readers
+        ),
+        (0, 0, 0, 0)
+    );
+    let reader = domain.register();
+    assert_eq!(domain.stats().readers, 1);
+    let cell = RcuCell::new(&domain, 1u32);
+    for v in 2..=5 {
+        cell.store(Some(v));
+    }
+    let s = domain.stats();
+    assert_eq!((s.retired, s.freed, s.backlog), (4, 0, 4));
+    drop(reader);
+    domain.synchronize();
+    domain.synchronize();
+    assert_eq!(domain.reclaim(), 4);
+    let s = domain.stats();
+    assert_eq!((s.retired, s.freed, s.backlog, s.readers), (4, 4, 0, 0));
+    assert!(s.grace_periods >= 2, "{s:?}");
+    assert!(s.synchronize_calls >= 3, "{s:?}");
+    assert_eq!(s.grace_period_latency.count(), s.grace_periods);
+    let h = &s.grace_period_latency;
+    assert!(h.quantile_ns(0.5) <= h.quantile_ns(0.99) && h.quantile_ns(0.99) <= h.max_ns());
+}

@@ -6,8 +6,10 @@
 #![deny(unsafe_code)]
 
 mod boot;
+mod control;
 mod devices;
 mod efault;
+mod inject;
 #[allow(unsafe_code)]
 mod kvm;
 mod memory;
@@ -50,6 +52,9 @@ enum Command {
     /// status; 1 when the guest crashed (triple fault, unknown port or MMIO, HLT, KVM error)
     /// or the VMM failed, with a one-line diagnosis; 124 when the guest ran past --timeout.
     Run(RunArgs),
+    /// Send one request to a running VMM's control socket (`vmm run --api-sock PATH`) and
+    /// print the reply; exit 0 when it succeeded, 1 otherwise.
+    Ctl(control::client::CtlArgs),
 }
 
 #[derive(Args, Debug)]
@@ -98,9 +103,24 @@ struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pages: u64,
 
-    /// Control socket path (not implemented yet: no socket is created).
+    /// Serve the control socket (JSON lines, mode 0600) at PATH: hot-plug memory with
+    /// `vmm ctl` (see docs/control.md). Refuses a live socket, replaces a stale one.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+
+    /// Most hot-plugged regions at once, splits included (control socket).
+    #[arg(long, value_name = "N", default_value_t = 128,
+          value_parser = clap::value_parser!(u64).range(1..=32000))]
+    max_regions: u64,
+
+    /// Most hot-plugged guest memory at once (control socket).
+    #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = size::parse_size)]
+    max_hotplug_mem: u64,
+
+    /// Most control clients connected at once.
+    #[arg(long, value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=4096))]
+    max_clients: u64,
 
     /// Stop the guest after this many seconds (fractions allowed; 0 = never).
     #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = size::parse_timeout)]
@@ -137,7 +157,7 @@ impl Workload {
         Some(match self {
             Workload::Hello => w::HELLO,
             Workload::Touch => w::TOUCH,
-            Workload::Hotplug => return None,
+            Workload::Hotplug => w::HOTPLUG,
             Workload::Exit => w::EXIT,
             Workload::Spin => w::SPIN,
             Workload::TripleFault => w::TRIPLE_FAULT,
@@ -220,6 +240,7 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     match cli.command {
         Command::Run(args) => ExitCode::from(cmd_run(args, process_start)),
+        Command::Ctl(args) => ExitCode::from(control::client::run(&args)),
     }
 }
 
@@ -234,11 +255,25 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
         );
         return EXIT_FAILURE;
     };
+    let sidecars = vm::Sidecars::default();
     if let Some(sock) = &args.api_sock {
-        tracing::warn!(
-            "--api-sock {}: the control socket is not implemented yet; none is created",
-            sock.display()
-        );
+        // Bound before the VM is built, so that a live socket refuses the start at once.
+        let listener = match control::server::bind(sock) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("vmm: {e}");
+                return EXIT_FAILURE;
+            }
+        };
+        sidecars.push(control::sidecar(
+            listener,
+            control::Config {
+                max_regions: args.max_regions as usize,
+                max_hotplug_bytes: args.max_hotplug_mem,
+                max_clients: args.max_clients as usize,
+                vcpus: args.vcpus,
+            },
+        ));
     }
     let cfg = RunConfig {
         kvm_dev: args.kvm_dev,
@@ -252,8 +287,9 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
         fault_mode: args.fault_mode.into(),
         fault_around: args.fault_around,
         address_space: args.address_space.name().to_owned(),
-        sidecars: Default::default(),
+        sidecars,
     };
+    let hotplug = args.workload == Workload::Hotplug;
     let touch = matches!(
         args.workload,
         Workload::Touch | Workload::Race | Workload::Xadd
@@ -308,6 +344,11 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
         );
     }
     let mut touch_failed = false;
+    if hotplug {
+        let s = control::hotplug_summary(&report.results);
+        eprintln!("{s}");
+        touch_failed = s.verify_errors > 0;
+    }
     if touch && matches!(report.outcome, RunOutcome::Exited(0)) {
         let s = summary::TouchSummary::new(&report, label);
         eprintln!("{s}");
@@ -360,7 +401,9 @@ mod tests {
     #[test]
     fn run_defaults() {
         let cli = Cli::try_parse_from(["vmm", "run"]).unwrap();
-        let Command::Run(a) = cli.command;
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
         assert_eq!(a.vcpus, 2);
         assert_eq!(a.mem, 256 << 20);
         assert_eq!(a.workload, Workload::Hello);
@@ -395,7 +438,9 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.verbose, 1);
-        let Command::Run(a) = cli.command;
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
         assert_eq!(a.vcpus, 4);
         assert_eq!(a.mem, 1 << 30);
         assert_eq!(a.workload, Workload::TripleFault);

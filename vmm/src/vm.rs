@@ -288,7 +288,10 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
                     max_bytes: space_bytes,
                 },
             },
-            Box::new(kvm::KvmMemslots::new(Arc::clone(&vm), nr_slots)),
+            Box::new(crate::inject::RecordingMemslots(kvm::KvmMemslots::new(
+                Arc::clone(&vm),
+                nr_slots,
+            ))),
         )
         .map_err(MemoryError::from)?,
     );

@@ -2,6 +2,7 @@
 #![deny(unsafe_code)]
 
 pub mod exit_port;
+pub mod mailbox;
 pub mod serial;
 
 use abi::ports;

@@ -503,7 +503,9 @@ impl AddressSpace {
         };
         let demand_paged = self.uffd.is_some() && kind != RegionKind::Boot;
         // 1. Host memory.
-        if let Err(source) = self.host.map(gpa, size, backing) {
+        let mapped = crate::inject::hit(crate::inject::Step::Mmap)
+            .and_then(|()| self.host.map(gpa, size, backing));
+        if let Err(source) = mapped {
             w.free_slots.push(slot);
             return Err(AsError::Host {
                 what: "mapping host memory",
@@ -514,7 +516,9 @@ impl AddressSpace {
         // 2. userfaultfd registration.
         if demand_paged {
             if let Some(u) = &self.uffd {
-                if let Err(source) = u.register(host_addr, size) {
+                let registered = crate::inject::hit(crate::inject::Step::Uffd)
+                    .and_then(|()| u.register(host_addr, size));
+                if let Err(source) = registered {
                     let _ = self.host.release(gpa, size);
                     w.free_slots.push(slot);
                     return Err(AsError::Host {

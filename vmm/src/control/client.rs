@@ -1,0 +1,332 @@
+//! `vmm ctl`: sends one request to a running VMM's control socket and prints the reply.
+#![deny(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+use super::fmt_size;
+use super::protocol::parse_addr;
+use crate::size::parse_size;
+
+/// How long to wait for a reply (an unmap waits for a grace period and frees memory).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `vmm ctl` arguments.
+#[derive(Args, Debug)]
+pub struct CtlArgs {
+    /// The control socket of a `vmm run --api-sock PATH`.
+    #[arg(long, value_name = "PATH", env = "VMM_API_SOCK")]
+    pub api_sock: PathBuf,
+
+    /// Print the raw JSON reply line instead of a human summary.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// The request.
+    #[command(subcommand)]
+    pub op: CtlOp,
+}
+
+/// One request.
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum CtlOp {
+    /// Map fresh, demand-paged memory at [GPA, GPA+SIZE).
+    Map {
+        /// Guest-physical address: decimal or 0x hex (above guest RAM, below 64 GiB).
+        #[arg(long, value_parser = parse_addr)]
+        gpa: u64,
+        /// Size: a plain integer or with a K/M/G/T suffix.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// What backs it: anon, memfd, or hugetlb (needs free 2 MiB huge pages and
+        /// --fault-mode kernel).
+        #[arg(long, default_value = "anon", value_parser = ["anon", "memfd", "hugetlb"])]
+        backing: String,
+        /// Map it read-only to the guest.
+        #[arg(long)]
+        readonly: bool,
+    },
+    /// Unmap every address in [GPA, GPA+SIZE); partly covered regions are split. The reply
+    /// comes after the host memory is released.
+    Unmap {
+        /// Guest-physical address.
+        #[arg(long, value_parser = parse_addr)]
+        gpa: u64,
+        /// Size.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Make [GPA, GPA+SIZE) read-only or writable again (it must be fully mapped).
+    Protect {
+        /// Guest-physical address.
+        #[arg(long, value_parser = parse_addr)]
+        gpa: u64,
+        /// Size.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Read-only.
+        #[arg(
+            long,
+            conflicts_with = "writable",
+            required_unless_present = "writable"
+        )]
+        readonly: bool,
+        /// Writable.
+        #[arg(long)]
+        writable: bool,
+    },
+    /// List every region (boot and RAM included).
+    List,
+    /// Residency and faults per region, open-bus accesses, exits, grace periods.
+    Stats,
+    /// Ask the guest's `hotplug` workload to finish its pass and exit 0.
+    Stop,
+    /// Check the regions against KVM's memslots and the host mappings.
+    Check,
+}
+
+impl CtlOp {
+    /// The request line (without newline).
+    pub fn request(&self) -> String {
+        let v = match self {
+            CtlOp::Map {
+                gpa,
+                size,
+                backing,
+                readonly,
+            } => json!({"id": 1, "op": "map", "gpa": format!("{gpa:#x}"), "size": size,
+                        "backing": backing, "readonly": readonly}),
+            CtlOp::Unmap { gpa, size } => {
+                json!({"id": 1, "op": "unmap", "gpa": format!("{gpa:#x}"), "size": size})
+            }
+            CtlOp::Protect {
+                gpa,
+                size,
+                readonly,
+                ..
+            } => json!({"id": 1, "op": "protect", "gpa": format!("{gpa:#x}"), "size": size,
+                        "readonly": readonly}),
+            CtlOp::List => json!({"id": 1, "op": "list"}),
+            CtlOp::Stats => json!({"id": 1, "op": "stats"}),
+            CtlOp::Stop => json!({"id": 1, "op": "stop"}),
+            CtlOp::Check => json!({"id": 1, "op": "check"}),
+        };
+        v.to_string()
+    }
+}
+
+/// Runs `vmm ctl`; returns the exit status.
+pub fn run(args: &CtlArgs) -> u8 {
+    let line = args.op.request();
+    let reply = match exchange(args, &line) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmm ctl: {e}");
+            return 1;
+        }
+    };
+    let v: Value = match serde_json::from_str(&reply) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("vmm ctl: the VMM sent a reply that is not JSON ({e}): {reply}");
+            return 1;
+        }
+    };
+    let ok = v["ok"] == Value::Bool(true);
+    if args.json {
+        println!("{}", reply.trim_end());
+    } else if ok {
+        print!("{}", human(&args.op, &v["result"]));
+    } else {
+        eprintln!(
+            "vmm ctl: {} failed ({}): {}",
+            op_name(&args.op),
+            v["error"]["code"].as_str().unwrap_or("?"),
+            v["error"]["message"].as_str().unwrap_or("?")
+        );
+    }
+    if ok {
+        0
+    } else {
+        1
+    }
+}
+
+fn op_name(op: &CtlOp) -> &'static str {
+    match op {
+        CtlOp::Map { .. } => "map",
+        CtlOp::Unmap { .. } => "unmap",
+        CtlOp::Protect { .. } => "protect",
+        CtlOp::List => "list",
+        CtlOp::Stats => "stats",
+        CtlOp::Stop => "stop",
+        CtlOp::Check => "check",
+    }
+}
+
+fn exchange(args: &CtlArgs, line: &str) -> Result<String, String> {
+    let path = args.api_sock.display();
+    let mut s = UnixStream::connect(&args.api_sock).map_err(|e| {
+        format!("cannot connect to {path}: {e}; is `vmm run --api-sock {path}` running?")
+    })?;
+    let _ = s.set_read_timeout(Some(REPLY_TIMEOUT));
+    s.write_all(format!("{line}\n").as_bytes())
+        .map_err(|e| format!("cannot send the request to {path}: {e}"))?;
+    let mut reply = String::new();
+    BufReader::new(&s)
+        .read_line(&mut reply)
+        .map_err(|e| format!("no reply from {path}: {e}"))?;
+    if reply.is_empty() {
+        return Err(format!("{path} closed the connection without replying"));
+    }
+    Ok(reply)
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or("?")
+}
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+fn region_line(r: &Value) -> String {
+    format!(
+        "[{}, {}) {} {} slot {} {}{}",
+        s(&r["gpa"]),
+        s(&r["end"]),
+        fmt_size(n(&r["size"])),
+        s(&r["backing"]),
+        r["slot"].as_u64().map_or("-".into(), |x| x.to_string()),
+        if r["readonly"] == Value::Bool(true) {
+            "read-only"
+        } else {
+            "read-write"
+        },
+        match n(&r["resident_pages"]) {
+            0 => String::new(),
+            p => format!(", {p} pages resident, {} faults", n(&r["faults"])),
+        }
+    )
+}
+
+/// The human summary of a successful reply.
+pub fn human(op: &CtlOp, r: &Value) -> String {
+    let mut out = String::new();
+    let empty = Vec::new();
+    match op {
+        CtlOp::Map { .. } => out += &format!("mapped {}\n", region_line(r)),
+        CtlOp::Unmap { .. } => {
+            for p in r["removed"].as_array().unwrap_or(&empty) {
+                out += &format!("unmapped {}\n", region_line(p));
+            }
+        }
+        CtlOp::Protect { .. } => {
+            for p in r["changed"].as_array().unwrap_or(&empty) {
+                out += &format!("now {}\n", region_line(p));
+            }
+        }
+        CtlOp::List => {
+            out += &format!(
+                "{:<14} {:<14} {:>10} {:>5} {:<8} {:<8} {:<3} {:>9} {:>8}\n",
+                "GPA", "END", "SIZE", "SLOT", "BACKING", "KIND", "RO", "RESIDENT", "FAULTS"
+            );
+            for p in r["regions"].as_array().unwrap_or(&empty) {
+                out += &format!(
+                    "{:<14} {:<14} {:>10} {:>5} {:<8} {:<8} {:<3} {:>9} {:>8}\n",
+                    s(&p["gpa"]),
+                    s(&p["end"]),
+                    fmt_size(n(&p["size"])),
+                    p["slot"].as_u64().map_or("-".into(), |x| x.to_string()),
+                    s(&p["backing"]),
+                    s(&p["kind"]),
+                    if p["readonly"] == Value::Bool(true) {
+                        "yes"
+                    } else {
+                        "no"
+                    },
+                    n(&p["resident_pages"]),
+                    n(&p["faults"]),
+                );
+            }
+        }
+        CtlOp::Stats => {
+            let t = &r["totals"];
+            let e = &r["exits"];
+            let g = &r["guest"];
+            let rcu = &r["rcu"];
+            out += &format!(
+                "regions: {} ({} hot-plugged, {}), {} pages resident; host RSS {}\n",
+                n(&t["regions"]),
+                n(&t["hotplug_regions"]),
+                fmt_size(n(&t["hotplug_bytes"])),
+                n(&t["resident_pages"]),
+                fmt_size(n(&r["host_rss_bytes"]) & !0xfff),
+            );
+            for p in r["regions"].as_array().unwrap_or(&empty) {
+                out += &format!("  {}\n", region_line(p));
+            }
+            out += &format!(
+                "faults: {} serviced, {} pages populated ({} fault mode, {} address space)\n",
+                n(&t["faults"]),
+                n(&t["pages_populated"]),
+                s(&r["fault_mode"]),
+                s(&r["address_space"])
+            );
+            out += &format!(
+                "open bus: {} reads, {} writes; read-only writes dropped: {}\n",
+                n(&t["open_bus_reads"]),
+                n(&t["open_bus_writes"]),
+                n(&t["readonly_writes"])
+            );
+            out += &format!(
+                "exits: {} (io {}, mmio {}, memory-fault {}, efault {}, interrupted {}, other {})\n",
+                n(&e["total"]),
+                n(&e["io"]),
+                n(&e["mmio"]),
+                n(&e["memory_fault"]),
+                n(&e["efault"]),
+                n(&e["interrupted"]),
+                n(&e["other"])
+            );
+            out += &format!(
+                "grace periods: {} (p50 {} ns, p99 {} ns, max {} ns)\n",
+                n(&rcu["grace_periods"]),
+                n(&rcu["grace_period_ns"]["p50"]),
+                n(&rcu["grace_period_ns"]["p99"]),
+                n(&rcu["grace_period_ns"]["max"])
+            );
+            out += &format!(
+                "guest: {} pages touched, {} verify errors, {} vanished, {} passes, mailbox generation {} (seen {})\n",
+                n(&g["pages_touched"]),
+                n(&g["verify_errors"]),
+                n(&g["vanished"]),
+                n(&g["passes"]),
+                n(&r["generation"]),
+                n(&g["generation_seen"])
+            );
+        }
+        CtlOp::Stop => out += "the guest was asked to stop\n",
+        CtlOp::Check => {
+            if r["consistent"] == Value::Bool(true) {
+                out += &format!(
+                    "consistent: {} regions, {} memslots, {} served by exits\n",
+                    n(&r["regions"]),
+                    n(&r["memslots"]),
+                    n(&r["exit_served"])
+                );
+            } else {
+                out += "INCONSISTENT:\n";
+                for p in r["problems"].as_array().unwrap_or(&empty) {
+                    out += &format!("  {}\n", s(p));
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,867 @@
+//! The control socket: `vmm run --api-sock PATH` serves JSON-lines requests that hot-plug
+//! guest memory; `vmm ctl` is the client.
+//!
+//! Layers (Firecracker-style thin API): [`protocol`] turns a line into a [`Request`];
+//! [`Vmm::execute`] validates it against the control limits, calls the address space and
+//! updates the guest's mailbox, returning a typed [`Reply`] or a [`ControlError`] whose code
+//! goes on the wire; [`server`] moves lines between sockets and `execute` and never touches
+//! the address space.
+#![deny(unsafe_code)]
+
+pub mod client;
+pub mod protocol;
+pub mod server;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use crate::devices::mailbox::{Mailbox, MailboxRegion};
+use crate::inject;
+use crate::memory::address_space::{RegionInfo, PAGE};
+use crate::memory::{AddressSpace, AsError, Backing, FaultMode, RegionKind};
+use crate::vcpu::VcpuShared;
+use crate::vm::VmHandle;
+pub use protocol::{Code, ControlError, Request};
+
+/// Limits of the control server.
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    /// Most hot-plugged regions at once (splits count).
+    pub max_regions: usize,
+    /// Most hot-plugged guest memory at once, in bytes.
+    pub max_hotplug_bytes: u64,
+    /// Most clients connected at once.
+    pub max_clients: usize,
+    /// vCPUs of the VM (to read the guest's results slots).
+    pub vcpus: u32,
+}
+
+impl From<AsError> for ControlError {
+    fn from(e: AsError) -> Self {
+        let code = match e.code() {
+            "invalid" => Code::Invalid,
+            "overlap" => Code::Overlap,
+            "not_found" => Code::NotFound,
+            "limit" => Code::Limit,
+            "reserved" => Code::Reserved,
+            _ => Code::Internal,
+        };
+        ControlError::new(code, e.to_string())
+    }
+}
+
+/// A region as replies show it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct RegionView {
+    /// First address (hex).
+    pub gpa: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// End address, exclusive (hex).
+    pub end: String,
+    /// KVM memslot (null while the region is served by exits).
+    pub slot: Option<u32>,
+    /// anon | memfd | hugetlb.
+    pub backing: &'static str,
+    /// boot | ram | hotplug.
+    pub kind: &'static str,
+    /// Read-only to the guest.
+    pub readonly: bool,
+    /// Pages populated.
+    pub resident_pages: u64,
+    /// Faults serviced in it.
+    pub faults: u64,
+}
+
+impl From<&RegionInfo> for RegionView {
+    fn from(r: &RegionInfo) -> Self {
+        RegionView {
+            gpa: protocol::hex(r.gpa),
+            size: r.size_bytes,
+            end: protocol::hex(r.gpa + r.size_bytes),
+            slot: r.slot,
+            backing: r.backing,
+            kind: r.kind,
+            readonly: r.readonly,
+            resident_pages: r.resident_pages,
+            faults: r.faults,
+        }
+    }
+}
+
+/// What a successful request returns.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Reply {
+    /// `map`: the new region.
+    Mapped(RegionView),
+    /// `unmap`: the pieces removed.
+    Unmapped {
+        /// Removed pieces.
+        removed: Vec<RegionView>,
+    },
+    /// `protect`: the pieces whose protection changed.
+    Protected {
+        /// Changed pieces.
+        changed: Vec<RegionView>,
+    },
+    /// `list`.
+    List {
+        /// Every region, boot and RAM included, by address.
+        regions: Vec<RegionView>,
+        /// The mailbox generation the guest sees.
+        generation: u64,
+    },
+    /// `stats`.
+    Stats(Box<Stats>),
+    /// `stop`.
+    Stopping {
+        /// Always true.
+        stopping: bool,
+    },
+    /// `inject`.
+    Injecting {
+        /// The step, or "off".
+        step: &'static str,
+        /// Which call fails.
+        nth: u64,
+    },
+    /// `check`.
+    Check(Check),
+}
+
+/// `stats`.
+#[derive(Debug, Serialize)]
+pub struct Stats {
+    /// Hot-plugged regions (boot and RAM are in `totals` only).
+    pub regions: Vec<RegionView>,
+    /// Address-space counters.
+    pub totals: Totals,
+    /// VM exits by reason.
+    pub exits: Exits,
+    /// Grace periods.
+    pub rcu: RcuStats,
+    /// What the guest's `hotplug` workload reported so far.
+    pub guest: GuestProgress,
+    /// The mailbox generation.
+    pub generation: u64,
+    /// The VMM process's resident memory.
+    pub host_rss_bytes: u64,
+    /// vcpu | handler | kernel.
+    pub fault_mode: &'static str,
+    /// bonsai | rwlock | cow.
+    pub address_space: &'static str,
+}
+
+/// Address-space totals.
+#[derive(Debug, Serialize)]
+pub struct Totals {
+    /// All regions.
+    pub regions: usize,
+    /// Hot-plugged regions.
+    pub hotplug_regions: usize,
+    /// Hot-plugged bytes.
+    pub hotplug_bytes: u64,
+    /// Pages populated across every region.
+    pub resident_pages: u64,
+    /// Faults serviced.
+    pub faults: u64,
+    /// Pages populated by the VMM.
+    pub pages_populated: u64,
+    /// Populates that lost a race.
+    pub populate_races: u64,
+    /// Bare `-EFAULT`s resolved by decoding.
+    pub unannotated_faults: u64,
+    /// Guest reads of unmapped addresses.
+    pub open_bus_reads: u64,
+    /// Guest writes to unmapped addresses.
+    pub open_bus_writes: u64,
+    /// Dropped writes to read-only regions.
+    pub readonly_writes: u64,
+    /// Successful maps.
+    pub maps: u64,
+    /// Successful unmaps.
+    pub unmaps: u64,
+    /// Successful protects.
+    pub protects: u64,
+}
+
+/// VM exits.
+#[derive(Debug, Serialize)]
+pub struct Exits {
+    /// All.
+    pub total: u64,
+    /// Port I/O.
+    pub io: u64,
+    /// MMIO.
+    pub mmio: u64,
+    /// `KVM_EXIT_MEMORY_FAULT`.
+    pub memory_fault: u64,
+    /// Bare `-EFAULT`.
+    pub efault: u64,
+    /// Kicks.
+    pub interrupted: u64,
+    /// Other.
+    pub other: u64,
+}
+
+/// RCU figures.
+#[derive(Debug, Serialize)]
+pub struct RcuStats {
+    /// Grace periods completed.
+    pub grace_periods: u64,
+    /// `synchronize()` calls.
+    pub synchronize_calls: u64,
+    /// Grace-period latency.
+    pub grace_period_ns: Latency,
+    /// Objects waiting to be freed.
+    pub backlog: u64,
+    /// Registered readers.
+    pub readers: u64,
+}
+
+/// Latency percentiles.
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Largest.
+    pub max: u64,
+    /// Mean.
+    pub mean: u64,
+}
+
+/// The `hotplug` workload's counters (summed over vCPUs).
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+pub struct GuestProgress {
+    /// vCPUs that have finished.
+    pub vcpus_done: u64,
+    /// Pages written and verified (or read, for read-only regions).
+    pub pages_touched: u64,
+    /// Pages wrong although the mailbox did not change meanwhile.
+    pub verify_errors: u64,
+    /// Pages found changed by a concurrent unmap or protect (open bus or dropped write).
+    pub vanished: u64,
+    /// Passes over the region list.
+    pub passes: u64,
+    /// Lowest mailbox generation the vCPUs have acted on.
+    pub generation_seen: u64,
+}
+
+/// `check`: the address space against what KVM and the host have.
+#[derive(Debug, Serialize)]
+pub struct Check {
+    /// No problem found.
+    pub consistent: bool,
+    /// What is wrong.
+    pub problems: Vec<String>,
+    /// Regions in the tree.
+    pub regions: usize,
+    /// Memslots KVM holds.
+    pub memslots: usize,
+    /// Regions without a memslot (served through exits).
+    pub exit_served: usize,
+    /// Failures injected so far.
+    pub injected: u64,
+}
+
+/// The VMM as the control server sees it.
+pub struct Vmm {
+    space: Arc<AddressSpace>,
+    shared: Arc<VcpuShared>,
+    guest_mem: vm_memory::GuestMemoryMmap,
+    mailbox: Mailbox,
+    cfg: Config,
+    /// Serialises changes (validation against the limits, the change, the mailbox update).
+    ops: Mutex<()>,
+    inject: bool,
+}
+
+impl Vmm {
+    /// The control view of a running VM. Publishes an empty mailbox.
+    pub fn new(h: &VmHandle, cfg: Config, inject: bool) -> Result<Self, String> {
+        let mailbox = Mailbox::new(h.guest_mem.clone())
+            .map_err(|e| format!("cannot write the hot-plug mailbox: {e}"))?;
+        let vmm = Vmm {
+            space: Arc::clone(&h.space),
+            shared: Arc::clone(&h.shared),
+            guest_mem: h.guest_mem.clone(),
+            mailbox,
+            cfg,
+            ops: Mutex::new(()),
+            inject,
+        };
+        // Regions mapped before the server started (none, normally) are listed at once.
+        let _ = vmm.mailbox.begin().publish(&vmm.mailbox_list());
+        Ok(vmm)
+    }
+
+    /// The limits.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Runs one request.
+    pub fn execute(&self, req: Request) -> Result<Reply, ControlError> {
+        match req {
+            Request::Map {
+                gpa,
+                size,
+                backing,
+                readonly,
+            } => self.map(gpa, size, backing, readonly),
+            Request::Unmap { gpa, size } => {
+                let _op = self.lock_ops();
+                self.check_split_limit(gpa, size, false)?;
+                // The generation goes odd before memory goes away (see devices::mailbox).
+                let update = self.mailbox.begin();
+                let r = self.space.unmap(gpa, size);
+                let _ = update.publish(&self.mailbox_list());
+                Ok(Reply::Unmapped {
+                    removed: r?.iter().map(RegionView::from).collect(),
+                })
+            }
+            Request::Protect {
+                gpa,
+                size,
+                readonly,
+            } => {
+                let _op = self.lock_ops();
+                self.check_split_limit(gpa, size, true)?;
+                let update = self.mailbox.begin();
+                let r = self.space.protect(gpa, size, readonly);
+                let _ = update.publish(&self.mailbox_list());
+                Ok(Reply::Protected {
+                    changed: r?.iter().map(RegionView::from).collect(),
+                })
+            }
+            Request::List => Ok(Reply::List {
+                regions: self.space.list().iter().map(RegionView::from).collect(),
+                generation: self.mailbox.generation(),
+            }),
+            Request::Stats => Ok(Reply::Stats(Box::new(self.stats()))),
+            Request::Check => Ok(Reply::Check(self.check())),
+            Request::Stop => {
+                self.mailbox.request_stop().map_err(|e| {
+                    ControlError::new(Code::Internal, format!("cannot write the mailbox: {e}"))
+                })?;
+                Ok(Reply::Stopping { stopping: true })
+            }
+            Request::Inject { step, nth } => {
+                if !self.inject {
+                    return Err(ControlError::invalid(format!(
+                        "unknown op \"inject\" (test-only: start the VMM with {} set)",
+                        inject::ENV
+                    )));
+                }
+                let step = step.map(|s| match s {
+                    protocol::InjectStep::Mmap => inject::Step::Mmap,
+                    protocol::InjectStep::Uffd => inject::Step::Uffd,
+                    protocol::InjectStep::Memslot => inject::Step::Memslot,
+                });
+                inject::disarm_all();
+                if let Some(s) = step {
+                    inject::arm(s, nth);
+                }
+                Ok(Reply::Injecting {
+                    step: step.map_or("off", inject::Step::name),
+                    nth,
+                })
+            }
+        }
+    }
+
+    /// `check`.
+    pub fn check(&self) -> Check {
+        let _op = self.lock_ops();
+        check(&self.space)
+    }
+
+    fn lock_ops(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.ops.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn map(
+        &self,
+        gpa: u64,
+        size: u64,
+        backing: Backing,
+        readonly: bool,
+    ) -> Result<Reply, ControlError> {
+        let _op = self.lock_ops();
+        let align = backing.align_bytes();
+        if size == 0 || gpa % align != 0 || size % align != 0 {
+            return Err(ControlError::invalid(format!(
+                "gpa {gpa:#x} and size {size:#x} must be non-zero multiples of {align:#x} for {} backing",
+                backing.name()
+            )));
+        }
+        let end = gpa.checked_add(size).ok_or_else(|| {
+            ControlError::invalid(format!("gpa {gpa:#x} + size {size:#x} overflows"))
+        })?;
+        reserved_check(gpa, end, &self.space.list())?;
+        let list = self.space.list();
+        let hot: Vec<_> = list.iter().filter(|r| r.kind == "hotplug").collect();
+        if hot.len() >= self.cfg.max_regions {
+            return Err(ControlError::new(
+                Code::Limit,
+                format!(
+                    "at most {} hot-plugged regions may be mapped at once (--max-regions)",
+                    self.cfg.max_regions
+                ),
+            ));
+        }
+        let bytes: u64 = hot.iter().map(|r| r.size_bytes).sum();
+        if bytes.saturating_add(size) > self.cfg.max_hotplug_bytes {
+            return Err(ControlError::new(
+                Code::Limit,
+                format!(
+                    "mapping {} more would exceed the limit of {} of hot-plugged memory \
+                     ({} mapped; --max-hotplug-mem)",
+                    fmt_size(size),
+                    fmt_size(self.cfg.max_hotplug_bytes),
+                    fmt_size(bytes)
+                ),
+            ));
+        }
+        if backing == Backing::Hugetlb {
+            hugetlb_check(size, self.space.fault_mode())?;
+        }
+        let info = self
+            .space
+            .map(gpa, size, backing, readonly, RegionKind::Hotplug)?;
+        let _ = self.mailbox.begin().publish(&self.mailbox_list());
+        Ok(Reply::Mapped(RegionView::from(&info)))
+    }
+
+    /// Refuses an unmap/protect whose splits would take the hot-plugged regions over the
+    /// limit. Malformed ranges are left to the address space to refuse.
+    fn check_split_limit(&self, gpa: u64, size: u64, protect: bool) -> Result<(), ControlError> {
+        if size == 0 || gpa % PAGE != 0 || size % PAGE != 0 {
+            return Ok(());
+        }
+        let Some(end) = gpa.checked_add(size) else {
+            return Ok(());
+        };
+        let hot: Vec<_> = self
+            .space
+            .list()
+            .into_iter()
+            .filter(|r| r.kind == "hotplug")
+            .collect();
+        let mut after = hot.len();
+        for r in hot
+            .iter()
+            .filter(|r| r.gpa < end && gpa < r.gpa + r.size_bytes)
+        {
+            let left = r.gpa < gpa;
+            let right = r.gpa + r.size_bytes > end;
+            // unmap: the region goes, its outside parts stay; protect: its inside part too.
+            after = after - 1 + usize::from(left) + usize::from(right) + usize::from(protect);
+        }
+        if after > self.cfg.max_regions {
+            return Err(ControlError::new(
+                Code::Limit,
+                format!(
+                    "this split would leave {after} hot-plugged regions; at most {} may be mapped (--max-regions)",
+                    self.cfg.max_regions
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn mailbox_list(&self) -> Vec<MailboxRegion> {
+        self.space
+            .list()
+            .into_iter()
+            .filter(|r| r.kind == "hotplug")
+            .map(|r| MailboxRegion {
+                gpa: r.gpa,
+                size_bytes: r.size_bytes,
+                readonly: r.readonly,
+            })
+            .collect()
+    }
+
+    /// What the guest reported in its results slots.
+    pub fn guest_progress(&self) -> GuestProgress {
+        use vm_memory::Bytes;
+        let mut g = GuestProgress {
+            generation_seen: u64::MAX,
+            ..Default::default()
+        };
+        for i in 0..u64::from(self.cfg.vcpus) {
+            let w = |k: u64| {
+                self.guest_mem
+                    .load::<u64>(
+                        vm_memory::GuestAddress(abi::result_addr(i) + 8 * k),
+                        std::sync::atomic::Ordering::Acquire,
+                    )
+                    .unwrap_or(0)
+            };
+            g.vcpus_done += u64::from(w(0) != 0);
+            g.pages_touched += w(1);
+            g.verify_errors += w(2);
+            g.vanished += w(4);
+            g.passes += w(5);
+            g.generation_seen = g.generation_seen.min(w(6));
+        }
+        if g.generation_seen == u64::MAX {
+            g.generation_seen = 0;
+        }
+        g
+    }
+
+    fn stats(&self) -> Stats {
+        let list = self.space.list();
+        let c = self.space.counters.snapshot();
+        let e = self.shared.exits.snapshot();
+        let r = self.space.domain().stats();
+        let hot: Vec<_> = list.iter().filter(|r| r.kind == "hotplug").collect();
+        let l = &r.grace_period_latency;
+        Stats {
+            regions: hot.iter().map(|r| RegionView::from(*r)).collect(),
+            totals: Totals {
+                regions: list.len(),
+                hotplug_regions: hot.len(),
+                hotplug_bytes: hot.iter().map(|r| r.size_bytes).sum(),
+                resident_pages: list.iter().map(|r| r.resident_pages).sum(),
+                faults: c.faults,
+                pages_populated: c.pages_populated,
+                populate_races: c.populate_races,
+                unannotated_faults: c.unannotated_faults,
+                open_bus_reads: c.open_bus_reads,
+                open_bus_writes: c.open_bus_writes,
+                readonly_writes: c.readonly_writes,
+                maps: c.maps,
+                unmaps: c.unmaps,
+                protects: c.protects,
+            },
+            exits: Exits {
+                total: e.total(),
+                io: e.io,
+                mmio: e.mmio,
+                memory_fault: e.memory_fault,
+                efault: e.efault,
+                interrupted: e.interrupted,
+                other: e.other,
+            },
+            rcu: RcuStats {
+                grace_periods: r.grace_periods,
+                synchronize_calls: r.synchronize_calls,
+                grace_period_ns: Latency {
+                    p50: l.quantile_ns(0.5),
+                    p99: l.quantile_ns(0.99),
+                    max: l.max_ns(),
+                    mean: l.mean_ns(),
+                },
+                backlog: r.backlog,
+                readers: r.readers,
+            },
+            guest: self.guest_progress(),
+            generation: self.mailbox.generation(),
+            host_rss_bytes: host_rss_bytes(),
+            fault_mode: self.space.fault_mode().name(),
+            address_space: self.space.implementation(),
+        }
+    }
+}
+
+/// What the `hotplug` workload reported, for the end-of-run line.
+#[derive(Debug, Default)]
+pub struct HotplugSummary {
+    /// vCPUs that reported.
+    pub vcpus: usize,
+    /// Of those, finished.
+    pub vcpus_done: usize,
+    /// Pages touched.
+    pub pages: u64,
+    /// Verify errors.
+    pub verify_errors: u64,
+    /// Pages that vanished under the guest (open bus, dropped writes) during a change.
+    pub vanished: u64,
+    /// Passes.
+    pub passes: u64,
+}
+
+/// Sums the `hotplug` workload's results slots.
+pub fn hotplug_summary(results: &[abi::VcpuResult]) -> HotplugSummary {
+    let mut s = HotplugSummary {
+        vcpus: results.len(),
+        ..Default::default()
+    };
+    for r in results {
+        s.vcpus_done += usize::from(r.done != 0);
+        s.pages += r.pages;
+        s.verify_errors += r.verify_errors;
+        s.vanished += r.reserved[0];
+        s.passes += r.reserved[1];
+    }
+    s
+}
+
+impl std::fmt::Display for HotplugSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "hotplug: {} pages touched, {} vanished under a change, {} passes, {}/{} vcpus done, {}",
+            self.pages,
+            self.vanished,
+            self.passes,
+            self.vcpus_done,
+            self.vcpus,
+            if self.verify_errors == 0 {
+                "verify ok (0 errors)".to_owned()
+            } else {
+                format!("VERIFY FAILED ({} errors)", self.verify_errors)
+            }
+        )
+    }
+}
+
+/// Boot RAM, the boot area and the 32-bit device hole cannot be mapped over.
+fn reserved_check(gpa: u64, end: u64, list: &[RegionInfo]) -> Result<(), ControlError> {
+    use abi::layout::{HOLE_END, HOLE_START};
+    if let Some(r) = list
+        .iter()
+        .find(|r| r.kind != "hotplug" && r.gpa < end && gpa < r.gpa + r.size_bytes)
+    {
+        return Err(ControlError::new(
+            Code::Reserved,
+            format!(
+                "[{gpa:#x}, {end:#x}) overlaps {} memory [{:#x}, {:#x}), which cannot be changed at run time",
+                r.kind,
+                r.gpa,
+                r.gpa + r.size_bytes
+            ),
+        ));
+    }
+    if gpa < HOLE_END && HOLE_START < end {
+        return Err(ControlError::new(
+            Code::Reserved,
+            format!(
+                "[{gpa:#x}, {end:#x}) overlaps the device hole [{HOLE_START:#x}, {HOLE_END:#x})"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// hugetlb needs free 2 MiB pages on the host, and the `kernel` fault mode (the userfaultfd
+/// populate path works in 4 KiB pages).
+fn hugetlb_check(size: u64, mode: FaultMode) -> Result<(), ControlError> {
+    let dir = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+    let read = |f: &str| -> u64 {
+        std::fs::read_to_string(format!("{dir}/{f}"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let free = read("free_hugepages").saturating_sub(read("resv_hugepages"));
+    let need = size / (2 << 20);
+    if free < need {
+        return Err(ControlError::new(
+            Code::Limit,
+            format!(
+                "hugetlb backing needs {need} free 2 MiB huge pages; the host has {free} \
+                 (reserve some with `echo N > /proc/sys/vm/nr_hugepages`, or use backing anon or memfd)"
+            ),
+        ));
+    }
+    if mode != FaultMode::Kernel {
+        return Err(ControlError::invalid(format!(
+            "hugetlb backing needs --fault-mode kernel (this VM runs --fault-mode {}, whose \
+             userfaultfd populate works in 4 KiB pages); use backing anon or memfd",
+            mode.name()
+        )));
+    }
+    Ok(())
+}
+
+/// The process's resident set, from `/proc/self/statm`.
+pub fn host_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * PAGE)
+}
+
+/// Compares the tree with the memslots KVM was given and the host mappings.
+fn check(space: &AddressSpace) -> Check {
+    let list = space.list();
+    let kvm = inject::kvm_slots();
+    let mut problems = Vec::new();
+    let mut seen = BTreeMap::new();
+    let mut exit_served = 0;
+    let mut prev_end = 0;
+    for r in &list {
+        if r.gpa < prev_end {
+            problems.push(format!("region {:#x} overlaps the one before it", r.gpa));
+        }
+        prev_end = r.gpa + r.size_bytes;
+        match r.slot {
+            None => exit_served += 1,
+            Some(s) => {
+                if seen.insert(s, r.gpa).is_some() {
+                    problems.push(format!("memslot {s} is used by two regions"));
+                }
+                match kvm.get(&s) {
+                    Some(&(g, sz, ro)) if (g, sz, ro) == (r.gpa, r.size_bytes, r.readonly) => {}
+                    Some(k) => problems.push(format!(
+                        "region {:#x}+{:#x} ro={} has memslot {s}, which KVM holds as {:#x}+{:#x} ro={}",
+                        r.gpa, r.size_bytes, r.readonly, k.0, k.1, k.2
+                    )),
+                    None => problems.push(format!(
+                        "region {:#x} has memslot {s}, which KVM does not hold",
+                        r.gpa
+                    )),
+                }
+            }
+        }
+    }
+    for (s, k) in &kvm {
+        if !seen.contains_key(s) {
+            problems.push(format!(
+                "KVM holds memslot {s} ({:#x}+{:#x}) that no region has",
+                k.0, k.1
+            ));
+        }
+    }
+    // Host mappings: inside the reservation, exactly the regions are readable and writable.
+    let base = space.host_addr(0);
+    let limit = base + space.host().size_bytes();
+    let want = merge(
+        list.iter()
+            .map(|r| (base + r.gpa, base + r.gpa + r.size_bytes)),
+    );
+    match std::fs::read_to_string("/proc/self/maps") {
+        Ok(maps) => {
+            let have = merge(maps.lines().filter_map(|l| {
+                let (range, rest) = l.split_once(' ')?;
+                let (a, b) = range.split_once('-')?;
+                let (a, b) = (
+                    u64::from_str_radix(a, 16).ok()?,
+                    u64::from_str_radix(b, 16).ok()?,
+                );
+                (rest.starts_with("rw") && a < limit && base < b)
+                    .then(|| (a.max(base), b.min(limit)))
+            }));
+            if have != want {
+                let fmt = |v: &[(u64, u64)]| {
+                    v.iter()
+                        .take(8)
+                        .map(|(a, b)| format!("[{:#x}, {:#x})", a - base, b - base))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                };
+                problems.push(format!(
+                    "host mappings (as guest-physical) {} differ from the regions {}",
+                    fmt(&have),
+                    fmt(&want)
+                ));
+            }
+        }
+        Err(e) => problems.push(format!("cannot read /proc/self/maps: {e}")),
+    }
+    Check {
+        consistent: problems.is_empty(),
+        problems,
+        regions: list.len(),
+        memslots: kvm.len(),
+        exit_served,
+        injected: inject::injected(),
+    }
+}
+
+fn merge(ranges: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+    let mut v: Vec<_> = ranges.collect();
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (a, b) in v {
+        match out.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+/// `64 MiB`, `4 KiB`, `3 GiB`, or bytes.
+pub fn fmt_size(b: u64) -> String {
+    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if b >= 1 << shift && b % (1 << shift) == 0 {
+            return format!("{} {unit}", b >> shift);
+        }
+    }
+    format!("{b} B")
+}
+
+/// The companion-thread body for `vmm run --api-sock`: serves `listener` until the run ends.
+pub fn sidecar(listener: server::Listener, cfg: Config) -> crate::vm::Sidecar {
+    Box::new(move |h: VmHandle| {
+        let inject = match inject::enable_from_env() {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("vmm: {e}");
+                false
+            }
+        };
+        let vmm = match Vmm::new(&h, cfg, inject) {
+            Ok(v) => Arc::new(v),
+            Err(e) => {
+                eprintln!("vmm: control socket disabled: {e}");
+                return;
+            }
+        };
+        server::serve(listener, &vmm, &h.stop);
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_merging() {
+        assert_eq!(fmt_size(64 << 20), "64 MiB");
+        assert_eq!(fmt_size(4096), "4 KiB");
+        assert_eq!(fmt_size(4097), "4097 B");
+        assert_eq!(
+            merge([(5, 6), (0, 2), (2, 3), (1, 2)].into_iter()),
+            vec![(0, 3), (5, 6)]
+        );
+    }
+
+    #[test]
+    fn reserved_ranges() {
+        let ram = RegionInfo {
+            gpa: 0x80_0000,
+            size_bytes: 0x80_0000,
+            slot: Some(1),
+            backing: "anon",
+            kind: "ram",
+            readonly: false,
+            resident_pages: 0,
+            faults: 0,
+        };
+        let list = [ram];
+        assert_eq!(
+            reserved_check(0x100_0000, 0x100_1000, &list)
+                .unwrap_err()
+                .code,
+            Code::Reserved
+        );
+        assert_eq!(
+            reserved_check(0xd000_0000, 0xd000_1000, &list)
+                .unwrap_err()
+                .code,
+            Code::Reserved
+        );
+        assert!(reserved_check(1 << 32, (1 << 32) + 4096, &list).is_ok());
+    }
+}

@@ -1,0 +1,230 @@
+//! The hot-plug mailbox: a page in the boot area where the VMM publishes the list of
+//! hot-plugged regions for the guest, under a sequence lock (see [`abi::Mailbox`]).
+//!
+//! Protocol with the guest (the `hotplug` workload):
+//!
+//! 1. [`Mailbox::begin`] makes `generation` odd (release) *before* the address space changes,
+//!    so that a guest access that sees the change (open bus, a dropped write) also sees an odd
+//!    or newer generation afterwards and knows not to count it as an error.
+//! 2. The caller changes the address space.
+//! 3. [`MailboxUpdate::publish`] writes the list, then (release fence) makes `generation` even.
+//!
+//! The mailbox lives in the boot area, which is populated eagerly and never demand-paged, so it
+//! is written through vm-memory's `Bytes` without any fault servicing.
+#![deny(unsafe_code)]
+
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, MutexGuard};
+
+use abi::layout::MAILBOX;
+use abi::{mailbox_flags, mem_kind, region_flags, Mailbox as Layout, MAILBOX_MAX_REGIONS};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// One listed region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MailboxRegion {
+    /// First guest-physical address.
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Read-only to the guest.
+    pub readonly: bool,
+}
+
+/// The VMM's side of the mailbox. Updates are serialised by an internal lock, which
+/// [`begin`](Self::begin) holds until the update is published.
+pub struct Mailbox {
+    mem: GuestMemoryMmap,
+    /// The generation last written (even when no update is under way).
+    generation: Mutex<u64>,
+}
+
+/// An update under way: `generation` is odd until [`publish`](Self::publish) (or drop, which
+/// republishes nothing new but makes the generation even again).
+pub struct MailboxUpdate<'a> {
+    mailbox: &'a Mailbox,
+    generation: MutexGuard<'a, u64>,
+    published: bool,
+}
+
+fn addr(offset: u64) -> GuestAddress {
+    GuestAddress(MAILBOX + offset)
+}
+
+impl Mailbox {
+    /// The mailbox in `mem` (which must cover the boot area), with an empty list published.
+    pub fn new(mem: GuestMemoryMmap) -> Result<Self, vm_memory::GuestMemoryError> {
+        let current: u64 = mem.load(addr(Layout::GENERATION_OFFSET), Ordering::Acquire)?;
+        let m = Mailbox {
+            mem,
+            generation: Mutex::new(current & !1),
+        };
+        m.begin().publish(&[])?;
+        Ok(m)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, u64> {
+        self.generation.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts an update: the generation goes odd (release), before the caller changes memory.
+    pub fn begin(&self) -> MailboxUpdate<'_> {
+        let mut g = self.lock();
+        *g += 1;
+        // Release: pairs with the guest's acquire load of `generation` after its access.
+        let _ = self
+            .mem
+            .store(*g, addr(Layout::GENERATION_OFFSET), Ordering::Release);
+        MailboxUpdate {
+            mailbox: self,
+            generation: g,
+            published: false,
+        }
+    }
+
+    /// The current generation (even unless an update is under way on another thread).
+    pub fn generation(&self) -> u64 {
+        self.mem
+            .load(addr(Layout::GENERATION_OFFSET), Ordering::Acquire)
+            .unwrap_or(0)
+    }
+
+    /// Asks the guest's `hotplug` workload to stop.
+    pub fn request_stop(&self) -> Result<(), vm_memory::GuestMemoryError> {
+        let _g = self.lock();
+        let flags: u32 = self
+            .mem
+            .load(addr(Layout::FLAGS_OFFSET), Ordering::Relaxed)?;
+        self.mem.store(
+            flags | mailbox_flags::STOP,
+            addr(Layout::FLAGS_OFFSET),
+            Ordering::Release,
+        )
+    }
+
+    /// Whether [`request_stop`](Self::request_stop) was called.
+    #[cfg(test)]
+    pub fn stop_requested(&self) -> bool {
+        self.mem
+            .load::<u32>(addr(Layout::FLAGS_OFFSET), Ordering::Acquire)
+            .is_ok_and(|f| f & mailbox_flags::STOP != 0)
+    }
+}
+
+impl MailboxUpdate<'_> {
+    /// Writes `regions` (sorted; at most [`MAILBOX_MAX_REGIONS`] are listed, the rest flagged
+    /// as truncated) and ends the update: the generation goes even (release).
+    pub fn publish(mut self, regions: &[MailboxRegion]) -> Result<(), vm_memory::GuestMemoryError> {
+        let r = self.write(regions);
+        self.finish();
+        r
+    }
+
+    fn write(&self, regions: &[MailboxRegion]) -> Result<(), vm_memory::GuestMemoryError> {
+        let mem = &self.mailbox.mem;
+        let n = regions.len().min(MAILBOX_MAX_REGIONS);
+        let mut bytes = Vec::with_capacity(n * 24);
+        for r in &regions[..n] {
+            bytes.extend_from_slice(&r.gpa.to_le_bytes());
+            bytes.extend_from_slice(&r.size_bytes.to_le_bytes());
+            bytes.extend_from_slice(&mem_kind::HOTPLUG.to_le_bytes());
+            let flags = if r.readonly {
+                region_flags::READONLY
+            } else {
+                0
+            };
+            bytes.extend_from_slice(&flags.to_le_bytes());
+        }
+        mem.write_slice(&bytes, addr(Layout::REGIONS_OFFSET))?;
+        mem.store(n as u32, addr(Layout::NR_REGIONS_OFFSET), Ordering::Relaxed)?;
+        let flags: u32 = mem.load(addr(Layout::FLAGS_OFFSET), Ordering::Relaxed)?;
+        let flags = if regions.len() > MAILBOX_MAX_REGIONS {
+            flags | mailbox_flags::TRUNCATED
+        } else {
+            flags & !mailbox_flags::TRUNCATED
+        };
+        mem.store(flags, addr(Layout::FLAGS_OFFSET), Ordering::Relaxed)
+    }
+
+    fn finish(&mut self) {
+        if self.published {
+            return;
+        }
+        self.published = true;
+        *self.generation += 1;
+        // The list above must be visible before the even generation: release, paired with the
+        // guest's acquire load of `generation` before it copies the list.
+        std::sync::atomic::fence(Ordering::Release);
+        let _ = self.mailbox.mem.store(
+            *self.generation,
+            addr(Layout::GENERATION_OFFSET),
+            Ordering::Release,
+        );
+    }
+}
+
+impl Drop for MailboxUpdate<'_> {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
+    }
+
+    #[test]
+    fn sequence_lock_and_list() {
+        let m = Mailbox::new(mem()).unwrap();
+        assert_eq!(m.generation(), 2);
+        let u = m.begin();
+        assert_eq!(m.generation(), 3, "odd while the change is under way");
+        u.publish(&[
+            MailboxRegion {
+                gpa: 1 << 32,
+                size_bytes: 1 << 20,
+                readonly: false,
+            },
+            MailboxRegion {
+                gpa: 2 << 32,
+                size_bytes: 2 << 20,
+                readonly: true,
+            },
+        ])
+        .unwrap();
+        assert_eq!(m.generation(), 4);
+        let mut buf = [0u8; 64];
+        m.mem.read_slice(&mut buf, GuestAddress(MAILBOX)).unwrap();
+        assert_eq!(u32::from_le_bytes(buf[8..12].try_into().unwrap()), 2);
+        assert_eq!(u64::from_le_bytes(buf[16..24].try_into().unwrap()), 1 << 32);
+        assert_eq!(u64::from_le_bytes(buf[24..32].try_into().unwrap()), 1 << 20);
+        assert_eq!(
+            u32::from_le_bytes(buf[32..36].try_into().unwrap()),
+            mem_kind::HOTPLUG
+        );
+        assert_eq!(u32::from_le_bytes(buf[60..64].try_into().unwrap()), 1);
+        // An abandoned update still ends even.
+        drop(m.begin());
+        assert_eq!(m.generation(), 6);
+        // Too many regions: the list is cut and flagged.
+        let many = vec![
+            MailboxRegion {
+                gpa: 0,
+                size_bytes: 4096,
+                readonly: false
+            };
+            MAILBOX_MAX_REGIONS + 3
+        ];
+        m.begin().publish(&many).unwrap();
+        let flags: u32 = m.mem.load(addr(12), Ordering::Relaxed).unwrap();
+        assert_eq!(flags, mailbox_flags::TRUNCATED);
+        m.request_stop().unwrap();
+        assert!(m.stop_requested());
+        m.begin().publish(&[]).unwrap();
+        assert!(m.stop_requested(), "publishing keeps the stop flag");
+    }
+}
