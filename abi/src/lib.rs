@@ -129,6 +129,10 @@ pub mod ports {
     pub const EXIT: u16 = 0xf4;
     /// The park port: a write stops the writing vCPU only; the others go on.
     pub const PARK: u16 = 0xf5;
+    /// The idle port: a 32-bit write makes the VMM pause the writing vCPU for that many
+    /// microseconds (at most 10 ms), so that a guest with nothing to do leaves the host CPU
+    /// to others (there is no timer interrupt to `hlt` for).
+    pub const IDLE: u16 = 0xf6;
 }
 
 /// Workload ids, as stored in [`BootInfo::workload`].

@@ -82,6 +82,7 @@ pub unsafe extern "C" fn guest_main(vcpu: u64, boot_info: *const BootInfo) -> ! 
         workload::TOUCH => touch(vcpu, &info),
         workload::RACE => race(vcpu, &info),
         workload::XADD => xadd(vcpu, &info),
+        workload::HOTPLUG => hotplug(vcpu, &info),
         workload::EXIT | workload::TRIPLE_FAULT | workload::BAD_PORT => park(),
         // vCPU 0 of `hlt` halted in `_start`; if it ever gets here, the test has failed.
         workload::HLT if first => exit(3),
@@ -260,6 +261,150 @@ fn xadd(vcpu: u64, info: &BootInfo) -> ! {
         }
     }
     report(vcpu, info.nr_vcpus, pages, lost, 0)
+}
+
+/// One hot-plugged region as this vCPU follows it.
+#[derive(Clone, Copy)]
+struct Plugged {
+    start: u64,
+    size: u64,
+    /// `abi::region_flags`.
+    flags: u32,
+    /// The next page of this vCPU's share to touch (share index, not page index).
+    next: u64,
+}
+
+/// Pages each vCPU touches per pass before it looks at the mailbox again.
+const HOTPLUG_PAGES_PER_PASS: u64 = 256;
+
+fn mailbox_generation() -> u64 {
+    // SAFETY: the mailbox page is in the identity-mapped boot area; the VMM writes the
+    // generation with release stores, and this acquire load pairs with them.
+    let g = unsafe { core::ptr::read_volatile((abi::layout::MAILBOX + abi::Mailbox::GENERATION_OFFSET) as *const u64) };
+    core::sync::atomic::fence(Ordering::Acquire);
+    g
+}
+
+fn mailbox_flags() -> u32 {
+    // SAFETY: as in `mailbox_generation`.
+    unsafe { core::ptr::read_volatile((abi::layout::MAILBOX + abi::Mailbox::FLAGS_OFFSET) as *const u32) }
+}
+
+/// Copies the mailbox's region list into `out` if generation `g` is still current at the
+/// end; returns the number of entries.
+fn mailbox_list(g: u64, out: &mut [Plugged; abi::MAILBOX_MAX_REGIONS]) -> Option<usize> {
+    let base = abi::layout::MAILBOX;
+    // SAFETY: the mailbox page (see `mailbox_generation`); plain volatile reads of a list the
+    // VMM does not change while the generation stays `g`.
+    let n = unsafe { core::ptr::read_volatile((base + abi::Mailbox::NR_REGIONS_OFFSET) as *const u32) } as usize;
+    let n = n.min(abi::MAILBOX_MAX_REGIONS);
+    for (i, e) in out.iter_mut().take(n).enumerate() {
+        let at = base + abi::Mailbox::REGIONS_OFFSET + i as u64 * 24;
+        // SAFETY: as above; entry `i < MAILBOX_MAX_REGIONS` lies inside the mailbox page.
+        unsafe {
+            e.start = core::ptr::read_volatile(at as *const u64);
+            e.size = core::ptr::read_volatile((at + 8) as *const u64);
+            e.flags = core::ptr::read_volatile((at + 20) as *const u32);
+        }
+        e.next = 0;
+    }
+    (mailbox_generation() == g).then_some(n)
+}
+
+/// `hotplug`: follow the mailbox; write a per-address pattern into this vCPU's share of each
+/// listed region's pages (the first touch of each is a fault the VMM services), read it back,
+/// and tell a real error from memory that a concurrent unmap or protect took away: a surprise
+/// counts as an error only if the mailbox generation was the same (even) value before the
+/// write and after the read. Runs until the mailbox's STOP flag, reporting after every pass.
+fn hotplug(vcpu: u64, info: &BootInfo) -> ! {
+    const EMPTY: Plugged = Plugged { start: 0, size: 0, flags: 0, next: 0 };
+    let nr = u64::from(info.nr_vcpus);
+    let mut list = [EMPTY; abi::MAILBOX_MAX_REGIONS];
+    let mut fresh = [EMPTY; abi::MAILBOX_MAX_REGIONS];
+    let mut n = 0usize;
+    let mut seen = 0u64;
+    let (mut touched, mut errors, mut vanished, mut passes) = (0u64, 0u64, 0u64, 0u64);
+    let result = abi::result_addr(vcpu) as *mut u64;
+    while mailbox_flags() & abi::mailbox_flags::STOP == 0 {
+        let g = mailbox_generation();
+        if g == 0 || g & 1 == 1 {
+            core::hint::spin_loop();
+            continue;
+        }
+        if g != seen {
+            let Some(m) = mailbox_list(g, &mut fresh) else { continue };
+            // Keep the progress of regions that are still listed unchanged.
+            for f in fresh.iter_mut().take(m) {
+                if let Some(old) = list[..n]
+                    .iter()
+                    .find(|o| o.start == f.start && o.size == f.size && o.flags == f.flags)
+                {
+                    f.next = old.next;
+                }
+            }
+            list[..m].copy_from_slice(&fresh[..m]);
+            n = m;
+            seen = g;
+        }
+        let mut budget = HOTPLUG_PAGES_PER_PASS;
+        'regions: for r in list[..n].iter_mut() {
+            let pages = r.size / abi::layout::PAGE_SIZE;
+            let share = pages / nr + u64::from(pages % nr > vcpu);
+            while r.next < share && budget > 0 {
+                let p = r.next * nr + vcpu;
+                let addr = r.start + p * abi::layout::PAGE_SIZE + (p % 512) * 8;
+                if mailbox_generation() != seen {
+                    break 'regions;
+                }
+                if r.flags & abi::region_flags::READONLY != 0 {
+                    // SAFETY: a listed hot-plugged region, identity-mapped; if it vanished
+                    // meanwhile the read is answered by the VMM (open bus).
+                    let _ = unsafe { core::ptr::read_volatile(addr as *const u64) };
+                } else {
+                    let want = addr.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+                    // SAFETY: as above; only this vCPU writes its share of the region.
+                    let got = unsafe {
+                        core::ptr::write_volatile(addr as *mut u64, want);
+                        core::ptr::read_volatile(addr as *const u64)
+                    };
+                    if got != want {
+                        if mailbox_generation() == seen {
+                            errors += 1;
+                        } else {
+                            vanished += 1;
+                            break 'regions;
+                        }
+                    }
+                }
+                touched += 1;
+                r.next += 1;
+                budget -= 1;
+            }
+        }
+        passes += 1;
+        // SAFETY: this vCPU's results slot in the boot area, written by it alone.
+        unsafe {
+            core::ptr::write_volatile(result.add(1), touched);
+            core::ptr::write_volatile(result.add(2), errors);
+            core::ptr::write_volatile(result.add(4), vanished);
+            core::ptr::write_volatile(result.add(5), passes);
+            core::ptr::write_volatile(result.add(6), seen);
+        }
+        if budget == HOTPLUG_PAGES_PER_PASS {
+            // Nothing to do: leave the host CPU to others for a millisecond.
+            // SAFETY: see `outb`.
+            unsafe { asm!("out dx, eax", in("dx") ports::IDLE, in("eax") 1000u32, options(nomem, nostack)) };
+        }
+    }
+    // SAFETY: as above; `done` last.
+    unsafe {
+        core::sync::atomic::fence(Ordering::Release);
+        core::ptr::write_volatile(result.add(0), 1);
+    }
+    if DONE.fetch_add(1, Ordering::AcqRel) + 1 == info.nr_vcpus {
+        exit(0)
+    }
+    park()
 }
 
 fn fmt_u64(mut v: u64, out: &mut [u8]) -> usize {

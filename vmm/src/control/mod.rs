@@ -851,7 +851,7 @@ mod tests {
         };
         let list = [ram];
         assert_eq!(
-            reserved_check(0x100_0000, 0x100_1000, &list)
+            reserved_check(0x90_0000, 0x90_1000, &list)
                 .unwrap_err()
                 .code,
             Code::Reserved

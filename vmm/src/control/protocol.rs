@@ -376,12 +376,29 @@ pub fn ok_line<T: Serialize>(id: &Value, result: &T) -> String {
 
 /// The line (without newline) answering request `id` with `err`.
 pub fn err_line(id: &Value, err: &ControlError) -> String {
-    serde_json::json!({
-        "id": id,
-        "ok": false,
-        "error": {"code": err.code.name(), "message": err.message},
+    #[derive(Serialize)]
+    struct Error<'a> {
+        code: &'static str,
+        message: &'a str,
+    }
+    #[derive(Serialize)]
+    struct Err<'a> {
+        id: &'a Value,
+        ok: bool,
+        error: Error<'a>,
+    }
+    serde_json::to_string(&Err {
+        id,
+        ok: false,
+        error: Error {
+            code: err.code.name(),
+            message: &err.message,
+        },
     })
-    .to_string()
+    .unwrap_or_else(|_| {
+        r#"{"id":null,"ok":false,"error":{"code":"internal","message":"cannot encode the reply"}}"#
+            .to_owned()
+    })
 }
 
 /// Formats an address for replies.

@@ -46,6 +46,16 @@ impl Devices {
             }
             ports::EXIT => PioOutcome::Exit(exit_port::decode_status(data)),
             ports::PARK => PioOutcome::Park,
+            ports::IDLE => {
+                // Little-endian microseconds.
+                let us = data
+                    .iter()
+                    .take(4)
+                    .rev()
+                    .fold(0u64, |v, &b| (v << 8) | u64::from(b));
+                std::thread::sleep(std::time::Duration::from_micros(us.min(10_000)));
+                PioOutcome::Handled
+            }
             _ => PioOutcome::Unknown,
         }
     }
