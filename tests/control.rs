@@ -51,7 +51,9 @@ impl Vm {
             sock,
         };
         let t0 = Instant::now();
-        while UnixStream::connect(&vm.sock).is_err() {
+        // The socket exists once bound (before the VM boots); connections queue until the
+        // server accepts them. (Probing with a connection would count against --max-clients.)
+        while !vm.sock.exists() {
             assert!(
                 t0.elapsed() < Duration::from_secs(10),
                 "the control socket did not appear"
@@ -300,4 +302,300 @@ fn stale_socket_is_replaced_and_removed_on_exit() {
     let o = support::run(&["ctl", "--api-sock", sock.to_str().unwrap(), "list"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(support::stderr(&o).contains("cannot connect"));
+}
+
+/// Polls `stats` until `pred` holds (or fails after `secs`).
+fn wait_stats(c: &mut Client, secs: u64, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let s = c.ok(json!({"op": "stats"}));
+        if pred(&s) {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "timed out waiting for {what}: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Stops the guest and checks that the run ends with status 0 and a clean verify.
+fn stop_and_verify(vm: Vm, c: &mut Client) -> String {
+    c.ok(json!({"op": "stop"}));
+    let sock = vm.sock.clone();
+    let o = vm.wait();
+    let err = support::stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "stderr:\n{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("hotplug: "))
+        .unwrap_or_else(|| panic!("no hotplug summary in:\n{err}"))
+        .to_owned();
+    assert!(line.contains("verify ok (0 errors)"), "{line}");
+    assert!(!sock.exists(), "the socket is removed on exit");
+    line
+}
+
+#[test]
+fn hotplug_guest_touches_splits_and_rss_falls_after_unmap() {
+    require_kvm!();
+    let vm = Vm::start("hotplug", &["--workload", "hotplug", "--timeout", "120"]);
+    let mut c = vm.client();
+    let base = 4 * GIB;
+    c.ok(map(base, "64M"));
+    // The guest touches the new region: faults are serviced, pages become resident.
+    let s = wait_stats(&mut c, 30, "the guest to touch the whole region", |s| {
+        s["regions"][0]["resident_pages"].as_u64() == Some(64 * MIB / 4096)
+    });
+    let r = &s["regions"][0];
+    assert!(r["faults"].as_u64().unwrap() > 0, "{s}");
+    assert!(
+        s["guest"]["pages_touched"].as_u64().unwrap() >= 64 * MIB / 4096,
+        "{s}"
+    );
+    assert_eq!(s["guest"]["verify_errors"], json!(0), "{s}");
+    assert!(s["exits"]["total"].as_u64().unwrap() > 0);
+    assert!(s["rcu"]["grace_periods"].is_u64());
+    let rss_full = vm.rss_bytes();
+    // Unmap the middle: two halves remain, and the guest still finds its data there.
+    c.ok(unmap(base + 16 * MIB, 32 * MIB));
+    assert_eq!(
+        c.hotplug_regions(),
+        vec![(base, 16 * MIB), (base + 48 * MIB, 16 * MIB)]
+    );
+    let rss_half = vm.rss_bytes();
+    // The reply came after the memory was released: RSS already fell by ~32 MiB.
+    assert!(
+        rss_full - rss_half > 28 * MIB,
+        "RSS {rss_full} -> {rss_half} after unmapping 32 MiB of touched memory"
+    );
+    c.assert_consistent();
+    c.ok(unmap(base, 64 * MIB));
+    assert!(c.hotplug_regions().is_empty());
+    let rss_empty = vm.rss_bytes();
+    assert!(
+        rss_full - rss_empty > 60 * MIB,
+        "RSS {rss_full} -> {rss_empty} after unmapping all 64 MiB"
+    );
+    eprintln!(
+        "RSS: {} MiB touched, {} MiB after unmapping the middle half, {} MiB after unmapping the rest",
+        rss_full >> 20,
+        rss_half >> 20,
+        rss_empty >> 20
+    );
+    // A region mapped again at the same place starts from zero and is touched again.
+    c.ok(map(base, "8M"));
+    wait_stats(&mut c, 30, "the guest to touch the new region", |s| {
+        s["regions"][0]["resident_pages"].as_u64() == Some(8 * MIB / 4096)
+    });
+    // Read-only: the guest reads it; nothing is written.
+    c.ok(json!({"op": "protect", "gpa": format!("{base:#x}"), "size": "4M", "readonly": true}));
+    c.ok(
+        json!({"op": "map", "gpa": format!("{:#x}", base + GIB), "size": "4M", "backing": "memfd"}),
+    );
+    c.ok(json!({"op": "map", "gpa": format!("{:#x}", base + 2 * GIB), "size": "4M", "readonly": true}));
+    wait_stats(&mut c, 30, "the guest to touch the memfd region", |s| {
+        s["regions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["backing"] == "memfd" && r["resident_pages"].as_u64() == Some(1024))
+    });
+    let e = c.err(
+        json!({"op": "map", "gpa": format!("{:#x}", base + 3 * GIB), "size": "2M", "backing": "hugetlb"}),
+        if std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+            .is_ok_and(|s| s.trim() != "0")
+        {
+            "invalid"
+        } else {
+            "limit"
+        },
+    );
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("huge"),
+        "{e}"
+    );
+    c.assert_consistent();
+    let line = stop_and_verify(vm, &mut c);
+    eprintln!("{line}");
+}
+
+#[test]
+fn concurrent_clients_and_hostile_ones_harm_no_one() {
+    require_kvm!();
+    let vm = Vm::start(
+        "concurrent",
+        &[
+            "--workload",
+            "hotplug",
+            "--timeout",
+            "120",
+            "--max-regions",
+            "64",
+        ],
+    );
+    let sock = vm.sock.clone();
+    let mut workers = Vec::new();
+    // Four clients map, split, protect and unmap in their own windows while the guest faults.
+    for i in 0..4u64 {
+        let sock = sock.clone();
+        workers.push(std::thread::spawn(move || {
+            let mut c = Client::connect(&sock);
+            let base = (8 + 8 * i) * GIB;
+            for k in 0..25u64 {
+                let gpa = base + (k % 4) * 64 * MIB;
+                c.ok(map(gpa, "4M"));
+                std::thread::sleep(Duration::from_millis(2));
+                c.ok(
+                    json!({"op": "protect", "gpa": format!("{:#x}", gpa + 3 * MIB),
+                            "size": "1M", "readonly": true}),
+                );
+                c.ok(unmap(gpa + MIB, MIB));
+                c.ok(unmap(gpa, 4 * MIB));
+            }
+        }));
+    }
+    // Hostile: half a line, then gone.
+    let s2 = sock.clone();
+    workers.push(std::thread::spawn(move || {
+        for _ in 0..20 {
+            let mut s = UnixStream::connect(&s2).unwrap();
+            s.write_all(br#"{"id":1,"op":"map","gpa":"0x1"#).unwrap();
+        }
+    }));
+    // Hostile: a flood of garbage and a line far over the limit; the connection survives.
+    let s3 = sock.clone();
+    workers.push(std::thread::spawn(move || {
+        let mut c = Client::connect(&s3);
+        let big = vec![b'x'; 1 << 20];
+        c.w.write_all(&big).unwrap();
+        let v = c.send_line("");
+        assert_eq!(v["error"]["code"], json!("limit"), "{v}");
+        let v = c.send_line(&"[".repeat(60000));
+        assert_eq!(v["error"]["code"], json!("invalid"), "{v}");
+        let garbage: String = (0..2000).map(|i| format!("garbage {i}\n")).collect();
+        c.w.write_all(garbage.as_bytes()).unwrap();
+        for _ in 0..2000 {
+            assert_eq!(c.read_reply()["error"]["code"], json!("invalid"));
+        }
+        c.ok(json!({"op": "list"}));
+    }));
+    // Hostile: asks a lot and never reads the replies.
+    let s4 = sock.clone();
+    workers.push(std::thread::spawn(move || {
+        let mut s = UnixStream::connect(&s4).unwrap();
+        let req = "{\"id\":1,\"op\":\"stats\"}\n".repeat(5000);
+        s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+        let _ = s.write_all(req.as_bytes());
+        std::thread::sleep(Duration::from_secs(1));
+    }));
+    for w in workers {
+        w.join().expect("a client thread failed");
+    }
+    let mut c = vm.client();
+    assert!(c.hotplug_regions().is_empty());
+    let check = c.assert_consistent();
+    assert_eq!(check["memslots"], json!(2), "{check}");
+    let s = c.ok(json!({"op": "stats"}));
+    assert!(s["totals"]["maps"].as_u64().unwrap() >= 100, "{s}");
+    assert!(s["totals"]["faults"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["guest"]["verify_errors"], json!(0), "{s}");
+    let line = stop_and_verify(vm, &mut c);
+    eprintln!("{line}");
+}
+
+#[test]
+fn client_and_line_limits() {
+    require_kvm!();
+    let vm = Vm::start(
+        "limits",
+        &[
+            "--workload",
+            "spin",
+            "--timeout",
+            "60",
+            "--max-clients",
+            "2",
+            "--max-regions",
+            "3",
+            "--max-hotplug-mem",
+            "64M",
+        ],
+    );
+    let mut a = vm.client();
+    let mut b = vm.client();
+    a.ok(json!({"op": "list"}));
+    b.ok(json!({"op": "list"}));
+    let mut third = vm.client();
+    let v = third.read_reply();
+    assert_eq!(v["error"]["code"], json!("limit"), "{v}");
+    drop(b);
+    // The slot frees once the server sees the disconnect.
+    let t0 = Instant::now();
+    loop {
+        let mut s = UnixStream::connect(&vm.sock).unwrap();
+        let _ = s.write_all(b"{\"id\":5,\"op\":\"list\"}\n");
+        let mut reply = String::new();
+        let _ = BufReader::new(s).read_line(&mut reply);
+        let v: Value = serde_json::from_str(&reply).unwrap();
+        if v["ok"] == json!(true) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "{v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A line over 64 KiB is refused; the connection goes on.
+    let long = format!(r#"{{"id":1,"op":"list","pad":"{}"}}"#, "x".repeat(70_000));
+    let v = a.send_line(&long);
+    assert_eq!(v["error"]["code"], json!("limit"), "{v}");
+    a.ok(json!({"op": "list"}));
+    // Regions and memory limits.
+    a.ok(map(4 * GIB, "32M"));
+    a.err(map(5 * GIB, "33M"), "limit");
+    a.ok(map(5 * GIB, "16M"));
+    a.ok(map(6 * GIB, "4M"));
+    a.err(map(7 * GIB, "4K"), "limit");
+    // A split that would make a fourth region is refused before anything changes.
+    a.err(unmap(4 * GIB + 4 * MIB, 4096), "limit");
+    a.err(
+        json!({"op": "protect", "gpa": "0x100400000", "size": "4K", "readonly": true}),
+        "limit",
+    );
+    assert_eq!(a.hotplug_regions().len(), 3);
+    a.ok(unmap(4 * GIB, 32 * MIB));
+    a.err(unmap(4 * GIB, 4096), "not_found");
+    a.ok(unmap(5 * GIB, 2 * GIB));
+    assert!(a.hotplug_regions().is_empty());
+    a.assert_consistent();
+}
+
+#[test]
+fn socket_is_private_to_its_user() {
+    require_kvm!();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        eprintln!("skipping: needs root to run a client as another user");
+        return;
+    }
+    let vm = Vm::start("private", &["--workload", "spin", "--timeout", "30"]);
+    use std::os::unix::process::CommandExt;
+    let o = support::vmm()
+        .args(["ctl", "--api-sock", vm.sock.to_str().unwrap(), "list"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        support::stderr(&o).contains("ermission denied"),
+        "{}",
+        support::stderr(&o)
+    );
+    vm.client().ok(json!({"op": "list"}));
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
 }

@@ -138,6 +138,8 @@ pub fn run(args: &CtlArgs) -> u8 {
         }
     };
     let ok = v["ok"] == Value::Bool(true);
+    // `check` succeeds as a request even when it finds problems; the exit status says which.
+    let inconsistent = args.op == CtlOp::Check && v["result"]["consistent"] != Value::Bool(true);
     if args.json {
         println!("{}", reply.trim_end());
     } else if ok {
@@ -150,7 +152,7 @@ pub fn run(args: &CtlArgs) -> u8 {
             v["error"]["message"].as_str().unwrap_or("?")
         );
     }
-    if ok {
+    if ok && !inconsistent {
         0
     } else {
         1

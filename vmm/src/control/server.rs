@@ -104,11 +104,44 @@ pub fn bind(path: &Path) -> Result<Listener, ServerError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| io_err("set the socket's mode to 0600", e))?;
     let m = std::fs::symlink_metadata(path).map_err(|e| io_err("inspect the socket", e))?;
+    remove_on_fatal_signals(path);
     Ok(Listener {
         inner,
         path: path.to_owned(),
         id: (m.dev(), m.ino()),
     })
+}
+
+/// The socket path for the signal handler (set once, by the first bound listener).
+static SIGNAL_UNLINK: std::sync::OnceLock<std::ffi::CString> = std::sync::OnceLock::new();
+
+extern "C" fn unlink_and_die(sig: libc::c_int) {
+    if let Some(p) = SIGNAL_UNLINK.get() {
+        // SAFETY: unlink, signal and raise are async-signal-safe; `p` is a NUL-terminated
+        // string that lives for the rest of the process.
+        unsafe { libc::unlink(p.as_ptr()) };
+    }
+    // SAFETY: as above; the default action then ends the process as if we had not caught it.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+}
+
+/// Removes the socket file when SIGINT, SIGTERM or SIGHUP ends the process (which otherwise
+/// dies with the default action, leaving a stale socket that the next start would replace).
+fn remove_on_fatal_signals(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return;
+    };
+    if SIGNAL_UNLINK.set(c).is_err() {
+        return;
+    }
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: installs a handler that only makes async-signal-safe calls.
+        unsafe { libc::signal(sig, unlink_and_die as *const () as libc::sighandler_t) };
+    }
 }
 
 /// The uid of the process at the other end of `s`.
