@@ -14,6 +14,7 @@ mod inject;
 mod kvm;
 mod memory;
 mod size;
+mod stress;
 mod summary;
 mod vcpu;
 mod vm;
@@ -55,6 +56,10 @@ enum Command {
     /// Send one request to a running VMM's control socket (`vmm run --api-sock PATH`) and
     /// print the reply; exit 0 when it succeeded, 1 otherwise.
     Ctl(control::client::CtlArgs),
+    /// Fault storms under region churn: N vCPUs first-touch lazily backed RAM while a churn
+    /// thread maps, unmaps, splits and protects other regions; reports faults/s, latency
+    /// percentiles, exits, grace periods (text, or one JSON object with --json) and can plot.
+    Stress(stress::StressArgs),
 }
 
 #[derive(Args, Debug)]
@@ -241,6 +246,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => ExitCode::from(cmd_run(args, process_start)),
         Command::Ctl(args) => ExitCode::from(control::client::run(&args)),
+        Command::Stress(args) => ExitCode::from(stress::cmd_stress(args, process_start)),
     }
 }
 

@@ -57,10 +57,14 @@ pub struct RunConfig {
     pub sidecars: Sidecars,
 }
 
-/// Companion threads to start with the VM (see [`VmHandle`]).
+/// Companion threads to start with the VM (see [`VmHandle`]), and set-up steps to run on the
+/// address space after RAM is mapped and before any vCPU starts (`.1`, see [`Setup`]).
 #[derive(Default)]
 #[allow(dead_code)] // `push` and `VmHandle`'s fields serve the control server and stress churn
-pub struct Sidecars(pub std::sync::Mutex<Vec<Sidecar>>);
+pub struct Sidecars(
+    pub std::sync::Mutex<Vec<Sidecar>>,
+    pub std::sync::Mutex<Vec<Setup>>,
+);
 
 #[allow(dead_code)]
 impl Sidecars {
@@ -69,10 +73,24 @@ impl Sidecars {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).push(s);
     }
 
+    /// Adds a set-up step (run in order, on the thread that builds the VM).
+    pub fn push_setup(&self, s: Setup) {
+        self.1.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+    }
+
     fn take(&self) -> Vec<Sidecar> {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
     }
+
+    fn take_setups(&self) -> Vec<Setup> {
+        std::mem::take(&mut *self.1.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
+
+/// A set-up step: runs once guest RAM and boot data are in place and before the companion
+/// threads and vCPUs start (e.g. `vmm stress` maps its `--regions` here, so that the guest's
+/// first access already walks the full tree). An error stops the run.
+pub type Setup = Box<dyn FnOnce(&Arc<AddressSpace>) -> Result<(), String> + Send>;
 
 impl std::fmt::Debug for Sidecars {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -207,6 +225,9 @@ pub enum VmError {
     /// Populating guest memory for the image failed.
     #[error("cannot populate guest memory for the image: {0}")]
     Populate(String),
+    /// A set-up step (see [`Setup`]) failed.
+    #[error("{0}")]
+    Setup(String),
     /// A thread could not start.
     #[error("cannot start the userfaultfd handler thread: {0}")]
     SpawnHandler(std::io::Error),
@@ -328,6 +349,9 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         address_space = space.implementation(),
         "guest memory and boot data ready"
     );
+    for setup in cfg.sidecars.take_setups() {
+        setup(&space).map_err(VmError::Setup)?;
+    }
     let handler = match fault_mode {
         FaultMode::Handler => Some(spawn_uffd_handler(&space)?),
         _ => None,

@@ -1,0 +1,276 @@
+//! End-to-end tests of `vmm stress`: the JSON object's fields and their consistency in every
+//! fault mode and address space, with and without churn, and the human summary and plots.
+//! No timing assertions: the ratios live in the bench output (docs/bench.md).
+
+mod support;
+
+use serde_json::Value;
+use support::{run, stderr, stdout};
+
+/// Runs `vmm stress --json` with `extra` and returns the one JSON object it printed.
+fn stress_json(extra: &[&str]) -> Value {
+    let mut args = vec!["stress", "--json"];
+    args.extend_from_slice(extra);
+    let o = run(&args);
+    let (out, err) = (stdout(&o), stderr(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "vmm {args:?}\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    let lines: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "exactly one line on stdout:\n{out}");
+    let v: Value = serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert!(v.is_object(), "{out}");
+    v
+}
+
+fn u(v: &Value, path: &str) -> u64 {
+    let mut cur = v;
+    for k in path.split('.') {
+        cur = &cur[k];
+    }
+    cur.as_u64()
+        .unwrap_or_else(|| panic!("{path} is not an unsigned integer in {v}"))
+}
+
+fn f(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} is not a number in {v}"))
+}
+
+/// Every field of INTERFACE.md, with the right type, and the invariants between them.
+fn check_common(v: &Value, vcpus: u64, pages_per_vcpu: u64, mode: &str, aspace: &str) {
+    for key in [
+        "vcpus",
+        "fault_mode",
+        "address_space",
+        "fault_around",
+        "pages",
+        "faults",
+        "seconds",
+        "faults_per_sec",
+        "fault_latency_ns",
+        "exits",
+        "churn_ops",
+        "grace_periods",
+        "grace_period_ns",
+        "verify_errors",
+        "open_bus_accesses",
+    ] {
+        assert!(v.get(key).is_some(), "{key} missing in {v}");
+    }
+    assert_eq!(u(v, "vcpus"), vcpus, "{v}");
+    assert_eq!(v["fault_mode"], mode, "{v}");
+    assert_eq!(v["address_space"], aspace, "{v}");
+    let runs = u(v, "runs");
+    assert!(runs >= 1, "{v}");
+    assert_eq!(u(v, "pages"), vcpus * pages_per_vcpu * runs, "{v}");
+    assert_eq!(u(v, "verify_errors"), 0, "{v}");
+    assert_eq!(u(v, "open_bus_accesses"), 0, "{v}");
+    assert!(f(v, "seconds") > 0.0, "{v}");
+    let fps = f(v, "faults_per_sec");
+    assert!(fps > 0.0, "{v}");
+    let expected = u(v, "pages") as f64 / f(v, "seconds");
+    assert!((fps - expected).abs() <= 1e-6 * expected, "{v}");
+    let (p50, p99, p999, max) = (
+        u(v, "fault_latency_ns.p50"),
+        u(v, "fault_latency_ns.p99"),
+        u(v, "fault_latency_ns.p999"),
+        u(v, "fault_latency_ns.max"),
+    );
+    assert!(0 < p50 && p50 <= p99 && p99 <= p999 && p999 <= max, "{v}");
+    let (g50, g99, gmax) = (
+        u(v, "grace_period_ns.p50"),
+        u(v, "grace_period_ns.p99"),
+        u(v, "grace_period_ns.max"),
+    );
+    assert!(g50 <= g99 && g99 <= gmax, "{v}");
+    let by_reason: u64 = v["exits_by_reason"]
+        .as_object()
+        .expect("exits_by_reason")
+        .values()
+        .map(|x| x.as_u64().unwrap())
+        .sum();
+    assert_eq!(by_reason, u(v, "exits"), "{v}");
+    // Churn regions are given back: nothing stays resident where they were.
+    assert_eq!(u(v, "rss.churn_residual_bytes"), 0, "{v}");
+}
+
+#[test]
+fn every_mode_and_address_space_without_churn() {
+    require_kvm!();
+    for mode in ["vcpu", "handler", "kernel"] {
+        for aspace in ["bonsai", "rwlock", "cow"] {
+            let v = stress_json(&[
+                "--vcpus",
+                "2",
+                "--pages",
+                "1024",
+                "--regions",
+                "100",
+                "--fault-mode",
+                mode,
+                "--address-space",
+                aspace,
+            ]);
+            check_common(&v, 2, 1024, mode, aspace);
+            // Without fault-around, every first touch is one fault.
+            assert_eq!(u(&v, "faults"), u(&v, "pages"), "{v}");
+            assert_eq!(u(&v, "churn_ops"), 0, "{v}");
+            if mode == "vcpu" {
+                // Each first touch is one exit on this host (efault, mmio or memory-fault).
+                assert!(u(&v, "exits") >= u(&v, "pages"), "{v}");
+            } else {
+                assert!(u(&v, "exits") < 100, "{v}");
+                if mode == "handler" {
+                    assert_eq!(u(&v, "pages_populated"), u(&v, "pages"), "{v}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn churn_in_every_mode_and_address_space() {
+    require_kvm!();
+    for mode in ["vcpu", "handler", "kernel"] {
+        for aspace in ["bonsai", "rwlock", "cow"] {
+            let v = stress_json(&[
+                "--vcpus",
+                "2",
+                "--pages",
+                "2048",
+                "--fault-mode",
+                mode,
+                "--address-space",
+                aspace,
+                "--churn",
+                "10000",
+                "--duration",
+                "0.3",
+            ]);
+            check_common(&v, 2, 2048, mode, aspace);
+            assert_eq!(u(&v, "regions"), 1000, "{v}");
+            assert!(u(&v, "churn_ops") > 0, "{v}");
+            let c = &v["churn"];
+            assert_eq!(
+                u(c, "maps") + u(c, "unmaps") + u(c, "splits") + u(c, "protects"),
+                u(&v, "churn_ops"),
+                "{v}"
+            );
+            assert_eq!(u(c, "failed"), 0, "{v}");
+            assert!(u(&v, "grace_periods") > 0, "{v}");
+            if mode != "kernel" {
+                assert_eq!(u(&v, "faults"), u(&v, "pages"), "{v}");
+            }
+        }
+    }
+}
+
+#[test]
+fn fault_around_cuts_faults_and_one_vcpu_works() {
+    require_kvm!();
+    let v = stress_json(&["--vcpus", "1", "--pages", "4096", "--fault-around", "16"]);
+    check_common(&v, 1, 4096, "vcpu", "bonsai");
+    // 16-page windows: about one fault per 16 pages.
+    assert!(u(&v, "faults") * 8 <= u(&v, "pages"), "{v}");
+    assert!(u(&v, "pages_populated") >= u(&v, "pages"), "{v}");
+    assert_eq!(u(&v, "fault_around"), 16, "{v}");
+}
+
+#[test]
+fn duration_repeats_runs() {
+    require_kvm!();
+    let v = stress_json(&["--pages", "512", "--regions", "10", "--duration", "0.5"]);
+    assert!(u(&v, "runs") >= 2, "{v}");
+    check_common(&v, 2, 512, "vcpu", "bonsai");
+    assert!(f(&v, "wall_seconds") >= 0.5, "{v}");
+}
+
+#[test]
+fn human_summary_and_plots() {
+    require_kvm!();
+    let dir = std::env::temp_dir().join(format!("vmm-stress-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let lat = dir.join("latency.svg");
+    let thr = dir.join("throughput.svg");
+    let o = run(&[
+        "stress",
+        "--pages",
+        "2048",
+        "--churn",
+        "500",
+        "--plot",
+        lat.to_str().unwrap(),
+    ]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}\n{}", stderr(&o));
+    for needle in [
+        "faults/s",
+        "p99.9",
+        "exits",
+        "churn",
+        "grace periods",
+        "verify         ok (0 errors)",
+        "open bus 0",
+        "left resident",
+    ] {
+        assert!(out.contains(needle), "{needle:?} missing in:\n{out}");
+    }
+    // Piped: no progress bar escape codes.
+    assert!(
+        !out.contains('\u{1b}') && !stderr(&o).contains('\u{1b}'),
+        "{out}"
+    );
+    let svg = std::fs::read_to_string(&lat).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+        "{svg}"
+    );
+    assert!(svg.contains("p50"), "{svg}");
+    let o = run(&[
+        "stress",
+        "--pages",
+        "2048",
+        "--json",
+        "--plot-kind",
+        "throughput",
+        "--plot",
+        thr.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let svg = std::fs::read_to_string(&thr).unwrap();
+    assert!(svg.contains("<polyline"), "{svg}");
+    // --summarize turns saved objects into the bench table.
+    let jsonl = dir.join("r.jsonl");
+    std::fs::write(&jsonl, stdout(&o)).unwrap();
+    let bars = dir.join("bars.svg");
+    let o = run(&[
+        "stress",
+        "--summarize",
+        jsonl.to_str().unwrap(),
+        "--plot",
+        bars.to_str().unwrap(),
+    ]);
+    let table = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(table.contains("| vcpu | bonsai | 2 | 0 | 1 |"), "{table}");
+    assert!(std::fs::read_to_string(&bars).unwrap().contains("</svg>"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_flags_are_usage_errors() {
+    for bad in [
+        &["stress", "--vcpus", "0"][..],
+        &["stress", "--pages", "0"],
+        &["stress", "--fault-around", "3"],
+        &["stress", "--address-space", "list"],
+        &["stress", "--duration", "-1"],
+    ] {
+        let o = run(bad);
+        assert_eq!(o.status.code(), Some(2), "{bad:?}: {}", stderr(&o));
+    }
+}

@@ -1,0 +1,796 @@
+//! `vmm stress`: fault storms under region churn.
+//!
+//! One *run* boots the built-in guest with the `touch` workload: every vCPU first-touches its
+//! own `--pages` pages of lazily backed RAM (each store timed with rdtsc into a histogram),
+//! then reads them back (verify). Before any vCPU starts, `--regions` small regions are mapped
+//! far above RAM, so that every lookup walks a tree of that many regions. With `--churn`, a
+//! companion thread (an RCU writer, see [`churn`]) maps, unmaps, splits and protects other
+//! regions, in an area above those, at that rate for as long as the guest runs.
+//!
+//! `--duration` repeats runs, each on a fresh VM (so every run is a new storm of first
+//! touches: re-touching pages that are present would measure nothing), until that much time
+//! has passed. Figures are summed over runs; `seconds` is the touching time measured by the
+//! guest (per run, the slowest vCPU's touch loop; boot and verify are excluded), and
+//! `faults_per_sec` is first touches per second of it.
+#![deny(unsafe_code)]
+
+pub mod churn;
+pub mod report;
+pub mod svg;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+
+use crate::memory::{self, Backing, RegionKind};
+use crate::vm::{self, RunConfig, RunOutcome, Sidecars};
+use report::{Aggregate, RunFigures, StressReport};
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+/// Where the extra regions start at the lowest (above any RAM that small VMs have).
+const EXTRA_BASE_MIN: u64 = 16 * GIB;
+/// Distance between extra regions.
+const EXTRA_STRIDE: u64 = MIB;
+/// Size of each extra region.
+const EXTRA_BYTES: u64 = 64 << 10;
+/// Size of the churn area.
+const CHURN_SPAN: u64 = GIB;
+/// Most churn regions mapped at once.
+const CHURN_MAX_LIVE: usize = 256;
+
+/// `vmm stress` flags.
+#[derive(Args, Debug)]
+pub struct StressArgs {
+    /// Number of vCPUs; each first-touches its own pages.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub vcpus: u32,
+
+    /// Pages each vCPU first-touches per run (guest RAM is sized to fit).
+    #[arg(long, value_name = "N", default_value_t = 32768, value_parser = clap::value_parser!(u64).range(1..=(1 << 24)))]
+    pub pages: u64,
+
+    /// How first touches are serviced: vcpu (userfaultfd SIGBUS mode, on the faulting vCPU's
+    /// thread), handler (userfaultfd handler thread), kernel (the host kernel's own faults).
+    #[arg(long, value_enum, default_value_t = crate::FaultMode::Vcpu)]
+    pub fault_mode: crate::FaultMode,
+
+    /// Pages populated per fault (a power of two, 1 to 512).
+    #[arg(long, value_name = "PAGES", default_value_t = 1, value_parser = crate::parse_fault_around)]
+    pub fault_around: u64,
+
+    /// Address-space implementation: bonsai (RCU balanced tree), rwlock (RwLock<BTreeMap>),
+    /// cow (copy-on-write map published with arc-swap).
+    #[arg(long, value_enum, default_value_t = crate::AddressSpace::Bonsai)]
+    pub address_space: crate::AddressSpace,
+
+    /// Churn operations per second: map (2-64 pages, populated), unmap, split (unmap a
+    /// middle part) and protect of regions the guest does not touch; 0 = no churn.
+    #[arg(long, value_name = "OPS_PER_SEC", default_value_t = 0)]
+    pub churn: u64,
+
+    /// Extra regions mapped before the guest starts (64 KiB each, 1 MiB apart from 16 GiB
+    /// up), so that lookups walk a real tree.
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=30000))]
+    pub regions: u64,
+
+    /// Repeat runs, each on a fresh VM, until this many seconds have passed (0: one run).
+    #[arg(long, value_name = "SECONDS", default_value = "0", value_parser = crate::size::parse_timeout)]
+    pub duration: Duration,
+
+    /// Print exactly one JSON object on stdout instead of the summary.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Draw an SVG plot to this file (see --plot-kind).
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+
+    /// What --plot draws: the first-touch latency distribution, or first touches per second
+    /// over time.
+    #[arg(long, value_enum, default_value_t = PlotKind::Latency)]
+    pub plot_kind: PlotKind,
+
+    /// Do not run: read JSON objects of earlier `vmm stress --json` runs (one per line) from
+    /// this file, print a Markdown table of each configuration's best and median, and the
+    /// target ratios; with --plot, draw them as bars.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub summarize: Option<PathBuf>,
+
+    /// Seed of the churn thread's random choices.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+
+    /// Give up on a run after this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value = "300", value_parser = crate::size::parse_timeout)]
+    pub timeout: Duration,
+
+    /// The KVM device.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "VMM_KVM_DEV",
+        default_value = "/dev/kvm"
+    )]
+    pub kvm_dev: PathBuf,
+}
+
+/// What `--plot` draws.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PlotKind {
+    /// The first-touch latency distribution.
+    Latency,
+    /// First touches per second over time.
+    Throughput,
+}
+
+/// Where the stress regions go in guest-physical space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// First extra region.
+    pub extra_base: u64,
+    /// Number of extra regions.
+    pub extra_count: u64,
+    /// Start of the churn area.
+    pub churn_base: u64,
+    /// Size of the churn area.
+    pub churn_span: u64,
+}
+
+impl Layout {
+    /// Plans the layout above RAM ending at `ram_top`, inside `space_bytes` of guest-physical
+    /// space (the identity map).
+    pub fn new(ram_top: u64, regions: u64, space_bytes: u64) -> Result<Self, String> {
+        let extra_base = EXTRA_BASE_MIN.max(ram_top.next_multiple_of(GIB));
+        let churn_base = (extra_base + regions * EXTRA_STRIDE).next_multiple_of(GIB);
+        let l = Layout {
+            extra_base,
+            extra_count: regions,
+            churn_base,
+            churn_span: CHURN_SPAN,
+        };
+        if churn_base + CHURN_SPAN > space_bytes {
+            return Err(format!(
+                "--regions {regions}: the extra regions and the churn area need guest-physical \
+                 space up to {:#x}, beyond the {} GiB the guest's identity map covers; use fewer \
+                 --regions or fewer pages",
+                churn_base + CHURN_SPAN,
+                space_bytes >> 30
+            ));
+        }
+        Ok(l)
+    }
+
+    /// Guest-physical address of extra region `i`.
+    pub fn extra(&self, i: u64) -> u64 {
+        self.extra_base + i * EXTRA_STRIDE
+    }
+}
+
+/// Guest RAM for `vcpus` x `pages`: the boot area plus the pages, in 2 MiB steps.
+fn mem_bytes(vcpus: u32, pages: u64) -> u64 {
+    (abi::layout::BOOT_AREA_END + u64::from(vcpus) * pages * 4096)
+        .next_multiple_of(2 * MIB)
+        .max(memory::MIN_MEM_BYTES)
+}
+
+/// Where guest RAM of `mem` bytes ends in guest-physical space (above the 32-bit hole).
+fn ram_top(mem: u64) -> u64 {
+    if mem > abi::layout::HOLE_START {
+        mem + (abi::layout::HOLE_END - abi::layout::HOLE_START)
+    } else {
+        mem
+    }
+}
+
+/// Collects the guest's serial output (shown if a run fails).
+#[derive(Clone, Default)]
+struct SerialBuf(Arc<Mutex<Vec<u8>>>);
+
+impl Write for SerialBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if v.len() < 64 << 10 {
+            v.extend_from_slice(b);
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Progress shown on a terminal (hidden otherwise).
+struct Progress {
+    bar: indicatif::ProgressBar,
+}
+
+impl Progress {
+    fn new(args: &StressArgs) -> Self {
+        let visible =
+            !args.json && std::io::stderr().is_terminal() && std::io::stdout().is_terminal();
+        let bar = if !visible {
+            indicatif::ProgressBar::hidden()
+        } else if args.duration.is_zero() {
+            let b = indicatif::ProgressBar::new(u64::from(args.vcpus) * args.pages);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} pages {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b
+        } else {
+            let b = indicatif::ProgressBar::new(args.duration.as_millis() as u64);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:40} {percent}% of --duration {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b
+        };
+        bar.enable_steady_tick(Duration::from_millis(100));
+        Self { bar }
+    }
+}
+
+/// Samples of one run: (seconds since the command started, pages first-touched so far).
+type Samples = Arc<Mutex<Vec<(f64, u64)>>>;
+
+/// Runs `vmm stress`; returns the exit status.
+pub fn cmd_stress(args: StressArgs, process_start: Instant) -> u8 {
+    if let Some(path) = &args.summarize {
+        return match summarize(path, args.plot.as_deref()) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("vmm stress: {e}");
+                1
+            }
+        };
+    }
+    let started = Instant::now();
+    let mut agg = Aggregate::new(StressReport {
+        vcpus: args.vcpus,
+        fault_mode: args.fault_mode_name().to_owned(),
+        fault_mode_requested: args.fault_mode_name().to_owned(),
+        address_space: args.address_space.name().to_owned(),
+        fault_around: args.fault_around,
+        churn_rate: args.churn,
+        regions: args.regions,
+        ..Default::default()
+    });
+    let progress = Progress::new(&args);
+    let mut series: Vec<Vec<(f64, u64)>> = Vec::new();
+    loop {
+        let samples: Samples = Arc::default();
+        let figures = match run_once(&args, process_start, started, &progress, &samples) {
+            Ok(f) => f,
+            Err(e) => {
+                progress.bar.finish_and_clear();
+                eprintln!("vmm stress: {e}");
+                return 1;
+            }
+        };
+        agg.add(&figures);
+        series.push(std::mem::take(
+            &mut *samples.lock().unwrap_or_else(|e| e.into_inner()),
+        ));
+        if started.elapsed() >= args.duration {
+            break;
+        }
+    }
+    progress.bar.finish_and_clear();
+    let report = agg.finish(started.elapsed().as_secs_f64());
+    if args.json {
+        match serde_json::to_string(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("vmm stress: cannot encode the report as JSON: {e}");
+                return 1;
+            }
+        }
+    } else {
+        println!("{report}");
+    }
+    if let Some(path) = &args.plot {
+        let subtitle = format!(
+            "{} vCPUs x {} pages, {} mode, fault-around {}, {}, {} regions, churn {}/s; {} run(s)",
+            report.vcpus,
+            args.pages,
+            report.fault_mode,
+            report.fault_around,
+            report.address_space,
+            report.regions,
+            report.churn_rate,
+            report.runs
+        );
+        let svg = match args.plot_kind {
+            PlotKind::Latency => {
+                svg::latency_svg(agg.latency(), "vmm stress: first-touch latency", &subtitle)
+            }
+            PlotKind::Throughput => {
+                svg::throughput_svg(&series, "vmm stress: first touches per second", &subtitle)
+            }
+        };
+        if let Err(e) = std::fs::write(path, svg) {
+            eprintln!(
+                "vmm stress: --plot {}: cannot write it: {e}",
+                path.display()
+            );
+            return 1;
+        }
+    }
+    if report.rss.churn_residual_bytes > 0 {
+        eprintln!(
+            "vmm stress: warning: {} bytes stayed resident in the churn area after every churn region was unmapped",
+            report.rss.churn_residual_bytes
+        );
+    }
+    if report.verify_errors > 0 {
+        eprintln!(
+            "vmm stress: the guest found {} pages with wrong contents",
+            report.verify_errors
+        );
+        return 1;
+    }
+    0
+}
+
+impl StressArgs {
+    fn fault_mode_name(&self) -> &'static str {
+        memory::FaultMode::from(self.fault_mode).name()
+    }
+}
+
+/// One run on a fresh VM.
+fn run_once(
+    args: &StressArgs,
+    process_start: Instant,
+    started: Instant,
+    progress: &Progress,
+    samples: &Samples,
+) -> Result<RunFigures, String> {
+    let mem = mem_bytes(args.vcpus, args.pages);
+    let top = ram_top(mem);
+    let regions = args.regions;
+    let sidecars = Sidecars::default();
+    sidecars.push_setup(Box::new(move |space| {
+        let l = Layout::new(top, regions, space.host().size_bytes())?;
+        for i in 0..l.extra_count {
+            space
+                .map(
+                    l.extra(i),
+                    EXTRA_BYTES,
+                    Backing::Anon,
+                    false,
+                    RegionKind::Hotplug,
+                )
+                .map_err(|e| format!("mapping extra region {i} of --regions {regions}: {e}"))?;
+        }
+        Ok(())
+    }));
+    let churn_shared = churn::new_shared();
+    if args.churn > 0 {
+        let shared = Arc::clone(&churn_shared);
+        let (rate, seed) = (args.churn, args.seed);
+        sidecars.push(Box::new(move |h: vm::VmHandle| {
+            let Ok(l) = Layout::new(top, regions, h.space.host().size_bytes()) else {
+                return;
+            };
+            let cfg = churn::ChurnConfig {
+                ops_per_sec: rate,
+                base: l.churn_base,
+                span_bytes: l.churn_span,
+                max_live: CHURN_MAX_LIVE,
+                seed,
+            };
+            churn::run(&h.space, &cfg, &h.stop, &shared);
+        }));
+    }
+    // The monitor: samples progress for the bar and the throughput plot.
+    {
+        let samples = Arc::clone(samples);
+        let bar = progress.bar.clone();
+        let churn_ops = Arc::clone(&churn_shared);
+        let by_duration = !args.duration.is_zero();
+        sidecars.push(Box::new(move |h: vm::VmHandle| {
+            let uffd = h.space.uffd().is_some();
+            let rss0 = churn::rss_bytes();
+            let before = h.space.counters.pages_populated.load(Ordering::Relaxed);
+            while !h.stop.load(Ordering::Acquire) {
+                let pages = if uffd {
+                    h.space.counters.pages_populated.load(Ordering::Relaxed) - before
+                } else {
+                    churn::rss_bytes().saturating_sub(rss0) / 4096
+                };
+                let t = started.elapsed().as_secs_f64();
+                samples
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((t, pages));
+                if by_duration {
+                    bar.set_position(started.elapsed().as_millis() as u64);
+                } else {
+                    bar.set_position(pages);
+                }
+                bar.set_message(format!(
+                    "{} churn ops",
+                    churn_ops.ops.load(Ordering::Relaxed)
+                ));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }));
+    }
+    let serial = SerialBuf::default();
+    let cfg = RunConfig {
+        kvm_dev: args.kvm_dev.clone(),
+        vcpus: args.vcpus,
+        mem_bytes: mem,
+        kernel: None,
+        workload: abi::workload::TOUCH,
+        params: vec![0, args.pages, 1],
+        timeout: (!args.timeout.is_zero()).then_some(args.timeout),
+        process_start,
+        fault_mode: args.fault_mode.into(),
+        fault_around: args.fault_around,
+        address_space: args.address_space.name().to_owned(),
+        sidecars,
+    };
+    let report = vm::run(&cfg, Box::new(serial.clone())).map_err(|e| e.to_string())?;
+    let console = || {
+        let v = serial.0.lock().unwrap_or_else(|e| e.into_inner());
+        let s = String::from_utf8_lossy(&v).trim().to_owned();
+        if s.is_empty() {
+            String::new()
+        } else {
+            format!("; guest console: {s}")
+        }
+    };
+    match &report.outcome {
+        RunOutcome::Exited(0) => {}
+        RunOutcome::Exited(s) => {
+            return Err(format!("the guest exited with status {s}{}", console()))
+        }
+        RunOutcome::Fatal(d) => return Err(format!("{d}{}", console())),
+        RunOutcome::TimedOut { after, .. } => {
+            return Err(format!(
+                "the run did not finish within --timeout {} s",
+                after.as_secs_f64()
+            ))
+        }
+        RunOutcome::SetupFailed { vcpu, message } => {
+            return Err(format!("vcpu {vcpu}: setup failed: {message}"))
+        }
+        RunOutcome::AllParked => {
+            return Err(format!("every vCPU parked without finishing{}", console()))
+        }
+    }
+    let done: Vec<_> = report.results.iter().filter(|r| r.done != 0).collect();
+    if done.len() != report.results.len() {
+        return Err(format!(
+            "only {} of {} vCPUs finished the touch workload",
+            done.len(),
+            report.results.len()
+        ));
+    }
+    let max_cycles = done.iter().map(|r| r.touch_cycles).max().unwrap_or(0);
+    let touch_seconds = if report.tsc_khz > 0 {
+        max_cycles as f64 / (f64::from(report.tsc_khz) * 1e3)
+    } else {
+        // Unknown TSC rate: fall back to the whole run, boot included.
+        report.total.as_secs_f64()
+    };
+    let churn = (args.churn > 0).then(|| {
+        churn_shared
+            .result
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default()
+    });
+    Ok(RunFigures {
+        pages: done.iter().map(|r| r.pages).sum(),
+        vmm_faults: report.counters.faults,
+        touch_seconds,
+        histogram: report.touch_histogram.clone(),
+        tsc_khz: report.tsc_khz,
+        verify_errors: done.iter().map(|r| r.verify_errors).sum(),
+        counters: report.counters,
+        exits: report.exits,
+        rcu: Some(report.rcu.clone()),
+        churn,
+        fault_mode: report.fault_mode.name(),
+    })
+}
+
+/// `--summarize`: groups earlier reports by configuration and prints best and median.
+fn summarize(path: &std::path::Path, plot: Option<&std::path::Path>) -> Result<(), String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--summarize {}: cannot read it: {e}", path.display()))?;
+    let mut reports = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let r: StressReport = serde_json::from_str(line).map_err(|e| {
+            format!(
+                "--summarize {}: line {}: not a stress report: {e}",
+                path.display(),
+                i + 1
+            )
+        })?;
+        reports.push(r);
+    }
+    let groups = group(&reports);
+    print!("{}", markdown(&groups));
+    if let Some(p) = plot {
+        let bars: Vec<svg::Bar> = groups
+            .iter()
+            .map(|g| svg::Bar {
+                label: g.label(),
+                value: g.median(|r| r.faults_per_sec),
+                mark: Some(g.best(|r| r.faults_per_sec)),
+                group: match g.key.0.as_str() {
+                    "vcpu" if g.key.1 > 1 => 3,
+                    "vcpu" => 0,
+                    "handler" => 1,
+                    _ => 2,
+                },
+            })
+            .collect();
+        let subtitle = format!(
+            "{} configurations, {} runs of vmm stress",
+            groups.len(),
+            reports.len()
+        );
+        let s = svg::bars_svg(
+            &bars,
+            "vmm stress: first touches per second",
+            &subtitle,
+            "faults/s",
+        );
+        std::fs::write(p, s)
+            .map_err(|e| format!("--plot {}: cannot write it: {e}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// (fault mode, fault-around, address space, vCPUs, churn rate).
+type Key = (String, u64, String, u32, u64);
+
+/// Repeats of one configuration.
+pub struct Group {
+    key: Key,
+    reports: Vec<StressReport>,
+}
+
+impl Group {
+    fn label(&self) -> String {
+        let (mode, fa, aspace, vcpus, churn) = &self.key;
+        let fa = if *fa > 1 {
+            format!(" fa{fa}")
+        } else {
+            String::new()
+        };
+        format!("{mode}{fa} {aspace} {vcpus}v churn {churn}")
+    }
+
+    fn values(&self, f: impl Fn(&StressReport) -> f64) -> Vec<f64> {
+        let mut v: Vec<f64> = self.reports.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v
+    }
+
+    fn median(&self, f: impl Fn(&StressReport) -> f64) -> f64 {
+        let v = self.values(f);
+        match v.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    }
+
+    fn best(&self, f: impl Fn(&StressReport) -> f64) -> f64 {
+        self.values(f).last().copied().unwrap_or(0.0)
+    }
+}
+
+fn group(reports: &[StressReport]) -> Vec<Group> {
+    let mut out: Vec<Group> = Vec::new();
+    for r in reports {
+        let key: Key = (
+            r.fault_mode.clone(),
+            r.fault_around,
+            r.address_space.clone(),
+            r.vcpus,
+            r.churn_rate,
+        );
+        match out.iter_mut().find(|g| g.key == key) {
+            Some(g) => g.reports.push(r.clone()),
+            None => out.push(Group {
+                key,
+                reports: vec![r.clone()],
+            }),
+        }
+    }
+    out
+}
+
+fn find<'a>(
+    groups: &'a [Group],
+    mode: &str,
+    fa: u64,
+    aspace: &str,
+    vcpus: u32,
+    churn: u64,
+) -> Option<&'a Group> {
+    groups.iter().find(|g| {
+        g.key.0 == mode
+            && g.key.1 == fa
+            && g.key.2 == aspace
+            && g.key.3 == vcpus
+            && g.key.4 == churn
+    })
+}
+
+/// The Markdown table and the target ratios.
+pub fn markdown(groups: &[Group]) -> String {
+    let mut s = String::new();
+    s.push_str("| fault mode | address space | vCPUs | churn ops/s | runs | faults/s best | faults/s median | p50 | p99 | p99.9 | exits/page | churn ops/s done | grace periods | GP p99 | verify errors |\n");
+    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for g in groups {
+        let (mode, fa, aspace, vcpus, churn) = &g.key;
+        let mode = if *fa > 1 {
+            format!("{mode} (fault-around {fa})")
+        } else {
+            mode.clone()
+        };
+        let _ = std::fmt::Write::write_fmt(
+            &mut s,
+            format_args!(
+                "| {mode} | {aspace} | {vcpus} | {churn} | {} | {:.0} | {:.0} | {} | {} | {} | {:.2} | {:.0} | {:.0} | {} | {} |\n",
+                g.reports.len(),
+                g.best(|r| r.faults_per_sec),
+                g.median(|r| r.faults_per_sec),
+                report::fmt_ns(g.median(|r| r.fault_latency_ns.p50 as f64) as u64),
+                report::fmt_ns(g.median(|r| r.fault_latency_ns.p99 as f64) as u64),
+                report::fmt_ns(g.median(|r| r.fault_latency_ns.p999 as f64) as u64),
+                g.median(|r| if r.pages > 0 { r.exits as f64 / r.pages as f64 } else { 0.0 }),
+                g.median(|r| r.churn.ops_per_sec),
+                g.median(|r| r.grace_periods as f64),
+                report::fmt_ns(g.median(|r| r.grace_period_ns.p99 as f64) as u64),
+                g.reports.iter().map(|r| r.verify_errors).sum::<u64>(),
+            ),
+        );
+    }
+    s.push('\n');
+    // Targets (2 vCPUs, medians).
+    let fps = |g: Option<&Group>| g.map(|g| g.median(|r| r.faults_per_sec));
+    // (what, numerator, denominator, goal, strictly greater)
+    type Target<'a> = (&'a str, Option<f64>, Option<f64>, f64, bool);
+    let targets: [Target; 5] = [
+        (
+            "`vcpu` / `kernel` (bonsai, no churn)",
+            fps(find(groups, "vcpu", 1, "bonsai", 2, 0)),
+            fps(find(groups, "kernel", 1, "bonsai", 2, 0)),
+            0.8,
+            false,
+        ),
+        (
+            "`vcpu` / `handler` (bonsai, no churn)",
+            fps(find(groups, "vcpu", 1, "bonsai", 2, 0)),
+            fps(find(groups, "handler", 1, "bonsai", 2, 0)),
+            2.5,
+            false,
+        ),
+        (
+            "`vcpu --fault-around 16` / `kernel` (bonsai, no churn)",
+            fps(find(groups, "vcpu", 16, "bonsai", 2, 0)),
+            fps(find(groups, "kernel", 1, "bonsai", 2, 0)),
+            1.2,
+            false,
+        ),
+        (
+            "`bonsai` churn 1000 / `bonsai` no churn (vcpu)",
+            fps(find(groups, "vcpu", 1, "bonsai", 2, 1000)),
+            fps(find(groups, "vcpu", 1, "bonsai", 2, 0)),
+            0.95,
+            false,
+        ),
+        (
+            "`bonsai` churn 10000 / `rwlock` churn 10000 (vcpu)",
+            fps(find(groups, "vcpu", 1, "bonsai", 2, 10000)),
+            fps(find(groups, "vcpu", 1, "rwlock", 2, 10000)),
+            1.0,
+            true,
+        ),
+    ];
+    s.push_str("| target (2 vCPUs, medians) | measured | goal | met |\n|---|---:|---:|---|\n");
+    for (name, a, b, goal, strict) in targets {
+        match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => {
+                let r = a / b;
+                let met = if strict { r > goal } else { r >= goal };
+                let _ = std::fmt::Write::write_fmt(
+                    &mut s,
+                    format_args!(
+                        "| {name} | {r:.2} | {}{goal} | {} |\n",
+                        if strict { "> " } else { ">= " },
+                        if met { "yes" } else { "**no**" }
+                    ),
+                );
+            }
+            _ => {
+                let _ = std::fmt::Write::write_fmt(
+                    &mut s,
+                    format_args!("| {name} | not measured | {goal} | |\n"),
+                );
+            }
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_stays_inside_the_identity_map() {
+        let l = Layout::new(256 * MIB, 1000, 64 * GIB).unwrap();
+        assert_eq!(l.extra_base, 16 * GIB);
+        assert_eq!(l.extra(999), 16 * GIB + 999 * MIB);
+        assert_eq!(l.churn_base, 17 * GIB);
+        let big = Layout::new(40 * GIB, 1000, 64 * GIB).unwrap();
+        assert_eq!(big.extra_base, 40 * GIB);
+        assert!(Layout::new(40 * GIB, 30000, 64 * GIB).is_err());
+        assert!(Layout::new(256 * MIB, 0, 64 * GIB).is_ok());
+    }
+
+    #[test]
+    fn memory_fits_the_pages() {
+        assert_eq!(mem_bytes(2, 32768), 264 * MIB);
+        assert_eq!(mem_bytes(1, 1), memory::MIN_MEM_BYTES);
+        assert_eq!(ram_top(4 * GIB), 5 * GIB);
+    }
+
+    #[test]
+    fn summary_groups_and_computes_ratios() {
+        let mk = |mode: &str, fa: u64, aspace: &str, churn: u64, fps: f64| StressReport {
+            vcpus: 2,
+            fault_mode: mode.into(),
+            fault_around: fa,
+            address_space: aspace.into(),
+            churn_rate: churn,
+            faults_per_sec: fps,
+            pages: 10,
+            exits: 10,
+            ..Default::default()
+        };
+        let rs = vec![
+            mk("vcpu", 1, "bonsai", 0, 100.0),
+            mk("vcpu", 1, "bonsai", 0, 300.0),
+            mk("vcpu", 1, "bonsai", 0, 200.0),
+            mk("kernel", 1, "bonsai", 0, 100.0),
+        ];
+        let g = group(&rs);
+        assert_eq!(g.len(), 2);
+        assert_eq!(g[0].median(|r| r.faults_per_sec), 200.0);
+        assert_eq!(g[0].best(|r| r.faults_per_sec), 300.0);
+        let md = markdown(&g);
+        assert!(
+            md.contains("| vcpu | bonsai | 2 | 0 | 3 | 300 | 200 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| `vcpu` / `kernel` (bonsai, no churn) | 2.00 | >= 0.8 | yes |"),
+            "{md}"
+        );
+        assert!(md.contains("not measured"), "{md}");
+    }
+}

@@ -1,0 +1,546 @@
+//! What `vmm stress` reports: the JSON object of INTERFACE.md (plus extensions), built from
+//! the runs' reports, and the human summary.
+#![deny(unsafe_code)]
+
+use std::fmt;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use super::churn::ChurnResult;
+
+/// Latency percentiles of first touches, in ns.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct FaultLatency {
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest.
+    pub max: u64,
+}
+
+/// Grace-period latency percentiles, in ns.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct GraceLatency {
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Largest.
+    pub max: u64,
+}
+
+/// VM exits by reason.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ExitsByReason {
+    /// Port I/O.
+    pub io: u64,
+    /// `KVM_EXIT_MMIO`.
+    pub mmio: u64,
+    /// `KVM_EXIT_MEMORY_FAULT`.
+    pub memory_fault: u64,
+    /// Bare `-EFAULT` from `KVM_RUN`, resolved by decoding the instruction.
+    pub efault: u64,
+    /// Signals.
+    pub interrupted: u64,
+    /// Anything else.
+    pub other: u64,
+}
+
+/// Churn operations by kind, summed over runs.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ChurnSummary {
+    /// Regions mapped.
+    pub maps: u64,
+    /// Whole regions unmapped.
+    pub unmaps: u64,
+    /// Middle parts unmapped (a region split in two).
+    pub splits: u64,
+    /// Protection toggles.
+    pub protects: u64,
+    /// Operations refused by the address space.
+    pub failed: u64,
+    /// Operations per second achieved.
+    pub ops_per_sec: f64,
+    /// Bytes populated in churn regions.
+    pub populated_bytes: u64,
+    /// Most churn regions mapped at once.
+    pub peak_live_regions: u64,
+    /// Latency of each kind of operation.
+    pub op_time: super::churn::OpTimes,
+    /// The first refusal, if any.
+    pub first_error: Option<String>,
+}
+
+/// Host memory around churn.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RssSummary {
+    /// Process RSS when churn started (last run).
+    pub before_churn_bytes: u64,
+    /// Process RSS after every churn region was unmapped (last run; guest RAM touched in the
+    /// meantime is still mapped, so this is higher by about the guest's pages).
+    pub after_cleanup_bytes: u64,
+    /// Bytes still resident in the churn area after the clean-up (most over runs; must be 0).
+    pub churn_residual_bytes: u64,
+}
+
+/// The `--json` object. The first fields, in order, are INTERFACE.md's; the rest extend it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct StressReport {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// The fault mode in effect (after any fallback).
+    pub fault_mode: String,
+    /// The address-space implementation.
+    pub address_space: String,
+    /// Fault-around window in pages.
+    pub fault_around: u64,
+    /// Pages first-touched, over all runs.
+    pub pages: u64,
+    /// Faults the VMM serviced (`vcpu`/`handler`); in `kernel` mode, first touches.
+    pub faults: u64,
+    /// Seconds spent first-touching (guest TSC: per run, the slowest vCPU's touch loop),
+    /// summed over runs.
+    pub seconds: f64,
+    /// First touches per second: `pages / seconds`.
+    pub faults_per_sec: f64,
+    /// First-touch latency, guest-measured (rdtsc around each store).
+    pub fault_latency_ns: FaultLatency,
+    /// VM exits, all reasons.
+    pub exits: u64,
+    /// Churn operations done.
+    pub churn_ops: u64,
+    /// RCU grace periods completed.
+    pub grace_periods: u64,
+    /// Their latency.
+    pub grace_period_ns: GraceLatency,
+    /// Pages the guest found with wrong contents.
+    pub verify_errors: u64,
+    /// Guest accesses to unmapped guest-physical addresses.
+    pub open_bus_accesses: u64,
+    // ---- extensions ----
+    /// The fault mode asked for.
+    pub fault_mode_requested: String,
+    /// `--churn`: churn operations per second asked for.
+    pub churn_rate: u64,
+    /// `--regions`: extra regions mapped up front.
+    pub regions: u64,
+    /// Runs (fresh VMs) done.
+    pub runs: u64,
+    /// Wall-clock seconds of the whole command.
+    pub wall_seconds: f64,
+    /// Pages the VMM populated (with fault-around, more than it serviced faults).
+    pub pages_populated: u64,
+    /// Populates that found the page already present.
+    pub populate_races: u64,
+    /// Guest writes to read-only memory (dropped).
+    pub readonly_writes: u64,
+    /// Exits by reason.
+    pub exits_by_reason: ExitsByReason,
+    /// `synchronize()` calls (grace periods requested, including shared ones).
+    pub synchronize_calls: u64,
+    /// Churn by kind.
+    pub churn: ChurnSummary,
+    /// Host memory.
+    pub rss: RssSummary,
+    /// The TSC frequency used to convert guest cycles (kHz).
+    pub tsc_khz: u32,
+}
+
+/// One finished run, as the driver hands it over.
+#[derive(Debug, Default)]
+pub struct RunFigures {
+    /// Pages the guest first-touched.
+    pub pages: u64,
+    /// VMM-serviced faults.
+    pub vmm_faults: u64,
+    /// Touch seconds (the slowest vCPU).
+    pub touch_seconds: f64,
+    /// Guest histogram (cycles buckets).
+    pub histogram: Vec<u64>,
+    /// Guest TSC kHz.
+    pub tsc_khz: u32,
+    /// Verify errors.
+    pub verify_errors: u64,
+    /// Counters.
+    pub counters: crate::memory::address_space::CountersSnapshot,
+    /// Exits.
+    pub exits: crate::vcpu::ExitCounts,
+    /// RCU statistics.
+    pub rcu: Option<rcu::Stats>,
+    /// Churn.
+    pub churn: Option<ChurnResult>,
+    /// The fault mode in effect.
+    pub fault_mode: &'static str,
+}
+
+/// Accumulates runs into a [`StressReport`].
+pub struct Aggregate {
+    report: StressReport,
+    latency: Histogram<u64>,
+    grace: Histogram<u64>,
+    churn_seconds: f64,
+}
+
+fn new_hist() -> Histogram<u64> {
+    // 3 significant digits, auto-resizing: any ns value fits.
+    let mut h = Histogram::new(3).expect("3 significant figures is a valid precision");
+    h.auto(true);
+    h
+}
+
+impl Aggregate {
+    /// Starts with the settings of the report filled in.
+    pub fn new(base: StressReport) -> Self {
+        Self {
+            report: base,
+            latency: new_hist(),
+            grace: new_hist(),
+            churn_seconds: 0.0,
+        }
+    }
+
+    /// Adds one run.
+    pub fn add(&mut self, f: &RunFigures) {
+        let r = &mut self.report;
+        r.runs += 1;
+        r.fault_mode = f.fault_mode.to_owned();
+        r.pages += f.pages;
+        r.faults += if f.fault_mode == "kernel" {
+            f.pages
+        } else {
+            f.vmm_faults
+        };
+        r.seconds += f.touch_seconds;
+        r.tsc_khz = f.tsc_khz;
+        if f.tsc_khz > 0 {
+            for (b, &n) in f.histogram.iter().enumerate() {
+                if n > 0 {
+                    let ns = cycles_to_ns(abi::hist_bucket_low(b), f.tsc_khz).max(1);
+                    let _ = self.latency.record_n(ns, n);
+                }
+            }
+        }
+        r.verify_errors += f.verify_errors;
+        let c = &f.counters;
+        r.open_bus_accesses += c.open_bus_reads + c.open_bus_writes;
+        r.pages_populated += c.pages_populated;
+        r.populate_races += c.populate_races;
+        r.readonly_writes += c.readonly_writes;
+        let e = &f.exits;
+        r.exits += e.total();
+        let x = &mut r.exits_by_reason;
+        x.io += e.io;
+        x.mmio += e.mmio;
+        x.memory_fault += e.memory_fault;
+        x.efault += e.efault;
+        x.interrupted += e.interrupted;
+        x.other += e.other;
+        if let Some(s) = &f.rcu {
+            r.grace_periods += s.grace_periods;
+            r.synchronize_calls += s.synchronize_calls;
+            // Rebuild the samples (at the histogram's resolution) from its quantiles, so that
+            // runs merge into one distribution.
+            let h = &s.grace_period_latency;
+            let n = h.count();
+            let step = (n / 20_000).max(1);
+            let mut i = 0;
+            while i < n {
+                let q = (i as f64 + 0.5) / n as f64;
+                let _ = self
+                    .grace
+                    .record_n(h.quantile_ns(q).max(1), step.min(n - i));
+                i += step;
+            }
+        }
+        if let Some(c) = &f.churn {
+            let s = &mut r.churn;
+            s.maps += c.maps;
+            s.unmaps += c.unmaps;
+            s.splits += c.splits;
+            s.protects += c.protects;
+            s.failed += c.failed;
+            s.populated_bytes += c.populated_bytes;
+            s.peak_live_regions = s.peak_live_regions.max(c.peak_live_regions);
+            s.op_time.merge(&c.op_time);
+            if s.first_error.is_none() {
+                s.first_error.clone_from(&c.first_error);
+            }
+            r.churn_ops += c.ops();
+            self.churn_seconds += c.seconds;
+            r.rss.before_churn_bytes = c.rss_before_bytes;
+            r.rss.after_cleanup_bytes = c.rss_after_bytes;
+            r.rss.churn_residual_bytes = r.rss.churn_residual_bytes.max(c.residual_bytes);
+        }
+    }
+
+    /// The latency histogram so far (ns).
+    pub fn latency(&self) -> &Histogram<u64> {
+        &self.latency
+    }
+
+    /// The final report.
+    pub fn finish(&self, wall_seconds: f64) -> StressReport {
+        let mut r = self.report.clone();
+        r.wall_seconds = wall_seconds;
+        r.faults_per_sec = if r.seconds > 0.0 {
+            r.pages as f64 / r.seconds
+        } else {
+            0.0
+        };
+        let l = &self.latency;
+        if !l.is_empty() {
+            r.fault_latency_ns = FaultLatency {
+                p50: l.value_at_quantile(0.5),
+                p99: l.value_at_quantile(0.99),
+                p999: l.value_at_quantile(0.999),
+                max: l.max(),
+            };
+        }
+        let g = &self.grace;
+        if !g.is_empty() {
+            r.grace_period_ns = GraceLatency {
+                p50: g.value_at_quantile(0.5),
+                p99: g.value_at_quantile(0.99),
+                max: g.max(),
+            };
+        }
+        if self.churn_seconds > 0.0 {
+            r.churn.ops_per_sec = r.churn_ops as f64 / self.churn_seconds;
+        }
+        r
+    }
+}
+
+/// Guest TSC cycles to ns.
+pub fn cycles_to_ns(cycles: u64, tsc_khz: u32) -> u64 {
+    if tsc_khz == 0 {
+        return 0;
+    }
+    (u128::from(cycles) * 1_000_000 / u128::from(tsc_khz)) as u64
+}
+
+/// A duration in ns, human-readable.
+pub fn fmt_ns(ns: u64) -> String {
+    match ns {
+        0..=9_999 => format!("{ns} ns"),
+        10_000..=9_999_999 => format!("{:.1} µs", ns as f64 / 1e3),
+        10_000_000..=9_999_999_999 => format!("{:.1} ms", ns as f64 / 1e6),
+        _ => format!("{:.2} s", ns as f64 / 1e9),
+    }
+}
+
+/// Bytes, human-readable.
+pub fn fmt_bytes(b: u64) -> String {
+    match b {
+        0..=1023 => format!("{b} B"),
+        1024..=1_048_575 => format!("{:.1} KiB", b as f64 / 1024.0),
+        1_048_576..=1_073_741_823 => format!("{:.1} MiB", b as f64 / 1048576.0),
+        _ => format!("{:.2} GiB", b as f64 / 1073741824.0),
+    }
+}
+
+impl fmt::Display for StressReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = self;
+        let mode = if r.fault_mode == r.fault_mode_requested {
+            r.fault_mode.clone()
+        } else {
+            format!(
+                "{} (fell back from {})",
+                r.fault_mode, r.fault_mode_requested
+            )
+        };
+        writeln!(
+            f,
+            "vmm stress: {} vCPUs, fault mode {mode}, fault-around {}, address space {}, {} extra regions, churn {} ops/s: {} run{} in {:.2} s",
+            r.vcpus,
+            r.fault_around,
+            r.address_space,
+            r.regions,
+            r.churn_rate,
+            r.runs,
+            if r.runs == 1 { "" } else { "s" },
+            r.wall_seconds
+        )?;
+        writeln!(
+            f,
+            "  first touches  {} pages in {:.3} s of touching: {:.0} faults/s ({} faults serviced by the VMM, {} pages populated, {} populate races)",
+            r.pages, r.seconds, r.faults_per_sec,
+            if r.fault_mode == "kernel" { 0 } else { r.faults },
+            r.pages_populated, r.populate_races
+        )?;
+        let l = &r.fault_latency_ns;
+        writeln!(
+            f,
+            "  fault latency  p50 {}, p99 {}, p99.9 {}, max {} (guest rdtsc around each first store)",
+            fmt_ns(l.p50),
+            fmt_ns(l.p99),
+            fmt_ns(l.p999),
+            fmt_ns(l.max)
+        )?;
+        let x = &r.exits_by_reason;
+        let mut parts = Vec::new();
+        for (name, n) in [
+            ("efault", x.efault),
+            ("mmio", x.mmio),
+            ("memory-fault", x.memory_fault),
+            ("io", x.io),
+            ("interrupted", x.interrupted),
+            ("other", x.other),
+        ] {
+            if n > 0 {
+                parts.push(format!("{name} {n}"));
+            }
+        }
+        writeln!(
+            f,
+            "  exits          {} ({}; {:.2} per page)",
+            r.exits,
+            if parts.is_empty() {
+                "none".to_string()
+            } else {
+                parts.join(", ")
+            },
+            if r.pages > 0 {
+                r.exits as f64 / r.pages as f64
+            } else {
+                0.0
+            }
+        )?;
+        let c = &r.churn;
+        if r.churn_rate > 0 {
+            writeln!(
+                f,
+                "  churn          {} ops at {:.0} ops/s ({} maps, {} unmaps, {} splits, {} protects; {} refused{}); peak {} churn regions",
+                r.churn_ops,
+                c.ops_per_sec,
+                c.maps,
+                c.unmaps,
+                c.splits,
+                c.protects,
+                c.failed,
+                c.first_error
+                    .as_ref()
+                    .map(|e| format!(", first: {e}"))
+                    .unwrap_or_default(),
+                c.peak_live_regions
+            )?;
+            let t = &c.op_time;
+            writeln!(
+                f,
+                "  churn op time  mean (max): map+populate {} ({}), unmap {} ({}), split {} ({}), protect {} ({})",
+                fmt_ns(t.map.mean_ns()),
+                fmt_ns(t.map.max_ns),
+                fmt_ns(t.unmap.mean_ns()),
+                fmt_ns(t.unmap.max_ns),
+                fmt_ns(t.split.mean_ns()),
+                fmt_ns(t.split.max_ns),
+                fmt_ns(t.protect.mean_ns()),
+                fmt_ns(t.protect.max_ns)
+            )?;
+        } else {
+            writeln!(f, "  churn          none (--churn 0)")?;
+        }
+        let g = &r.grace_period_ns;
+        writeln!(
+            f,
+            "  grace periods  {} ({} synchronize calls): p50 {}, p99 {}, max {}",
+            r.grace_periods,
+            r.synchronize_calls,
+            fmt_ns(g.p50),
+            fmt_ns(g.p99),
+            fmt_ns(g.max)
+        )?;
+        if r.churn_rate > 0 {
+            writeln!(
+                f,
+                "  host memory    RSS {} when churn started, {} after unmapping every churn region; {} populated in churn regions, {} left resident in the churn area",
+                fmt_bytes(r.rss.before_churn_bytes),
+                fmt_bytes(r.rss.after_cleanup_bytes),
+                fmt_bytes(c.populated_bytes),
+                fmt_bytes(r.rss.churn_residual_bytes)
+            )?;
+        }
+        write!(
+            f,
+            "  verify         {}; open bus {} accesses",
+            if r.verify_errors == 0 {
+                "ok (0 errors)".to_string()
+            } else {
+                format!("FAILED ({} pages wrong)", r.verify_errors)
+            },
+            r.open_bus_accesses
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aggregate_sums_runs_and_orders_percentiles() {
+        let mut a = Aggregate::new(StressReport {
+            vcpus: 2,
+            fault_mode_requested: "vcpu".into(),
+            ..Default::default()
+        });
+        let mut hist = vec![0u64; abi::HIST_BUCKETS];
+        hist[abi::hist_bucket(10_000)] = 99;
+        hist[abi::hist_bucket(1_000_000)] = 1;
+        let run = RunFigures {
+            pages: 100,
+            vmm_faults: 100,
+            touch_seconds: 0.5,
+            histogram: hist,
+            tsc_khz: 1_000_000,
+            fault_mode: "vcpu",
+            ..Default::default()
+        };
+        a.add(&run);
+        a.add(&run);
+        let r = a.finish(2.0);
+        assert_eq!((r.pages, r.faults, r.runs), (200, 200, 2));
+        assert!((r.faults_per_sec - 200.0).abs() < 1e-9);
+        let l = r.fault_latency_ns;
+        assert!(
+            l.p50 <= l.p99 && l.p99 <= l.p999 && l.p999 <= l.max,
+            "{l:?}"
+        );
+        // Bucket lower bounds: at most 25% under the sample.
+        assert!((7_500..=10_010).contains(&l.p50), "{l:?}");
+        assert!(l.max >= 900_000, "{l:?}");
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(
+            json.starts_with("{\"vcpus\":2,\"fault_mode\":\"vcpu\""),
+            "{json}"
+        );
+        let back: StressReport = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, r);
+        let text = r.to_string();
+        assert!(text.contains("faults/s"), "{text}");
+    }
+
+    #[test]
+    fn kernel_mode_counts_first_touches() {
+        let mut a = Aggregate::new(StressReport::default());
+        a.add(&RunFigures {
+            pages: 7,
+            vmm_faults: 0,
+            fault_mode: "kernel",
+            ..Default::default()
+        });
+        assert_eq!(a.finish(1.0).faults, 7);
+    }
+
+    #[test]
+    fn formats() {
+        assert_eq!(fmt_ns(999), "999 ns");
+        assert_eq!(fmt_ns(46_900), "46.9 µs");
+        assert_eq!(fmt_bytes(3 << 20), "3.0 MiB");
+    }
+}
