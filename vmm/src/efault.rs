@@ -8,6 +8,20 @@
 //! computes every memory operand's address from the registers, translates each through the
 //! guest's page tables (`KVM_TRANSLATE`), populates what is missing, and re-enters; the
 //! instruction then re-executes. Instruction fetches and implicit stack accesses count too.
+//!
+//! Every vCPU ioctl costs a `vcpu_load`/`vcpu_put` (MSR reads and CR4 writes that trap to the
+//! outer hypervisor when KVM is nested: about as much as the fault itself), so the fast path
+//! makes none beyond `KVM_RUN`:
+//!
+//! - the registers come from `kvm_run`'s synced-register area (`KVM_CAP_SYNC_REGS`, filled by
+//!   the same `KVM_RUN` that failed) instead of `KVM_GET_REGS`/`KVM_GET_SREGS`;
+//! - while CR3 points at the VMM's own boot page tables, which identity-map guest-physical
+//!   space, a linear address is taken as its guest-physical address without `KVM_TRANSLATE`.
+//!
+//! A guest that rewrote those tables in place would make the guess wrong: then the guessed
+//! pages are present (or were just populated) but the fault repeats, and the next attempt,
+//! finding nothing to populate, translates every address properly. So a wrong guess costs an
+//! extra round trip, never a wrong result.
 #![deny(unsafe_code)]
 
 use iced_x86::{Decoder, DecoderOptions, InstructionInfoFactory, OpAccess, Register};
@@ -75,14 +89,66 @@ fn translate(fd: &VcpuFd, linear: u64) -> Result<u64, String> {
     Ok(t.physical_address)
 }
 
-/// Works out which pages the instruction at `rip` touches and populates the missing ones.
-pub fn resolve(fd: &VcpuFd, mem: &GuardedSpace<'_, '_>) -> Result<Resolved, String> {
-    let regs = fd
-        .get_regs()
-        .map_err(|e| format!("KVM_GET_REGS failed: {e}"))?;
-    let sregs = fd
-        .get_sregs()
-        .map_err(|e| format!("KVM_GET_SREGS failed: {e}"))?;
+/// How a vCPU resolves bare `-EFAULT`s (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resolver {
+    /// `kvm_run` carries the registers after each exit (`KVM_CAP_SYNC_REGS`, enabled).
+    pub sync_regs: bool,
+    /// The VMM's boot page tables (CR3 value) ...
+    pub identity_cr3: u64,
+    /// ... identity-map `[0, identity_limit)`.
+    pub identity_limit: u64,
+}
+
+impl Resolver {
+    /// Works out which pages the instruction at `rip` touches and populates the missing ones,
+    /// guessing translations while the guest runs on the VMM's identity map, and translating
+    /// properly when the guess made no progress (or does not apply).
+    pub fn resolve(&self, fd: &VcpuFd, mem: &GuardedSpace<'_, '_>) -> Result<Resolved, String> {
+        let (regs, sregs) = if self.sync_regs {
+            let s = fd.sync_regs();
+            (s.regs, s.sregs)
+        } else {
+            let regs = fd
+                .get_regs()
+                .map_err(|e| format!("KVM_GET_REGS failed: {e}"))?;
+            let sregs = fd
+                .get_sregs()
+                .map_err(|e| format!("KVM_GET_SREGS failed: {e}"))?;
+            (regs, sregs)
+        };
+        const CR0_PG: u64 = 1 << 31;
+        const EFER_LMA: u64 = 1 << 10;
+        let identity = sregs.cr3 & !0xfff == self.identity_cr3
+            && sregs.cr0 & CR0_PG != 0
+            && sregs.efer & EFER_LMA != 0;
+        if identity {
+            let limit = self.identity_limit;
+            let guess = |linear: u64| -> Result<u64, String> {
+                if linear < limit {
+                    Ok(linear)
+                } else {
+                    translate(fd, linear)
+                }
+            };
+            // A decoding or translation failure under the guess is retried properly too.
+            if let Ok(r) = resolve_with(&guess, &regs, &sregs, mem) {
+                if r.populated > 0 {
+                    return Ok(r);
+                }
+            }
+        }
+        resolve_with(&|linear| translate(fd, linear), &regs, &sregs, mem)
+    }
+}
+
+/// [`Resolver::resolve`] with a given translation of linear to guest-physical addresses.
+fn resolve_with(
+    translate: &dyn Fn(u64) -> Result<u64, String>,
+    regs: &kvm_regs,
+    sregs: &kvm_sregs,
+    mem: &GuardedSpace<'_, '_>,
+) -> Result<Resolved, String> {
     let mut out = Resolved {
         populated: 0,
         pages: 0,
@@ -91,7 +157,7 @@ pub fn resolve(fd: &VcpuFd, mem: &GuardedSpace<'_, '_>) -> Result<Resolved, Stri
         let last = linear.wrapping_add(len.max(1) - 1);
         let mut page = linear & !(PAGE - 1);
         loop {
-            let gpa = translate(fd, page.max(linear))? & !(PAGE - 1);
+            let gpa = translate(page.max(linear))? & !(PAGE - 1);
             out.pages += 1;
             if mem
                 .populate_if_missing(gpa, write)
@@ -111,11 +177,11 @@ pub fn resolve(fd: &VcpuFd, mem: &GuardedSpace<'_, '_>) -> Result<Resolved, Stri
     touch(rip, 15, false, &mut out)?;
     let mut bytes = [0u8; 15];
     let first = (PAGE - rip % PAGE).min(15) as usize;
-    mem.read_guest(translate(fd, rip)?, &mut bytes[..first])
+    mem.read_guest(translate(rip)?, &mut bytes[..first])
         .map_err(|e| e.to_string())?;
     if first < 15 {
         let next = rip + first as u64;
-        mem.read_guest(translate(fd, next)?, &mut bytes[first..])
+        mem.read_guest(translate(next)?, &mut bytes[first..])
             .map_err(|e| e.to_string())?;
     }
     let bitness = if sregs.cs.l != 0 {
@@ -136,7 +202,7 @@ pub fn resolve(fd: &VcpuFd, mem: &GuardedSpace<'_, '_>) -> Result<Resolved, Stri
     let mut factory = InstructionInfoFactory::new();
     let info = factory.info(&instr);
     for m in info.used_memory() {
-        let Some(va) = m.virtual_address(0, |reg, _, _| reg_value(reg, &regs, &sregs)) else {
+        let Some(va) = m.virtual_address(0, |reg, _, _| reg_value(reg, regs, sregs)) else {
             continue;
         };
         let size = m.memory_size().size() as u64;

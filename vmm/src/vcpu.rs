@@ -540,6 +540,8 @@ pub struct Vcpu {
     pub fd: VcpuFd,
     /// Entry point.
     pub entry: u64,
+    /// How bare `-EFAULT`s are resolved (registers synced through `kvm_run`, identity map).
+    pub resolver: crate::efault::Resolver,
 }
 
 /// Consecutive `-EFAULT`s without progress before the vCPU gives up.
@@ -556,6 +558,12 @@ pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> Vcpu
         return VcpuOutcome::SetupFailed(e.to_string());
     }
     let _kick = KickGuard::register(&mut vcpu.fd);
+    if vcpu.resolver.sync_regs {
+        // Every exit then brings the registers along (read by `efault` without an ioctl).
+        vcpu.fd.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+        vcpu.fd
+            .set_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
+    }
     let index = vcpu.index;
     // This thread is an RCU reader of the address space: offline while inside the guest, online
     // while it handles an exit; each handled exit is one read-side critical section, and going
@@ -587,7 +595,7 @@ pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> Vcpu
             }
             Err(e) if e.errno() == libc::EFAULT && shared.space.uffd().is_some() => {
                 // A first touch on a host that does not report the address (see `efault`).
-                match crate::efault::resolve(&vcpu.fd, &mem) {
+                match vcpu.resolver.resolve(&vcpu.fd, &mem) {
                     Ok(r) if r.populated > 0 => {
                         stalled_efaults = 0;
                         shared

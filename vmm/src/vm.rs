@@ -405,6 +405,11 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
             index,
             fd,
             entry: image.entry,
+            resolver: crate::efault::Resolver {
+                sync_regs: vm.check_extension(kvm_ioctls::Cap::SyncRegs),
+                identity_cr3: abi::layout::PML4,
+                identity_limit: boot::identity_map_bytes(one_gig),
+            },
         };
         let (thread_shared, cpuid, tx) = (Arc::clone(&shared), Arc::clone(&cpuid), tx.clone());
         let spawned = std::thread::Builder::new()
