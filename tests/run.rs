@@ -203,7 +203,6 @@ fn user_errors_are_one_line_with_status_1() {
         (&["run", "--mem", "1M"], "too little memory"),
         (&["run", "--mem", "100T"], "too much memory"),
         (&["run", "--mem", "16781313"], "multiple of 4K"),
-        (&["run", "--workload", "hotplug"], "not implemented yet"),
         (
             &["run", "--kernel", "/nonexistent/kernel"],
             "cannot read it",
