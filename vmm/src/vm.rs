@@ -292,6 +292,7 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
 
     let vm = Arc::new(ioctl("KVM_CREATE_VM", kvm_fd.create_vm())?);
     ioctl("KVM_SET_TSS_ADDR", vm.set_tss_address(TSS_ADDR))?;
+    disable_slot_zap_all(&vm);
     let fault_mode = probe_fault_mode(cfg.fault_mode);
     let nr_slots = u32::try_from(kvm_fd.get_nr_memslots()).unwrap_or(u32::MAX);
     let domain = rcu::Domain::new();
@@ -550,6 +551,27 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         exits,
         rcu,
     })
+}
+
+/// Asks KVM to zap only a deleted memslot's mappings rather than every shadow page of the VM
+/// (`KVM_X86_QUIRK_SLOT_ZAP_ALL` off, Linux 6.12+). With the quirk on, each unmap, split or
+/// protect of any region throws away the guest's whole shadow MMU, and every vCPU then faults
+/// its working set back in. Hosts without the control keep the old behaviour.
+fn disable_slot_zap_all(vm: &kvm_ioctls::VmFd) {
+    use kvm_bindings::{KVM_CAP_DISABLE_QUIRKS2, KVM_X86_QUIRK_SLOT_ZAP_ALL};
+    let supported = vm.check_extension_raw(libc::c_ulong::from(KVM_CAP_DISABLE_QUIRKS2));
+    if supported <= 0 || (supported as u64) & u64::from(KVM_X86_QUIRK_SLOT_ZAP_ALL) == 0 {
+        tracing::debug!("KVM cannot limit memslot deletion to the slot's mappings");
+        return;
+    }
+    let mut cap = kvm_bindings::kvm_enable_cap {
+        cap: KVM_CAP_DISABLE_QUIRKS2,
+        ..Default::default()
+    };
+    cap.args[0] = u64::from(KVM_X86_QUIRK_SLOT_ZAP_ALL);
+    if let Err(e) = vm.enable_cap(&cap) {
+        tracing::debug!(error = %e, "disabling KVM_X86_QUIRK_SLOT_ZAP_ALL failed");
+    }
 }
 
 /// Makes every vCPU that has not finished leave `KVM_RUN` and stop.
