@@ -187,6 +187,18 @@ fn ram_top(mem: u64) -> u64 {
     }
 }
 
+/// Guest RAM pages (page numbers) of a VM with `mem` bytes: below the 32-bit hole after the
+/// boot area, and above it.
+fn ram_pages(mem: u64) -> [(u64, u64); 2] {
+    use abi::layout::{BOOT_AREA_END, HOLE_END, HOLE_START};
+    let low_end = mem.min(HOLE_START);
+    let high = mem.saturating_sub(HOLE_START);
+    [
+        (BOOT_AREA_END / 4096, (low_end - BOOT_AREA_END) / 4096),
+        (HOLE_END / 4096, high / 4096),
+    ]
+}
+
 /// Collects the guest's serial output (shown if a run fails).
 #[derive(Clone, Default)]
 struct SerialBuf(Arc<Mutex<Vec<u8>>>);
@@ -398,13 +410,17 @@ fn run_once(
         let bar = progress.bar.clone();
         let churn_ops = Arc::clone(&churn_shared);
         let by_duration = !args.duration.is_zero();
+        let ram = ram_pages(mem);
         sidecars.push(Box::new(move |h: vm::VmHandle| {
             let uffd = h.space.uffd().is_some();
             let rss0 = churn::rss_bytes();
-            let before = h.space.counters.pages_populated.load(Ordering::Relaxed);
             while !h.stop.load(Ordering::Acquire) {
+                // Guest RAM pages the VMM populated (not churn regions'); without userfaultfd
+                // the VMM does not know, and the process's RSS growth stands in.
                 let pages = if uffd {
-                    h.space.counters.pages_populated.load(Ordering::Relaxed) - before
+                    ram.iter()
+                        .map(|&(first, n)| h.space.residency.count_range(first, n))
+                        .sum()
                 } else {
                     churn::rss_bytes().saturating_sub(rss0) / 4096
                 };
@@ -757,6 +773,10 @@ mod tests {
         assert_eq!(mem_bytes(2, 32768), 264 * MIB);
         assert_eq!(mem_bytes(1, 1), memory::MIN_MEM_BYTES);
         assert_eq!(ram_top(4 * GIB), 5 * GIB);
+        let [low, high] = ram_pages(4 * GIB);
+        assert_eq!(low, (2048, (3 * GIB - 8 * MIB) / 4096));
+        assert_eq!(high, (4 * GIB / 4096, GIB / 4096));
+        assert_eq!(ram_pages(264 * MIB)[1].1, 0);
     }
 
     #[test]

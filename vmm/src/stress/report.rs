@@ -132,7 +132,8 @@ pub struct StressReport {
     pub runs: u64,
     /// Wall-clock seconds of the whole command.
     pub wall_seconds: f64,
-    /// Pages the VMM populated (with fault-around, more than it serviced faults).
+    /// Guest RAM pages the VMM populated (with fault-around, more than it serviced faults;
+    /// churn regions' pages are in `churn.populated_bytes`).
     pub pages_populated: u64,
     /// Populates that found the page already present.
     pub populate_races: u64,
@@ -227,7 +228,9 @@ impl Aggregate {
         r.verify_errors += f.verify_errors;
         let c = &f.counters;
         r.open_bus_accesses += c.open_bus_reads + c.open_bus_writes;
-        r.pages_populated += c.pages_populated;
+        // Guest RAM only: the churn thread's populates are counted in `churn`.
+        let churn_pages = f.churn.as_ref().map_or(0, |c| c.populated_bytes / 4096);
+        r.pages_populated += c.pages_populated.saturating_sub(churn_pages);
         r.populate_races += c.populate_races;
         r.readonly_writes += c.readonly_writes;
         let e = &f.exits;

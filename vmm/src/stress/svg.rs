@@ -150,11 +150,16 @@ pub fn latency_svg(h: &Histogram<u64>, title: &str, subtitle: &str) -> String {
             h.value_at_quantile(*q)
         };
         let x = x_of(v as f64);
+        // Labels near the right edge go to the left of their line.
+        let (lx, anchor) = if x > W - RIGHT - 120.0 {
+            (x - 3.0, "end")
+        } else {
+            (x + 3.0, "start")
+        };
         let _ = writeln!(
             out,
-            r##"<line x1="{x:.1}" x2="{x:.1}" y1="{TOP}" y2="{}" stroke="#d04a4a" stroke-dasharray="4 3"/><text x="{:.1}" y="{}" fill="#d04a4a">{name} {}</text>"##,
+            r##"<line x1="{x:.1}" x2="{x:.1}" y1="{TOP}" y2="{}" stroke="#d04a4a" stroke-dasharray="4 3"/><text x="{lx:.1}" y="{}" fill="#d04a4a" text-anchor="{anchor}">{name} {}</text>"##,
             TOP + ph,
-            x + 3.0,
             TOP + 14.0 + 14.0 * i as f64,
             fmt_ns(v)
         );
