@@ -81,7 +81,7 @@ done
 
 elapsed=$(($(date +%s) - started))
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
-kvm=$(awk '/^kvm/ {print $1}' /proc/modules 2>/dev/null | paste -sd, -) || kvm=
+kvm=$(ls /sys/module 2>/dev/null | grep '^kvm' | paste -sd, -) || kvm=
 {
     echo "Command: \`BENCH_PAGES=$PAGES BENCH_REPEATS=$REPEATS BENCH_MODES=\"$MODES\" BENCH_SPACES=\"$SPACES\" BENCH_VCPUS=\"$VCPUS\" BENCH_CHURN=\"$CHURN\" BENCH_REGIONS=$REGIONS scripts/bench.sh\`"
     echo

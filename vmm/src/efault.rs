@@ -199,20 +199,30 @@ fn resolve_with(
             regs.rip
         ));
     }
-    let mut factory = InstructionInfoFactory::new();
-    let info = factory.info(&instr);
-    for m in info.used_memory() {
-        let Some(va) = m.virtual_address(0, |reg, _, _| reg_value(reg, regs, sregs)) else {
-            continue;
-        };
-        let size = m.memory_size().size() as u64;
-        let write = matches!(
-            m.access(),
-            OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
-        );
-        touch(va, size.max(1), write, &mut out)?;
-    }
-    Ok(out)
+    // One factory per vCPU thread: creating one allocates, and this is the fault path.
+    FACTORY.with_borrow_mut(|factory| {
+        let info = factory.info(&instr);
+        for m in info.used_memory() {
+            let Some(va) = m.virtual_address(0, |reg, _, _| reg_value(reg, regs, sregs)) else {
+                continue;
+            };
+            let size = m.memory_size().size() as u64;
+            let write = matches!(
+                m.access(),
+                OpAccess::Write
+                    | OpAccess::ReadWrite
+                    | OpAccess::CondWrite
+                    | OpAccess::ReadCondWrite
+            );
+            touch(va, size.max(1), write, &mut out)?;
+        }
+        Ok(out)
+    })
+}
+
+thread_local! {
+    static FACTORY: std::cell::RefCell<InstructionInfoFactory> =
+        std::cell::RefCell::new(InstructionInfoFactory::new());
 }
 
 #[cfg(test)]
