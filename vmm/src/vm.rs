@@ -150,9 +150,10 @@ pub struct RunReport {
     pub rcu: rcu::Stats,
 }
 
-/// What a companion thread gets: the running VM's address space, a view of guest memory (for
-/// device state such as the hot-plug mailbox), and a flag set when the run is over (the
-/// thread must then return promptly; the run waits for it).
+/// What a companion thread gets: the running VM's address space (devices such as the hot-plug
+/// mailbox access guest memory through it, with `memory::GuardedMemory`), a vm-memory view of
+/// the boot area and RAM, and a flag set when the run is over (the thread must then return
+/// promptly; the run waits for it).
 #[allow(dead_code)]
 pub struct VmHandle {
     /// Guest memory.
@@ -496,8 +497,17 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
     }
     let exits = shared.exits.snapshot();
     let rcu = space.domain().stats();
-    let results = read_results(&guest_mem, cfg.vcpus);
-    let touch_histogram = read_histograms(&guest_mem, cfg.vcpus);
+    // The report is read like any device reads guest memory: through the address space,
+    // under a read guard (the results live in the boot area, which is never demand-paged).
+    let (results, touch_histogram) = {
+        let reader = space.domain().register();
+        let guard = reader.read();
+        let mem = memory::GuardedMemory::new(&space, &guard);
+        (
+            read_results(&mem, cfg.vcpus),
+            read_histograms(&mem, cfg.vcpus),
+        )
+    };
     let counters = space.counters.snapshot();
 
     let outcome = match decided {
@@ -628,7 +638,7 @@ fn spawn_uffd_handler(
 }
 
 /// Reads every vCPU's results slot.
-fn read_results(mem: &vm_memory::GuestMemoryMmap, vcpus: u32) -> Vec<abi::VcpuResult> {
+fn read_results(mem: &impl vm_memory::GuestMemory, vcpus: u32) -> Vec<abi::VcpuResult> {
     use vm_memory::Bytes;
     (0..u64::from(vcpus))
         .map(|i| {
@@ -650,7 +660,7 @@ fn read_results(mem: &vm_memory::GuestMemoryMmap, vcpus: u32) -> Vec<abi::VcpuRe
 }
 
 /// Sums every vCPU's touch-latency histogram.
-fn read_histograms(mem: &vm_memory::GuestMemoryMmap, vcpus: u32) -> Vec<u64> {
+fn read_histograms(mem: &impl vm_memory::GuestMemory, vcpus: u32) -> Vec<u64> {
     use vm_memory::Bytes;
     let mut total = vec![0u64; abi::HIST_BUCKETS];
     for i in 0..u64::from(vcpus) {

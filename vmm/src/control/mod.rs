@@ -284,7 +284,7 @@ pub struct Vmm {
 impl Vmm {
     /// The control view of a running VM. Publishes an empty mailbox.
     pub fn new(h: &VmHandle, cfg: Config, inject: bool) -> Result<Self, String> {
-        let mailbox = Mailbox::new(h.guest_mem.clone())
+        let mailbox = Mailbox::new(Arc::clone(&h.space))
             .map_err(|e| format!("cannot write the hot-plug mailbox: {e}"))?;
         let vmm = Vmm {
             space: Arc::clone(&h.space),

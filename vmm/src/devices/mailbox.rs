@@ -9,16 +9,21 @@
 //! 2. The caller changes the address space.
 //! 3. [`MailboxUpdate::publish`] writes the list, then (release fence) makes `generation` even.
 //!
-//! The mailbox lives in the boot area, which is populated eagerly and never demand-paged, so it
-//! is written through vm-memory's `Bytes` without any fault servicing.
+//! The mailbox is read and written like any device's guest memory: through vm-memory's `Bytes`
+//! on a [`GuardedMemory`], a view of the address space inside one short RCU read-side critical
+//! section per operation (so none is held across the address-space change, whose grace period
+//! would otherwise wait for it). It lives in the boot area, which is populated eagerly and
+//! never demand-paged, but the view would populate it first if it were.
 #![deny(unsafe_code)]
 
 use std::sync::atomic::Ordering;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use abi::layout::MAILBOX;
 use abi::{mailbox_flags, mem_kind, region_flags, Mailbox as Layout, MAILBOX_MAX_REGIONS};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::{AddressSpace, GuardedMemory};
 
 /// One listed region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,7 +39,7 @@ pub struct MailboxRegion {
 /// The VMM's side of the mailbox. Updates are serialised by an internal lock, which
 /// [`begin`](Self::begin) holds until the update is published.
 pub struct Mailbox {
-    mem: GuestMemoryMmap,
+    space: Arc<AddressSpace>,
     /// The generation last written (even when no update is under way).
     generation: Mutex<u64>,
 }
@@ -52,15 +57,26 @@ fn addr(offset: u64) -> GuestAddress {
 }
 
 impl Mailbox {
-    /// The mailbox in `mem` (which must cover the boot area), with an empty list published.
-    pub fn new(mem: GuestMemoryMmap) -> Result<Self, vm_memory::GuestMemoryError> {
-        let current: u64 = mem.load(addr(Layout::GENERATION_OFFSET), Ordering::Acquire)?;
+    /// The mailbox in `space` (whose boot area must be mapped), with an empty list published.
+    pub fn new(space: Arc<AddressSpace>) -> Result<Self, vm_memory::GuestMemoryError> {
         let m = Mailbox {
-            mem,
-            generation: Mutex::new(current & !1),
+            space,
+            generation: Mutex::new(0),
         };
+        let current: u64 =
+            m.with_mem(|mem| mem.load(addr(Layout::GENERATION_OFFSET), Ordering::Acquire))?;
+        *m.lock() = current & !1;
         m.begin().publish(&[])?;
         Ok(m)
+    }
+
+    /// Runs `f` on a view of guest memory, inside one read-side critical section of a reader
+    /// registered for the call (the caller may be about to change the address space, and a
+    /// grace period must not wait for a reader this thread keeps).
+    fn with_mem<R>(&self, f: impl FnOnce(&GuardedMemory<'_>) -> R) -> R {
+        let reader = self.space.domain().register();
+        let guard = reader.read();
+        f(&GuardedMemory::new(&self.space, &guard))
     }
 
     fn lock(&self) -> MutexGuard<'_, u64> {
@@ -72,9 +88,8 @@ impl Mailbox {
         let mut g = self.lock();
         *g += 1;
         // Release: pairs with the guest's acquire load of `generation` after its access.
-        let _ = self
-            .mem
-            .store(*g, addr(Layout::GENERATION_OFFSET), Ordering::Release);
+        let _ =
+            self.with_mem(|mem| mem.store(*g, addr(Layout::GENERATION_OFFSET), Ordering::Release));
         MailboxUpdate {
             mailbox: self,
             generation: g,
@@ -84,29 +99,27 @@ impl Mailbox {
 
     /// The current generation (even unless an update is under way on another thread).
     pub fn generation(&self) -> u64 {
-        self.mem
-            .load(addr(Layout::GENERATION_OFFSET), Ordering::Acquire)
+        self.with_mem(|mem| mem.load(addr(Layout::GENERATION_OFFSET), Ordering::Acquire))
             .unwrap_or(0)
     }
 
     /// Asks the guest's `hotplug` workload to stop.
     pub fn request_stop(&self) -> Result<(), vm_memory::GuestMemoryError> {
         let _g = self.lock();
-        let flags: u32 = self
-            .mem
-            .load(addr(Layout::FLAGS_OFFSET), Ordering::Relaxed)?;
-        self.mem.store(
-            flags | mailbox_flags::STOP,
-            addr(Layout::FLAGS_OFFSET),
-            Ordering::Release,
-        )
+        self.with_mem(|mem| {
+            let flags: u32 = mem.load(addr(Layout::FLAGS_OFFSET), Ordering::Relaxed)?;
+            mem.store(
+                flags | mailbox_flags::STOP,
+                addr(Layout::FLAGS_OFFSET),
+                Ordering::Release,
+            )
+        })
     }
 
     /// Whether [`request_stop`](Self::request_stop) was called.
     #[cfg(test)]
     pub fn stop_requested(&self) -> bool {
-        self.mem
-            .load::<u32>(addr(Layout::FLAGS_OFFSET), Ordering::Acquire)
+        self.with_mem(|mem| mem.load::<u32>(addr(Layout::FLAGS_OFFSET), Ordering::Acquire))
             .is_ok_and(|f| f & mailbox_flags::STOP != 0)
     }
 }
@@ -121,7 +134,13 @@ impl MailboxUpdate<'_> {
     }
 
     fn write(&self, regions: &[MailboxRegion]) -> Result<(), vm_memory::GuestMemoryError> {
-        let mem = &self.mailbox.mem;
+        self.mailbox.with_mem(|mem| Self::write_in(mem, regions))
+    }
+
+    fn write_in(
+        mem: &GuardedMemory<'_>,
+        regions: &[MailboxRegion],
+    ) -> Result<(), vm_memory::GuestMemoryError> {
         let n = regions.len().min(MAILBOX_MAX_REGIONS);
         let mut bytes = Vec::with_capacity(n * 24);
         for r in &regions[..n] {
@@ -155,11 +174,14 @@ impl MailboxUpdate<'_> {
         // The list above must be visible before the even generation: release, paired with the
         // guest's acquire load of `generation` before it copies the list.
         std::sync::atomic::fence(Ordering::Release);
-        let _ = self.mailbox.mem.store(
-            *self.generation,
-            addr(Layout::GENERATION_OFFSET),
-            Ordering::Release,
-        );
+        let generation = *self.generation;
+        let _ = self.mailbox.with_mem(|mem| {
+            mem.store(
+                generation,
+                addr(Layout::GENERATION_OFFSET),
+                Ordering::Release,
+            )
+        });
     }
 }
 
@@ -173,13 +195,15 @@ impl Drop for MailboxUpdate<'_> {
 mod tests {
     use super::*;
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
-    }
+    use crate::memory::address_space::FaultMode;
 
     #[test]
     fn sequence_lock_and_list() {
-        let m = Mailbox::new(mem()).unwrap();
+        let space = Arc::new(crate::memory::guest::tests::test_space(
+            FaultMode::Vcpu,
+            "bonsai",
+        ));
+        let m = Mailbox::new(space).unwrap();
         assert_eq!(m.generation(), 2);
         let u = m.begin();
         assert_eq!(m.generation(), 3, "odd while the change is under way");
@@ -198,7 +222,8 @@ mod tests {
         .unwrap();
         assert_eq!(m.generation(), 4);
         let mut buf = [0u8; 64];
-        m.mem.read_slice(&mut buf, GuestAddress(MAILBOX)).unwrap();
+        m.with_mem(|mem| mem.read_slice(&mut buf, GuestAddress(MAILBOX)))
+            .unwrap();
         assert_eq!(u32::from_le_bytes(buf[8..12].try_into().unwrap()), 2);
         assert_eq!(u64::from_le_bytes(buf[16..24].try_into().unwrap()), 1 << 32);
         assert_eq!(u64::from_le_bytes(buf[24..32].try_into().unwrap()), 1 << 20);
@@ -220,7 +245,9 @@ mod tests {
             MAILBOX_MAX_REGIONS + 3
         ];
         m.begin().publish(&many).unwrap();
-        let flags: u32 = m.mem.load(addr(12), Ordering::Relaxed).unwrap();
+        let flags: u32 = m
+            .with_mem(|mem| mem.load(addr(12), Ordering::Relaxed))
+            .unwrap();
         assert_eq!(flags, mailbox_flags::TRUNCATED);
         m.request_stop().unwrap();
         assert!(m.stop_requested());

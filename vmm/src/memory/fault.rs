@@ -229,6 +229,33 @@ impl AddressSpace {
         self.populate_pages(uffd, gpa / PAGE, end, true).map(|_| ())
     }
 
+    /// Populates the pages of `[gpa, gpa + len)` (clamped to `region`) that the VMM has not
+    /// populated yet, so that a host access to them cannot raise a userfault (SIGBUS in vCPU
+    /// mode). A no-op for regions that are not demand-paged and without userfaultfd. The
+    /// caller holds the read guard under which it found `region`.
+    pub(crate) fn populate_in_region(
+        &self,
+        region: &Region,
+        gpa: u64,
+        len: u64,
+        write: bool,
+    ) -> Result<(), FaultError> {
+        if !region.demand_paged || len == 0 {
+            return Ok(());
+        }
+        let Some(uffd) = &self.uffd else {
+            return Ok(());
+        };
+        let first = gpa.max(region.gpa) / PAGE;
+        let end = gpa.saturating_add(len).min(region.end()).div_ceil(PAGE);
+        if first >= end || self.residency.next_missing(first, end).is_none() {
+            return Ok(());
+        }
+        let n = self.populate_pages(uffd, first, end, write)?;
+        region.counters.pages_populated.fetch_add(n, Relaxed);
+        Ok(())
+    }
+
     /// Services one fault read from the userfaultfd by a handler thread: the faulting thread
     /// sleeps in the kernel until the page is populated (and woken).
     pub fn handle_userfault(

@@ -12,6 +12,8 @@
 pub mod address_space;
 #[allow(unsafe_code)]
 pub mod fault;
+#[allow(unsafe_code)]
+pub mod guest;
 #[allow(unsafe_code, dead_code)]
 pub mod host;
 #[allow(dead_code)]
@@ -23,6 +25,7 @@ pub mod uffd;
 
 pub use address_space::{AddressSpace, AsConfig, AsError, FaultMode, Limits, Memslots};
 pub use fault::{Access, FaultError, Serviced};
+pub use guest::GuardedMemory;
 pub use host::Backing;
 pub use region::RegionKind;
 
