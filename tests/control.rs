@@ -113,6 +113,24 @@ impl Drop for Vm {
     }
 }
 
+/// Connects to the control socket. The socket file appears at `bind`, a moment before the
+/// server's `listen`; a connection in between is refused, so retry for a while.
+fn connect(path: &Path) -> UnixStream {
+    let t0 = Instant::now();
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return s,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && t0.elapsed() < Duration::from_secs(10) =>
+            {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => panic!("connect to {}: {e}", path.display()),
+        }
+    }
+}
+
 /// A line-oriented socket client.
 struct Client {
     w: UnixStream,
@@ -122,7 +140,7 @@ struct Client {
 
 impl Client {
     fn connect(path: &Path) -> Client {
-        let s = UnixStream::connect(path).expect("connect");
+        let s = connect(path);
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         Client {
             r: BufReader::new(s.try_clone().unwrap()),
@@ -462,7 +480,7 @@ fn concurrent_clients_and_hostile_ones_harm_no_one() {
     let s2 = sock.clone();
     workers.push(std::thread::spawn(move || {
         for _ in 0..20 {
-            let mut s = UnixStream::connect(&s2).unwrap();
+            let mut s = connect(&s2);
             s.write_all(br#"{"id":1,"op":"map","gpa":"0x1"#).unwrap();
         }
     }));
@@ -486,7 +504,7 @@ fn concurrent_clients_and_hostile_ones_harm_no_one() {
     // Hostile: asks a lot and never reads the replies.
     let s4 = sock.clone();
     workers.push(std::thread::spawn(move || {
-        let mut s = UnixStream::connect(&s4).unwrap();
+        let mut s = connect(&s4);
         let req = "{\"id\":1,\"op\":\"stats\"}\n".repeat(5000);
         s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
         let _ = s.write_all(req.as_bytes());
@@ -536,7 +554,7 @@ fn client_and_line_limits() {
     // The slot frees once the server sees the disconnect.
     let t0 = Instant::now();
     loop {
-        let mut s = UnixStream::connect(&vm.sock).unwrap();
+        let mut s = connect(&vm.sock);
         let _ = s.write_all(b"{\"id\":5,\"op\":\"list\"}\n");
         let mut reply = String::new();
         let _ = BufReader::new(s).read_line(&mut reply);

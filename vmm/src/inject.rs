@@ -7,7 +7,9 @@
 //!
 //! - `mmap`: mapping a run-time region's host memory,
 //! - `uffd`: registering it with userfaultfd,
-//! - `memslot`: installing a KVM memslot (a new region, a split piece, a protection change).
+//! - `memslot`: installing a KVM memslot (a new region, a split piece, a protection change),
+//! - `memslot-delete`: deleting a KVM memslot (unmap, split, protection change); the change is
+//!   then undone.
 //!
 //! An empty value or `on` enables the `inject` op without arming anything. Without the
 //! variable every hook is one relaxed load of a flag that is false.
@@ -33,6 +35,8 @@ pub enum Step {
     Uffd = 1,
     /// Installing a KVM memslot.
     Memslot = 2,
+    /// Deleting a KVM memslot (unmap, split, protect).
+    MemslotDelete = 3,
 }
 
 impl Step {
@@ -42,6 +46,7 @@ impl Step {
             Step::Mmap => "mmap",
             Step::Uffd => "uffd",
             Step::Memslot => "memslot",
+            Step::MemslotDelete => "memslot-delete",
         }
     }
 
@@ -50,6 +55,7 @@ impl Step {
             "mmap" => Step::Mmap,
             "uffd" => Step::Uffd,
             "memslot" => Step::Memslot,
+            "memslot-delete" => Step::MemslotDelete,
             _ => return None,
         })
     }
@@ -60,7 +66,12 @@ pub const ENV: &str = "VMM_FAULT_INJECT";
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 /// Per step: 0 = not armed; n = the n-th next call fails.
-static COUNTDOWN: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+static COUNTDOWN: [AtomicU64; 4] = [
+    AtomicU64::new(0),
+    AtomicU64::new(0),
+    AtomicU64::new(0),
+    AtomicU64::new(0),
+];
 static INJECTED: AtomicU64 = AtomicU64::new(0);
 
 /// Parses a `VMM_FAULT_INJECT` value.
@@ -73,7 +84,9 @@ pub fn parse(spec: &str) -> Result<Vec<(Step, u64)>, String> {
         .map(|part| {
             let (step, n) = part.split_once(':').unwrap_or((part, "1"));
             let step = Step::from_name(step.trim()).ok_or_else(|| {
-                format!("{ENV}: unknown step {step:?} (expected mmap, uffd or memslot)")
+                format!(
+                    "{ENV}: unknown step {step:?} (expected mmap, uffd, memslot or memslot-delete)"
+                )
             })?;
             let n: u64 = n
                 .trim()

@@ -658,15 +658,7 @@ impl AddressSpace {
         // 2. Memslots: delete the affected regions' (KVM waits for vCPUs in guest mode);
         //    install slots for the remaining pieces. Between the two, their accesses exit and
         //    are serviced through the tree.
-        for (s, p) in &affected {
-            w.regions.remove(s);
-            if let Some(slot) = p.slot {
-                if let Err(e) = self.slots.delete(slot, *s) {
-                    tracing::error!(slot, gpa = s, error = %e, "deleting a memslot failed");
-                }
-                w.free_slots.push(slot);
-            }
-        }
+        self.delete_slots_or_restore(&mut w, &affected)?;
         for (r, p) in remaining {
             let slot = w.alloc_slot(capacity);
             let slot = slot.and_then(|slot| {
@@ -711,6 +703,60 @@ impl AddressSpace {
         }
         self.counters.unmaps.fetch_add(1, Relaxed);
         Ok(out)
+    }
+
+    /// Deletes the memslots of the `affected` regions (whose change is already published) and
+    /// forgets them. If KVM refuses one, the change is undone instead: the original regions are
+    /// published again and the memslots already deleted are installed again, so the tree, the
+    /// memslots and the host mappings are as before, and the error says what failed. (Nothing
+    /// has been released yet: host memory goes only after the grace period that follows.)
+    fn delete_slots_or_restore(
+        &self,
+        w: &mut WriterState,
+        affected: &[(u64, Planned)],
+    ) -> Result<(), AsError> {
+        let mut deleted: Vec<(u64, Planned, u32)> = Vec::new();
+        for (s, p) in affected {
+            let Some(slot) = p.slot else { continue };
+            let r = crate::inject::hit(crate::inject::Step::MemslotDelete)
+                .and_then(|()| self.slots.delete(slot, *s));
+            if let Err(source) = r {
+                for (s, p) in affected {
+                    let demand_paged = self.uffd.is_some() && p.kind != RegionKind::Boot;
+                    let original =
+                        Region::new(*s, p.end - s, p.backing, p.readonly, p.kind, demand_paged);
+                    if let Err(e) = self.map.replace(*s..p.end, RegionRef(Arc::new(original))) {
+                        tracing::error!(gpa = s, error = %e, "re-publishing a region after a failed memslot delete failed");
+                    }
+                }
+                for (s, p, slot) in deleted {
+                    let size = p.end - s;
+                    if let Err(e) =
+                        self.slots
+                            .install(slot, s, size, self.host.host_addr(s), p.readonly)
+                    {
+                        // The region stays mapped and is served through exits.
+                        tracing::warn!(slot, gpa = s, error = %e, "re-installing a memslot failed; the region is served by exits");
+                        w.free_slots.push(slot);
+                        if let Some(e) = w.regions.get_mut(&s) {
+                            e.slot = None;
+                        }
+                    }
+                }
+                return Err(AsError::Host {
+                    what: "deleting a KVM memslot",
+                    source,
+                });
+            }
+            deleted.push((*s, *p, slot));
+        }
+        for (s, p) in affected {
+            w.regions.remove(s);
+            if let Some(slot) = p.slot {
+                w.free_slots.push(slot);
+            }
+        }
+        Ok(())
     }
 
     /// Makes `[gpa, gpa + size)` read-only (or writable again). The range must be fully
@@ -765,15 +811,7 @@ impl AddressSpace {
             return Err(AsError::Invalid(e.to_string()));
         }
         // 2. Swap memslots.
-        for (s, p) in &affected {
-            w.regions.remove(s);
-            if let Some(slot) = p.slot {
-                if let Err(e) = self.slots.delete(slot, *s) {
-                    tracing::error!(slot, gpa = s, error = %e, "deleting a memslot failed");
-                }
-                w.free_slots.push(slot);
-            }
-        }
+        self.delete_slots_or_restore(&mut w, &affected)?;
         let mut out = Vec::new();
         for (r, p) in pieces {
             let len = r.end - r.start;
@@ -870,6 +908,7 @@ mod tests {
     struct FakeSlots {
         installed: Mutex<BTreeMap<u32, (u64, u64, bool)>>,
         fail_install: AtomicBool,
+        fail_delete: AtomicBool,
     }
 
     impl Memslots for Arc<FakeSlots> {
@@ -881,6 +920,9 @@ mod tests {
             Ok(())
         }
         fn delete(&self, slot: u32, _gpa: u64) -> io::Result<()> {
+            if self.fail_delete.load(Relaxed) {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
             self.installed.lock().unwrap().remove(&slot);
             Ok(())
         }
@@ -1052,6 +1094,53 @@ mod tests {
                 .code(),
             "limit"
         );
+    }
+
+    #[test]
+    fn a_refused_memslot_delete_undoes_unmap_and_protect() {
+        let (s, slots) = space(FaultMode::Vcpu, "bonsai");
+        s.map(16 * MB, 4 * MB, Backing::Anon, false, RegionKind::Hotplug)
+            .unwrap();
+        s.map(20 * MB, 4 * MB, Backing::Anon, false, RegionKind::Hotplug)
+            .unwrap();
+        {
+            let reader = s.domain().register();
+            let g = reader.read();
+            s.complete_mmio(&g, 17 * MB, Access::Write(&[42])).unwrap();
+        }
+        // Per-region fault counters of a re-published region start again from zero.
+        let list = || {
+            let mut l = s.list();
+            l.iter_mut().for_each(|r| r.faults = 0);
+            l
+        };
+        let before = list();
+        let slots_before = slots.installed.lock().unwrap().clone();
+        slots.fail_delete.store(true, Relaxed);
+        // A split of one region, an unmap across two, and a protection change all fail...
+        for r in [
+            s.unmap(17 * MB, MB),
+            s.unmap(18 * MB, 4 * MB),
+            s.protect(17 * MB, MB, true),
+        ] {
+            let e = r.unwrap_err();
+            assert_eq!(e.code(), "internal");
+            assert!(e.to_string().contains("deleting a KVM memslot"), "{e}");
+            // ...and leave the tree, the memslots and the memory as they were.
+            assert_eq!(list(), before);
+            assert_eq!(*slots.installed.lock().unwrap(), slots_before);
+        }
+        slots.fail_delete.store(false, Relaxed);
+        let reader = s.domain().register();
+        {
+            let g = reader.read();
+            let mut b = [0u8];
+            s.complete_mmio(&g, 17 * MB, Access::Read(&mut b)).unwrap();
+            assert_eq!(b, [42], "the data survived the undone changes");
+        }
+        drop(reader);
+        assert_eq!(s.unmap(17 * MB, MB).unwrap().len(), 1);
+        assert_eq!(s.list().len(), 3);
     }
 
     #[test]
