@@ -171,9 +171,26 @@ fn op_name(op: &CtlOp) -> &'static str {
     }
 }
 
+/// Connects, retrying for up to a second while the connection is refused: a VMM that has just
+/// started has bound its socket (the file exists) an instant before it listens on it.
+fn connect(path: &std::path::Path) -> std::io::Result<UnixStream> {
+    let t0 = std::time::Instant::now();
+    loop {
+        match UnixStream::connect(path) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && t0.elapsed() < std::time::Duration::from_secs(1) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
+}
+
 fn exchange(args: &CtlArgs, line: &str) -> Result<String, String> {
     let path = args.api_sock.display();
-    let mut s = UnixStream::connect(&args.api_sock).map_err(|e| {
+    let mut s = connect(&args.api_sock).map_err(|e| {
         format!("cannot connect to {path}: {e}; is `vmm run --api-sock {path}` running?")
     })?;
     let _ = s.set_read_timeout(Some(REPLY_TIMEOUT));
