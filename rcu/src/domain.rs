@@ -65,20 +65,54 @@ pub(crate) struct Slot {
     /// The thread that owns this slot: a writer that finds its own thread's slot online
     /// knows it would wait for itself.
     owner: thread::ThreadId,
-    /// Live read guards of this reader. Touched only by the owning thread (the reader is
-    /// `!Send`, and the domain reads it only after checking that `owner` is the current
-    /// thread).
-    pub(crate) guards: Cell<u32>,
-    /// Whether the reader is offline (`ctr` is 0), as the owning thread last set it. Owner-only,
-    /// like `guards`: [`Reader::read`](crate::Reader::read) checks it so that a leaked
-    /// [`Offline`](crate::Offline) guard cannot leave a reader reading while offline.
-    pub(crate) offline: Cell<bool>,
+    /// Live read guards of this reader (low 31 bits) and whether the reader is offline (bit
+    /// 31, [`OFFLINE`]: `ctr` is 0, as the owning thread last set it). One word so that
+    /// [`Reader::read`](crate::Reader::read) increments the count and detects a leaked
+    /// [`Offline`](crate::Offline) guard with one read-modify-write and the sign flag it sets.
+    /// Touched only by the owning thread (the reader is `!Send`, and the domain reads it only
+    /// after checking that `owner` is the current thread).
+    pub(crate) state: Cell<u32>,
+    /// A non-owning copy of the owning reader's `Domain` handle, so that a read guard needs
+    /// one pointer (to this slot) for both its count and its domain. Only read through the
+    /// owning `Reader` or its guards, which keep the reader, hence its owning `Domain`, alive;
+    /// never dropped (the reader drops its own handle).
+    domain: std::mem::ManuallyDrop<Domain>,
 }
 
-// SAFETY: `ctr` is atomic and `owner` is immutable. `guards` and `offline` are plain `Cell`s,
+/// The offline bit of [`Slot::state`].
+pub(crate) const OFFLINE: u32 = 1 << 31;
+
+impl Slot {
+    /// Live read guards (owner thread only).
+    #[inline]
+    pub(crate) fn guards(&self) -> u32 {
+        self.state.get() & !OFFLINE
+    }
+
+    /// Whether the owner last took this slot offline (owner thread only).
+    #[inline]
+    pub(crate) fn is_offline(&self) -> bool {
+        self.state.get() & OFFLINE != 0
+    }
+
+    #[inline]
+    fn set_offline(&self, offline: bool) {
+        let s = self.state.get() & !OFFLINE;
+        self.state.set(if offline { s | OFFLINE } else { s });
+    }
+
+    /// The owning reader's domain. Valid while the owning `Reader` lives (see `domain`).
+    #[inline]
+    pub(crate) fn domain(&self) -> &Domain {
+        &self.domain
+    }
+}
+
+// SAFETY: `ctr` is atomic and `owner` is immutable. `state` is a plain `Cell`,
 // but they are only ever accessed from the owning thread: through the owning
 // `Reader`/`ReadGuard`/`Offline`, all `!Send`, or by `Inner` methods after checking that the
-// current thread is `owner`.
+// current thread is `owner`. `domain` is only used by the owning thread (through its `Reader`
+// and guards) and never dropped.
 unsafe impl Sync for Slot {}
 
 /// The calling thread's online readers of a domain, taken offline for the duration of a
@@ -153,13 +187,16 @@ impl Inner {
         }
     }
 
-    /// Adds a slot, offline, to the registry.
-    pub(crate) fn register_slot(&self) -> Arc<Slot> {
+    /// Adds a slot, offline, to the registry. `domain` must be the handle owned by the slot's
+    /// `Reader`, which must outlive every use of [`Slot::domain`].
+    pub(crate) fn register_slot(&self, domain: &Domain) -> Arc<Slot> {
         let slot = Arc::new(Slot {
             ctr: AtomicU64::new(0),
             owner: thread::current().id(),
-            guards: Cell::new(0),
-            offline: Cell::new(true),
+            state: Cell::new(OFFLINE),
+            // SAFETY: a bitwise copy that is never dropped, so it takes no reference count;
+            // the reader's own handle keeps the domain alive while the copy is used.
+            domain: std::mem::ManuallyDrop::new(unsafe { std::ptr::read(domain) }),
         });
         lock(&self.registry).push(slot.clone());
         slot
@@ -186,7 +223,7 @@ impl Inner {
         fence(SeqCst);
         slot.ctr.store(gp, Relaxed);
         // (Online now, even if an `Offline` guard was leaked.)
-        slot.offline.set(false);
+        slot.set_offline(false);
         // The announcement is visible before we read `waiting` (pairs with the writer's fence
         // between setting `waiting` and re-reading our slot) and before any later read-side
         // access (pairs with the writer's fence between its unpublish and its counter flip).
@@ -200,7 +237,7 @@ impl Inner {
         // Read-side accesses complete before we stop being waited for.
         fence(SeqCst);
         slot.ctr.store(0, Relaxed);
-        slot.offline.set(true);
+        slot.set_offline(true);
         // Offline state visible before we read `waiting` (pairs as in `quiescent_state`).
         fence(SeqCst);
         self.wake_up_gp();
@@ -210,7 +247,7 @@ impl Inner {
     #[inline]
     pub(crate) fn thread_online(&self, slot: &Slot) {
         slot.ctr.store(self.gp_ctr.load(Relaxed), Relaxed);
-        slot.offline.set(false);
+        slot.set_offline(false);
         // Online state visible before any read-side access: a writer that then reads our slot
         // as offline ordered its unpublish before our loads (pairs with the writer's fence
         // after its counter flip).
@@ -223,7 +260,7 @@ impl Inner {
         lock(&self.registry)
             .iter()
             // `guards` is read only for slots owned by this thread (see `Slot`).
-            .any(|s| s.owner == me && s.guards.get() > 0)
+            .any(|s| s.owner == me && s.guards() > 0)
     }
 
     /// Takes the calling thread's online readers of this domain offline until the result is
@@ -238,10 +275,10 @@ impl Inner {
         let slots: Vec<Arc<Slot>> = lock(&self.registry)
             .iter()
             // `offline` and `guards` are read only for slots owned by this thread.
-            .filter(|s| s.owner == me && !s.offline.get())
+            .filter(|s| s.owner == me && !s.is_offline())
             .cloned()
             .collect();
-        if slots.iter().any(|s| s.guards.get() > 0) {
+        if slots.iter().any(|s| s.guards() > 0) {
             panic!(
                 "rcu: {what} called while this thread holds a read guard of the same domain: \
                  the grace period would wait for itself forever"
@@ -313,7 +350,7 @@ impl Inner {
                 // The caller is itself this online reader. Without a live guard it holds no
                 // RCU-protected reference (references cannot outlive their guard), so it is
                 // quiescent right now; with one, waiting would deadlock.
-                if slot.guards.get() == 0 {
+                if slot.guards() == 0 {
                     break;
                 }
                 panic!(

@@ -2,7 +2,7 @@
 
 use std::marker::PhantomData;
 
-use crate::domain::{Domain, Slot};
+use crate::domain::{Domain, Slot, OFFLINE};
 use crate::sync::Arc;
 
 /// A registered reader: one thread's membership in a [`Domain`].
@@ -57,7 +57,7 @@ pub struct Reader {
 
 impl Reader {
     pub(crate) fn new(domain: Domain) -> Self {
-        let slot = domain.inner().register_slot();
+        let slot = domain.inner().register_slot(&domain);
         domain.inner().thread_online(&slot);
         Self {
             domain,
@@ -76,15 +76,20 @@ impl Reader {
     /// after the guard's last use.
     #[inline]
     pub fn read(&self) -> ReadGuard<'_> {
-        if self.slot.offline.get() {
+        let slot: &Slot = &self.slot;
+        // Count the guard; the offline bit is the word's sign bit, so the increment's sign
+        // flag is the leaked-`Offline` check (`inc` + `js`).
+        let state = slot.state.get().wrapping_add(1);
+        slot.state.set(state);
+        if state & OFFLINE != 0 {
             // Only possible if an `Offline` guard was leaked (`mem::forget`): its borrow has
             // ended without bringing us back online. Reading offline would let grace periods
-            // ignore this section.
+            // ignore this section. (Online, with its fence, before the guard is returned.)
             self.come_back_online();
         }
-        self.slot.guards.set(self.slot.guards.get() + 1);
         ReadGuard {
-            reader: self,
+            slot,
+            _reader: PhantomData,
             _not_send: PhantomData,
         }
     }
@@ -180,7 +185,13 @@ impl std::fmt::Debug for Reader {
 /// assert_eq!(*five, 5);
 /// ```
 pub struct ReadGuard<'r> {
-    reader: &'r Reader,
+    /// The reader's slot: its guard count and (a copy of) its domain handle, one pointer so
+    /// that leaving the section is one load and one decrement. Borrowed from the `Reader`,
+    /// which therefore stays alive and in place for `'r`.
+    slot: &'r Slot,
+    /// The guard borrows its reader (shared): `quiescent_state`/`offline` cannot run while it
+    /// lives, and the reader (hence the domain handle the slot copies) outlives it.
+    _reader: PhantomData<&'r Reader>,
     /// `!Send + !Sync`.
     _not_send: PhantomData<*const ()>,
 }
@@ -189,15 +200,15 @@ impl ReadGuard<'_> {
     /// The domain this guard protects reads in.
     #[inline]
     pub fn domain(&self) -> &Domain {
-        &self.reader.domain
+        self.slot.domain()
     }
 }
 
 impl Drop for ReadGuard<'_> {
     #[inline]
     fn drop(&mut self) {
-        let g = &self.reader.slot.guards;
-        g.set(g.get() - 1);
+        let s = &self.slot.state;
+        s.set(s.get().wrapping_sub(1));
     }
 }
 
