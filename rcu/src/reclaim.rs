@@ -13,6 +13,14 @@ use crate::sync::{lock, Arc, AtomicBool, Condvar, Mutex};
 
 type Deferred = Box<dyn FnOnce() + Send>;
 
+/// The background thread starts a grace period once this many callbacks are queued (or half
+/// of `max_backlog`, if smaller)...
+#[cfg(not(loom))]
+const BATCH_TARGET: usize = 1024;
+/// ...or once the first of them has waited this long.
+#[cfg(not(loom))]
+const BATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
+
 #[cfg(not(loom))]
 std::thread_local! {
     /// The domains (`Reclaim` addresses) whose deferred callbacks this thread is running,
@@ -203,8 +211,28 @@ impl Reclaim {
             if self.shutdown.load(R) {
                 return;
             }
-            // Let a burst of retirements accumulate so one grace period serves a batch.
-            std::thread::sleep(std::time::Duration::from_micros(200));
+            // Adaptive batching: let retirements accumulate so that one grace period serves a
+            // batch, until the batch is big enough or the oldest item has waited long enough.
+            // Each grace period costs every online reader two fences (and possibly a wake-up
+            // of a parked waiter) and this thread a wait, so under a steady writer fewer,
+            // larger batches are cheaper for everyone. Memory stays bounded: a retiring
+            // thread applies back-pressure at `max_backlog` whatever we do here.
+            let target = (inner.config.max_backlog / 2).clamp(1, BATCH_TARGET);
+            let deadline = std::time::Instant::now() + BATCH_WAIT;
+            {
+                let mut q = lock(&self.queue);
+                while q.items.len() < target && !self.shutdown.load(R) {
+                    let now = std::time::Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    q = self
+                        .work
+                        .wait_timeout(q, deadline - now)
+                        .map(|(q, _)| q)
+                        .unwrap_or_else(|e| e.into_inner().0);
+                }
+            }
             // A panicking destructor must not kill reclamation for everyone else.
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.drain(inner)));
         }
