@@ -216,6 +216,18 @@ impl WriterState {
     }
 }
 
+/// Refuses a change that touches boot memory or boot-time RAM (only run-time regions change).
+fn only_hotplug(affected: &[(u64, Planned)], range: &Range<u64>) -> Result<(), AsError> {
+    match affected.iter().find(|(_, p)| p.kind != RegionKind::Hotplug) {
+        Some((_, p)) => Err(AsError::Reserved {
+            gpa: range.start,
+            end: range.end,
+            what: p.kind.name(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Address-space wide counters.
 #[derive(Debug, Default)]
 pub struct AsCounters {
@@ -624,13 +636,7 @@ impl AddressSpace {
                 end: range.end,
             });
         }
-        if let Some((_, p)) = affected.iter().find(|(_, p)| p.kind != RegionKind::Hotplug) {
-            return Err(AsError::Reserved {
-                gpa,
-                end: range.end,
-                what: p.kind.name(),
-            });
-        }
+        only_hotplug(&affected, &range)?;
         // Pieces that remain: each affected region split at most in two.
         let mut remaining = Vec::new();
         for (s, p) in &affected {
@@ -660,26 +666,7 @@ impl AddressSpace {
         //    are serviced through the tree.
         self.delete_slots_or_restore(&mut w, &affected)?;
         for (r, p) in remaining {
-            let slot = w.alloc_slot(capacity);
-            let slot = slot.and_then(|slot| {
-                match self.slots.install(slot, r.start, r.end - r.start, self.host.host_addr(r.start), p.readonly) {
-                    Ok(()) => Some(slot),
-                    Err(e) => {
-                        // The piece stays mapped and accessible through the exit path.
-                        tracing::warn!(slot, gpa = r.start, error = %e, "installing a memslot for a split piece failed; it is served by exits");
-                        w.free_slots.push(slot);
-                        None
-                    }
-                }
-            });
-            w.regions.insert(
-                r.start,
-                Planned {
-                    end: r.end,
-                    slot,
-                    ..p
-                },
-            );
+            self.install_piece(&mut w, r, p);
         }
         // 3. Grace period: no vCPU or handler thread is still servicing a fault in the range.
         self.domain.synchronize();
@@ -703,6 +690,33 @@ impl AddressSpace {
         }
         self.counters.unmaps.fetch_add(1, Relaxed);
         Ok(out)
+    }
+
+    /// Installs a memslot for a piece left by a split or a protection change and records the
+    /// piece. A piece whose memslot cannot be installed stays mapped and published, served
+    /// through VM exits (every access finds it in the tree).
+    fn install_piece(&self, w: &mut WriterState, r: Range<u64>, p: Planned) -> Option<u32> {
+        let capacity = self.slots.capacity();
+        let slot = w.alloc_slot(capacity).and_then(|slot| {
+            let size = r.end - r.start;
+            match self.slots.install(slot, r.start, size, self.host.host_addr(r.start), p.readonly) {
+                Ok(()) => Some(slot),
+                Err(e) => {
+                    tracing::warn!(slot, gpa = r.start, error = %e, "installing a memslot for a piece failed; it is served by exits");
+                    w.free_slots.push(slot);
+                    None
+                }
+            }
+        });
+        w.regions.insert(
+            r.start,
+            Planned {
+                end: r.end,
+                slot,
+                ..p
+            },
+        );
+        slot
     }
 
     /// Deletes the memslots of the `affected` regions (whose change is already published) and
@@ -779,13 +793,7 @@ impl AddressSpace {
                 end: range.end,
             });
         }
-        if let Some((_, p)) = affected.iter().find(|(_, p)| p.kind != RegionKind::Hotplug) {
-            return Err(AsError::Reserved {
-                gpa,
-                end: range.end,
-                what: p.kind.name(),
-            });
-        }
+        only_hotplug(&affected, &range)?;
         // New pieces: outside parts keep their protection, inside parts get the new one.
         let mut pieces = Vec::new();
         for (s, p) in &affected {
@@ -814,26 +822,9 @@ impl AddressSpace {
         self.delete_slots_or_restore(&mut w, &affected)?;
         let mut out = Vec::new();
         for (r, p) in pieces {
-            let len = r.end - r.start;
-            let slot = w.alloc_slot(capacity).and_then(|slot| {
-                match self.slots.install(slot, r.start, len, self.host.host_addr(r.start), p.readonly) {
-                    Ok(()) => Some(slot),
-                    Err(e) => {
-                        tracing::warn!(slot, gpa = r.start, error = %e, "installing a memslot failed; the piece is served by exits");
-                        w.free_slots.push(slot);
-                        None
-                    }
-                }
-            });
-            w.regions.insert(
-                r.start,
-                Planned {
-                    end: r.end,
-                    slot,
-                    ..p
-                },
-            );
+            let slot = self.install_piece(&mut w, r.clone(), p);
             if r.start >= range.start && r.end <= range.end {
+                let len = r.end - r.start;
                 out.push(self.info(r.start, len, slot, p.backing, p.kind, p.readonly, 0));
             }
         }
