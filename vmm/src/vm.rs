@@ -60,13 +60,11 @@ pub struct RunConfig {
 /// Companion threads to start with the VM (see [`VmHandle`]), and set-up steps to run on the
 /// address space after RAM is mapped and before any vCPU starts (`.1`, see [`Setup`]).
 #[derive(Default)]
-#[allow(dead_code)] // `push` and `VmHandle`'s fields serve the control server and stress churn
 pub struct Sidecars(
     pub std::sync::Mutex<Vec<Sidecar>>,
     pub std::sync::Mutex<Vec<Setup>>,
 );
 
-#[allow(dead_code)]
 impl Sidecars {
     /// Adds one.
     pub fn push(&self, s: Sidecar) {
@@ -154,7 +152,6 @@ pub struct RunReport {
 /// mailbox access guest memory through it, with `memory::GuardedMemory`), a vm-memory view of
 /// the boot area and RAM, and a flag set when the run is over (the thread must then return
 /// promptly; the run waits for it).
-#[allow(dead_code)]
 pub struct VmHandle {
     /// Guest memory.
     pub space: Arc<AddressSpace>,

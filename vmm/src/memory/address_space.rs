@@ -881,11 +881,6 @@ impl AddressSpace {
     pub fn len(&self) -> usize {
         self.map.len()
     }
-
-    /// Whether no region is mapped.
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -1005,7 +1000,7 @@ mod tests {
                 reader.quiescent_state();
                 let removed = reader.offline_while(|| s.unmap(16 * MB, 4 * MB)).unwrap();
                 assert_eq!(removed.len(), 2);
-                assert!(s.is_empty());
+                assert!(s.list().is_empty());
                 assert!(slots.installed.lock().unwrap().is_empty());
             }
         }

@@ -6,21 +6,17 @@
 //! region (memslot 0) so that later work can back it eagerly while the rest is demand-paged.
 #![deny(unsafe_code)]
 
-// `unmap`, `protect` and `list` serve the control socket and the stress churn thread, which
-// are being built on them; until they land some of it is unused in the binary.
-#[allow(dead_code)]
 pub mod address_space;
 #[allow(unsafe_code)]
 pub mod fault;
 #[allow(unsafe_code)]
 pub mod guest;
-#[allow(unsafe_code, dead_code)]
+#[allow(unsafe_code)]
 pub mod host;
-#[allow(dead_code)]
 pub mod region;
 #[allow(unsafe_code)]
 pub mod residency;
-#[allow(unsafe_code, dead_code)]
+#[allow(unsafe_code)]
 pub mod uffd;
 
 pub use address_space::{AddressSpace, AsConfig, AsError, FaultMode, Limits, Memslots};

@@ -90,11 +90,6 @@ impl Region {
         self.gpa + self.size_bytes
     }
 
-    /// The guest-physical range.
-    pub fn range(&self) -> Range<u64> {
-        self.gpa..self.end()
-    }
-
     /// The piece of this region covering `part` (a sub-range): same backing and protection,
     /// fresh counters. Its host memory is the same (the host mapping mirrors
     /// guest-physical space), so nothing is copied.

@@ -152,11 +152,6 @@ impl Uffd {
         Ok(Self { fd, mode })
     }
 
-    /// The reporting mode this descriptor was opened with.
-    pub fn mode(&self) -> UffdMode {
-        self.mode
-    }
-
     /// Reports missing pages in `[host_addr, host_addr + len)` (page-aligned, inside an
     /// anonymous or shmem mapping of this process) through this descriptor.
     pub fn register(&self, host_addr: u64, len: u64) -> io::Result<()> {
