@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use rcu::{ConcurrentRangeMap, ReadGuard};
 
-use super::address_space::{AddressSpace, FaultMode, PAGE};
+use super::address_space::{AddressSpace, PAGE};
 use super::region::Region;
 use super::uffd::Populated;
 
@@ -267,16 +267,16 @@ impl AddressSpace {
         let Some(gpa) = self.host.gpa_of(host_addr) else {
             return Ok(());
         };
-        let found = self.populate_for_fault(guard, gpa, write)?;
-        if !found || self.fault_mode == FaultMode::Handler {
-            // The region went away under the fault (it is being unmapped) or another thread
-            // populated it: wake the sleeper so that it retries.
-            if let Some(u) = &self.uffd {
-                let page = host_addr & !(PAGE - 1);
-                let _ = u.wake(page, PAGE);
-            }
+        let populated = self.populate_for_fault(guard, gpa, write);
+        // Wake the sleeper whatever happened: a successful copy wakes only the pages it
+        // populated, so a page another thread populated first, a region that went away under
+        // the fault (it is being unmapped), or a failed populate would otherwise leave the
+        // faulting thread asleep in the kernel for good. Woken, it retries the access.
+        if let Some(u) = &self.uffd {
+            let page = host_addr & !(PAGE - 1);
+            let _ = u.wake(page, PAGE);
         }
-        Ok(())
+        populated.map(|_| ())
     }
 
     fn read_present(&self, gpa: u64, dst: &mut [u8]) {
