@@ -14,7 +14,6 @@
 //! Read-side sections cost nothing; the fences live in `quiescent_state`, `offline` and
 //! `online`, and in the writer.
 
-use std::cell::Cell;
 use std::sync::atomic::{AtomicU64 as StatU64, Ordering::Relaxed as StatRelaxed};
 use std::time::Instant;
 
@@ -62,45 +61,17 @@ pub(crate) struct Slot {
     /// Written only by the owning reader (relaxed stores bracketed by SeqCst fences), read by
     /// writers in `wait_for_reader`.
     pub(crate) ctr: AtomicU64,
-    /// The thread that owns this slot: a writer that finds its own thread's slot online
-    /// knows it would wait for itself.
+    /// The thread that owns this slot: a waiter that finds its own thread's slot online knows
+    /// it might wait for itself.
     owner: thread::ThreadId,
-    /// Live read guards of this reader (low 31 bits) and whether the reader is offline (bit
-    /// 31, [`OFFLINE`]: `ctr` is 0, as the owning thread last set it). One word so that
-    /// [`Reader::read`](crate::Reader::read) increments the count and detects a leaked
-    /// [`Offline`](crate::Offline) guard with one read-modify-write and the sign flag it sets.
-    /// Touched only by the owning thread (the reader is `!Send`, and the domain reads it only
-    /// after checking that `owner` is the current thread).
-    pub(crate) state: Cell<u32>,
     /// A non-owning copy of the owning reader's `Domain` handle, so that a read guard needs
-    /// one pointer (to this slot) for both its count and its domain. Only read through the
-    /// owning `Reader` or its guards, which keep the reader, hence its owning `Domain`, alive;
-    /// never dropped (the reader drops its own handle).
+    /// one pointer (to this slot) for its domain. Only read through the owning `Reader` or
+    /// its guards, which keep the reader, hence its owning `Domain`, alive; never dropped
+    /// (the reader drops its own handle).
     domain: std::mem::ManuallyDrop<Domain>,
 }
 
-/// The offline bit of [`Slot::state`].
-pub(crate) const OFFLINE: u32 = 1 << 31;
-
 impl Slot {
-    /// Live read guards (owner thread only).
-    #[inline]
-    pub(crate) fn guards(&self) -> u32 {
-        self.state.get() & !OFFLINE
-    }
-
-    /// Whether the owner last took this slot offline (owner thread only).
-    #[inline]
-    pub(crate) fn is_offline(&self) -> bool {
-        self.state.get() & OFFLINE != 0
-    }
-
-    #[inline]
-    fn set_offline(&self, offline: bool) {
-        let s = self.state.get() & !OFFLINE;
-        self.state.set(if offline { s | OFFLINE } else { s });
-    }
-
     /// The owning reader's domain. Valid while the owning `Reader` lives (see `domain`).
     #[inline]
     pub(crate) fn domain(&self) -> &Domain {
@@ -108,34 +79,10 @@ impl Slot {
     }
 }
 
-// SAFETY: `ctr` is atomic and `owner` is immutable. `state` is a plain `Cell`,
-// but they are only ever accessed from the owning thread: through the owning
-// `Reader`/`ReadGuard`/`Offline`, all `!Send`, or by `Inner` methods after checking that the
-// current thread is `owner`. `domain` is only used by the owning thread (through its `Reader`
-// and guards) and never dropped.
+// SAFETY: `ctr` is atomic and `owner` is immutable. `domain` is only used by the owning
+// thread (through its `Reader` and guards, all `!Send`) and never dropped; `Domain` is
+// `Sync` anyway.
 unsafe impl Sync for Slot {}
-
-/// The calling thread's online readers of a domain, taken offline for the duration of a
-/// blocking wait (for `gp_lock`, for the reclamation lock, for a grace period) and brought
-/// back online when this is dropped, also while unwinding.
-///
-/// Without it a reader thread that calls `synchronize`, `barrier`, `reclaim` or retires past
-/// the backlog bound deadlocks against another thread's grace period that is waiting for
-/// this very reader while holding the lock it queues on. Going offline is sound because it
-/// is only done for readers holding no guard: such a reader holds no RCU-protected reference
-/// (references cannot outlive their guard), so it is quiescent anyway.
-pub(crate) struct OwnReadersOffline<'a> {
-    inner: &'a Inner,
-    slots: Vec<Arc<Slot>>,
-}
-
-impl Drop for OwnReadersOffline<'_> {
-    fn drop(&mut self) {
-        for slot in &self.slots {
-            self.inner.thread_online(slot);
-        }
-    }
-}
 
 /// The grace-period and reclamation state of a domain.
 pub(crate) struct Inner {
@@ -193,7 +140,6 @@ impl Inner {
         let slot = Arc::new(Slot {
             ctr: AtomicU64::new(0),
             owner: thread::current().id(),
-            state: Cell::new(OFFLINE),
             // SAFETY: a bitwise copy that is never dropped, so it takes no reference count;
             // the reader's own handle keeps the domain alive while the copy is used.
             domain: std::mem::ManuallyDrop::new(unsafe { std::ptr::read(domain) }),
@@ -222,8 +168,6 @@ impl Inner {
         // (pairs with the writer's fence after it reads our slot).
         fence(SeqCst);
         slot.ctr.store(gp, Relaxed);
-        // (Online now, even if an `Offline` guard was leaked.)
-        slot.set_offline(false);
         // The announcement is visible before we read `waiting` (pairs with the writer's fence
         // between setting `waiting` and re-reading our slot) and before any later read-side
         // access (pairs with the writer's fence between its unpublish and its counter flip).
@@ -237,7 +181,6 @@ impl Inner {
         // Read-side accesses complete before we stop being waited for.
         fence(SeqCst);
         slot.ctr.store(0, Relaxed);
-        slot.set_offline(true);
         // Offline state visible before we read `waiting` (pairs as in `quiescent_state`).
         fence(SeqCst);
         self.wake_up_gp();
@@ -247,47 +190,35 @@ impl Inner {
     #[inline]
     pub(crate) fn thread_online(&self, slot: &Slot) {
         slot.ctr.store(self.gp_ctr.load(Relaxed), Relaxed);
-        slot.set_offline(false);
         // Online state visible before any read-side access: a writer that then reads our slot
         // as offline ordered its unpublish before our loads (pairs with the writer's fence
         // after its counter flip).
         fence(SeqCst);
     }
 
-    /// Whether the calling thread holds a read guard of this domain.
-    pub(crate) fn this_thread_holds_a_guard(&self) -> bool {
+    /// Whether the calling thread has a reader of this domain that is online. Such a reader
+    /// may hold a read guard (which the domain cannot know: guards cost nothing and keep no
+    /// count), so nothing on this thread may wait for a grace period.
+    pub(crate) fn this_thread_has_an_online_reader(&self) -> bool {
         let me = thread::current().id();
         lock(&self.registry)
             .iter()
-            // `guards` is read only for slots owned by this thread (see `Slot`).
-            .any(|s| s.owner == me && s.guards() > 0)
+            // `ctr` of our own slot only changes on this thread: the load is exact.
+            .any(|s| s.owner == me && s.ctr.load(Relaxed) != 0)
     }
 
-    /// Takes the calling thread's online readers of this domain offline until the result is
-    /// dropped (see [`OwnReadersOffline`]).
-    ///
-    /// # Panics
-    ///
-    /// If one of them holds a read guard: whatever the caller is about to wait for would wait
-    /// for that guard, that is, for itself.
-    pub(crate) fn own_readers_offline(&self, what: &str) -> OwnReadersOffline<'_> {
-        let me = thread::current().id();
-        let slots: Vec<Arc<Slot>> = lock(&self.registry)
-            .iter()
-            // `offline` and `guards` are read only for slots owned by this thread.
-            .filter(|s| s.owner == me && !s.is_offline())
-            .cloned()
-            .collect();
-        if slots.iter().any(|s| s.guards() > 0) {
+    /// Panics if the calling thread has an online reader of this domain (see
+    /// [`this_thread_has_an_online_reader`](Self::this_thread_has_an_online_reader)): `what`
+    /// would wait for a grace period, which might wait for a guard of its own caller forever.
+    pub(crate) fn assert_no_online_reader_here(&self, what: &str) {
+        if self.this_thread_has_an_online_reader() {
             panic!(
-                "rcu: {what} called while this thread holds a read guard of the same domain: \
-                 the grace period would wait for itself forever"
+                "rcu: {what} called on a thread whose reader of the same domain is online: it \
+                 may hold a read guard, and the grace period would wait for itself forever. \
+                 Call it on the reader (`Reader::synchronize`, `Reader::barrier`, whose `&mut` \
+                 borrow proves no guard is alive) or inside `Reader::offline_while`"
             );
         }
-        for slot in &slots {
-            self.thread_offline(slot);
-        }
-        OwnReadersOffline { inner: self, slots }
     }
 
     #[inline]
@@ -347,15 +278,11 @@ impl Inner {
                 break;
             }
             if slot.owner == me {
-                // The caller is itself this online reader. Without a live guard it holds no
-                // RCU-protected reference (references cannot outlive their guard), so it is
-                // quiescent right now; with one, waiting would deadlock.
-                if slot.guards() == 0 {
-                    break;
-                }
+                // Unreachable: every caller checked `assert_no_online_reader_here` first, and
+                // only this thread changes its own slot. Waiting would never end.
                 panic!(
-                    "rcu: synchronize() called while this thread holds a read guard of the same \
-                     domain: the grace period would wait for itself forever"
+                    "rcu: a grace period found its own thread's reader online: it would wait \
+                     for itself forever"
                 );
             }
             if spins < SPIN_LIMIT {
@@ -416,9 +343,10 @@ impl Inner {
 ///     assert_eq!(config.load(&guard).map(String::as_str), Some("v1"));
 /// }
 /// config.store(Some(String::from("v2"))); // "v1" is freed after a grace period
-/// reader.quiescent_state();
-/// domain.barrier(); // wait until "v1" is freed
+/// reader.barrier(); // wait (offline) until "v1" is freed
 /// assert_eq!(domain.stats().freed, 1);
+/// // `domain.barrier()` here would panic: this thread's reader is online, and the domain
+/// // cannot know whether it holds a guard.
 /// ```
 #[derive(Clone)]
 pub struct Domain {
@@ -513,14 +441,16 @@ impl Domain {
     /// The writer spins briefly and then parks; a reader that announces a quiescent state,
     /// goes offline or unregisters wakes it.
     ///
-    /// Calling this from a thread whose own reader of this domain is online is allowed when
-    /// that reader holds no guard (it counts as quiescent). With a live guard it would wait
-    /// for itself forever, so it panics instead; use [`Reader::synchronize`](crate::Reader::synchronize).
+    /// # Panics
+    ///
+    /// If the calling thread has a reader of this domain that is online: that reader may hold
+    /// a read guard, and the grace period would wait for it, that is, for itself, forever.
+    /// From a reader thread, call [`Reader::synchronize`](crate::Reader::synchronize), whose
+    /// `&mut` borrow proves at compile time that no guard is alive, or call this inside
+    /// [`Reader::offline_while`](crate::Reader::offline_while).
     pub fn synchronize(&self) {
-        // This thread's own readers (necessarily guard-free, or this panics) go offline while
-        // we wait for `gp_lock` and for the readers: another grace period may be holding the
-        // lock while it waits for them.
-        let _offline = self.inner().own_readers_offline("synchronize()");
+        self.inner()
+            .assert_no_online_reader_here("Domain::synchronize()");
         self.inner().synchronize();
     }
 
@@ -528,11 +458,12 @@ impl Domain {
     /// batches, in the order they were deferred.
     ///
     /// Back-pressure: if the backlog has reached [`Config::max_backlog`], the calling thread
-    /// first waits for a grace period and runs a batch itself (its own readers of this domain
-    /// are offline meanwhile). Two exceptions, where waiting would wait for the caller itself:
-    /// a thread that holds a read guard of this domain, and a deferred callback of this domain
-    /// retiring more; the backlog then goes past the bound until the next retirement outside
-    /// them.
+    /// first waits for a grace period and runs a batch itself. Two exceptions, where waiting
+    /// might wait for the caller itself: a thread with an online reader of this domain (it
+    /// may hold a read guard), and a deferred callback of this domain retiring more; the
+    /// backlog then goes past the bound until the next retirement outside them (writers
+    /// normally retire from threads that are not readers, or inside
+    /// [`Reader::offline_while`](crate::Reader::offline_while)).
     pub fn defer<F: FnOnce() + Send + 'static>(&self, f: F) {
         self.inner().reclaim.push(self.inner(), Box::new(f));
     }
@@ -545,13 +476,12 @@ impl Domain {
 
     /// Waits until everything retired before this call has been freed (`rcu_barrier`).
     ///
-    /// Like [`synchronize`](Self::synchronize), it may be called from a reader thread whose
-    /// readers hold no guard.
-    ///
     /// # Panics
     ///
-    /// If the calling thread holds a read guard of this domain, or if called from one of
-    /// this domain's deferred callbacks: either would wait for itself forever.
+    /// If the calling thread has an online reader of this domain (as
+    /// [`synchronize`](Self::synchronize); use [`Reader::barrier`](crate::Reader::barrier)),
+    /// or if called from one of this domain's deferred callbacks: either might wait for itself
+    /// forever.
     pub fn barrier(&self) {
         self.inner().reclaim.barrier(self.inner());
     }
@@ -562,7 +492,8 @@ impl Domain {
     ///
     /// # Panics
     ///
-    /// If the calling thread holds a read guard of this domain (see [`barrier`](Self::barrier)).
+    /// If the calling thread has an online reader of this domain (see
+    /// [`barrier`](Self::barrier)).
     pub fn reclaim(&self) -> usize {
         self.inner().reclaim.drain(self.inner())
     }

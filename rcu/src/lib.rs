@@ -3,9 +3,10 @@
 //! - A [`Domain`] holds the grace-period state; [`Domain::global`] is the process-wide one.
 //! - A thread [`register`](Domain::register)s and gets a [`Reader`] (`!Send`). Its
 //!   [`read`](Reader::read) returns a [`ReadGuard`] that costs nothing to take or drop;
-//!   references loaded under it live no longer than it. [`Reader::quiescent_state`] and
-//!   [`Reader::offline`] take the reader mutably, so no reference survives them: that misuse
-//!   is a compile error, not a use-after-free.
+//!   references loaded under it live no longer than it. [`Reader::quiescent_state`],
+//!   [`Reader::offline_while`] and [`Reader::synchronize`] take the reader mutably (and
+//!   [`Reader::offline`] by value), so no reference survives them: that misuse is a compile
+//!   error, not a use-after-free.
 //! - [`RcuCell`] is a published pointer: loads need a guard, stores retire the old value.
 //! - Writers call [`Domain::synchronize`] to wait for a grace period, or retire objects with
 //!   [`Domain::defer_drop`] / [`Domain::defer`] for batched reclamation on a background thread,
@@ -54,5 +55,5 @@ pub use bonsai::BonsaiTree;
 pub use cell::RcuCell;
 pub use domain::{Config, Domain};
 pub use range_map::{ConcurrentRangeMap, RangeError, RangeMap, RangeValue};
-pub use reader::{Offline, ReadGuard, Reader};
+pub use reader::{OfflineReader, ReadGuard, Reader};
 pub use stats::{LatencyHistogram, Stats};

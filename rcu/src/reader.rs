@@ -2,7 +2,7 @@
 
 use std::marker::PhantomData;
 
-use crate::domain::{Domain, Slot, OFFLINE};
+use crate::domain::{Domain, Slot};
 use crate::sync::Arc;
 
 /// A registered reader: one thread's membership in a [`Domain`].
@@ -13,9 +13,15 @@ use crate::sync::Arc;
 /// The lifetimes carry the RCU rules:
 /// - [`read`](Self::read) borrows the reader shared and returns a [`ReadGuard`]; references
 ///   loaded under the guard are bound to it;
-/// - [`quiescent_state`](Self::quiescent_state) and [`offline`](Self::offline) borrow the
-///   reader mutably, so they cannot be called while any guard, and hence any reference
-///   obtained under one, is alive.
+/// - [`quiescent_state`](Self::quiescent_state), [`offline_while`](Self::offline_while),
+///   [`synchronize`](Self::synchronize) and [`barrier`](Self::barrier) borrow the reader
+///   mutably, and [`offline`](Self::offline) consumes it, so none of them can be called while
+///   any guard, and hence any reference obtained under one, is alive.
+///
+/// Guard-freedom is thus proved at compile time, and read-side sections need no run-time
+/// bookkeeping at all. What the compiler cannot see, a [`Domain::synchronize`] (or `barrier`,
+/// `reclaim`) on a thread whose reader of the same domain is online, panics rather than risk
+/// waiting for a guard of its own caller.
 ///
 /// A reference kept across a quiescent state does not compile:
 ///
@@ -71,33 +77,16 @@ impl Reader {
         &self.domain
     }
 
-    /// Enters a read-side critical section. Costs no atomic read-modify-write and no fence
-    /// (QSBR): the section ends at the next quiescent state, which the borrow checker places
-    /// after the guard's last use.
+    /// Enters a read-side critical section. Costs nothing: no atomic read-modify-write, no
+    /// fence, no store (QSBR). The section ends at the next quiescent state, which the borrow
+    /// checker places after the guard's last use, so the guard needs no bookkeeping of its own.
     #[inline]
     pub fn read(&self) -> ReadGuard<'_> {
-        let slot: &Slot = &self.slot;
-        // Count the guard; the offline bit is the word's sign bit, so the increment's sign
-        // flag is the leaked-`Offline` check (`inc` + `js`).
-        let state = slot.state.get().wrapping_add(1);
-        slot.state.set(state);
-        if state & OFFLINE != 0 {
-            // Only possible if an `Offline` guard was leaked (`mem::forget`): its borrow has
-            // ended without bringing us back online. Reading offline would let grace periods
-            // ignore this section. (Online, with its fence, before the guard is returned.)
-            self.come_back_online();
-        }
         ReadGuard {
-            slot,
+            slot: &self.slot,
             _reader: PhantomData,
             _not_send: PhantomData,
         }
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn come_back_online(&self) {
-        self.domain.inner().thread_online(&self.slot);
     }
 
     /// Announces a quiescent state: this thread holds no reference to RCU-protected data. A
@@ -108,17 +97,32 @@ impl Reader {
         self.domain.inner().quiescent_state(&self.slot);
     }
 
-    /// Goes offline until the returned guard is dropped: grace periods stop waiting for this
-    /// thread while it blocks (in `KVM_RUN`, `poll`, a sleep). Coming back online is one store
-    /// and one fence, and happens on every path out, errors and panics included. If the guard
-    /// is leaked (`mem::forget`), the next [`read`](Self::read) or
-    /// [`quiescent_state`](Self::quiescent_state) brings the reader back online.
-    pub fn offline(&mut self) -> Offline<'_> {
+    /// Goes offline, consuming the reader; [`OfflineReader::online`] gives it back. Grace
+    /// periods do not wait for an offline reader, so it may block for as long as it likes.
+    ///
+    /// The reader is taken by value so that no read guard can exist while it is offline,
+    /// whatever the caller does with the returned handle: leaking it (`mem::forget`) leaks
+    /// the reader, harmlessly offline; dropping it unregisters the reader. For the common
+    /// shape, an offline stretch inside a function that keeps the reader, see
+    /// [`offline_while`](Self::offline_while).
+    ///
+    /// ```
+    /// let domain = rcu::Domain::new();
+    /// let reader = domain.register();
+    /// let offline = reader.offline();
+    /// domain.synchronize(); // does not wait for this thread, nor panic
+    /// let reader = offline.online();
+    /// drop(reader.read());
+    /// ```
+    pub fn offline(self) -> OfflineReader {
         self.domain.inner().thread_offline(&self.slot);
-        Offline { reader: self }
+        OfflineReader { reader: self }
     }
 
-    /// Runs `f` offline (see [`offline`](Self::offline)) and comes back online.
+    /// Runs `f` offline and comes back online, on every path out (errors, and panics while
+    /// unwinding, included): grace periods stop waiting for this thread while it blocks in
+    /// `f` (in `KVM_RUN`, `poll`, a sleep). Going offline is a store between two fences;
+    /// coming back online is a store and one fence.
     ///
     /// ```
     /// let domain = rcu::Domain::new();
@@ -130,15 +134,42 @@ impl Reader {
     /// assert!(slept);
     /// ```
     pub fn offline_while<R>(&mut self, f: impl FnOnce() -> R) -> R {
-        let _offline = self.offline();
+        /// Brings the reader back online when dropped. Private, so it cannot be leaked: the
+        /// `&mut` borrow that keeps guards away lasts until it has run.
+        struct BackOnline<'a>(&'a Reader);
+        impl Drop for BackOnline<'_> {
+            fn drop(&mut self) {
+                self.0.domain.inner().thread_online(&self.0.slot);
+            }
+        }
+        self.domain.inner().thread_offline(&self.slot);
+        let _online = BackOnline(self);
         f()
     }
 
-    /// Waits for a grace period from a reader thread: goes offline for the wait, so it cannot
-    /// wait for itself.
+    /// Waits for a grace period from a reader thread: the `&mut` borrow proves that this
+    /// reader holds no guard, so it goes offline for the wait and cannot wait for itself.
+    /// ([`Domain::synchronize`] panics on a thread whose reader of the domain is online.)
+    ///
+    /// Calling it while a guard is alive does not compile:
+    ///
+    /// ```compile_fail,E0502
+    /// let domain = rcu::Domain::new();
+    /// let mut reader = domain.register();
+    /// let guard = reader.read();
+    /// reader.synchronize(); // error: `reader` is borrowed by `guard`
+    /// drop(guard);
+    /// ```
     pub fn synchronize(&mut self) {
         let domain = self.domain.clone();
         self.offline_while(|| domain.synchronize());
+    }
+
+    /// Waits until everything retired in this domain so far has been freed (see
+    /// [`Domain::barrier`]), offline meanwhile, like [`synchronize`](Self::synchronize).
+    pub fn barrier(&mut self) {
+        let domain = self.domain.clone();
+        self.offline_while(|| domain.barrier());
     }
 }
 
@@ -185,12 +216,11 @@ impl std::fmt::Debug for Reader {
 /// assert_eq!(*five, 5);
 /// ```
 pub struct ReadGuard<'r> {
-    /// The reader's slot: its guard count and (a copy of) its domain handle, one pointer so
-    /// that leaving the section is one load and one decrement. Borrowed from the `Reader`,
-    /// which therefore stays alive and in place for `'r`.
+    /// The reader's slot, for (its copy of) the domain handle: [`domain`](Self::domain) is one
+    /// load. Borrowed from the `Reader`, which therefore stays alive and in place for `'r`.
     slot: &'r Slot,
-    /// The guard borrows its reader (shared): `quiescent_state`/`offline` cannot run while it
-    /// lives, and the reader (hence the domain handle the slot copies) outlives it.
+    /// The guard borrows its reader (shared): `quiescent_state`, `offline_while`,
+    /// `synchronize` and `offline` cannot run while it lives, and the reader (hence the domain handle the slot copies) outlives it.
     _reader: PhantomData<&'r Reader>,
     /// `!Send + !Sync`.
     _not_send: PhantomData<*const ()>,
@@ -204,12 +234,12 @@ impl ReadGuard<'_> {
     }
 }
 
+/// Dropping a guard does nothing at run time; it is there so that a section lasts to the end
+/// of the guard's scope (or its explicit `drop`), like any RAII guard, rather than ending
+/// silently at the guard's last use.
 impl Drop for ReadGuard<'_> {
-    #[inline]
-    fn drop(&mut self) {
-        let s = &self.slot.state;
-        s.set(s.get().wrapping_sub(1));
-    }
+    #[inline(always)]
+    fn drop(&mut self) {}
 }
 
 impl std::fmt::Debug for ReadGuard<'_> {
@@ -218,14 +248,32 @@ impl std::fmt::Debug for ReadGuard<'_> {
     }
 }
 
-/// An offline section of a [`Reader`] (see [`Reader::offline`]); back online when dropped.
-#[must_use = "the reader comes back online as soon as this guard is dropped"]
-pub struct Offline<'r> {
-    reader: &'r mut Reader,
+/// A [`Reader`] that is offline (see [`Reader::offline`]): grace periods do not wait for it.
+/// [`online`](Self::online) brings it back; dropping it unregisters the reader. `!Send`, like
+/// the reader it holds.
+#[must_use = "dropping an offline reader unregisters it; call `online()` to read again"]
+pub struct OfflineReader {
+    reader: Reader,
 }
 
-impl Drop for Offline<'_> {
-    fn drop(&mut self) {
-        self.reader.domain.inner().thread_online(&self.reader.slot);
+impl OfflineReader {
+    /// Comes back online (a store and one fence) and returns the reader.
+    pub fn online(self) -> Reader {
+        let reader = self.reader;
+        reader.domain.inner().thread_online(&reader.slot);
+        reader
+    }
+
+    /// The domain the reader belongs to.
+    pub fn domain(&self) -> &Domain {
+        &self.reader.domain
+    }
+}
+
+impl std::fmt::Debug for OfflineReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OfflineReader")
+            .field("domain", &self.reader.domain)
+            .finish_non_exhaustive()
     }
 }

@@ -114,11 +114,11 @@ impl Reclaim {
         };
         if len >= inner.config.max_backlog
             && !self.in_callback()
-            && !inner.this_thread_holds_a_guard()
+            && !inner.this_thread_has_an_online_reader()
         {
             // Back-pressure: the retiring thread pays for the grace period itself. Not from a
-            // callback (it would wait for its own batch) nor under a read guard (the grace
-            // period would wait for the guard): see `Domain::defer`.
+            // callback (it would wait for its own batch) nor from a thread with an online
+            // reader (the grace period might wait for its guard): see `Domain::defer`.
             self.stalls.fetch_add(1, Relaxed);
             self.drain(inner);
         } else if len == 1 || len % 256 == 0 {
@@ -131,17 +131,15 @@ impl Reclaim {
     ///
     /// # Panics
     ///
-    /// If the calling thread holds a read guard of this domain.
+    /// If the calling thread has an online reader of this domain.
     pub(crate) fn drain(&self, inner: &Inner) -> usize {
         if self.in_callback() {
             // We hold `free_lock` further up this very stack.
             return 0;
         }
-        // This thread's readers are offline while we queue for `free_lock` (its holder may be
-        // waiting for them in a grace period) and during our own grace period; back online
-        // before the callbacks run, so a callback sees this thread as it left it.
-        let offline =
-            inner.own_readers_offline("a grace-period wait (barrier, reclaim, back-pressure)");
+        // No reader of this thread is online: the holder of `free_lock`, waiting in a grace
+        // period, cannot be waiting for us.
+        inner.assert_no_online_reader_here("a grace-period wait (barrier, reclaim)");
         let _serial = lock(&self.free_lock);
         let n = lock(&self.queue).items.len();
         if n == 0 {
@@ -151,7 +149,6 @@ impl Reclaim {
         // before this grace period began.
         inner.synchronize();
         let batch: Vec<Deferred> = lock(&self.queue).items.drain(..n).collect();
-        drop(offline);
         // Counted even if a callback panics (the rest of the batch is then dropped uncalled,
         // which still drops what the callbacks captured), so `barrier` cannot wait forever.
         // Release: `barrier` acquires it, so a barrier that returns without draining itself
@@ -170,6 +167,7 @@ impl Reclaim {
             "rcu: barrier() called from a deferred callback of the same domain would wait for \
              itself forever"
         );
+        inner.assert_no_online_reader_here("Domain::barrier()");
         let target = lock(&self.queue).pushed;
         // Acquire pairs with the release in `CountOnDrop`: the callbacks' effects are visible.
         while self.freed.load(Acquire) < target {

@@ -225,7 +225,7 @@ fn torture() {
                     }
                     85..=89 => cell.store(None),
                     90..=94 => domain.defer_drop(Obj::new()),
-                    95..=96 => domain.synchronize(),
+                    95..=96 => reader.offline_while(|| domain.synchronize()),
                     _ => reader.synchronize(),
                 }
                 counts.replacements.fetch_add(1, Relaxed);
