@@ -9,7 +9,13 @@
 //! 1. `lookup_1thread/*`: the range containing a random (mapped) address, one thread.
 //! 2. `lookup_with_writer/*`: the same lookups while another thread keeps splitting a random
 //!    range (punching a hole in its middle) and merging it back. The reader announces a
-//!    quiescent state after every lookup (one VM exit = one read-side section).
+//!    quiescent state after every lookup (one VM exit = one read-side section). The reader
+//!    runs on CPU 0, the writer on CPU 1. `bonsai` uses a domain with the background reclaim
+//!    thread (a third thread, on either core); `bonsai_writer_reclaims` one without it, where
+//!    the writer frees its own garbage every 1024 retirements, as the `RwLock` writer does.
+//!    With `RANGE_MAP_BENCH_SEPARATE_WRITER=1` the writer updates a map of its own instead
+//!    (a diagnostic: what the reader loses to a busy neighbour core alone), and with
+//!    `RANGE_MAP_BENCH_NO_PIN=1` the scheduler places the threads (as it does a VMM's).
 //! 3. `update/*`: one split or merge (alternating) of a random range, no readers.
 //! 4. Memory per range, printed first (`memory: ...`), from a counting global allocator.
 
@@ -247,8 +253,30 @@ fn lookup_1thread(c: &mut Criterion) {
     g.finish();
 }
 
-/// Runs `lookups(iters)` on this thread while a writer thread splits and merges random
-/// ranges; returns the reader's elapsed time.
+/// Pins the calling thread to `cpu`, or (`None`) lets it run anywhere again. Does nothing on a
+/// machine with fewer than 2 CPUs. The lookups-with-a-writer benchmarks run the reader on CPU 0
+/// and the writer on CPU 1, so that they measure the maps, not whether the scheduler happened
+/// to put both threads on one core (on a 2-core host it often did, for seconds).
+fn pin(cpu: Option<usize>) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 || std::env::var_os("RANGE_MAP_BENCH_NO_PIN").is_some() {
+        return;
+    }
+    // SAFETY: `cpu_set_t` is plain data (all-zero is the empty set), CPU_SET/CPU_ZERO only
+    // write inside it, and `sched_setaffinity(0, ..)` reads the set we pass for the calling
+    // thread; a failure (e.g. a CPU outside our cgroup) leaves the affinity unchanged.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        match cpu {
+            Some(c) => libc::CPU_SET(c % cpus, &mut set),
+            None => (0..cpus).for_each(|c| libc::CPU_SET(c, &mut set)),
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Runs `lookups(iters)` on this thread while a writer thread (pinned to CPU 1) splits and
+/// merges random ranges; returns the reader's elapsed time.
 fn with_writer(
     write: impl Fn(u64, bool) + Send + Sync + 'static,
     n: u64,
@@ -259,6 +287,7 @@ fn with_writer(
         let writer = {
             let (stop, write) = (stop.clone(), write.clone());
             std::thread::spawn(move || {
+                pin(Some(1));
                 let mut rng = Rng(12345);
                 let mut ops = 0u64;
                 while !stop.load(Relaxed) {
@@ -282,14 +311,38 @@ static WRITER_OPS: AtomicU64 = AtomicU64::new(0);
 fn lookup_with_writer(c: &mut Criterion) {
     let mut g = c.benchmark_group("lookup_with_writer");
     g.throughput(Throughput::Elements(1));
+    pin(Some(0)); // the reader (this thread); undone at the end of the group
+    let separate_writer = std::env::var_os("RANGE_MAP_BENCH_SEPARATE_WRITER").is_some();
     for n in SIZES {
         let p = Arc::new(probes(n));
         let d = Domain::new();
-        for name in ["bonsai", "rwlock", "cow"] {
-            let m = Arc::new(build(name, &d, n));
+        // The same Bonsai map in a domain without the background reclaim thread: the writer
+        // frees its own garbage (back-pressure every 1024 retirements), so on 2 cores the
+        // reader keeps a core to itself instead of sharing it with the reclaimer.
+        let d_wr = Domain::with_config(rcu::Config {
+            max_backlog: 1024,
+            background_reclaim: false,
+        });
+        for name in ["bonsai", "bonsai_writer_reclaims", "rwlock", "cow"] {
+            let (m, d) = if name == "bonsai_writer_reclaims" {
+                (Arc::new(build("bonsai", &d_wr, n)), &d_wr)
+            } else {
+                (Arc::new(build(name, &d, n)), &d)
+            };
+            // Diagnostic: the writer updates its own copy of the map (same kind, same domain),
+            // so the reader sees only the interference of a busy core next door, no sharing.
+            let mw = if separate_writer {
+                Arc::new(build(
+                    if name == "rwlock" { "rwlock" } else { "bonsai" },
+                    d,
+                    n,
+                ))
+            } else {
+                m.clone()
+            };
             let mut run = with_writer(
                 {
-                    let m = m.clone();
+                    let m = mw;
                     move |i, split| split_or_merge(&*m, i, split)
                 },
                 n,
@@ -363,6 +416,7 @@ fn lookup_with_writer(c: &mut Criterion) {
         }
     }
     g.finish();
+    pin(None);
 }
 
 fn update(c: &mut Criterion) {
