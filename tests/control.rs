@@ -928,3 +928,90 @@ fn injected_failures_roll_back_at_every_step() {
     let line = stop_and_verify(vm, &mut c);
     eprintln!("{line}");
 }
+
+/// Teardown failures during unmap (test-only injection): a failed userfaultfd unregister and
+/// a failed release of the host memory cannot be undone (the range has already left the tree
+/// and KVM), so the unmap succeeds, the failure is counted, and the pages are freed anyway
+/// (the release drops the registration; a failed release is replaced by discarding the pages
+/// and revoking access). A refused memslot delete undoes the unmap, end to end. The same
+/// range can be mapped again afterwards, and the guest verifies clean.
+#[test]
+fn teardown_failures_free_the_memory_and_a_refused_memslot_delete_is_undone() {
+    require_kvm!();
+    let vm = Vm::start_env(
+        "teardown",
+        &["--workload", "hotplug", "--timeout", "120"],
+        &[("VMM_FAULT_INJECT", "on")],
+    );
+    let mut c = vm.client();
+    let rss0 = vm.rss_bytes();
+    let (a, b) = (4 * GIB, 5 * GIB);
+    let pages = |bytes: u64| bytes / 4096;
+    let touched = |c: &mut Client, bytes: u64| {
+        wait_stats(c, 30, "the guest to touch the region", |s| {
+            s["regions"][0]["resident_pages"].as_u64() == Some(pages(bytes))
+        })
+    };
+    let teardown_errors =
+        |c: &mut Client| c.ok(json!({"op": "stats"}))["totals"]["teardown_errors"].clone();
+
+    c.ok(map(a, "32M"));
+    touched(&mut c, 32 * MIB);
+    assert!(vm.rss_bytes() >= rss0 + 24 * MIB, "the guest touched 32M");
+    // A failed unregister: the split succeeds, the failure is counted.
+    c.ok(json!({"op": "inject", "step": "uffd-unregister", "nth": 1}));
+    c.ok(unmap(a + 8 * MIB, 8 * MIB));
+    c.assert_consistent();
+    assert_eq!(teardown_errors(&mut c), json!(1));
+    // A failed release: the unmap succeeds, the pages are discarded and the range made
+    // inaccessible (`check` compares the tree with the process's read-write mappings).
+    c.ok(json!({"op": "inject", "step": "release", "nth": 1}));
+    let removed = c.ok(unmap(a, 32 * MIB));
+    assert_eq!(
+        removed["removed"].as_array().map(Vec::len),
+        Some(2),
+        "{removed}"
+    );
+    c.assert_consistent();
+    assert_eq!(teardown_errors(&mut c), json!(2));
+    assert!(c.hotplug_regions().is_empty());
+    let rss = vm.rss_bytes();
+    assert!(
+        rss < rss0 + 8 * MIB,
+        "pages not freed: RSS {rss} vs {rss0} at start"
+    );
+
+    // A refused memslot delete undoes the unmap: same regions, same memslots.
+    c.ok(json!({"op": "map", "gpa": format!("{b:#x}"), "size": "8M", "backing": "memfd"}));
+    touched(&mut c, 8 * MIB);
+    c.ok(json!({"op": "inject", "step": "memslot-delete", "nth": 1}));
+    let before = c.ok(json!({"op": "list"}))["regions"].clone();
+    let v = c.err(unmap(b + 2 * MIB, 2 * MIB), "internal");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("injected failure"), "{msg}");
+    let after = c.ok(json!({"op": "list"}))["regions"].clone();
+    let strip = |l: &Value| -> Vec<(Value, Value, Value)> {
+        l.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["gpa"].clone(), r["size"].clone(), r["slot"].clone()))
+            .collect()
+    };
+    assert_eq!(
+        strip(&before),
+        strip(&after),
+        "the refused unmap changed the regions"
+    );
+    c.assert_consistent();
+    c.ok(json!({"op": "inject", "step": "off"}));
+    c.ok(unmap(b, 8 * MIB));
+
+    // The range whose release failed maps again, and the guest uses it.
+    c.ok(map(a, "16M"));
+    touched(&mut c, 16 * MIB);
+    c.ok(unmap(a, 16 * MIB));
+    let check = c.assert_consistent();
+    assert_eq!(check["injected"].as_u64(), Some(3), "{check}");
+    let line = stop_and_verify(vm, &mut c);
+    eprintln!("{line}");
+}

@@ -9,7 +9,11 @@
 //! - `uffd`: registering it with userfaultfd,
 //! - `memslot`: installing a KVM memslot (a new region, a split piece, a protection change),
 //! - `memslot-delete`: deleting a KVM memslot (unmap, split, protection change); the change is
-//!   then undone.
+//!   then undone,
+//! - `uffd-unregister`: unregistering unmapped memory from userfaultfd (harmless: the release
+//!   that follows drops the registration),
+//! - `release`: giving unmapped memory back to the reservation (the pages are then discarded
+//!   in place and the range made inaccessible).
 //!
 //! An empty value or `on` enables the `inject` op without arming anything. Without the
 //! variable every hook is one relaxed load of a flag that is false.
@@ -37,6 +41,10 @@ pub enum Step {
     Memslot = 2,
     /// Deleting a KVM memslot (unmap, split, protect).
     MemslotDelete = 3,
+    /// userfaultfd unregistration of unmapped memory.
+    UffdUnregister = 4,
+    /// Releasing unmapped host memory.
+    Release = 5,
 }
 
 impl Step {
@@ -47,6 +55,8 @@ impl Step {
             Step::Uffd => "uffd",
             Step::Memslot => "memslot",
             Step::MemslotDelete => "memslot-delete",
+            Step::UffdUnregister => "uffd-unregister",
+            Step::Release => "release",
         }
     }
 
@@ -56,22 +66,22 @@ impl Step {
             "uffd" => Step::Uffd,
             "memslot" => Step::Memslot,
             "memslot-delete" => Step::MemslotDelete,
+            "uffd-unregister" => Step::UffdUnregister,
+            "release" => Step::Release,
             _ => return None,
         })
     }
 }
+
+/// Every step's name, for messages.
+pub const STEP_NAMES: &str = "mmap, uffd, memslot, memslot-delete, uffd-unregister or release";
 
 /// The environment variable.
 pub const ENV: &str = "VMM_FAULT_INJECT";
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 /// Per step: 0 = not armed; n = the n-th next call fails.
-static COUNTDOWN: [AtomicU64; 4] = [
-    AtomicU64::new(0),
-    AtomicU64::new(0),
-    AtomicU64::new(0),
-    AtomicU64::new(0),
-];
+static COUNTDOWN: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
 static INJECTED: AtomicU64 = AtomicU64::new(0);
 
 /// Parses a `VMM_FAULT_INJECT` value.
@@ -83,11 +93,8 @@ pub fn parse(spec: &str) -> Result<Vec<(Step, u64)>, String> {
     spec.split(',')
         .map(|part| {
             let (step, n) = part.split_once(':').unwrap_or((part, "1"));
-            let step = Step::from_name(step.trim()).ok_or_else(|| {
-                format!(
-                    "{ENV}: unknown step {step:?} (expected mmap, uffd, memslot or memslot-delete)"
-                )
-            })?;
+            let step = Step::from_name(step.trim())
+                .ok_or_else(|| format!("{ENV}: unknown step {step:?} (expected {})", STEP_NAMES))?;
             let n: u64 = n
                 .trim()
                 .parse()

@@ -186,6 +186,8 @@ pub struct Totals {
     pub unmaps: u64,
     /// Successful protects.
     pub protects: u64,
+    /// Failures while tearing down unmapped memory (logged; recovered from where possible).
+    pub teardown_errors: u64,
 }
 
 /// VM exits.
@@ -362,6 +364,9 @@ impl Vmm {
                     protocol::InjectStep::Mmap => inject::Step::Mmap,
                     protocol::InjectStep::Uffd => inject::Step::Uffd,
                     protocol::InjectStep::Memslot => inject::Step::Memslot,
+                    protocol::InjectStep::MemslotDelete => inject::Step::MemslotDelete,
+                    protocol::InjectStep::UffdUnregister => inject::Step::UffdUnregister,
+                    protocol::InjectStep::Release => inject::Step::Release,
                 });
                 inject::disarm_all();
                 if let Some(s) = step {
@@ -541,6 +546,7 @@ impl Vmm {
                 maps: c.maps,
                 unmaps: c.unmaps,
                 protects: c.protects,
+                teardown_errors: c.teardown_errors,
             },
             exits: Exits {
                 total: e.total(),

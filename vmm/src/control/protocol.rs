@@ -104,6 +104,12 @@ pub enum InjectStep {
     Uffd,
     /// `KVM_SET_USER_MEMORY_REGION` installing a memslot.
     Memslot,
+    /// `KVM_SET_USER_MEMORY_REGION` deleting a memslot (the change is undone).
+    MemslotDelete,
+    /// userfaultfd unregistration of unmapped memory.
+    UffdUnregister,
+    /// Releasing unmapped host memory.
+    Release,
 }
 
 /// One parsed request.
@@ -334,10 +340,14 @@ fn parse_request(obj: &Map<String, Value>) -> Result<Request, ControlError> {
                     "mmap" => Some(InjectStep::Mmap),
                     "uffd" => Some(InjectStep::Uffd),
                     "memslot" => Some(InjectStep::Memslot),
+                    "memslot-delete" => Some(InjectStep::MemslotDelete),
+                    "uffd-unregister" => Some(InjectStep::UffdUnregister),
+                    "release" => Some(InjectStep::Release),
                     "off" => None,
                     _ => {
                         return Err(ControlError::invalid(format!(
-                            "step {s:?}: expected mmap, uffd, memslot or off"
+                            "step {s:?}: expected mmap, uffd, memslot, memslot-delete, \
+                             uffd-unregister, release or off"
                         )))
                     }
                 },

@@ -251,6 +251,9 @@ pub struct AsCounters {
     pub unmaps: AtomicU64,
     /// See `maps`.
     pub protects: AtomicU64,
+    /// Failures while tearing down unmapped memory (userfaultfd unregister, release of the
+    /// host pages): logged, and recovered from where possible (see `teardown`).
+    pub teardown_errors: AtomicU64,
 }
 
 /// A copy of [`AsCounters`].
@@ -276,6 +279,8 @@ pub struct CountersSnapshot {
     pub unmaps: u64,
     /// See [`AsCounters::protects`].
     pub protects: u64,
+    /// See [`AsCounters::teardown_errors`].
+    pub teardown_errors: u64,
 }
 
 impl AsCounters {
@@ -292,6 +297,7 @@ impl AsCounters {
             maps: self.maps.load(Relaxed),
             unmaps: self.unmaps.load(Relaxed),
             protects: self.protects.load(Relaxed),
+            teardown_errors: self.teardown_errors.load(Relaxed),
         }
     }
 }
@@ -614,12 +620,32 @@ impl AddressSpace {
     }
 
     fn teardown(&self, gpa: u64, size: u64, demand_paged: bool) {
+        // Nothing here can be undone (the range is already out of the tree and of KVM), so a
+        // failure is logged, counted and recovered from as far as it can be.
         if demand_paged {
             if let Some(u) = &self.uffd {
-                let _ = u.unregister(self.host.host_addr(gpa), size);
+                let unregistered = crate::inject::hit(crate::inject::Step::UffdUnregister)
+                    .and_then(|()| u.unregister(self.host.host_addr(gpa), size));
+                if let Err(error) = unregistered {
+                    // Harmless: replacing the mapping below drops its registration with it.
+                    self.counters.teardown_errors.fetch_add(1, Relaxed);
+                    tracing::warn!(gpa, size, %error, "unregistering unmapped guest memory from userfaultfd failed; releasing the memory drops the registration anyway");
+                }
             }
         }
-        let _ = self.host.release(gpa, size);
+        let released = crate::inject::hit(crate::inject::Step::Release)
+            .and_then(|()| self.host.release(gpa, size));
+        if let Err(error) = released {
+            self.counters.teardown_errors.fetch_add(1, Relaxed);
+            match self.host.discard(gpa, size) {
+                Ok(()) => {
+                    tracing::warn!(gpa, size, %error, "releasing unmapped guest memory failed; its pages were discarded and the range made inaccessible instead")
+                }
+                Err(e) => {
+                    tracing::error!(gpa, size, %error, discard_error = %e, "releasing unmapped guest memory failed, and discarding its pages too: they stay allocated until the range is mapped again")
+                }
+            }
+        }
         self.residency.clear_range(gpa / PAGE, size / PAGE);
     }
 

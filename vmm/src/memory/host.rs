@@ -228,6 +228,28 @@ impl HostSpace {
         )
     }
 
+    /// The fallback when [`release`](Self::release) fails: frees the pages of
+    /// `[gpa, gpa + len)` in place (punched out of a memfd, dropped from a private mapping) and
+    /// takes every access right away, leaving the mapping itself where it is. Only after a
+    /// grace period, like `release`.
+    pub fn discard(&self, gpa: u64, len: u64) -> io::Result<()> {
+        self.check(gpa, len)?;
+        let addr = self.host_addr(gpa) as *mut libc::c_void;
+        // SAFETY: the range lies inside our reservation (checked), which no Rust object
+        // borrows; after a grace period nothing touches it. MADV_REMOVE frees a shared
+        // backing's pages (it fails with EINVAL on a private mapping, which is fine: ignored),
+        // MADV_DONTNEED a private one's; mprotect only changes the access rights.
+        unsafe {
+            libc::madvise(addr, len as usize, libc::MADV_REMOVE);
+            if libc::madvise(addr, len as usize, libc::MADV_DONTNEED) != 0
+                || libc::mprotect(addr, len as usize, libc::PROT_NONE) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
     /// A vm-memory view (`GuestMemoryMmap`) of mapped ranges `(gpa, size)`, sorted, for code
     /// that reads and writes guest memory through vm-memory's `Bytes`. The ranges must stay
     /// mapped, and not be demand-paged (or be populated first), while the view is used.
