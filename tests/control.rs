@@ -1015,3 +1015,63 @@ fn teardown_failures_free_the_memory_and_a_refused_memslot_delete_is_undone() {
     let line = stop_and_verify(vm, &mut c);
     eprintln!("{line}");
 }
+
+/// Free 2 MiB huge pages on the host.
+fn free_hugepages() -> u64 {
+    std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// hugetlb backing in `--fault-mode kernel`: the guest uses the region, and unmapping part of
+/// it gives exactly that part's huge pages back to the host at once (not when the last piece
+/// goes). Needs 4 free huge pages: `.ci/run` reserves them and sets `VMM_REQUIRE_HUGETLB=1`.
+#[test]
+fn hugetlb_region_is_used_and_a_partial_unmap_frees_its_huge_pages() {
+    require_kvm!();
+    let free0 = free_hugepages();
+    if free0 < 4 {
+        let why =
+            format!("{free0} free 2 MiB huge pages, 4 needed (echo 8 > /proc/sys/vm/nr_hugepages)");
+        assert!(
+            std::env::var_os("VMM_REQUIRE_HUGETLB").is_none(),
+            "VMM_REQUIRE_HUGETLB is set but the test cannot run: {why}"
+        );
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let vm = Vm::start(
+        "hugetlb",
+        &[
+            "--workload",
+            "hotplug",
+            "--fault-mode",
+            "kernel",
+            "--timeout",
+            "120",
+        ],
+    );
+    let mut c = vm.client();
+    let a = 4 * GIB;
+    c.ok(json!({"op": "map", "gpa": format!("{a:#x}"), "size": "8M", "backing": "hugetlb"}));
+    wait_stats(&mut c, 30, "the guest to touch the hugetlb region", |s| {
+        s["guest"]["pages_touched"].as_u64() >= Some(8 * MIB / 4096)
+    });
+    assert_eq!(
+        free_hugepages(),
+        free0 - 4,
+        "4 huge pages back the touched region"
+    );
+    c.ok(unmap(a + 2 * MIB, 2 * MIB));
+    c.assert_consistent();
+    assert_eq!(
+        free_hugepages(),
+        free0 - 3,
+        "the unmapped middle's huge page is free"
+    );
+    c.ok(unmap(a, 8 * MIB));
+    assert_eq!(free_hugepages(), free0);
+    let line = stop_and_verify(vm, &mut c);
+    eprintln!("{line}");
+}
