@@ -43,8 +43,8 @@ pub enum CtlOp {
         /// Size: a plain integer or with a K/M/G/T suffix.
         #[arg(long, value_parser = parse_size)]
         size: u64,
-        /// What backs it: anon, memfd, or hugetlb (needs free 2 MiB huge pages and
-        /// --fault-mode kernel).
+        /// What backs it: anon, memfd, or hugetlb (needs free 2 MiB huge pages; 2 MiB-aligned
+        /// ranges; populated a whole huge page per fault).
         #[arg(long, default_value = "anon", value_parser = ["anon", "memfd", "hugetlb"])]
         backing: String,
         /// Map it read-only to the guest.

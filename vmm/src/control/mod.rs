@@ -20,7 +20,7 @@ use serde::Serialize;
 use crate::devices::mailbox::{Mailbox, MailboxRegion};
 use crate::inject;
 use crate::memory::address_space::{RegionInfo, PAGE};
-use crate::memory::{AddressSpace, AsError, Backing, FaultMode, RegionKind};
+use crate::memory::{AddressSpace, AsError, Backing, RegionKind};
 use crate::vcpu::VcpuShared;
 use crate::vm::VmHandle;
 pub use protocol::{Code, ControlError, Request};
@@ -434,7 +434,7 @@ impl Vmm {
             ));
         }
         if backing == Backing::Hugetlb {
-            hugetlb_check(size, self.space.fault_mode())?;
+            hugetlb_check(size)?;
         }
         let info = self
             .space
@@ -658,9 +658,8 @@ fn reserved_check(gpa: u64, end: u64, list: &[RegionInfo]) -> Result<(), Control
     Ok(())
 }
 
-/// hugetlb needs free 2 MiB pages on the host, and the `kernel` fault mode (the userfaultfd
-/// populate path works in 4 KiB pages).
-fn hugetlb_check(size: u64, mode: FaultMode) -> Result<(), ControlError> {
+/// hugetlb needs free 2 MiB pages on the host (a clear error beats a SIGBUS on first touch).
+fn hugetlb_check(size: u64) -> Result<(), ControlError> {
     let dir = "/sys/kernel/mm/hugepages/hugepages-2048kB";
     let read = |f: &str| -> u64 {
         std::fs::read_to_string(format!("{dir}/{f}"))
@@ -678,13 +677,6 @@ fn hugetlb_check(size: u64, mode: FaultMode) -> Result<(), ControlError> {
                  (reserve some with `echo N > /proc/sys/vm/nr_hugepages`, or use backing anon or memfd)"
             ),
         ));
-    }
-    if mode != FaultMode::Kernel {
-        return Err(ControlError::invalid(format!(
-            "hugetlb backing needs --fault-mode kernel (this VM runs --fault-mode {}, whose \
-             userfaultfd populate works in 4 KiB pages); use backing anon or memfd",
-            mode.name()
-        )));
     }
     Ok(())
 }

@@ -228,6 +228,29 @@ fn only_hotplug(affected: &[(u64, Planned)], range: &Range<u64>) -> Result<(), A
     }
 }
 
+/// Refuses a range that would cut a region anywhere but at its backing's page boundaries (a
+/// hugetlb region can only be split, unmapped in part or protected in part in whole 2 MiB
+/// pages: the host cannot unmap or protect part of a huge page).
+fn cuts_on_page_boundaries(affected: &[(u64, Planned)], range: &Range<u64>) -> Result<(), AsError> {
+    for (start, p) in affected {
+        let align = p.backing.align_bytes();
+        let cuts = [range.start, range.end]
+            .into_iter()
+            .filter(|&c| *start < c && c < p.end);
+        if let Some(c) = cuts.into_iter().find(|c| c % align != 0) {
+            return Err(AsError::Invalid(format!(
+                "[{:#x}, {:#x}) would cut the {} region [{start:#x}, {:#x}) at {c:#x}, which is \
+                 not a multiple of its page size {align:#x}",
+                range.start,
+                range.end,
+                p.backing.name(),
+                p.end
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Address-space wide counters.
 #[derive(Debug, Default)]
 pub struct AsCounters {
@@ -406,7 +429,13 @@ impl AddressSpace {
             uffd,
             fault_mode: cfg.fault_mode,
             fault_around: cfg.fault_around,
-            zeroes: vec![0u8; (cfg.fault_around * PAGE) as usize].into_boxed_slice(),
+            // Enough for a fault-around run or one 2 MiB huge page (untouched: it costs address
+            // space, not memory).
+            zeroes: vec![
+                0u8;
+                (cfg.fault_around * PAGE).max(Backing::Hugetlb.align_bytes()) as usize
+            ]
+            .into_boxed_slice(),
             slots,
             limits: cfg.limits,
             writer: Mutex::new(WriterState::default()),
@@ -525,6 +554,12 @@ impl AddressSpace {
             .and_then(|()| self.host.map(gpa, size, backing));
         if let Err(source) = mapped {
             w.free_slots.push(slot);
+            if backing == Backing::Hugetlb && source.raw_os_error() == Some(libc::ENOMEM) {
+                // The huge pages were taken between the caller's check and our reservation.
+                return Err(AsError::Limit(format!(
+                    "not enough free 2 MiB huge pages for {size:#x} bytes of hugetlb memory"
+                )));
+            }
             return Err(AsError::Host {
                 what: "mapping host memory",
                 source,
@@ -663,6 +698,7 @@ impl AddressSpace {
             });
         }
         only_hotplug(&affected, &range)?;
+        cuts_on_page_boundaries(&affected, &range)?;
         // Pieces that remain: each affected region split at most in two.
         let mut remaining = Vec::new();
         for (s, p) in &affected {
@@ -820,6 +856,7 @@ impl AddressSpace {
             });
         }
         only_hotplug(&affected, &range)?;
+        cuts_on_page_boundaries(&affected, &range)?;
         // New pieces: outside parts keep their protection, inside parts get the new one.
         let mut pieces = Vec::new();
         for (s, p) in &affected {

@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use rcu::{ConcurrentRangeMap, ReadGuard};
 
 use super::address_space::{AddressSpace, PAGE};
+use super::host::Backing;
 use super::region::Region;
 use super::uffd::Populated;
 
@@ -157,12 +158,42 @@ impl AddressSpace {
         let Some(uffd) = &self.uffd else {
             return Ok(false);
         };
+        if region.backing == Backing::Hugetlb {
+            let n = self.populate_huge_page(uffd, gpa)?;
+            region.counters.pages_populated.fetch_add(n, Relaxed);
+            return Ok(true);
+        }
         let win = self.fault_around;
         let first = (pfn & !(win - 1)).max(region.gpa / PAGE);
         let end = ((pfn | (win - 1)) + 1).min(region.end() / PAGE);
         let n = self.populate_pages(uffd, first, end, write)?;
         region.counters.pages_populated.fetch_add(n, Relaxed);
         Ok(true)
+    }
+
+    /// Populates the 2 MiB huge page of `gpa` (hugetlb backing: userfaultfd works in whole huge
+    /// pages there, and has no zero-page ioctl) with zeroes, unless it is known present;
+    /// returns how many 4 KiB pages this call populated (0 if another thread won).
+    fn populate_huge_page(&self, uffd: &super::uffd::Uffd, gpa: u64) -> Result<u64, FaultError> {
+        let huge = Backing::Hugetlb.align_bytes();
+        let start = gpa & !(huge - 1);
+        let (first, n) = (start / PAGE, huge / PAGE);
+        if self.residency.is_present(first) {
+            return Ok(0);
+        }
+        match uffd.copy(self.host.host_addr(start), &self.zeroes[..huge as usize]) {
+            Ok(Populated::Done) => {
+                self.residency.set_range(first, n);
+                self.counters.pages_populated.fetch_add(n, Relaxed);
+                Ok(n)
+            }
+            Ok(Populated::AlreadyPresent { .. }) => {
+                self.residency.set_range(first, n);
+                self.counters.populate_races.fetch_add(1, Relaxed);
+                Ok(0)
+            }
+            Err(source) => Err(FaultError { gpa: start, source }),
+        }
     }
 
     /// Populates every page of `[first, end)` (page numbers) not known present, in runs of at
@@ -251,6 +282,16 @@ impl AddressSpace {
         if first >= end || self.residency.next_missing(first, end).is_none() {
             return Ok(());
         }
+        if region.backing == Backing::Hugetlb {
+            let huge = Backing::Hugetlb.align_bytes();
+            let mut at = (first * PAGE) & !(huge - 1);
+            while at < end * PAGE {
+                let n = self.populate_huge_page(uffd, at)?;
+                region.counters.pages_populated.fetch_add(n, Relaxed);
+                at += huge;
+            }
+            return Ok(());
+        }
         let n = self.populate_pages(uffd, first, end, write)?;
         region.counters.pages_populated.fetch_add(n, Relaxed);
         Ok(())
@@ -273,8 +314,18 @@ impl AddressSpace {
         // the fault (it is being unmapped), or a failed populate would otherwise leave the
         // faulting thread asleep in the kernel for good. Woken, it retries the access.
         if let Some(u) = &self.uffd {
-            let page = host_addr & !(PAGE - 1);
-            let _ = u.wake(page, PAGE);
+            // Whole huge pages in hugetlb regions; waking a sleeper elsewhere in the 2 MiB
+            // around a 4 KiB page would be harmless (it retries and faults again), but is
+            // not needed.
+            let huge = self.map.lookup(guard, gpa, |hit| {
+                hit.is_some_and(|(_, r)| r.backing == Backing::Hugetlb)
+            });
+            let span = if huge {
+                Backing::Hugetlb.align_bytes()
+            } else {
+                PAGE
+            };
+            let _ = u.wake(host_addr & !(span - 1), span);
         }
         populated.map(|_| ())
     }

@@ -203,13 +203,14 @@ impl HostSpace {
                 if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } < 0 {
                     return Err(io::Error::last_os_error());
                 }
-                mmap_fixed(
-                    addr,
-                    len,
-                    rw,
-                    libc::MAP_SHARED | libc::MAP_NORESERVE,
-                    fd.as_raw_fd(),
-                )?;
+                // hugetlb without MAP_NORESERVE: the huge pages are reserved here (ENOMEM if
+                // there are not enough), so no first touch can find none left.
+                let noreserve = if backing == Backing::Hugetlb {
+                    0
+                } else {
+                    libc::MAP_NORESERVE
+                };
+                mmap_fixed(addr, len, rw, libc::MAP_SHARED | noreserve, fd.as_raw_fd())?;
                 Ok(Some(fd))
             }
         }
