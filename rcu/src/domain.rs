@@ -61,6 +61,10 @@ pub(crate) struct Slot {
     /// Written only by the owning reader (relaxed stores bracketed by SeqCst fences), read by
     /// writers in `wait_for_reader`.
     pub(crate) ctr: AtomicU64,
+    /// Set when this thread retired past the backlog bound while this reader was online (it
+    /// might have held a guard, so back-pressure could not wait then); the reader pays at its
+    /// next quiescent state, where its `&mut` proves it holds none. Owner thread only.
+    owes_backpressure: AtomicBool,
     /// The thread that owns this slot: a waiter that finds its own thread's slot online knows
     /// it might wait for itself.
     owner: thread::ThreadId,
@@ -139,6 +143,7 @@ impl Inner {
     pub(crate) fn register_slot(&self, domain: &Domain) -> Arc<Slot> {
         let slot = Arc::new(Slot {
             ctr: AtomicU64::new(0),
+            owes_backpressure: AtomicBool::new(false),
             owner: thread::current().id(),
             // SAFETY: a bitwise copy that is never dropped, so it takes no reference count;
             // the reader's own handle keeps the domain alive while the copy is used.
@@ -160,8 +165,12 @@ impl Inner {
     #[inline]
     pub(crate) fn quiescent_state(&self, slot: &Slot) {
         let gp = self.gp_ctr.load(Relaxed);
+        let owes = slot.owes_backpressure.load(Relaxed);
         if gp == slot.ctr.load(Relaxed) {
             // No grace period started since our last announcement: nothing to tell anyone.
+            if owes {
+                self.pay_backpressure(slot);
+            }
             return;
         }
         // Every read-side access before this point completes before the announcement
@@ -173,6 +182,41 @@ impl Inner {
         // access (pairs with the writer's fence between its unpublish and its counter flip).
         fence(SeqCst);
         self.wake_up_gp();
+        if owes {
+            self.pay_backpressure(slot);
+        }
+    }
+
+    /// Back-pressure deferred from a retirement while this reader was online (see
+    /// `Slot::owes_backpressure`). Called from the reader's quiescent state, which holds the
+    /// `Reader` mutably: no guard of it is alive, so it may go offline and wait.
+    #[cold]
+    #[inline(never)]
+    fn pay_backpressure(&self, slot: &Slot) {
+        slot.owes_backpressure.store(false, Relaxed);
+        self.thread_offline(slot);
+        // Another reader of this domain on this thread may hold a guard: then it waits for
+        // that reader's quiescent state (which owes too).
+        if !self.this_thread_has_an_online_reader() {
+            self.reclaim.apply_backpressure(self);
+        }
+        self.thread_online(slot);
+    }
+
+    /// Marks the calling thread's online readers of this domain as owing back-pressure (they
+    /// pay at their next quiescent state). Returns whether there were any: if so, the caller
+    /// must not wait now (one of them may hold a guard).
+    pub(crate) fn defer_backpressure_to_own_readers(&self) -> bool {
+        let me = thread::current().id();
+        let mut any = false;
+        for s in lock(&self.registry).iter() {
+            // `ctr` and `owes_backpressure` of our own slots only change on this thread.
+            if s.owner == me && s.ctr.load(Relaxed) != 0 {
+                s.owes_backpressure.store(true, Relaxed);
+                any = true;
+            }
+        }
+        any
     }
 
     /// The reader goes offline (liburcu `rcu_thread_offline`).
@@ -458,12 +502,11 @@ impl Domain {
     /// batches, in the order they were deferred.
     ///
     /// Back-pressure: if the backlog has reached [`Config::max_backlog`], the calling thread
-    /// first waits for a grace period and runs a batch itself. Two exceptions, where waiting
-    /// might wait for the caller itself: a thread with an online reader of this domain (it
-    /// may hold a read guard), and a deferred callback of this domain retiring more; the
-    /// backlog then goes past the bound until the next retirement outside them (writers
-    /// normally retire from threads that are not readers, or inside
-    /// [`Reader::offline_while`](crate::Reader::offline_while)).
+    /// first waits for a grace period and runs a batch itself. Where waiting now might wait
+    /// for the caller itself, it is put off: on a thread with an online reader of this domain
+    /// (which may hold a read guard), that reader pays at its next
+    /// [`quiescent_state`](crate::Reader::quiescent_state) (whose `&mut` proves it holds
+    /// none); in a deferred callback of this domain, the next retirement outside one pays.
     pub fn defer<F: FnOnce() + Send + 'static>(&self, f: F) {
         self.inner().reclaim.push(self.inner(), Box::new(f));
     }

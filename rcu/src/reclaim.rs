@@ -114,15 +114,25 @@ impl Reclaim {
         };
         if len >= inner.config.max_backlog
             && !self.in_callback()
-            && !inner.this_thread_has_an_online_reader()
+            && !inner.defer_backpressure_to_own_readers()
         {
             // Back-pressure: the retiring thread pays for the grace period itself. Not from a
-            // callback (it would wait for its own batch) nor from a thread with an online
-            // reader (the grace period might wait for its guard): see `Domain::defer`.
-            self.stalls.fetch_add(1, Relaxed);
-            self.drain(inner);
+            // callback (it would wait for its own batch); on a thread with an online reader
+            // (whose grace period might wait for its guard), at that reader's next quiescent
+            // state: see `Domain::defer`.
+            self.apply_backpressure(inner);
         } else if len == 1 || len % 256 == 0 {
             self.work.notify_one();
+        }
+    }
+
+    /// Back-pressure: if the backlog is (still) at the bound, waits for a grace period and
+    /// runs the queued callbacks on the calling thread, which has no online reader of this
+    /// domain.
+    pub(crate) fn apply_backpressure(&self, inner: &Inner) {
+        if lock(&self.queue).items.len() >= inner.config.max_backlog {
+            self.stalls.fetch_add(1, Relaxed);
+            self.drain(inner);
         }
     }
 

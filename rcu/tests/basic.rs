@@ -333,12 +333,48 @@ fn retiring_past_the_bound_under_a_guard_defers_back_pressure() {
         assert_eq!(domain.stats().backpressure_stalls, 0);
         assert_eq!(domain.stats().backlog, 20);
     }
+    // The reader pays at its quiescent state, where `&mut` proves it holds no guard.
     reader.quiescent_state();
-    cell.store(Some(98)); // online: the domain cannot tell whether a guard is alive
-    assert_eq!(domain.stats().backpressure_stalls, 0);
-    reader.offline_while(|| cell.store(Some(99))); // offline: back-pressure applies again
     let s = domain.stats();
     assert_eq!((s.backpressure_stalls, s.backlog), (1, 0));
+    reader.quiescent_state(); // paid: nothing owed any more
+    assert_eq!(domain.stats().backpressure_stalls, 1);
+    for i in 0..4 {
+        cell.store(Some(100 + i)); // online, past the bound at the 4th: owed again
+    }
+    reader.offline_while(|| cell.store(Some(99))); // offline: applies at once
+    let s = domain.stats();
+    assert_eq!((s.backpressure_stalls, s.backlog), (2, 0));
+    reader.quiescent_state(); // what was owed was paid by then: nothing to wait for
+    assert_eq!(domain.stats().backpressure_stalls, 2);
+}
+
+/// A thread that reads and retires, announcing quiescent states as it goes, keeps the backlog
+/// bounded: what it could not pay while online (it might have held a guard), it pays at its
+/// next quiescent state.
+#[test]
+fn a_reader_thread_that_retires_keeps_the_backlog_bounded() {
+    let domain = Domain::with_config(Config {
+        max_backlog: 64,
+        background_reclaim: false,
+    });
+    let cell = RcuCell::new(&domain, 0u64);
+    let mut reader = domain.register();
+    let mut peak = 0;
+    for i in 1..=10_000u64 {
+        {
+            let guard = reader.read();
+            let cur = cell.load(&guard).copied();
+            assert_eq!(cur, Some(i - 1));
+            cell.store(Some(i));
+        }
+        if i % 8 == 0 {
+            reader.quiescent_state();
+        }
+        peak = peak.max(domain.stats().backlog);
+    }
+    assert!(peak <= 64 + 8, "backlog reached {peak}");
+    assert!(domain.stats().backpressure_stalls > 0);
 }
 
 // `mem::forget` of an offline reader leaks the reader, offline: grace periods never wait for
