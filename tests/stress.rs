@@ -274,3 +274,39 @@ fn bad_flags_are_usage_errors() {
         assert_eq!(o.status.code(), Some(2), "{bad:?}: {}", stderr(&o));
     }
 }
+
+/// `--ram-backing hugetlb`: the report says so, the guest verifies clean, and each fault
+/// populated a whole 2 MiB huge page (512 pages). Needs 4 free huge pages (`.ci/run` reserves
+/// them and sets `VMM_REQUIRE_HUGETLB=1`, which turns the skip into a failure).
+#[test]
+fn hugetlb_ram_populates_whole_huge_pages() {
+    require_kvm!();
+    let free: u64 =
+        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+    if free < 4 {
+        let why = format!("{free} free 2 MiB huge pages, 4 needed");
+        assert!(
+            std::env::var_os("VMM_REQUIRE_HUGETLB").is_none(),
+            "VMM_REQUIRE_HUGETLB is set but the test cannot run: {why}"
+        );
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let v = stress_json(&[
+        "--vcpus",
+        "1",
+        "--pages",
+        "2048",
+        "--ram-backing",
+        "hugetlb",
+    ]);
+    assert_eq!(v["ram_backing"], "hugetlb", "{v}");
+    assert_eq!(u(&v, "verify_errors"), 0, "{v}");
+    let (pages, faults) = (u(&v, "pages"), u(&v, "faults"));
+    assert_eq!(pages % 2048, 0, "{v}");
+    // 4 huge pages per run, plus any fault that lost a race.
+    assert!(faults >= pages / 512 && faults < pages / 64, "{v}");
+}

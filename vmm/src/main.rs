@@ -29,6 +29,8 @@ use crate::vm::{RunConfig, RunOutcome};
 
 /// Exit status when the guest crashed or the VMM failed.
 const EXIT_FAILURE: u8 = 1;
+/// Exit status of a usage error (as clap's own).
+const EXIT_USAGE: u8 = 2;
 /// Exit status when the guest ran past `--timeout` (as `timeout(1)`).
 const EXIT_TIMEOUT: u8 = 124;
 
@@ -103,6 +105,11 @@ struct RunArgs {
     /// cow (copy-on-write map published with arc-swap).
     #[arg(long, value_enum, default_value_t = AddressSpace::Bonsai)]
     address_space: AddressSpace,
+
+    /// What backs guest RAM: anon, memfd, or hugetlb (2 MiB huge pages: needs that many free
+    /// on the host and --mem a multiple of 2M; a first touch populates a whole huge page).
+    #[arg(long, value_enum, default_value_t = RamBacking::Anon)]
+    ram_backing: RamBacking,
 
     /// Pages each vCPU touches with `--workload touch` (0: all RAM, split evenly).
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -192,6 +199,27 @@ impl From<FaultMode> for memory::FaultMode {
     }
 }
 
+/// What backs guest RAM (`--ram-backing`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum RamBacking {
+    /// Private anonymous memory.
+    Anon,
+    /// A memfd (shared memory).
+    Memfd,
+    /// 2 MiB huge pages (hugetlbfs memfd): needs free huge pages and 2 MiB-aligned RAM.
+    Hugetlb,
+}
+
+impl From<RamBacking> for memory::Backing {
+    fn from(b: RamBacking) -> Self {
+        match b {
+            RamBacking::Anon => memory::Backing::Anon,
+            RamBacking::Memfd => memory::Backing::Memfd,
+            RamBacking::Hugetlb => memory::Backing::Hugetlb,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum AddressSpace {
     Bonsai,
@@ -261,6 +289,13 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
         );
         return EXIT_FAILURE;
     };
+    if args.ram_backing == RamBacking::Hugetlb && args.mem % (2 << 20) != 0 {
+        eprintln!(
+            "vmm: --ram-backing hugetlb needs --mem to be a multiple of 2M (got {} bytes)",
+            args.mem
+        );
+        return EXIT_USAGE;
+    }
     let sidecars = vm::Sidecars::default();
     if let Some(sock) = &args.api_sock {
         // Bound before the VM is built, so that a live socket refuses the start at once.
@@ -293,6 +328,7 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
         fault_mode: args.fault_mode.into(),
         fault_around: args.fault_around,
         address_space: args.address_space.name().to_owned(),
+        ram_backing: args.ram_backing.into(),
         sidecars,
     };
     let hotplug = args.workload == Workload::Hotplug;

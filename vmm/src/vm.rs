@@ -53,6 +53,8 @@ pub struct RunConfig {
     pub fault_around: u64,
     /// `bonsai` | `rwlock` | `cow`.
     pub address_space: String,
+    /// What backs guest RAM (the boot area is always anonymous).
+    pub ram_backing: Backing,
     /// Threads to run beside the vCPUs once the VM is built (taken by `run`).
     pub sidecars: Sidecars,
 }
@@ -316,13 +318,13 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         .map_err(MemoryError::from)?,
     );
     for r in &ranges {
-        let kind = if r.kind == abi::mem_kind::BOOT {
-            RegionKind::Boot
+        let (kind, backing) = if r.kind == abi::mem_kind::BOOT {
+            (RegionKind::Boot, Backing::Anon)
         } else {
-            RegionKind::Ram
+            (RegionKind::Ram, cfg.ram_backing)
         };
         space
-            .map(r.start.0, r.size_bytes, Backing::Anon, false, kind)
+            .map(r.start.0, r.size_bytes, backing, false, kind)
             .map_err(MemoryError::from)?;
     }
     // A user's image may load into demand-paged RAM: populate those pages before writing.

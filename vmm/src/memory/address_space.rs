@@ -482,6 +482,16 @@ impl AddressSpace {
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The hugetlb-backed parts of `range`, from the writer's view (writer side only).
+    pub(crate) fn hugetlb_parts(&self, range: &Range<u64>) -> Vec<Range<u64>> {
+        self.writer()
+            .overlapping(range)
+            .into_iter()
+            .filter(|(_, p)| p.backing == Backing::Hugetlb)
+            .map(|(s, p)| s.max(range.start)..p.end.min(range.end))
+            .collect()
+    }
+
     fn validate(&self, gpa: u64, size: u64, align: u64) -> Result<Range<u64>, AsError> {
         if size == 0 {
             return Err(AsError::Invalid("size must not be 0".into()));
@@ -557,7 +567,8 @@ impl AddressSpace {
             if backing == Backing::Hugetlb && source.raw_os_error() == Some(libc::ENOMEM) {
                 // The huge pages were taken between the caller's check and our reservation.
                 return Err(AsError::Limit(format!(
-                    "not enough free 2 MiB huge pages for {size:#x} bytes of hugetlb memory"
+                    "not enough free 2 MiB huge pages for {size:#x} bytes of hugetlb memory \
+                     (reserve some with `echo N > /proc/sys/vm/nr_hugepages`)"
                 )));
             }
             return Err(AsError::Host {

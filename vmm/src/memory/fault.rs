@@ -256,6 +256,16 @@ impl AddressSpace {
         let Some(uffd) = &self.uffd else {
             return Ok(());
         };
+        // Huge pages where the range lies in hugetlb regions (populated whole), 4 KiB pages
+        // elsewhere (the huge ones are then known present and skipped).
+        let huge = Backing::Hugetlb.align_bytes();
+        for part in self.hugetlb_parts(&(gpa..gpa + len)) {
+            let mut at = part.start & !(huge - 1);
+            while at < part.end {
+                self.populate_huge_page(uffd, at)?;
+                at += huge;
+            }
+        }
         let end = (gpa + len).div_ceil(PAGE);
         self.populate_pages(uffd, gpa / PAGE, end, true).map(|_| ())
     }

@@ -63,6 +63,10 @@ pub struct StressArgs {
     #[arg(long, value_name = "PAGES", default_value_t = 1, value_parser = crate::parse_fault_around)]
     pub fault_around: u64,
 
+    /// What backs guest RAM: anon, memfd, or hugetlb (2 MiB huge pages, populated whole).
+    #[arg(long, value_enum, default_value_t = crate::RamBacking::Anon)]
+    pub ram_backing: crate::RamBacking,
+
     /// Address-space implementation: bonsai (RCU balanced tree), rwlock (RwLock<BTreeMap>),
     /// cow (copy-on-write map published with arc-swap).
     #[arg(long, value_enum, default_value_t = crate::AddressSpace::Bonsai)]
@@ -270,6 +274,7 @@ pub fn cmd_stress(args: StressArgs, process_start: Instant) -> u8 {
         vcpus: args.vcpus,
         fault_mode: args.fault_mode_name().to_owned(),
         fault_mode_requested: args.fault_mode_name().to_owned(),
+        ram_backing: memory::Backing::from(args.ram_backing).name().to_owned(),
         address_space: args.address_space.name().to_owned(),
         fault_around: args.fault_around,
         churn_rate: args.churn,
@@ -455,6 +460,7 @@ fn run_once(
         fault_mode: args.fault_mode.into(),
         fault_around: args.fault_around,
         address_space: args.address_space.name().to_owned(),
+        ram_backing: args.ram_backing.into(),
         sidecars,
     };
     let report = vm::run(&cfg, Box::new(serial.clone())).map_err(|e| e.to_string())?;

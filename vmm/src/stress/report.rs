@@ -87,6 +87,10 @@ pub struct RssSummary {
     pub churn_residual_bytes: u64,
 }
 
+fn anon() -> String {
+    "anon".to_owned()
+}
+
 /// The `--json` object. The first fields, in order, are INTERFACE.md's; the rest extend it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct StressReport {
@@ -124,6 +128,10 @@ pub struct StressReport {
     // ---- extensions ----
     /// The fault mode asked for.
     pub fault_mode_requested: String,
+    /// What backs guest RAM: anon, memfd or hugetlb (absent in reports from before the flag:
+    /// anon).
+    #[serde(default = "anon")]
+    pub ram_backing: String,
     /// `--churn`: churn operations per second asked for.
     pub churn_rate: u64,
     /// `--regions`: extra regions mapped up front.
@@ -359,10 +367,11 @@ impl fmt::Display for StressReport {
         };
         writeln!(
             f,
-            "vmm stress: {} vCPUs, fault mode {mode}, fault-around {}, address space {}, {} extra regions, churn {} ops/s: {} run{} in {:.2} s",
+            "vmm stress: {} vCPUs, fault mode {mode}, fault-around {}, address space {}, {} RAM, {} extra regions, churn {} ops/s: {} run{} in {:.2} s",
             r.vcpus,
             r.fault_around,
             r.address_space,
+            if r.ram_backing.is_empty() { "anon" } else { &r.ram_backing },
             r.regions,
             r.churn_rate,
             r.runs,
