@@ -244,3 +244,18 @@ fn hugetlb_ram_needs_a_2m_multiple() {
     let err = stderr(&o);
     assert!(err.contains("multiple of 2M"), "{err}");
 }
+
+/// Guest RAM on a memfd (`--ram-backing memfd`, shared memory) in every fault mode: all of it
+/// touched and verified, one fault per page where the VMM populates.
+#[test]
+fn memfd_ram_in_every_mode() {
+    require_kvm!();
+    for mode in ["vcpu", "handler", "kernel"] {
+        let line = touch(&["--ram-backing", "memfd", "--fault-mode", mode]);
+        let pages = number_before(&line, "pages (");
+        assert!(pages > 10_000, "{line}");
+        if mode != "kernel" {
+            assert_eq!(number_before(&line, "faults serviced"), pages, "{line}");
+        }
+    }
+}
