@@ -158,7 +158,9 @@ fn touch(vcpu: u64, info: &BootInfo) -> ! {
     let mut errors = 0u64;
     for round in 0..rounds {
         for i in 0..per {
-            let Some(page) = ram_page(info, first + i) else { break };
+            let Some(page) = ram_page(info, first + i) else {
+                break;
+            };
             // A different word of each page, so that a page mapped at the wrong place shows.
             let addr = (page + (i % 512) * 8) as *mut u64;
             let t0 = rdtsc();
@@ -177,7 +179,9 @@ fn touch(vcpu: u64, info: &BootInfo) -> ! {
             }
         }
         for i in 0..per {
-            let Some(page) = ram_page(info, first + i) else { break };
+            let Some(page) = ram_page(info, first + i) else {
+                break;
+            };
             let addr = (page + (i % 512) * 8) as *const u64;
             // SAFETY: as above.
             if unsafe { core::ptr::read_volatile(addr) } != pattern(vcpu, i) ^ round {
@@ -280,14 +284,20 @@ const HOTPLUG_PAGES_PER_PASS: u64 = 256;
 fn mailbox_generation() -> u64 {
     // SAFETY: the mailbox page is in the identity-mapped boot area; the VMM writes the
     // generation with release stores, and this acquire load pairs with them.
-    let g = unsafe { core::ptr::read_volatile((abi::layout::MAILBOX + abi::Mailbox::GENERATION_OFFSET) as *const u64) };
+    let g = unsafe {
+        core::ptr::read_volatile(
+            (abi::layout::MAILBOX + abi::Mailbox::GENERATION_OFFSET) as *const u64,
+        )
+    };
     core::sync::atomic::fence(Ordering::Acquire);
     g
 }
 
 fn mailbox_flags() -> u32 {
     // SAFETY: as in `mailbox_generation`.
-    unsafe { core::ptr::read_volatile((abi::layout::MAILBOX + abi::Mailbox::FLAGS_OFFSET) as *const u32) }
+    unsafe {
+        core::ptr::read_volatile((abi::layout::MAILBOX + abi::Mailbox::FLAGS_OFFSET) as *const u32)
+    }
 }
 
 /// Copies the mailbox's region list into `out` if generation `g` is still current at the
@@ -296,7 +306,9 @@ fn mailbox_list(g: u64, out: &mut [Plugged; abi::MAILBOX_MAX_REGIONS]) -> Option
     let base = abi::layout::MAILBOX;
     // SAFETY: the mailbox page (see `mailbox_generation`); plain volatile reads of a list the
     // VMM does not change while the generation stays `g`.
-    let n = unsafe { core::ptr::read_volatile((base + abi::Mailbox::NR_REGIONS_OFFSET) as *const u32) } as usize;
+    let n =
+        unsafe { core::ptr::read_volatile((base + abi::Mailbox::NR_REGIONS_OFFSET) as *const u32) }
+            as usize;
     let n = n.min(abi::MAILBOX_MAX_REGIONS);
     for (i, e) in out.iter_mut().take(n).enumerate() {
         let at = base + abi::Mailbox::REGIONS_OFFSET + i as u64 * 24;
@@ -317,7 +329,12 @@ fn mailbox_list(g: u64, out: &mut [Plugged; abi::MAILBOX_MAX_REGIONS]) -> Option
 /// counts as an error only if the mailbox generation was the same (even) value before the
 /// write and after the read. Runs until the mailbox's STOP flag, reporting after every pass.
 fn hotplug(vcpu: u64, info: &BootInfo) -> ! {
-    const EMPTY: Plugged = Plugged { start: 0, size: 0, flags: 0, next: 0 };
+    const EMPTY: Plugged = Plugged {
+        start: 0,
+        size: 0,
+        flags: 0,
+        next: 0,
+    };
     let nr = u64::from(info.nr_vcpus);
     let mut list = [EMPTY; abi::MAILBOX_MAX_REGIONS];
     let mut fresh = [EMPTY; abi::MAILBOX_MAX_REGIONS];
@@ -332,7 +349,9 @@ fn hotplug(vcpu: u64, info: &BootInfo) -> ! {
             continue;
         }
         if g != seen {
-            let Some(m) = mailbox_list(g, &mut fresh) else { continue };
+            let Some(m) = mailbox_list(g, &mut fresh) else {
+                continue;
+            };
             // Keep the progress of regions that are still listed unchanged.
             for f in fresh.iter_mut().take(m) {
                 if let Some(old) = list[..n]
@@ -393,7 +412,9 @@ fn hotplug(vcpu: u64, info: &BootInfo) -> ! {
         if budget == HOTPLUG_PAGES_PER_PASS {
             // Nothing to do: leave the host CPU to others for a millisecond.
             // SAFETY: see `outb`.
-            unsafe { asm!("out dx, eax", in("dx") ports::IDLE, in("eax") 1000u32, options(nomem, nostack)) };
+            unsafe {
+                asm!("out dx, eax", in("dx") ports::IDLE, in("eax") 1000u32, options(nomem, nostack))
+            };
         }
     }
     // SAFETY: as above; `done` last.
