@@ -197,6 +197,17 @@ impl Client {
             .collect()
     }
 
+    /// Every region's `(gpa, size, slot)`: what a change that failed must leave as it was.
+    fn layout(&mut self) -> Vec<(Value, Value, Value)> {
+        let r = self.ok(json!({"op": "list"}));
+        r["regions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["gpa"].clone(), r["size"].clone(), r["slot"].clone()))
+            .collect()
+    }
+
     fn assert_consistent(&mut self) -> Value {
         let c = self.ok(json!({"op": "check"}));
         assert_eq!(c["consistent"], json!(true), "{c}");
@@ -856,7 +867,7 @@ fn injected_failures_roll_back_at_every_step() {
         for nth in 1..=4 {
             c.ok(json!({"op": "inject", "step": step, "nth": nth}));
             for op in &ops {
-                let before = c.ok(json!({"op": "list"}))["regions"].clone();
+                let before = c.layout();
                 let v = c.call(op.clone());
                 if v["ok"] != json!(true) && v["error"]["code"] != json!("internal") {
                     // The consequence of an earlier failed map.
@@ -872,19 +883,7 @@ fn injected_failures_roll_back_at_every_step() {
                         msg.contains("injected failure") && msg.contains("nothing was changed"),
                         "{msg}"
                     );
-                    let after = c.ok(json!({"op": "list"}))["regions"].clone();
-                    let strip = |l: &Value| -> Vec<(Value, Value, Value)> {
-                        l.as_array()
-                            .unwrap()
-                            .iter()
-                            .map(|r| (r["gpa"].clone(), r["size"].clone(), r["slot"].clone()))
-                            .collect()
-                    };
-                    assert_eq!(
-                        strip(&before),
-                        strip(&after),
-                        "a failed {op} changed the regions"
-                    );
+                    assert_eq!(before, c.layout(), "a failed {op} changed the regions");
                 }
                 let check = c.assert_consistent();
                 exit_served += check["exit_served"].as_u64().unwrap();
@@ -973,23 +972,11 @@ fn teardown_failures_free_the_memory_and_a_refused_memslot_delete_is_undone() {
     c.ok(json!({"op": "map", "gpa": format!("{b:#x}"), "size": "8M", "backing": "memfd"}));
     touched(&mut c, 8 * MIB);
     c.ok(json!({"op": "inject", "step": "memslot-delete", "nth": 1}));
-    let before = c.ok(json!({"op": "list"}))["regions"].clone();
+    let before = c.layout();
     let v = c.err(unmap(b + 2 * MIB, 2 * MIB), "internal");
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(msg.contains("injected failure"), "{msg}");
-    let after = c.ok(json!({"op": "list"}))["regions"].clone();
-    let strip = |l: &Value| -> Vec<(Value, Value, Value)> {
-        l.as_array()
-            .unwrap()
-            .iter()
-            .map(|r| (r["gpa"].clone(), r["size"].clone(), r["slot"].clone()))
-            .collect()
-    };
-    assert_eq!(
-        strip(&before),
-        strip(&after),
-        "the refused unmap changed the regions"
-    );
+    assert_eq!(before, c.layout(), "the refused unmap changed the regions");
     c.assert_consistent();
     c.ok(json!({"op": "inject", "step": "off"}));
     c.ok(unmap(b, 8 * MIB));
@@ -1010,14 +997,6 @@ fn huge_pages_lock() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Free 2 MiB huge pages on the host.
-fn free_hugepages() -> u64 {
-    std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// hugetlb backing in every fault mode: the guest uses the region (in `vcpu` and `handler`
 /// modes the VMM populates a whole 2 MiB huge page per first touch), a cut that is not on a
 /// huge-page boundary is refused and changes nothing, and unmapping part of the region gives
@@ -1027,17 +1006,8 @@ fn free_hugepages() -> u64 {
 fn hugetlb_regions_are_demand_paged_in_huge_pages_and_freed_in_part() {
     require_kvm!();
     let _huge = huge_pages_lock();
-    let free0 = free_hugepages();
-    if free0 < 4 {
-        let why =
-            format!("{free0} free 2 MiB huge pages, 4 needed (echo 8 > /proc/sys/vm/nr_hugepages)");
-        assert!(
-            std::env::var_os("VMM_REQUIRE_HUGETLB").is_none(),
-            "VMM_REQUIRE_HUGETLB is set but the test cannot run: {why}"
-        );
-        eprintln!("skipped: {why}");
-        return;
-    }
+    require_hugetlb!(4);
+    let free0 = support::free_hugepages();
     for mode in ["vcpu", "handler", "kernel"] {
         let vm = Vm::start(
             &format!("hugetlb-{mode}"),
@@ -1057,7 +1027,7 @@ fn hugetlb_regions_are_demand_paged_in_huge_pages_and_freed_in_part() {
             s["guest"]["pages_touched"].as_u64() >= Some(8 * MIB / 4096)
         });
         assert_eq!(
-            free_hugepages(),
+            support::free_hugepages(),
             free0 - 4,
             "{mode}: 4 huge pages back the region"
         );
@@ -1074,7 +1044,7 @@ fn hugetlb_regions_are_demand_paged_in_huge_pages_and_freed_in_part() {
             assert_eq!(r["resident_pages"], json!(2048), "{mode}: {s}");
         }
         // More than the host has free: a clear error, nothing mapped.
-        let too_many = (free_hugepages() + 1) * 2 * MIB;
+        let too_many = (support::free_hugepages() + 1) * 2 * MIB;
         let e = c.err(
             json!({"op": "map", "gpa": format!("{:#x}", a + GIB), "size": too_many, "backing": "hugetlb"}),
             "limit",
@@ -1096,12 +1066,12 @@ fn hugetlb_regions_are_demand_paged_in_huge_pages_and_freed_in_part() {
         c.ok(unmap(a + 2 * MIB, 2 * MIB));
         c.assert_consistent();
         assert_eq!(
-            free_hugepages(),
+            support::free_hugepages(),
             free0 - 3,
             "{mode}: the unmapped middle's huge page is free"
         );
         c.ok(unmap(a, 8 * MIB));
-        assert_eq!(free_hugepages(), free0, "{mode}");
+        assert_eq!(support::free_hugepages(), free0, "{mode}");
         let line = stop_and_verify(vm, &mut c);
         eprintln!("{mode}: {line}");
     }

@@ -174,37 +174,13 @@ fn fault_around_must_be_a_power_of_two() {
     assert!(stderr(&o).contains("power of two"), "{}", stderr(&o));
 }
 
-/// Free 2 MiB huge pages on the host; skips (or, with `VMM_REQUIRE_HUGETLB` set, as by
-/// `.ci/run`, fails) when fewer than `need` are free.
-fn huge_pages_or_skip(need: u64) -> bool {
-    let free: u64 =
-        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
-    if free >= need {
-        return true;
-    }
-    let why = format!(
-        "{free} free 2 MiB huge pages, {need} needed (echo 16 > /proc/sys/vm/nr_hugepages)"
-    );
-    assert!(
-        std::env::var_os("VMM_REQUIRE_HUGETLB").is_none(),
-        "VMM_REQUIRE_HUGETLB is set but the test cannot run: {why}"
-    );
-    eprintln!("skipped: {why}");
-    false
-}
-
 /// Guest RAM on 2 MiB huge pages (`--ram-backing hugetlb`) in every fault mode: the guest
 /// touches all of it and verifies it; in `vcpu` and `handler` modes each fault populates a
 /// whole huge page (512 pages), so 16 MiB of RAM takes 8 faults, plus lost races.
 #[test]
 fn hugetlb_ram_in_every_mode() {
     require_kvm!();
-    if !huge_pages_or_skip(8) {
-        return;
-    }
+    require_hugetlb!(8);
     for mode in ["vcpu", "handler", "kernel"] {
         // 24 MiB: the 8 MiB boot area (anonymous) and 16 MiB of RAM (8 huge pages).
         let args = [

@@ -281,20 +281,7 @@ fn bad_flags_are_usage_errors() {
 #[test]
 fn hugetlb_ram_populates_whole_huge_pages() {
     require_kvm!();
-    let free: u64 =
-        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
-    if free < 4 {
-        let why = format!("{free} free 2 MiB huge pages, 4 needed");
-        assert!(
-            std::env::var_os("VMM_REQUIRE_HUGETLB").is_none(),
-            "VMM_REQUIRE_HUGETLB is set but the test cannot run: {why}"
-        );
-        eprintln!("skipped: {why}");
-        return;
-    }
+    require_hugetlb!(4);
     let v = stress_json(&[
         "--vcpus",
         "1",

@@ -56,3 +56,41 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// Free 2 MiB huge pages on the host (0 if the kernel has none configured).
+pub fn free_hugepages() -> u64 {
+    std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether `need` free huge pages are there for a hugetlb test. Returns false (after saying
+/// why) when they are not; with `VMM_REQUIRE_HUGETLB` set (as `.ci/run` does, after reserving
+/// them) that is a failure instead.
+pub fn hugetlb_available(need: u64) -> bool {
+    let free = free_hugepages();
+    if free >= need {
+        return true;
+    }
+    let why = format!(
+        "{free} free 2 MiB huge pages, {need} needed (echo 16 > /proc/sys/vm/nr_hugepages)"
+    );
+    assert!(
+        std::env::var_os("VMM_REQUIRE_HUGETLB").is_none(),
+        "VMM_REQUIRE_HUGETLB is set but the test cannot run: {why}"
+    );
+    eprintln!("skipped: {why}");
+    false
+}
+
+/// Skips the calling test (returns from it) unless `$need` huge pages are free; see
+/// [`hugetlb_available`].
+#[macro_export]
+macro_rules! require_hugetlb {
+    ($need:expr) => {
+        if !$crate::support::hugetlb_available($need) {
+            return;
+        }
+    };
+}
