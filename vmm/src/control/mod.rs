@@ -660,14 +660,7 @@ fn reserved_check(gpa: u64, end: u64, list: &[RegionInfo]) -> Result<(), Control
 
 /// hugetlb needs free 2 MiB pages on the host (a clear error beats a SIGBUS on first touch).
 fn hugetlb_check(size: u64) -> Result<(), ControlError> {
-    let dir = "/sys/kernel/mm/hugepages/hugepages-2048kB";
-    let read = |f: &str| -> u64 {
-        std::fs::read_to_string(format!("{dir}/{f}"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    let free = read("free_hugepages").saturating_sub(read("resv_hugepages"));
+    let free = crate::memory::host::free_huge_pages();
     let need = size / (2 << 20);
     if free < need {
         return Err(ControlError::new(

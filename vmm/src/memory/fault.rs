@@ -196,6 +196,23 @@ impl AddressSpace {
         }
     }
 
+    /// [`populate_huge_page`](Self::populate_huge_page) for every huge page that `range`
+    /// touches; returns how many 4 KiB pages were populated.
+    fn populate_huge_pages(
+        &self,
+        uffd: &super::uffd::Uffd,
+        range: std::ops::Range<u64>,
+    ) -> Result<u64, FaultError> {
+        let huge = Backing::Hugetlb.align_bytes();
+        let mut populated = 0;
+        let mut at = range.start & !(huge - 1);
+        while at < range.end {
+            populated += self.populate_huge_page(uffd, at)?;
+            at += huge;
+        }
+        Ok(populated)
+    }
+
     /// Populates every page of `[first, end)` (page numbers) not known present, in runs of at
     /// most `fault_around` pages, with zeroes; returns how many this call populated.
     fn populate_pages(
@@ -258,13 +275,8 @@ impl AddressSpace {
         };
         // Huge pages where the range lies in hugetlb regions (populated whole), 4 KiB pages
         // elsewhere (the huge ones are then known present and skipped).
-        let huge = Backing::Hugetlb.align_bytes();
         for part in self.hugetlb_parts(&(gpa..gpa + len)) {
-            let mut at = part.start & !(huge - 1);
-            while at < part.end {
-                self.populate_huge_page(uffd, at)?;
-                at += huge;
-            }
+            self.populate_huge_pages(uffd, part)?;
         }
         let end = (gpa + len).div_ceil(PAGE);
         self.populate_pages(uffd, gpa / PAGE, end, true).map(|_| ())
@@ -292,17 +304,11 @@ impl AddressSpace {
         if first >= end || self.residency.next_missing(first, end).is_none() {
             return Ok(());
         }
-        if region.backing == Backing::Hugetlb {
-            let huge = Backing::Hugetlb.align_bytes();
-            let mut at = (first * PAGE) & !(huge - 1);
-            while at < end * PAGE {
-                let n = self.populate_huge_page(uffd, at)?;
-                region.counters.pages_populated.fetch_add(n, Relaxed);
-                at += huge;
-            }
-            return Ok(());
-        }
-        let n = self.populate_pages(uffd, first, end, write)?;
+        let n = if region.backing == Backing::Hugetlb {
+            self.populate_huge_pages(uffd, first * PAGE..end * PAGE)?
+        } else {
+            self.populate_pages(uffd, first, end, write)?
+        };
         region.counters.pages_populated.fetch_add(n, Relaxed);
         Ok(())
     }

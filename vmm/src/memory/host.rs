@@ -54,6 +54,17 @@ impl Backing {
     }
 }
 
+/// 2 MiB huge pages the host has free and not yet promised to a mapping (free minus reserved).
+pub fn free_huge_pages() -> u64 {
+    let read = |f: &str| -> u64 {
+        std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{f}"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    read("free_hugepages").saturating_sub(read("resv_hugepages"))
+}
+
 /// The host-side reservation mirroring guest-physical space.
 #[derive(Debug)]
 pub struct HostSpace {
@@ -224,23 +235,7 @@ impl HostSpace {
     /// until the last piece goes, so they are punched out of it first (`MADV_REMOVE`).
     pub fn release(&self, gpa: u64, len: u64) -> io::Result<()> {
         self.check(gpa, len)?;
-        // SAFETY: the range lies inside our reservation (checked), which no Rust object
-        // borrows; the caller waited for a grace period, so nothing touches it any more.
-        // MADV_REMOVE only frees the backing file's pages of the range.
-        let removed = unsafe {
-            libc::madvise(
-                self.host_addr(gpa) as *mut libc::c_void,
-                len as usize,
-                libc::MADV_REMOVE,
-            )
-        };
-        if removed != 0 {
-            let e = io::Error::last_os_error();
-            // EINVAL: a private mapping, whose pages the replacement below frees.
-            if e.raw_os_error() != Some(libc::EINVAL) {
-                return Err(e);
-            }
-        }
+        self.punch_out(gpa, len)?;
         mmap_fixed(
             self.host_addr(gpa),
             len,
@@ -256,17 +251,40 @@ impl HostSpace {
     /// grace period, like `release`.
     pub fn discard(&self, gpa: u64, len: u64) -> io::Result<()> {
         self.check(gpa, len)?;
+        // Best effort: what it cannot punch out, DONTNEED below still drops from this mapping.
+        let _ = self.punch_out(gpa, len);
         let addr = self.host_addr(gpa) as *mut libc::c_void;
         // SAFETY: the range lies inside our reservation (checked), which no Rust object
-        // borrows; after a grace period nothing touches it. MADV_REMOVE frees a shared
-        // backing's pages (it fails with EINVAL on a private mapping, which is fine: ignored),
-        // MADV_DONTNEED a private one's; mprotect only changes the access rights.
+        // borrows; after a grace period nothing touches it. MADV_DONTNEED drops a private
+        // mapping's pages; mprotect only changes the access rights.
         unsafe {
-            libc::madvise(addr, len as usize, libc::MADV_REMOVE);
             if libc::madvise(addr, len as usize, libc::MADV_DONTNEED) != 0
                 || libc::mprotect(addr, len as usize, libc::PROT_NONE) != 0
             {
                 return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
+    /// Frees a shared backing's (memfd, hugetlb) pages of `[gpa, gpa + len)` in its file
+    /// (`MADV_REMOVE`), so that they go now rather than with the file's last mapping. A
+    /// private mapping has no file: nothing to do there (the kernel says EINVAL).
+    fn punch_out(&self, gpa: u64, len: u64) -> io::Result<()> {
+        // SAFETY: callers checked that the range lies inside our reservation, which no Rust
+        // object borrows, and waited for a grace period, so nothing touches it any more.
+        // MADV_REMOVE only frees the backing file's pages of the range.
+        let removed = unsafe {
+            libc::madvise(
+                self.host_addr(gpa) as *mut libc::c_void,
+                len as usize,
+                libc::MADV_REMOVE,
+            )
+        };
+        if removed != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e);
             }
         }
         Ok(())
@@ -413,11 +431,7 @@ mod tests {
     /// which turns the skip into a failure.
     #[test]
     fn release_frees_hugetlb_pages_of_a_partly_released_region() {
-        let free =
-            std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .unwrap_or(0);
+        let free = free_huge_pages();
         if free < 4 {
             let why = format!(
                 "{free} free 2 MiB huge pages, 4 needed (echo 8 > /proc/sys/vm/nr_hugepages)"
