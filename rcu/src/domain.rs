@@ -207,12 +207,18 @@ impl Inner {
     /// pay at their next quiescent state). Returns whether there were any: if so, the caller
     /// must not wait now (one of them may hold a guard).
     pub(crate) fn defer_backpressure_to_own_readers(&self) -> bool {
+        self.for_own_online_slots(|s| s.owes_backpressure.store(true, Relaxed))
+    }
+
+    /// Runs `f` on each of the calling thread's online slots of this domain; returns whether
+    /// there was any. (`ctr` and `owes_backpressure` of our own slots only change on this
+    /// thread: the loads are exact.)
+    fn for_own_online_slots(&self, mut f: impl FnMut(&Slot)) -> bool {
         let me = thread::current().id();
         let mut any = false;
         for s in lock(&self.registry).iter() {
-            // `ctr` and `owes_backpressure` of our own slots only change on this thread.
             if s.owner == me && s.ctr.load(Relaxed) != 0 {
-                s.owes_backpressure.store(true, Relaxed);
+                f(s);
                 any = true;
             }
         }
@@ -244,11 +250,7 @@ impl Inner {
     /// may hold a read guard (which the domain cannot know: guards cost nothing and keep no
     /// count), so nothing on this thread may wait for a grace period.
     pub(crate) fn this_thread_has_an_online_reader(&self) -> bool {
-        let me = thread::current().id();
-        lock(&self.registry)
-            .iter()
-            // `ctr` of our own slot only changes on this thread: the load is exact.
-            .any(|s| s.owner == me && s.ctr.load(Relaxed) != 0)
+        self.for_own_online_slots(|_| {})
     }
 
     /// Panics if the calling thread has an online reader of this domain (see

@@ -313,8 +313,9 @@ fn barrier_from_an_online_reader_while_a_drainer_waits_for_it() {
 }
 
 // Regression: back-pressure reached by a thread that holds a read guard (a `swap` or a
-// `compare_exchange`, which need one) used to panic "would wait for itself". Now it is skipped
-// on any thread with an online reader of the domain, guard or not.
+// `compare_exchange`, which need one) used to panic "would wait for itself". Now, on any thread
+// with an online reader of the domain, guard or not, it is put off to that reader's next
+// quiescent state.
 #[test]
 fn retiring_past_the_bound_under_a_guard_defers_back_pressure() {
     let domain = Domain::with_config(Config {
