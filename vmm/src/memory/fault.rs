@@ -135,15 +135,29 @@ impl AddressSpace {
         gpa: u64,
         write: bool,
     ) -> Result<bool, FaultError> {
-        self.map.lookup(guard, gpa, |hit| match hit {
+        match self.fault_in(guard, gpa, write) {
             None => Ok(false),
-            Some((_, region)) => {
-                if self.ensure_present(region, gpa, write)? {
+            Some((_, populated)) => populated.map(|()| true),
+        }
+    }
+
+    /// [`populate_for_fault`](Self::populate_for_fault)'s work: `None` if no region covers
+    /// `gpa`, else the region's backing and how populating went.
+    fn fault_in(
+        &self,
+        guard: &ReadGuard<'_>,
+        gpa: u64,
+        write: bool,
+    ) -> Option<(Backing, Result<(), FaultError>)> {
+        self.map.lookup(guard, gpa, |hit| {
+            let (_, region) = hit?;
+            let populated = self.ensure_present(region, gpa, write).map(|serviced| {
+                if serviced {
                     region.counters.faults.fetch_add(1, Relaxed);
                     self.counters.faults.fetch_add(1, Relaxed);
                 }
-                Ok(true)
-            }
+            });
+            Some((region.backing, populated))
         })
     }
 
@@ -324,26 +338,19 @@ impl AddressSpace {
         let Some(gpa) = self.host.gpa_of(host_addr) else {
             return Ok(());
         };
-        let populated = self.populate_for_fault(guard, gpa, write);
+        let hit = self.fault_in(guard, gpa, write);
         // Wake the sleeper whatever happened: a successful copy wakes only the pages it
         // populated, so a page another thread populated first, a region that went away under
         // the fault (it is being unmapped), or a failed populate would otherwise leave the
-        // faulting thread asleep in the kernel for good. Woken, it retries the access.
+        // faulting thread asleep in the kernel for good. Woken, it retries the access. The
+        // span is the region's page: a whole huge page in a hugetlb region.
         if let Some(u) = &self.uffd {
-            // Whole huge pages in hugetlb regions; waking a sleeper elsewhere in the 2 MiB
-            // around a 4 KiB page would be harmless (it retries and faults again), but is
-            // not needed.
-            let huge = self.map.lookup(guard, gpa, |hit| {
-                hit.is_some_and(|(_, r)| r.backing == Backing::Hugetlb)
-            });
-            let span = if huge {
-                Backing::Hugetlb.align_bytes()
-            } else {
-                PAGE
-            };
+            let span = hit
+                .as_ref()
+                .map_or(PAGE, |(backing, _)| backing.align_bytes());
             let _ = u.wake(host_addr & !(span - 1), span);
         }
-        populated.map(|_| ())
+        hit.map_or(Ok(()), |(_, populated)| populated)
     }
 
     fn read_present(&self, gpa: u64, dst: &mut [u8]) {
