@@ -22,9 +22,9 @@
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::ops::Bound;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use rcu::baselines::{AnyRangeMap, CowRangeMap, RwLockRangeMap};
@@ -253,15 +253,30 @@ fn lookup_1thread(c: &mut Criterion) {
     g.finish();
 }
 
+/// The CPU count when the lookups-with-a-writer benchmarks pin their threads; `None` on a
+/// machine with fewer than 2 CPUs or with `RANGE_MAP_BENCH_NO_PIN` set.
+fn pinning() -> Option<usize> {
+    // Counted once, before the first pin: `available_parallelism` honours the calling
+    // thread's affinity, so after the reader pins itself to CPU 0 it says 1, on this thread
+    // and on every thread it spawns. (Asked on each call, it once made the writer skip its
+    // own pinning and time-share CPU 0 with the reader, which halved every "pinned" figure.)
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cpus = *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    (cpus >= 2 && std::env::var_os("RANGE_MAP_BENCH_NO_PIN").is_none()).then_some(cpus)
+}
+
+/// The CPU the calling thread runs on.
+fn current_cpu() -> i32 {
+    // SAFETY: `sched_getcpu` takes no arguments and only returns a number.
+    unsafe { libc::sched_getcpu() }
+}
+
 /// Pins the calling thread to `cpu`, or (`None`) lets it run anywhere again. Does nothing on a
 /// machine with fewer than 2 CPUs. The lookups-with-a-writer benchmarks run the reader on CPU 0
 /// and the writer on CPU 1, so that they measure the maps, not whether the scheduler happened
 /// to put both threads on one core (on a 2-core host it often did, for seconds).
 fn pin(cpu: Option<usize>) {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cpus < 2 || std::env::var_os("RANGE_MAP_BENCH_NO_PIN").is_some() {
-        return;
-    }
+    let Some(cpus) = pinning() else { return };
     // SAFETY: `cpu_set_t` is plain data (all-zero is the empty set), CPU_SET/CPU_ZERO only
     // write inside it, and `sched_setaffinity(0, ..)` reads the set we pass for the calling
     // thread; a failure (e.g. a CPU outside our cgroup) leaves the affinity unchanged.
@@ -275,19 +290,30 @@ fn pin(cpu: Option<usize>) {
     }
 }
 
-/// Runs `lookups(iters)` on this thread while a writer thread (pinned to CPU 1) splits and
-/// merges random ranges; returns the reader's elapsed time.
-fn with_writer(
-    write: impl Fn(u64, bool) + Send + Sync + 'static,
-    n: u64,
-) -> impl FnMut(&mut dyn FnMut() -> Duration) -> Duration {
-    let write = Arc::new(write);
-    move |read| {
+/// A writer thread on CPU 1 that splits and merges random ranges until stopped. It runs
+/// through every sample of a benchmark (warm-up included), so each measured lookup shares the
+/// map with a writer that is already going.
+///
+/// It is started before anything is measured, and `start` waits until it has moved itself to
+/// CPU 1: a thread inherits its parent's affinity, so a writer spawned by the reader (pinned to
+/// CPU 0) first has to take CPU 0 from the reader. Spawning one per sample, as this bench once
+/// did, charged the reader for that and left short samples with no writer at all, which made
+/// the pinned `RwLock` figures look 10x better than they are.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+    started: Instant,
+}
+
+impl Writer {
+    fn start(write: impl Fn(u64, bool) + Send + 'static, n: u64) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
-        let writer = {
-            let (stop, write) = (stop.clone(), write.clone());
+        let (ready, running) = std::sync::mpsc::channel();
+        let thread = {
+            let stop = stop.clone();
             std::thread::spawn(move || {
                 pin(Some(1));
+                let _ = ready.send(current_cpu());
                 let mut rng = Rng(12345);
                 let mut ops = 0u64;
                 while !stop.load(Relaxed) {
@@ -299,14 +325,26 @@ fn with_writer(
                 ops
             })
         };
-        let t = read();
-        stop.store(true, Relaxed);
-        WRITER_OPS.fetch_add(writer.join().unwrap(), Relaxed);
-        t
+        // Blocks (off CPU 0) until the writer runs where it belongs.
+        let cpu = running.recv().expect("writer thread died");
+        assert!(
+            pinning().is_none() || cpu != current_cpu(),
+            "the writer runs on the reader's CPU {cpu}: pinning failed"
+        );
+        Writer {
+            stop,
+            thread,
+            started: Instant::now(),
+        }
+    }
+
+    /// Stops the writer; returns its updates per second over its whole run.
+    fn stop(self) -> f64 {
+        self.stop.store(true, Relaxed);
+        let ops = self.thread.join().expect("writer thread panicked");
+        ops as f64 / self.started.elapsed().as_secs_f64()
     }
 }
-
-static WRITER_OPS: AtomicU64 = AtomicU64::new(0);
 
 fn lookup_with_writer(c: &mut Criterion) {
     let mut g = c.benchmark_group("lookup_with_writer");
@@ -340,44 +378,32 @@ fn lookup_with_writer(c: &mut Criterion) {
             } else {
                 m.clone()
             };
-            let mut run = with_writer(
-                {
-                    let m = mw;
-                    move |i, split| split_or_merge(&*m, i, split)
-                },
-                n,
-            );
-            WRITER_OPS.store(0, Relaxed);
-            let started = Instant::now();
+            let writer = Writer::start(move |i, split| split_or_merge(&*mw, i, split), n);
             g.bench_function(BenchmarkId::new(name, n), |b| {
                 b.iter_custom(|iters| {
-                    let (m, p, d) = (m.clone(), p.clone(), d.clone());
-                    run(&mut move || {
-                        let mut reader = d.register();
-                        let t = Instant::now();
-                        for k in 0..iters as usize {
-                            {
-                                let guard = reader.read();
-                                let hit = m.lookup(&guard, p[k % PROBES], |e| e.is_some());
-                                assert!(hit, "transient hole");
-                            }
-                            reader.quiescent_state();
+                    let mut reader = d.register();
+                    let t = Instant::now();
+                    for k in 0..iters as usize {
+                        {
+                            let guard = reader.read();
+                            let hit = m.lookup(&guard, p[k % PROBES], |e| e.is_some());
+                            assert!(hit, "transient hole");
                         }
-                        t.elapsed()
-                    })
+                        reader.quiescent_state();
+                    }
+                    t.elapsed()
                 })
             });
             println!(
-                "writer: {name} n={n}: {:.0} updates/s during the reader's runs",
-                WRITER_OPS.load(Relaxed) as f64 / started.elapsed().as_secs_f64()
+                "writer: {name} n={n}: {:.0} updates/s while the reader ran",
+                writer.stop()
             );
         }
         // SkipMap: the writer cannot split atomically (remove, then insert the pieces), so
         // readers can miss: counted, not asserted.
         {
             let m = Arc::new(skipmap(n));
-            let misses = Arc::new(AtomicU64::new(0));
-            let mut run = with_writer(
+            let writer = Writer::start(
                 {
                     let m = m.clone();
                     move |i, split| {
@@ -394,24 +420,20 @@ fn lookup_with_writer(c: &mut Criterion) {
                 },
                 n,
             );
+            let mut missed = 0u64;
             g.bench_function(BenchmarkId::new("skipmap_nonatomic", n), |b| {
                 b.iter_custom(|iters| {
-                    let (m, p, misses) = (m.clone(), p.clone(), misses.clone());
-                    run(&mut move || {
-                        let t = Instant::now();
-                        let mut miss = 0;
-                        for k in 0..iters as usize {
-                            miss += skip_get(&m, p[k % PROBES]).is_none() as u64;
-                        }
-                        let e = t.elapsed();
-                        misses.fetch_add(miss, Relaxed);
-                        e
-                    })
+                    let t = Instant::now();
+                    for k in 0..iters as usize {
+                        missed += skip_get(&m, p[k % PROBES]).is_none() as u64;
+                    }
+                    t.elapsed()
                 })
             });
+            writer.stop();
             println!(
                 "skipmap_nonatomic n={n}: {} lookups missed a mapped address (transient holes)",
-                misses.load(Relaxed)
+                missed
             );
         }
     }
