@@ -21,6 +21,13 @@
 //!   and retired with a single [`Domain::defer_drop`] per transaction, freed after a grace
 //!   period. Nodes do not own their children (raw pointers, no drop glue), so freeing a
 //!   retired node frees that node only; the tree's own `Drop` frees the live version.
+//! - **Node memory is recycled**: after its grace period a retired node's key and value are
+//!   dropped and its memory goes to a small per-tree pool (at most [`POOL_CAP`] nodes; the
+//!   rest is freed) from which the writer allocates. Under a steady writer the reclaiming
+//!   thread then frees nothing and the writer allocates nothing. With the allocator doing
+//!   both across threads (a `free` of nodes another thread allocated, under the allocator's
+//!   arena lock), a steady writer managed 2.5–4x fewer updates a second and concurrent
+//!   lookups at 10k–1M entries took 2.4–4x longer (docs/range_map.md).
 //! - **Balance**: weight-balanced (Nievergelt–Reingold, Adams) with weight = size + 1 and
 //!   parameters (Δ, Γ) = (3, 2), the integer pair Hirai and Yamamoto ("Balancing
 //!   weight-balanced trees", JFP 2011) proved correct for single insertions and deletions with
@@ -64,6 +71,9 @@ const DELTA: usize = 3;
 const GAMMA: usize = 2;
 /// Top bit of `Node::size`: the node was allocated by the open transaction (not yet published).
 const FRESH: usize = 1 << (usize::BITS - 1);
+/// Most node allocations a tree keeps for reuse (in its pool, and again in the writer's
+/// stash); about 256 KiB for `RangeMap<u64>` nodes.
+pub const POOL_CAP: usize = 4096;
 /// What a freed node's `size` holds just before its memory is released (debugging aid).
 const POISON_SIZE: usize = 0x0bad_f00d_0bad_f00d_u64 as usize;
 
@@ -93,28 +103,104 @@ unsafe fn size<K, V>(p: Link<K, V>) -> usize {
     unsafe { p.as_ref() }.map_or(0, |n| n.size & !FRESH)
 }
 
-/// Frees a node that no reader can reach any more, without touching its children.
+/// Drops a node that no reader can reach any more, without touching its children, and
+/// leaves its memory allocated and uninitialised (for [`Shared::recycle`] or
+/// [`dealloc_node`]).
 ///
 /// # Safety
 ///
-/// `p` came from `Box::into_raw` in this module, is unreachable by readers (never published,
-/// or retired and a grace period has passed) and is freed exactly once.
-unsafe fn free_node<K, V>(p: Link<K, V>) {
-    // SAFETY: per the contract the node is exclusively ours.
-    let mut b = unsafe { Box::from_raw(p) };
+/// `p` points to an initialised node allocated by [`alloc_node`] or `build_balanced`, is
+/// unreachable by readers (never published, or retired and a grace period has passed) and is
+/// dropped exactly once.
+unsafe fn drop_node<K, V>(p: Link<K, V>) {
+    // SAFETY: per the contract the node is initialised and exclusively ours.
+    let n = unsafe { &mut *p };
     // Poison what a use-after-free reader would look at first. The key and value are dropped
-    // just after (test values poison themselves in their `Drop`).
-    // SAFETY: `b.size` is a valid, exclusively owned field.
-    unsafe { ptr::write_volatile(&mut b.size, POISON_SIZE) };
-    b.left.store(ptr::dangling_mut(), Relaxed);
-    b.right.store(ptr::dangling_mut(), Relaxed);
-    drop(b);
+    // just after (test values poison themselves in their `Drop`); the links stay poisoned
+    // until the memory is reused.
+    // SAFETY: `n.size` is a valid, exclusively owned field.
+    unsafe { ptr::write_volatile(&mut n.size, POISON_SIZE) };
+    n.left.store(ptr::dangling_mut(), Relaxed);
+    n.right.store(ptr::dangling_mut(), Relaxed);
+    // SAFETY: initialised and dropped once (the contract); the memory is not freed.
+    unsafe { ptr::drop_in_place(p) };
+}
+
+/// Node memory, uninitialised: from the pool, or fresh from the allocator.
+fn alloc_node<K, V>() -> Link<K, V> {
+    Box::into_raw(Box::<Node<K, V>>::new_uninit()).cast()
+}
+
+/// Frees node memory whose node was dropped ([`drop_node`]) or never written.
+///
+/// # Safety
+///
+/// `p` came from [`alloc_node`] or `build_balanced`, holds no live node, and is freed once.
+unsafe fn dealloc_node<K, V>(p: Link<K, V>) {
+    // SAFETY: allocated as a `Box` of this layout; `MaybeUninit` drops nothing.
+    drop(unsafe { Box::from_raw(p.cast::<std::mem::MaybeUninit<Node<K, V>>>()) });
+}
+
+/// Drops a node and frees its memory: [`drop_node`] then [`dealloc_node`].
+///
+/// # Safety
+///
+/// As for [`drop_node`].
+unsafe fn free_node<K, V>(p: Link<K, V>) {
+    // SAFETY: the contract.
+    unsafe {
+        drop_node(p);
+        dealloc_node(p);
+    }
+}
+
+/// What a tree shares with its retired batches, which may outlive it: the node counter and
+/// the pool of recycled node memory.
+struct Shared<K, V> {
+    /// Nodes allocated and not yet dropped (published or awaiting reclamation).
+    live: StatUsize,
+    /// Memory of dropped nodes (uninitialised), at most [`POOL_CAP`], for the writer to reuse.
+    pool: Mutex<Vec<Link<K, V>>>,
+}
+
+// SAFETY: the pool holds only uninitialised memory (no `K` or `V`), owned by the pool alone;
+// it is freed by whichever thread drops `Shared` or overflows the pool.
+unsafe impl<K, V> Send for Shared<K, V> {}
+// SAFETY: as for `Send`; the pool is behind a mutex.
+unsafe impl<K, V> Sync for Shared<K, V> {}
+
+impl<K, V> Shared<K, V> {
+    /// Keeps the memory of `nodes` (dropped, see [`drop_node`]) for reuse, up to
+    /// [`POOL_CAP`], and frees the rest.
+    ///
+    /// # Safety
+    ///
+    /// Each of `nodes` holds no live node, is listed once, and is owned by the caller.
+    unsafe fn recycle(&self, nodes: &[Link<K, V>]) {
+        let mut pool = lock(&self.pool);
+        let keep = nodes.len().min(POOL_CAP.saturating_sub(pool.len()));
+        pool.extend_from_slice(&nodes[..keep]);
+        drop(pool);
+        for &p in &nodes[keep..] {
+            // SAFETY: the contract; not kept above.
+            unsafe { dealloc_node(p) };
+        }
+    }
+}
+
+impl<K, V> Drop for Shared<K, V> {
+    fn drop(&mut self) {
+        for &p in lock(&self.pool).iter() {
+            // SAFETY: pooled memory holds no node and is owned by the pool alone.
+            unsafe { dealloc_node(p) };
+        }
+    }
 }
 
 /// Nodes replaced by one transaction, retired together with one `defer_drop`.
 struct Retired<K, V> {
     nodes: Vec<Link<K, V>>,
-    live: StdArc<StatUsize>,
+    shared: StdArc<Shared<K, V>>,
 }
 
 // SAFETY: a `Retired` owns its nodes exclusively (they are unreachable from the tree and are
@@ -127,9 +213,11 @@ impl<K, V> Drop for Retired<K, V> {
             // SAFETY: each node was unpublished by the transaction that retired it, which
             // happened before `defer_drop`; we run after a grace period, and each node is in
             // exactly one batch.
-            unsafe { free_node(p) };
+            unsafe { drop_node(p) };
         }
-        self.live.fetch_sub(self.nodes.len(), Relaxed);
+        self.shared.live.fetch_sub(self.nodes.len(), Relaxed);
+        // SAFETY: dropped just above, each listed once, and this batch owned them.
+        unsafe { self.shared.recycle(&self.nodes) };
     }
 }
 
@@ -140,6 +228,46 @@ struct Scratch<K, V> {
     fresh: Vec<Link<K, V>>,
     /// Fresh nodes the open transaction removed again (a subset of `fresh`).
     dead: Vec<Link<K, V>>,
+    /// Node memory for the writer's next allocations (uninitialised), taken from the pool in
+    /// one swap so that the writer locks the pool once per refill, not once per node.
+    stash: Vec<Link<K, V>>,
+}
+
+impl<K, V> Scratch<K, V> {
+    /// Memory for one node: from the stash, refilled from `pool`, or from the allocator.
+    fn take(&mut self, pool: &Mutex<Vec<Link<K, V>>>) -> Link<K, V> {
+        if self.stash.is_empty() {
+            let mut pool = lock(pool);
+            if !pool.is_empty() {
+                std::mem::swap(&mut self.stash, &mut *pool);
+            }
+        }
+        self.stash.pop().unwrap_or_else(alloc_node)
+    }
+
+    /// Keeps the memory of a dropped node for the writer's next allocation (or frees it if
+    /// the stash is full).
+    ///
+    /// # Safety
+    ///
+    /// `p` holds no live node and is owned by the caller.
+    unsafe fn keep(&mut self, p: Link<K, V>) {
+        if self.stash.len() < POOL_CAP {
+            self.stash.push(p);
+        } else {
+            // SAFETY: the contract.
+            unsafe { dealloc_node(p) };
+        }
+    }
+}
+
+impl<K, V> Drop for Scratch<K, V> {
+    fn drop(&mut self) {
+        for &p in &self.stash {
+            // SAFETY: stashed memory holds no node and is the stash's alone.
+            unsafe { dealloc_node(p) };
+        }
+    }
 }
 
 /// A concurrent ordered map with wait-free, lock-free readers (see the [module docs](self)).
@@ -157,8 +285,7 @@ where
     writer: Mutex<Scratch<K, V>>,
     /// Entries in the last published version (for `len` without a guard).
     len: StatUsize,
-    /// Nodes allocated and not yet freed (published or awaiting reclamation).
-    live: StdArc<StatUsize>,
+    shared: StdArc<Shared<K, V>>,
     _owns: PhantomData<(K, V)>,
 }
 
@@ -192,9 +319,13 @@ where
             writer: Mutex::new(Scratch {
                 fresh: Vec::new(),
                 dead: Vec::new(),
+                stash: Vec::new(),
             }),
             len: StatUsize::new(0),
-            live: StdArc::new(StatUsize::new(0)),
+            shared: StdArc::new(Shared {
+                live: StatUsize::new(0),
+                pool: Mutex::new(Vec::new()),
+            }),
             _owns: PhantomData,
         }
     }
@@ -216,7 +347,7 @@ where
         let root = build_balanced(n, &mut it);
         tree.root.store(root, Release);
         tree.len.store(n, Relaxed);
-        tree.live.store(n, Relaxed);
+        tree.shared.live.store(n, Relaxed);
         tree
     }
 
@@ -315,7 +446,14 @@ where
     /// for a grace period. After [`Domain::barrier`] with no update in flight it equals
     /// [`len`](Self::len).
     pub fn live_nodes(&self) -> usize {
-        self.live.load(Relaxed)
+        self.shared.live.load(Relaxed)
+    }
+
+    /// Node allocations kept for reuse (memory of reclaimed nodes, no entries): at most
+    /// 2 × [`POOL_CAP`]. Takes the writer lock.
+    pub fn pooled_nodes(&self) -> usize {
+        let stash = lock(&self.writer).stash.len();
+        stash + lock(&self.shared.pool).len()
     }
 
     /// Inserts or replaces; returns the previous value. One transaction.
@@ -405,7 +543,7 @@ where
             unsafe { free_node(p) };
             freed += 1;
         }
-        self.live.fetch_sub(freed, Relaxed);
+        self.shared.live.fetch_sub(freed, Relaxed);
     }
 }
 
@@ -431,13 +569,18 @@ fn build_balanced<K, V>(n: usize, it: &mut impl Iterator<Item = (K, V)>) -> Link
     let left = build_balanced(left_n, it);
     let (key, value) = it.next().expect("counted entries");
     let right = build_balanced(n - left_n - 1, it);
-    Box::into_raw(Box::new(Node {
-        key,
-        value,
-        size: n,
-        left: AtomicPtr::new(left),
-        right: AtomicPtr::new(right),
-    }))
+    let p = alloc_node();
+    // SAFETY: fresh memory for one node.
+    unsafe {
+        p.write(Node {
+            key,
+            value,
+            size: n,
+            left: AtomicPtr::new(left),
+            right: AtomicPtr::new(right),
+        })
+    };
+    p
 }
 
 /// Dereferences a node reached from a root the caller may read.
@@ -692,15 +835,21 @@ where
             // SAFETY: fresh nodes (live or dead) are allocated and exclusively ours.
             unsafe { (*p).size &= !FRESH };
         }
-        for &p in &scratch.dead {
+        let mut dead = std::mem::take(&mut scratch.dead);
+        for &p in &dead {
             // SAFETY: a dead node was allocated by this transaction and removed from its
-            // version before it was ever published; it is in `dead` once.
-            unsafe { free_node(p) };
+            // version before it was ever published; it is in `dead` once. Dropped, its
+            // memory is ours to reuse.
+            unsafe {
+                drop_node(p);
+                scratch.keep(p);
+            }
         }
-        let allocated = scratch.fresh.len() - scratch.dead.len();
+        let allocated = scratch.fresh.len() - dead.len();
+        dead.clear();
+        scratch.dead = dead; // keeps its capacity
         scratch.fresh.clear();
-        scratch.dead.clear();
-        self.tree.live.fetch_add(allocated, Relaxed);
+        self.tree.shared.live.fetch_add(allocated, Relaxed);
         if self.root != self.tree.root.load(Relaxed) {
             // The one publication of the transaction. Release: every node of the new version
             // (written above or by earlier writers) is visible to a reader whose acquire load
@@ -711,7 +860,7 @@ where
         let nodes = std::mem::take(&mut self.retired);
         (!nodes.is_empty()).then(|| Retired {
             nodes,
-            live: self.tree.live.clone(),
+            shared: self.tree.shared.clone(),
         })
     }
 
@@ -802,13 +951,17 @@ where
     fn alloc(&mut self, key: K, value: V, left: Link<K, V>, right: Link<K, V>) -> Link<K, V> {
         // SAFETY: children are null or live nodes of the version being built.
         let size = 1 + unsafe { size(left) + size(right) };
-        let p = Box::into_raw(Box::new(Node {
-            key,
-            value,
-            size: size | FRESH,
-            left: AtomicPtr::new(left),
-            right: AtomicPtr::new(right),
-        }));
+        let p = self.scratch.take(&self.tree.shared.pool);
+        // SAFETY: `take` returns memory for one node that holds none and is ours alone.
+        unsafe {
+            p.write(Node {
+                key,
+                value,
+                size: size | FRESH,
+                left: AtomicPtr::new(left),
+                right: AtomicPtr::new(right),
+            })
+        };
         self.scratch.fresh.push(p);
         p
     }
@@ -1056,11 +1209,16 @@ where
         // Aborted (an `Err` or a panic): nothing was published. Free every node the
         // transaction allocated; the published version, retired list included, is untouched.
         let scratch = &mut *self.scratch;
-        for &p in &scratch.fresh {
+        let mut fresh = std::mem::take(&mut scratch.fresh);
+        for &p in &fresh {
             // SAFETY: allocated by this transaction, never published, listed once.
-            unsafe { free_node(p) };
+            unsafe {
+                drop_node(p);
+                scratch.keep(p);
+            }
         }
-        scratch.fresh.clear();
+        fresh.clear();
+        scratch.fresh = fresh; // keeps its capacity
         scratch.dead.clear();
     }
 }
@@ -1108,5 +1266,53 @@ mod tests {
         t.check_invariants().unwrap();
         assert_eq!(t.len(), 100);
         assert_eq!(t.live_nodes(), 100);
+    }
+
+    #[test]
+    fn reclaimed_node_memory_is_reused_and_the_pool_is_bounded() {
+        // No background thread: nodes are reclaimed only at `barrier`.
+        let d = Domain::with_config(crate::Config {
+            max_backlog: 1 << 20,
+            background_reclaim: false,
+        });
+        let token = StdArc::new(());
+        let t = BonsaiTree::from_sorted(&d, (0..1000u32).map(|i| (i, token.clone())));
+        // Each replacement copies a root-to-leaf path: ~10 nodes retired per update.
+        for i in 0..1000 {
+            t.insert(i, token.clone());
+        }
+        assert_eq!(
+            t.pooled_nodes(),
+            0,
+            "nothing is reclaimed before a grace period"
+        );
+        d.barrier();
+        assert_eq!(t.live_nodes(), 1000);
+        // The values of reclaimed nodes were dropped even though their memory was kept.
+        assert_eq!(StdArc::strong_count(&token), 1 + 1000);
+        // More than POOL_CAP nodes were reclaimed; the pool keeps POOL_CAP, frees the rest.
+        assert_eq!(t.pooled_nodes(), POOL_CAP);
+        // The next update takes its nodes from the pool, not from the allocator.
+        t.insert(5000, token.clone());
+        let used = POOL_CAP - t.pooled_nodes();
+        assert!((1..=2 * t.height()).contains(&used), "{used} nodes taken");
+        // Endless churn keeps the kept memory bounded.
+        for round in 0..5 {
+            for i in 0..1000 {
+                t.insert(i, token.clone());
+                t.remove(&(5000 + round));
+                t.insert(5001 + round, token.clone());
+            }
+            d.barrier();
+            assert!(t.pooled_nodes() <= 2 * POOL_CAP, "{}", t.pooled_nodes());
+        }
+        t.check_invariants().unwrap();
+        assert_eq!(t.live_nodes(), t.len());
+        assert_eq!(StdArc::strong_count(&token), 1 + t.len());
+        // A tree dropped while a batch still waits: the batch frees into the pool it shares.
+        t.insert(7, token.clone());
+        drop(t);
+        d.barrier();
+        assert_eq!(StdArc::strong_count(&token), 1);
     }
 }
