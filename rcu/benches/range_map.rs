@@ -10,7 +10,8 @@
 //! 2. `lookup_with_writer/*`: the same lookups while another thread keeps splitting a random
 //!    range (punching a hole in its middle) and merging it back. The reader announces a
 //!    quiescent state after every lookup (one VM exit = one read-side section). The reader
-//!    runs on CPU 0, the writer on CPU 1. `bonsai` uses a domain with the background reclaim
+//!    runs on CPU 0, the writer on CPU 1 (checked); the writer starts before the measurement
+//!    and runs through all its samples. `bonsai` uses a domain with the background reclaim
 //!    thread (a third thread, on either core); `bonsai_writer_reclaims` one without it, where
 //!    the writer frees its own garbage every 1024 retirements, as the `RwLock` writer does.
 //!    With `RANGE_MAP_BENCH_SEPARATE_WRITER=1` the writer updates a map of its own instead
