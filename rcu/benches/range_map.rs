@@ -10,10 +10,11 @@
 //! 2. `lookup_with_writer/*`: the same lookups while another thread keeps splitting a random
 //!    range (punching a hole in its middle) and merging it back. The reader announces a
 //!    quiescent state after every lookup (one VM exit = one read-side section). The reader
-//!    runs on CPU 0, the writer on CPU 1 (checked); the writer starts before the measurement
-//!    and runs through all its samples. `bonsai` uses a domain with the background reclaim
-//!    thread (a third thread, on either core); `bonsai_writer_reclaims` one without it, where
-//!    the writer frees its own garbage every 1024 retirements, as the `RwLock` writer does.
+//!    runs on the first CPU of the process's affinity mask, the writer on the second
+//!    (checked); the writer starts before the measurement and runs through all its samples.
+//!    `bonsai` uses a domain with the background reclaim thread (a third thread, on either
+//!    core); `bonsai_writer_reclaims` one without it, where the writer frees its own garbage
+//!    every 1024 retirements, as the `RwLock` writer does.
 //!    With `RANGE_MAP_BENCH_SEPARATE_WRITER=1` the writer updates a map of its own instead
 //!    (a diagnostic: what the reader loses to a busy neighbour core alone), and with
 //!    `RANGE_MAP_BENCH_NO_PIN=1` the scheduler places the threads (as it does a VMM's).
@@ -254,16 +255,27 @@ fn lookup_1thread(c: &mut Criterion) {
     g.finish();
 }
 
-/// The CPU count when the lookups-with-a-writer benchmarks pin their threads; `None` on a
-/// machine with fewer than 2 CPUs or with `RANGE_MAP_BENCH_NO_PIN` set.
-fn pinning() -> Option<usize> {
-    // Counted once, before the first pin: `available_parallelism` honours the calling
-    // thread's affinity, so after the reader pins itself to CPU 0 it says 1, on this thread
-    // and on every thread it spawns. (Asked on each call, it once made the writer skip its
-    // own pinning and time-share CPU 0 with the reader, which halved every "pinned" figure.)
-    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let cpus = *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    (cpus >= 2 && std::env::var_os("RANGE_MAP_BENCH_NO_PIN").is_none()).then_some(cpus)
+/// The process's CPU affinity mask as it was before any pinning, or `None` (no pinning) if it
+/// holds fewer than 2 CPUs or `RANGE_MAP_BENCH_NO_PIN` is set.
+fn pinning() -> Option<&'static libc::cpu_set_t> {
+    // Read once, before the first pin: a thread's mask is what later queries see, on it and
+    // on every thread it spawns. (Counting CPUs with `available_parallelism` on each call,
+    // which follows that mask, once made the writer skip its own pinning after the reader's
+    // and time-share the reader's CPU, which halved every "pinned" figure.)
+    static INITIAL: std::sync::OnceLock<libc::cpu_set_t> = std::sync::OnceLock::new();
+    let set = INITIAL.get_or_init(|| {
+        // SAFETY: `cpu_set_t` is plain data (all-zero is the empty set) and
+        // `sched_getaffinity(0, ..)` writes the calling thread's mask into it; on failure it
+        // stays empty, which disables pinning.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set);
+            set
+        }
+    });
+    // SAFETY: `CPU_COUNT` only reads the set.
+    let n = unsafe { libc::CPU_COUNT(set) };
+    (n >= 2 && std::env::var_os("RANGE_MAP_BENCH_NO_PIN").is_none()).then_some(set)
 }
 
 /// The CPU the calling thread runs on.
@@ -272,32 +284,41 @@ fn current_cpu() -> i32 {
     unsafe { libc::sched_getcpu() }
 }
 
-/// Pins the calling thread to `cpu`, or (`None`) lets it run anywhere again. Does nothing on a
-/// machine with fewer than 2 CPUs. The lookups-with-a-writer benchmarks run the reader on CPU 0
-/// and the writer on CPU 1, so that they measure the maps, not whether the scheduler happened
-/// to put both threads on one core (on a 2-core host it often did, for seconds).
-fn pin(cpu: Option<usize>) {
-    let Some(cpus) = pinning() else { return };
-    // SAFETY: `cpu_set_t` is plain data (all-zero is the empty set), CPU_SET/CPU_ZERO only
-    // write inside it, and `sched_setaffinity(0, ..)` reads the set we pass for the calling
-    // thread; a failure (e.g. a CPU outside our cgroup) leaves the affinity unchanged.
+/// Pins the calling thread to the `k`-th CPU of the process's initial mask (the reader to the
+/// first, the writer to the second), or (`None`) gives it the whole initial mask back. Does
+/// nothing without [`pinning`]. Pinned, the lookups-with-a-writer benchmarks measure the maps,
+/// not whether the scheduler happened to put both threads on one core (on a 2-core host it
+/// often did, for seconds).
+fn pin(k: Option<usize>) {
+    let Some(initial) = pinning() else { return };
+    // SAFETY: `cpu_set_t` is plain data, CPU_ISSET/CPU_SET only touch the sets inside their
+    // bounds (`c < CPU_SETSIZE`), and `sched_setaffinity(0, ..)` reads the set we pass for the
+    // calling thread; a failure leaves the affinity unchanged (and the writer's check in
+    // `Writer::start` then reports it).
     unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        match cpu {
-            Some(c) => libc::CPU_SET(c % cpus, &mut set),
-            None => (0..cpus).for_each(|c| libc::CPU_SET(c, &mut set)),
-        }
+        let set = match k {
+            Some(k) => {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                let cpu = (0..libc::CPU_SETSIZE as usize)
+                    .filter(|&c| libc::CPU_ISSET(c, initial))
+                    .nth(k)
+                    .expect("pinning() checked that there are 2 CPUs");
+                libc::CPU_SET(cpu, &mut set);
+                set
+            }
+            None => *initial,
+        };
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
 
-/// A writer thread on CPU 1 that splits and merges random ranges until stopped. It runs
-/// through every sample of a benchmark (warm-up included), so each measured lookup shares the
-/// map with a writer that is already going.
+/// A writer thread on the second CPU (see [`pin`]) that splits and merges random ranges until
+/// stopped. It runs through every sample of a benchmark (warm-up included), so each measured
+/// lookup shares the map with a writer that is already going.
 ///
 /// It is started before anything is measured, and `start` waits until it has moved itself to
-/// CPU 1: a thread inherits its parent's affinity, so a writer spawned by the reader (pinned to
-/// CPU 0) first has to take CPU 0 from the reader. Spawning one per sample, as this bench once
+/// its CPU: a thread inherits its parent's affinity, so a writer spawned by the pinned reader
+/// first has to take the reader's CPU from it. Spawning one per sample, as this bench once
 /// did, charged the reader for that and left short samples with no writer at all, which made
 /// the pinned `RwLock` figures look 10x better than they are.
 struct Writer {
@@ -326,7 +347,7 @@ impl Writer {
                 ops
             })
         };
-        // Blocks (off CPU 0) until the writer runs where it belongs.
+        // Blocks (off the reader's CPU) until the writer runs where it belongs.
         let cpu = running.recv().expect("writer thread died");
         assert!(
             pinning().is_none() || cpu != current_cpu(),
