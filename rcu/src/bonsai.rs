@@ -228,21 +228,24 @@ struct Scratch<K, V> {
     fresh: Vec<Link<K, V>>,
     /// Fresh nodes the open transaction removed again (a subset of `fresh`).
     dead: Vec<Link<K, V>>,
-    /// Node memory for the writer's next allocations (uninitialised), taken from the pool in
-    /// one swap so that the writer locks the pool once per refill, not once per node.
-    stash: Vec<Link<K, V>>,
+    /// Node memory for the writer's next allocations.
+    stash: Stash<K, V>,
 }
 
-impl<K, V> Scratch<K, V> {
+/// Node memory (uninitialised) for the writer's next allocations, taken from the pool in one
+/// swap so that the writer locks the pool once per refill, not once per node.
+struct Stash<K, V>(Vec<Link<K, V>>);
+
+impl<K, V> Stash<K, V> {
     /// Memory for one node: from the stash, refilled from `pool`, or from the allocator.
     fn take(&mut self, pool: &Mutex<Vec<Link<K, V>>>) -> Link<K, V> {
-        if self.stash.is_empty() {
+        if self.0.is_empty() {
             let mut pool = lock(pool);
             if !pool.is_empty() {
-                std::mem::swap(&mut self.stash, &mut *pool);
+                std::mem::swap(&mut self.0, &mut *pool);
             }
         }
-        self.stash.pop().unwrap_or_else(alloc_node)
+        self.0.pop().unwrap_or_else(alloc_node)
     }
 
     /// Keeps the memory of a dropped node for the writer's next allocation (or frees it if
@@ -252,8 +255,8 @@ impl<K, V> Scratch<K, V> {
     ///
     /// `p` holds no live node and is owned by the caller.
     unsafe fn keep(&mut self, p: Link<K, V>) {
-        if self.stash.len() < POOL_CAP {
-            self.stash.push(p);
+        if self.0.len() < POOL_CAP {
+            self.0.push(p);
         } else {
             // SAFETY: the contract.
             unsafe { dealloc_node(p) };
@@ -261,9 +264,9 @@ impl<K, V> Scratch<K, V> {
     }
 }
 
-impl<K, V> Drop for Scratch<K, V> {
+impl<K, V> Drop for Stash<K, V> {
     fn drop(&mut self) {
-        for &p in &self.stash {
+        for &p in &self.0 {
             // SAFETY: stashed memory holds no node and is the stash's alone.
             unsafe { dealloc_node(p) };
         }
@@ -319,7 +322,7 @@ where
             writer: Mutex::new(Scratch {
                 fresh: Vec::new(),
                 dead: Vec::new(),
-                stash: Vec::new(),
+                stash: Stash(Vec::new()),
             }),
             len: StatUsize::new(0),
             shared: StdArc::new(Shared {
@@ -452,7 +455,7 @@ where
     /// Node allocations kept for reuse (memory of reclaimed nodes, no entries): at most
     /// 2 × [`POOL_CAP`]. Takes the writer lock.
     pub fn pooled_nodes(&self) -> usize {
-        let stash = lock(&self.writer).stash.len();
+        let stash = lock(&self.writer).stash.0.len();
         stash + lock(&self.shared.pool).len()
     }
 
@@ -835,20 +838,18 @@ where
             // SAFETY: fresh nodes (live or dead) are allocated and exclusively ours.
             unsafe { (*p).size &= !FRESH };
         }
-        let mut dead = std::mem::take(&mut scratch.dead);
-        for &p in &dead {
+        for &p in &scratch.dead {
             // SAFETY: a dead node was allocated by this transaction and removed from its
             // version before it was ever published; it is in `dead` once. Dropped, its
             // memory is ours to reuse.
             unsafe {
                 drop_node(p);
-                scratch.keep(p);
+                scratch.stash.keep(p);
             }
         }
-        let allocated = scratch.fresh.len() - dead.len();
-        dead.clear();
-        scratch.dead = dead; // keeps its capacity
+        let allocated = scratch.fresh.len() - scratch.dead.len();
         scratch.fresh.clear();
+        scratch.dead.clear();
         self.tree.shared.live.fetch_add(allocated, Relaxed);
         if self.root != self.tree.root.load(Relaxed) {
             // The one publication of the transaction. Release: every node of the new version
@@ -951,7 +952,7 @@ where
     fn alloc(&mut self, key: K, value: V, left: Link<K, V>, right: Link<K, V>) -> Link<K, V> {
         // SAFETY: children are null or live nodes of the version being built.
         let size = 1 + unsafe { size(left) + size(right) };
-        let p = self.scratch.take(&self.tree.shared.pool);
+        let p = self.scratch.stash.take(&self.tree.shared.pool);
         // SAFETY: `take` returns memory for one node that holds none and is ours alone.
         unsafe {
             p.write(Node {
@@ -1209,16 +1210,14 @@ where
         // Aborted (an `Err` or a panic): nothing was published. Free every node the
         // transaction allocated; the published version, retired list included, is untouched.
         let scratch = &mut *self.scratch;
-        let mut fresh = std::mem::take(&mut scratch.fresh);
-        for &p in &fresh {
+        for &p in &scratch.fresh {
             // SAFETY: allocated by this transaction, never published, listed once.
             unsafe {
                 drop_node(p);
-                scratch.keep(p);
+                scratch.stash.keep(p);
             }
         }
-        fresh.clear();
-        scratch.fresh = fresh; // keeps its capacity
+        scratch.fresh.clear();
         scratch.dead.clear();
     }
 }
