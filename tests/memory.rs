@@ -5,9 +5,15 @@ mod support;
 
 use support::{run, stderr};
 
-/// Runs `touch` and returns the summary line; asserts the exit status and a clean verify.
+/// Runs `touch` with 64 MiB of RAM and returns the summary line; asserts the exit status and
+/// a clean verify.
 fn touch(extra: &[&str]) -> String {
-    let mut args = vec!["run", "--workload", "touch", "--mem", "64M"];
+    touch_mem("64M", extra)
+}
+
+/// [`touch`] with `mem` of RAM.
+fn touch_mem(mem: &str, extra: &[&str]) -> String {
+    let mut args = vec!["run", "--workload", "touch", "--mem", mem];
     args.extend_from_slice(extra);
     let o = run(&args);
     let err = stderr(&o);
@@ -183,32 +189,14 @@ fn hugetlb_ram_in_every_mode() {
     require_hugetlb!(8);
     for mode in ["vcpu", "handler", "kernel"] {
         // 24 MiB: the 8 MiB boot area (anonymous) and 16 MiB of RAM (8 huge pages).
-        let args = [
-            "run",
-            "--workload",
-            "touch",
-            "--mem",
-            "24M",
-            "--ram-backing",
-            "hugetlb",
-            "--fault-mode",
-            mode,
-        ];
-        let o = run(&args);
-        let err = stderr(&o);
-        assert_eq!(o.status.code(), Some(0), "vmm {args:?}\nstderr:\n{err}");
-        let line = err
-            .lines()
-            .find(|l| l.starts_with("touch: "))
-            .unwrap_or_else(|| panic!("no touch summary in:\n{err}"));
-        assert!(line.contains("verify ok (0 errors)"), "{line}");
-        let pages = number_before(line, "pages (");
+        let line = touch_mem("24M", &["--ram-backing", "hugetlb", "--fault-mode", mode]);
+        let pages = number_before(&line, "pages (");
         assert_eq!(pages, 4096, "{line}");
         if mode != "kernel" {
-            let faults = number_before(line, "faults serviced");
-            let races = number_before(line, "populate races");
+            let faults = number_before(&line, "faults serviced");
+            let races = number_before(&line, "populate races");
             assert_eq!(faults - races, 8, "one fault per huge page: {line}");
-            assert_eq!(number_before(line, "pages populated"), 4096, "{line}");
+            assert_eq!(number_before(&line, "pages populated"), 4096, "{line}");
         }
     }
 }

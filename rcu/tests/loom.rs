@@ -283,13 +283,13 @@ fn reader_unregistering_while_a_writer_waits() {
         assert_eq!(d.stats().readers, 0);
     });
 }
-/// (e) Back-pressure on a reader thread: a reader that retires past the backlog bound inside
-/// `offline_while` (back-pressure applies only where no reader of the thread is online) must
-/// not deadlock with another thread already draining, which may have begun its grace period
-/// while this reader was still online and reading.
-#[test]
-fn back_pressure_on_a_reader_thread_does_not_deadlock() {
-    loom::model(|| {
+/// The frame of the back-pressure models (e) and (g): a domain whose backlog bound is one
+/// callback, a reader thread running `reader` (with its own handles to the domain and the
+/// heap), and this thread draining concurrently. Afterwards nothing is left queued and at most
+/// one stall happened: one, unless the concurrent `reclaim` emptied the queue between the
+/// push and the back-pressure's re-check.
+fn back_pressure_model(reader: fn(Domain, Arc<Heap>)) {
+    loom::model(move || {
         let d = Domain::with_config(Config {
             max_backlog: 1,
             background_reclaim: false,
@@ -297,23 +297,30 @@ fn back_pressure_on_a_reader_thread_does_not_deadlock() {
         let heap = Heap::new(2);
         let reader = {
             let (d, heap) = (d.clone(), heap.clone());
-            thread::spawn(move || {
-                let mut r = d.register();
-                heap.read(&r.read());
-                let old = heap.replace(1);
-                let h = heap.clone();
-                r.offline_while(|| d.defer(move || h.free(old))); // hits the bound: drains
-                r.quiescent_state();
-            })
+            thread::spawn(move || reader(d, heap))
         };
         d.reclaim();
         reader.join().unwrap();
         d.barrier();
         let s = d.stats();
-        // One stall, unless the concurrent `reclaim` emptied the queue between the push and
-        // the back-pressure's re-check.
         assert_eq!(s.backlog, 0);
         assert!(s.backpressure_stalls <= 1);
+    });
+}
+
+/// (e) Back-pressure on a reader thread: a reader that retires past the backlog bound inside
+/// `offline_while` (back-pressure applies only where no reader of the thread is online) must
+/// not deadlock with another thread already draining, which may have begun its grace period
+/// while this reader was still online and reading.
+#[test]
+fn back_pressure_on_a_reader_thread_does_not_deadlock() {
+    back_pressure_model(|d, heap| {
+        let mut r = d.register();
+        heap.read(&r.read());
+        let old = heap.replace(1);
+        let h = heap.clone();
+        r.offline_while(|| d.defer(move || h.free(old))); // hits the bound: drains
+        r.quiescent_state();
     });
 }
 
@@ -324,32 +331,16 @@ fn back_pressure_on_a_reader_thread_does_not_deadlock() {
 /// causality violation otherwise), and nothing deadlocks.
 #[test]
 fn back_pressure_put_off_to_the_readers_quiescent_state() {
-    loom::model(|| {
-        let d = Domain::with_config(Config {
-            max_backlog: 1,
-            background_reclaim: false,
-        });
-        let heap = Heap::new(2);
-        let reader = {
-            let (d, heap) = (d.clone(), heap.clone());
-            thread::spawn(move || {
-                let mut r = d.register();
-                let old = {
-                    let g = r.read();
-                    heap.read(&g);
-                    heap.replace(1)
-                };
-                let h = heap.clone();
-                d.defer(move || h.free(old)); // past the bound, online: owed
-                r.quiescent_state(); // pays (unless the other drainer took the batch)
-            })
+    back_pressure_model(|d, heap| {
+        let mut r = d.register();
+        let old = {
+            let g = r.read();
+            heap.read(&g);
+            heap.replace(1)
         };
-        d.reclaim();
-        reader.join().unwrap();
-        d.barrier();
-        let s = d.stats();
-        assert_eq!(s.backlog, 0);
-        assert!(s.backpressure_stalls <= 1);
+        let h = heap.clone();
+        d.defer(move || h.free(old)); // past the bound, online: owed
+        r.quiescent_state(); // pays (unless the other drainer took the batch)
     });
 }
 
