@@ -19,7 +19,9 @@
 //!    (a diagnostic: what the reader loses to a busy neighbour core alone), and with
 //!    `RANGE_MAP_BENCH_NO_PIN=1` the scheduler places the threads (as it does a VMM's).
 //! 3. `update/*`: one split or merge (alternating) of a random range, no readers.
-//! 4. Memory per range, printed first (`memory: ...`), from a counting global allocator.
+//! 4. Memory per range, printed first (`memory: ...`), from a counting global allocator, plus
+//!    the huge-page chunks a big Bonsai tree maps for its nodes (outside that allocator), and
+//!    how much of them the kernel backs with transparent huge pages.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -170,10 +172,32 @@ fn scc_get(m: &scc::TreeIndex<u64, (u64, u64)>, a: u64, g: &scc::ebr::Guard) -> 
     (start <= a).then_some(v)
 }
 
+/// The process's `AnonHugePages` in KiB (transparent huge pages in use), if readable.
+fn anon_huge_kib() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    let line = s.lines().find(|l| l.starts_with("AnonHugePages:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 fn memory_report() {
     for n in SIZES {
         let d = Domain::new();
+        let huge_before = anon_huge_kib();
         let (bonsai, b) = measure(|| RangeMap::from_sorted(&d, ranges(n)).unwrap());
+        // A big tree's nodes live in huge-page chunks mapped outside the global allocator.
+        let chunks = bonsai.tree().chunk_bytes();
+        let b = b + chunks;
+        if chunks > 0 {
+            let huge = huge_before
+                .zip(anon_huge_kib())
+                .map_or("unknown".into(), |(a, z)| {
+                    format!("{} MiB", z.saturating_sub(a) / 1024)
+                });
+            println!(
+                "memory: n={n} bonsai nodes in huge-page chunks: {} MiB mapped, {huge} of it on transparent huge pages",
+                chunks >> 20
+            );
+        }
         // Built by n inserts too (path copying leaves no garbage once reclaimed).
         let (bt, t) = measure(|| btree(n));
         let (sk, s) = measure(|| skipmap(n));

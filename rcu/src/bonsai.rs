@@ -62,6 +62,7 @@ use std::sync::atomic::AtomicUsize as StatUsize;
 use std::sync::atomic::Ordering::{self, Acquire, Relaxed, Release};
 use std::sync::Arc as StdArc;
 
+use crate::chunks::Chunks;
 use crate::sync::{lock, AtomicPtr, Mutex, MutexGuard};
 use crate::{Domain, ReadGuard};
 
@@ -131,69 +132,100 @@ fn alloc_node<K, V>() -> Link<K, V> {
     Box::into_raw(Box::<Node<K, V>>::new_uninit()).cast()
 }
 
-/// Frees node memory whose node was dropped ([`drop_node`]) or never written.
+/// Frees node memory from [`alloc_node`] whose node was dropped ([`drop_node`]) or never
+/// written.
 ///
 /// # Safety
 ///
-/// `p` came from [`alloc_node`] or `build_balanced`, holds no live node, and is freed once.
+/// `p` came from [`alloc_node`], holds no live node, and is freed once.
 unsafe fn dealloc_node<K, V>(p: Link<K, V>) {
     // SAFETY: allocated as a `Box` of this layout; `MaybeUninit` drops nothing.
     drop(unsafe { Box::from_raw(p.cast::<std::mem::MaybeUninit<Node<K, V>>>()) });
 }
 
-/// Drops a node and frees its memory: [`drop_node`] then [`dealloc_node`].
-///
-/// # Safety
-///
-/// As for [`drop_node`].
-unsafe fn free_node<K, V>(p: Link<K, V>) {
-    // SAFETY: the contract.
-    unsafe {
-        drop_node(p);
-        dealloc_node(p);
-    }
-}
+/// Node memory the writer takes from the chunks at once.
+const CHUNK_REFILL: usize = 256;
 
 /// What a tree shares with its retired batches, which may outlive it: the node counter and
-/// the pool of recycled node memory.
+/// where node memory comes from and goes back to.
+///
+/// Node memory comes from the allocator ([`alloc_node`]) while the tree is small. Once the
+/// tree has a huge page's worth of entries it comes from [`Chunks`] (see there), and slots go
+/// back to their chunk when their node is reclaimed. Once it has shrunk below a quarter of that
+/// again, the writer copies it back into allocator memory (`BonsaiTree::compact`), and the
+/// chunks go as their nodes are reclaimed. Allocator memory of reclaimed nodes goes to `pool`
+/// for reuse while the tree is small.
 struct Shared<K, V> {
     /// Nodes allocated and not yet dropped (published or awaiting reclamation).
     live: StatUsize,
-    /// Memory of dropped nodes (uninitialised), at most [`POOL_CAP`], for the writer to reuse.
+    /// Allocator memory of dropped nodes (uninitialised), at most [`POOL_CAP`], for the writer
+    /// to reuse.
     pool: Mutex<Vec<Link<K, V>>>,
+    chunks: Chunks<Node<K, V>>,
+    /// Whether new nodes come from the chunks. Written under the writer lock; read by the
+    /// reclaimer to decide where memory goes (a stale value only misplaces a little of it).
+    chunked: std::sync::atomic::AtomicBool,
 }
 
-// SAFETY: the pool holds only uninitialised memory (no `K` or `V`), owned by the pool alone;
-// it is freed by whichever thread drops `Shared` or overflows the pool.
+// SAFETY: the pool and the chunks hold only uninitialised memory (no `K` or `V`), owned by
+// them alone; it is freed by whichever thread drops `Shared` or returns memory.
 unsafe impl<K, V> Send for Shared<K, V> {}
-// SAFETY: as for `Send`; the pool is behind a mutex.
+// SAFETY: as for `Send`; the pool and the chunks are behind mutexes.
 unsafe impl<K, V> Sync for Shared<K, V> {}
 
 impl<K, V> Shared<K, V> {
-    /// Keeps the memory of `nodes` (dropped, see [`drop_node`]) for reuse, up to
-    /// [`POOL_CAP`], and frees the rest.
+    fn new() -> Self {
+        Self {
+            live: StatUsize::new(0),
+            pool: Mutex::new(Vec::new()),
+            chunks: Chunks::new(),
+            chunked: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn chunked(&self) -> bool {
+        self.chunked.load(Relaxed)
+    }
+
+    /// Returns the memory of `nodes` (dropped, see [`drop_node`]): slots to their chunks;
+    /// allocator memory to the pool, up to [`POOL_CAP`] and while the tree is small, or else
+    /// to the allocator.
     ///
     /// # Safety
     ///
-    /// Each of `nodes` holds no live node, is listed once, and is owned by the caller.
+    /// Each of `nodes` came from [`Stash::take`], holds no live node, is listed once, and is
+    /// owned by the caller.
     unsafe fn recycle(&self, nodes: &[Link<K, V>]) {
         let mut pool = lock(&self.pool);
-        let keep = nodes.len().min(POOL_CAP.saturating_sub(pool.len()));
-        pool.extend_from_slice(&nodes[..keep]);
-        drop(pool);
-        for &p in &nodes[keep..] {
-            // SAFETY: the contract; not kept above.
-            unsafe { dealloc_node(p) };
-        }
+        let chunked = self.chunked();
+        // SAFETY: the contract; memory that is not a slot came from `alloc_node`.
+        unsafe {
+            self.chunks.free(nodes, chunked, |p| {
+                if !chunked && pool.len() < POOL_CAP {
+                    pool.push(p);
+                } else {
+                    dealloc_node(p);
+                }
+            })
+        };
+    }
+
+    /// Returns the memory of `nodes` (dropped) to its chunk or to the allocator.
+    ///
+    /// # Safety
+    ///
+    /// As for [`recycle`](Self::recycle).
+    unsafe fn dealloc(&self, nodes: &[Link<K, V>]) {
+        // SAFETY: the contract; memory that is not a slot came from `alloc_node`.
+        unsafe { self.chunks.free(nodes, self.chunked(), |p| dealloc_node(p)) };
     }
 }
 
 impl<K, V> Drop for Shared<K, V> {
     fn drop(&mut self) {
-        for &p in lock(&self.pool).iter() {
-            // SAFETY: pooled memory holds no node and is owned by the pool alone.
-            unsafe { dealloc_node(p) };
-        }
+        let pool = std::mem::take(&mut *lock(&self.pool));
+        // SAFETY: pooled memory holds no node and is owned by the pool alone.
+        unsafe { self.dealloc(&pool) };
     }
 }
 
@@ -233,42 +265,45 @@ struct Scratch<K, V> {
 }
 
 /// Node memory (uninitialised) for the writer's next allocations, taken from the pool in one
-/// swap so that the writer locks the pool once per refill, not once per node.
+/// swap or from the chunks in batches, so that the writer takes a lock once per refill, not
+/// once per node. Emptied by the tree's `Drop` (it cannot return memory on its own).
 struct Stash<K, V>(Vec<Link<K, V>>);
 
 impl<K, V> Stash<K, V> {
-    /// Memory for one node: from the stash, refilled from `pool`, or from the allocator.
-    fn take(&mut self, pool: &Mutex<Vec<Link<K, V>>>) -> Link<K, V> {
-        if self.0.is_empty() {
-            let mut pool = lock(pool);
+    /// Memory for one node of a tree of about `entries`: from the stash, refilled from the
+    /// pool or the chunks, or from the allocator.
+    fn take(&mut self, shared: &Shared<K, V>, entries: usize) -> Link<K, V> {
+        if let Some(p) = self.0.pop() {
+            return p;
+        }
+        {
+            let mut pool = lock(&shared.pool);
             if !pool.is_empty() {
                 std::mem::swap(&mut self.0, &mut *pool);
             }
         }
+        if self.0.is_empty() && !shared.chunked() && entries >= Chunks::<Node<K, V>>::SLOTS {
+            // Written under the writer lock (every caller holds it).
+            shared.chunked.store(true, Relaxed);
+        }
+        if self.0.is_empty() && shared.chunked() {
+            shared.chunks.alloc(&mut self.0, CHUNK_REFILL);
+        }
         self.0.pop().unwrap_or_else(alloc_node)
     }
 
-    /// Keeps the memory of a dropped node for the writer's next allocation (or frees it if
+    /// Keeps the memory of a dropped node for the writer's next allocation (or returns it if
     /// the stash is full).
     ///
     /// # Safety
     ///
-    /// `p` holds no live node and is owned by the caller.
-    unsafe fn keep(&mut self, p: Link<K, V>) {
+    /// `p` came from [`take`](Self::take), holds no live node and is owned by the caller.
+    unsafe fn keep(&mut self, p: Link<K, V>, shared: &Shared<K, V>) {
         if self.0.len() < POOL_CAP {
             self.0.push(p);
         } else {
             // SAFETY: the contract.
-            unsafe { dealloc_node(p) };
-        }
-    }
-}
-
-impl<K, V> Drop for Stash<K, V> {
-    fn drop(&mut self) {
-        for &p in &self.0 {
-            // SAFETY: stashed memory holds no node and is the stash's alone.
-            unsafe { dealloc_node(p) };
+            unsafe { shared.dealloc(&[p]) };
         }
     }
 }
@@ -325,10 +360,7 @@ where
                 stash: Stash(Vec::new()),
             }),
             len: StatUsize::new(0),
-            shared: StdArc::new(Shared {
-                live: StatUsize::new(0),
-                pool: Mutex::new(Vec::new()),
-            }),
+            shared: StdArc::new(Shared::new()),
             _owns: PhantomData,
         }
     }
@@ -347,7 +379,10 @@ where
         let n = entries.len();
         let tree = Self::new(domain);
         let mut it = entries.into_iter();
-        let root = build_balanced(n, &mut it);
+        let root = {
+            let stash = &mut lock(&tree.writer).stash;
+            build_balanced(n, &mut it, &mut || stash.take(&tree.shared, n))
+        };
         tree.root.store(root, Release);
         tree.len.store(n, Relaxed);
         tree.shared.live.store(n, Relaxed);
@@ -452,6 +487,13 @@ where
         self.shared.live.load(Relaxed)
     }
 
+    /// Bytes mapped for node memory in huge-page chunks (0 until the tree has a huge page's
+    /// worth of nodes, 2 MiB each; see the [module docs](self)). The memory of smaller trees
+    /// comes from the global allocator.
+    pub fn chunk_bytes(&self) -> usize {
+        self.shared.chunks.mapped_bytes()
+    }
+
     /// Node allocations kept for reuse (memory of reclaimed nodes, no entries): at most
     /// 2 × [`POOL_CAP`]. Takes the writer lock.
     pub fn pooled_nodes(&self) -> usize {
@@ -498,7 +540,50 @@ where
             // After the writer lock is released: a back-pressure stall holds up no writer.
             self.domain.defer_drop(retired);
         }
+        if self.shared.chunked() && self.len() < Chunks::<Node<K, V>>::SLOTS / 4 {
+            self.compact();
+        }
         Ok(r)
+    }
+
+    /// Moves a tree that has shrunk out of its chunks: one transaction copies every entry
+    /// into allocator memory (a balanced tree built in O(n)) and retires every old node, so
+    /// that the chunks empty and are unmapped after the grace period. Runs when a tree whose
+    /// nodes live in chunks falls below a quarter of a chunk's worth of entries: at most once
+    /// per that many removals, so O(1) amortised per update.
+    fn compact(&self) {
+        let mut txn = Txn::begin(self);
+        if !self.shared.chunked() {
+            return; // another writer got here first
+        }
+        self.shared.chunked.store(false, Relaxed);
+        let scratch = &mut *txn.scratch;
+        debug_assert!(scratch.fresh.is_empty());
+        let stash = std::mem::take(&mut scratch.stash.0);
+        // SAFETY: stashed memory holds no node and is the stash's alone.
+        unsafe { self.shared.dealloc(&stash) };
+        // SAFETY: the transaction's nodes stay valid while it is borrowed (see `deref`).
+        let entries: Vec<(K, V)> = Iter::new(txn.root, None::<&K>)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut stack = vec![txn.root];
+        while let Some(p) = stack.pop() {
+            if !p.is_null() {
+                let (l, r) = Txn::children(p);
+                stack.extend([l, r]);
+                // Published (the transaction has allocated nothing): retire it.
+                txn.retired.push(p);
+            }
+        }
+        let n = entries.len();
+        txn.root = build_balanced(n, &mut entries.into_iter(), &mut || {
+            let p = scratch.stash.take(&self.shared, 0);
+            scratch.fresh.push(p);
+            p
+        });
+        if let Some(retired) = txn.commit() {
+            self.domain.defer_drop(retired);
+        }
     }
 
     /// Checks the tree's invariants on the published version: strict key order, subtree
@@ -533,6 +618,7 @@ where
         // `&mut self`: no reader holds a reference (reads borrow the tree) and no transaction
         // is open. Retired nodes are not reachable from the root and are freed by their batch.
         let mut stack = vec![self.root.load(Relaxed)];
+        let mut dropped = Vec::new();
         let mut freed = 0;
         while let Some(p) = stack.pop() {
             if p.is_null() {
@@ -543,10 +629,19 @@ where
             stack.push(n.left.load(Relaxed));
             stack.push(n.right.load(Relaxed));
             // SAFETY: exclusively owned (see above); children were read first.
-            unsafe { free_node(p) };
+            unsafe { drop_node(p) };
+            dropped.push(p);
             freed += 1;
+            if dropped.len() == 1024 || stack.is_empty() {
+                // SAFETY: dropped just above, each once; memory from `Stash::take`.
+                unsafe { self.shared.dealloc(&dropped) };
+                dropped.clear();
+            }
         }
         self.shared.live.fetch_sub(freed, Relaxed);
+        let stash = std::mem::take(&mut lock(&self.writer).stash.0);
+        // SAFETY: stashed memory holds no node and is the stash's alone.
+        unsafe { self.shared.dealloc(&stash) };
     }
 }
 
@@ -563,16 +658,21 @@ where
     }
 }
 
-/// Builds a perfectly balanced tree of the next `n` entries (published: not fresh).
-fn build_balanced<K, V>(n: usize, it: &mut impl Iterator<Item = (K, V)>) -> Link<K, V> {
+/// Builds a perfectly balanced tree of the next `n` entries (published: not fresh), with node
+/// memory from `alloc`.
+fn build_balanced<K, V>(
+    n: usize,
+    it: &mut impl Iterator<Item = (K, V)>,
+    alloc: &mut impl FnMut() -> Link<K, V>,
+) -> Link<K, V> {
     if n == 0 {
         return ptr::null_mut();
     }
     let left_n = n / 2;
-    let left = build_balanced(left_n, it);
+    let left = build_balanced(left_n, it, alloc);
     let (key, value) = it.next().expect("counted entries");
-    let right = build_balanced(n - left_n - 1, it);
-    let p = alloc_node();
+    let right = build_balanced(n - left_n - 1, it, alloc);
+    let p = alloc();
     // SAFETY: fresh memory for one node.
     unsafe {
         p.write(Node {
@@ -844,7 +944,7 @@ where
             // memory is ours to reuse.
             unsafe {
                 drop_node(p);
-                scratch.stash.keep(p);
+                scratch.stash.keep(p, &self.tree.shared);
             }
         }
         let allocated = scratch.fresh.len() - scratch.dead.len();
@@ -952,7 +1052,7 @@ where
     fn alloc(&mut self, key: K, value: V, left: Link<K, V>, right: Link<K, V>) -> Link<K, V> {
         // SAFETY: children are null or live nodes of the version being built.
         let size = 1 + unsafe { size(left) + size(right) };
-        let p = self.scratch.stash.take(&self.tree.shared.pool);
+        let p = self.scratch.stash.take(&self.tree.shared, self.len);
         // SAFETY: `take` returns memory for one node that holds none and is ours alone.
         unsafe {
             p.write(Node {
@@ -1214,7 +1314,7 @@ where
             // SAFETY: allocated by this transaction, never published, listed once.
             unsafe {
                 drop_node(p);
-                scratch.stash.keep(p);
+                scratch.stash.keep(p, &self.tree.shared);
             }
         }
         scratch.fresh.clear();
@@ -1310,6 +1410,84 @@ mod tests {
         assert_eq!(StdArc::strong_count(&token), 1 + t.len());
         // A tree dropped while a batch still waits: the batch frees into the pool it shares.
         t.insert(7, token.clone());
+        drop(t);
+        d.barrier();
+        assert_eq!(StdArc::strong_count(&token), 1);
+    }
+
+    #[test]
+    fn big_trees_take_node_memory_from_chunks_and_give_it_back() {
+        const CHUNK: usize = crate::chunks::CHUNK;
+        let slots = Chunks::<Node<u64, StdArc<()>>>::SLOTS;
+        let d = Domain::with_config(crate::Config {
+            max_backlog: 1 << 20,
+            background_reclaim: false,
+        });
+        let token = StdArc::new(());
+        // Built in one go: in chunks from the start, as many as the nodes need.
+        let n = 2 * slots as u64 + 100;
+        let t = BonsaiTree::from_sorted(&d, (0..n).map(|i| (2 * i, token.clone())));
+        assert_eq!(t.chunk_bytes(), 3 * CHUNK);
+        t.check_invariants().unwrap();
+        drop(t);
+        assert_eq!(StdArc::strong_count(&token), 1);
+
+        // Updates with a grace period every 1024 (each update retires ~20 nodes; garbage
+        // takes memory too, and would otherwise fill chunks of its own).
+        let t = BonsaiTree::new(&d);
+        let mut updates = 0;
+        type Tree = BonsaiTree<u64, StdArc<()>>;
+        let mut update = |f: &mut dyn FnMut(&Tree)| {
+            f(&t);
+            updates += 1;
+            if updates % 1024 == 0 {
+                d.barrier();
+            }
+        };
+        // Grown by inserts: allocator memory while small, chunks from a huge page's worth on.
+        for i in 0..slots as u64 - 1 {
+            update(&mut |t| _ = t.insert(i, token.clone()));
+        }
+        d.barrier();
+        assert_eq!(t.chunk_bytes(), 0, "a small tree maps no chunk");
+        for i in slots as u64..3 * slots as u64 {
+            update(&mut |t| _ = t.insert(i, token.clone()));
+        }
+        d.barrier();
+        let grown = t.chunk_bytes();
+        assert!((2 * CHUNK..=4 * CHUNK).contains(&grown), "{grown} bytes");
+        // Churn reuses slots: no more chunks.
+        for round in 0..3 {
+            for i in (round..3 * slots as u64).step_by(7) {
+                update(&mut |t| _ = t.insert(i, token.clone()));
+            }
+        }
+        d.barrier();
+        assert_eq!(t.chunk_bytes(), grown, "churn mapped more chunks");
+        // Shrunk below a quarter chunk's worth: copied back into allocator memory, and every
+        // chunk is unmapped once the old nodes are reclaimed.
+        let keep = slots as u64 / 4 - 1;
+        for i in keep..3 * slots as u64 {
+            update(&mut |t| _ = t.remove(&i));
+        }
+        d.barrier();
+        assert_eq!(t.len(), keep as usize);
+        assert_eq!(t.live_nodes(), t.len());
+        assert_eq!(t.chunk_bytes(), 0);
+        assert_eq!(StdArc::strong_count(&token), 1 + t.len());
+        t.check_invariants().unwrap();
+        assert!(t.iter(&d.register().read()).map(|(k, _)| *k).eq(0..keep));
+        // And it grows into chunks again.
+        for i in 0..=slots as u64 {
+            t.insert(i, token.clone());
+        }
+        d.barrier();
+        t.check_invariants().unwrap();
+        assert!(t.chunk_bytes() > 0);
+        assert_eq!(StdArc::strong_count(&token), 2 + slots);
+        // A tree dropped while a batch still waits: the batch returns its slots to the
+        // chunks it shares, which go when the batch does.
+        t.insert(0, token.clone());
         drop(t);
         d.barrier();
         assert_eq!(StdArc::strong_count(&token), 1);

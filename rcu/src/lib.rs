@@ -44,6 +44,7 @@
 pub mod baselines;
 pub mod bonsai;
 mod cell;
+mod chunks;
 mod domain;
 pub mod range_map;
 mod reader;

@@ -86,11 +86,23 @@ struct Report {
     splits: u64,
 }
 
+/// What the churn writer does.
+#[derive(Clone, Copy)]
+enum Churn {
+    /// Up to 200 of 4096 one-page ranges at a time, inserted and removed at random.
+    Random,
+    /// Waves: inserts `size` one-page ranges, then removes them all, again and again (a big
+    /// tree's node memory comes from chunks that fill and empty). The run lasts until at
+    /// least `min` waves are done.
+    Waves { size: u64, min: u64 },
+}
+
 /// Runs the readers and writers against `map` for `dur`. Panics on any miss or bad value.
 fn stress<M: ConcurrentRangeMap<Probe> + 'static>(
     domain: &Domain,
     map: Arc<M>,
     dur: Duration,
+    churn: Churn,
 ) -> Report {
     for k in 0..SLOTS {
         map.insert(slot_range(k), Probe::whole(k)).unwrap();
@@ -171,7 +183,24 @@ fn stress<M: ConcurrentRangeMap<Probe> + 'static>(
         }));
     }
     // The churn writer: unrelated ranges come and go, rebalancing the tree.
-    {
+    let waves = Arc::new(AtomicU64::new(0));
+    if let Churn::Waves { size: n, .. } = churn {
+        let (map, stop, waves) = (map.clone(), stop.clone(), waves.clone());
+        threads.push(std::thread::spawn(move || {
+            let page = |i: u64| CHURN_BASE + i * PAGE..CHURN_BASE + (i + 1) * PAGE;
+            while !stop.load(Relaxed) {
+                let mut inserted = 0;
+                while inserted < n && !stop.load(Relaxed) {
+                    map.insert(page(inserted), Probe::whole(u64::MAX)).unwrap();
+                    inserted += 1;
+                }
+                for i in 0..inserted {
+                    map.remove(page(i)).unwrap();
+                }
+                waves.fetch_add(1, Relaxed);
+            }
+        }));
+    } else {
         let (map, stop) = (map.clone(), stop.clone());
         threads.push(std::thread::spawn(move || {
             let mut live = Vec::new();
@@ -194,6 +223,16 @@ fn stress<M: ConcurrentRangeMap<Probe> + 'static>(
         }));
     }
     std::thread::sleep(dur);
+    if let Churn::Waves { min, .. } = churn {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while waves.load(Relaxed) < min {
+            assert!(
+                Instant::now() < deadline,
+                "{min} waves did not finish in 120 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     stop.store(true, Relaxed);
     for t in threads {
         t.join().unwrap();
@@ -211,7 +250,7 @@ fn bonsai_split_never_leaves_a_hole_and_memory_returns_to_baseline() {
     let map = Arc::new(RangeMap::<Probe>::new(&domain));
     let dur = duration(false);
     let start = Instant::now();
-    let report = stress(&domain, map.clone(), dur);
+    let report = stress(&domain, map.clone(), dur, Churn::Random);
     eprintln!(
         "bonsai: {} lookups, {} split+merge cycles in {:?}, {} grace periods",
         report.lookups,
@@ -233,13 +272,99 @@ fn baselines_split_never_leaves_a_hole() {
     let domain = Domain::new();
     for name in IMPLEMENTATIONS.iter().filter(|n| **n != "bonsai") {
         let map = Arc::new(AnyRangeMap::<Probe>::new(name, &domain).unwrap());
-        let report = stress(&domain, map, duration(true));
+        let report = stress(&domain, map, duration(true), Churn::Random);
         eprintln!(
             "{name}: {} lookups, {} splits",
             report.lookups, report.splits
         );
         assert!(report.lookups > 0 && report.splits > 0);
     }
+}
+
+/// A tree big enough to take its node memory from huge-page chunks: waves of ranges grow the
+/// tree into chunks and shrink it out of them again (copied back to allocator memory), so
+/// chunks are mapped and unmapped while readers descend. Readers must never miss, see poison
+/// or fault on an unmapped chunk.
+#[test]
+fn bonsai_chunks_come_and_go_under_readers() {
+    const CHUNK: usize = 2 << 20;
+    let domain = Domain::new();
+    let map = Arc::new(RangeMap::<Probe>::new(&domain));
+    let stop = Arc::new(AtomicBool::new(false));
+    // Samples the mapped chunk bytes: the peak, and how often it fell (chunks unmapped).
+    let sampler = {
+        let (map, stop) = (map.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut peak, mut last, mut falls) = (0, 0, 0);
+            while !stop.load(Relaxed) {
+                let now = map.tree().chunk_bytes();
+                peak = usize::max(peak, now);
+                falls += usize::from(now < last);
+                last = now;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            (peak, falls)
+        })
+    };
+    // A reader that holds references across many lookups and a pause, and checks them before
+    // its quiescent state: nodes must outlive every reference taken before they were retired,
+    // including those of a whole tree copied out of its chunks.
+    let holder = {
+        let (domain, map, stop) = (domain.clone(), map.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut reader = domain.register();
+            let mut rounds = 0u64;
+            while !stop.load(Relaxed) {
+                let guard = reader.read();
+                let held: Vec<&Probe> = (0..SLOTS)
+                    .map(|k| {
+                        let addr = stable_addr(k, rounds + k);
+                        map.get(addr, &guard)
+                            .unwrap_or_else(|| panic!("transient hole at {addr:#x}"))
+                            .1
+                    })
+                    .collect();
+                let pause = Instant::now();
+                while pause.elapsed() < Duration::from_micros(50) {
+                    std::hint::spin_loop();
+                }
+                for (k, v) in (0..SLOTS).zip(held) {
+                    assert_eq!(v.magic, MAGIC, "a value held under the guard was freed");
+                    assert_eq!(v.slot, k);
+                }
+                drop(guard);
+                reader.quiescent_state();
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    let dur = duration(false);
+    let report = stress(
+        &domain,
+        map.clone(),
+        dur,
+        Churn::Waves {
+            size: 50_000,
+            min: 2,
+        },
+    );
+    stop.store(true, Relaxed);
+    let (peak, falls) = sampler.join().unwrap();
+    let rounds = holder.join().unwrap();
+    eprintln!(
+        "bonsai (chunks): {} lookups, {} split+merge cycles, {rounds} held rounds, chunk bytes peak {peak}, fell {falls} times",
+        report.lookups, report.splits
+    );
+    assert!(rounds > 0);
+    assert!(report.lookups > 0 && report.splits > 0);
+    assert!(peak >= CHUNK, "peak {peak}: the waves never used chunks");
+    assert!(falls > 0, "no chunk was unmapped during the run");
+    map.check_invariants().unwrap();
+    domain.barrier();
+    assert_eq!(map.live_nodes(), map.len(), "nodes leaked or not yet freed");
+    // Back to 64 ranges: the tree was copied out of its chunks, and they are all gone.
+    assert_eq!(map.tree().chunk_bytes(), 0);
 }
 
 /// Memory stays bounded under endless churn: without any reader, the live node count never
