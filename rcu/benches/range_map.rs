@@ -12,8 +12,8 @@
 //!    quiescent state after every lookup (one VM exit = one read-side section). The reader
 //!    runs on the first CPU of the process's affinity mask, the writer on the second
 //!    (checked); the writer starts before the measurement and runs through all its samples.
-//!    `bonsai` uses a domain with the background reclaim thread (a third thread, on either
-//!    core); `bonsai_writer_reclaims` one without it, where the writer frees its own garbage
+//!    `bonsai` uses a domain with the background reclaim thread (a third thread, free to run
+//!    on either CPU); `bonsai_writer_reclaims` one without it, where the writer frees its own garbage
 //!    every 1024 retirements, as the `RwLock` writer does.
 //!    With `RANGE_MAP_BENCH_SEPARATE_WRITER=1` the writer updates a map of its own instead
 //!    (a diagnostic: what the reader loses to a busy neighbour core alone), and with
@@ -399,7 +399,13 @@ fn lookup_with_writer(c: &mut Criterion) {
     let separate_writer = std::env::var_os("RANGE_MAP_BENCH_SEPARATE_WRITER").is_some();
     for n in SIZES {
         let p = Arc::new(probes(n));
+        // The reclaim thread is spawned by `Domain::new`: unpinned for that moment, so that it
+        // gets the process's whole mask, not the reader's CPU (threads inherit the affinity of
+        // the thread that spawns them; until 2026-11-24 the reclaimer was stuck on the
+        // reader's CPU this way).
+        pin(None);
         let d = Domain::new();
+        pin(Some(0));
         // The same Bonsai map in a domain without the background reclaim thread: the writer
         // frees its own garbage (back-pressure every 1024 retirements), so on 2 cores the
         // reader keeps a core to itself instead of sharing it with the reclaimer.
