@@ -153,6 +153,15 @@ unsafe fn dealloc_node<K, V>(p: Link<K, V>) {
 /// Node memory the writer takes from the chunks at once.
 const CHUNK_REFILL: usize = 256;
 
+/// Entries from which a tree takes node memory from chunks: a chunk's worth (never, for node
+/// types that chunks do not serve).
+fn chunk_threshold<K, V>() -> usize {
+    match Chunks::<Node<K, V>>::SLOTS {
+        0 => usize::MAX,
+        slots => slots,
+    }
+}
+
 /// What a tree shares with its retired batches, which may outlive it: the node counter and
 /// where node memory comes from and goes back to.
 ///
@@ -289,7 +298,7 @@ impl<K, V> Stash<K, V> {
                 std::mem::swap(&mut self.0, &mut *pool);
             }
         }
-        if self.0.is_empty() && !shared.chunked() && entries >= Chunks::<Node<K, V>>::SLOTS {
+        if self.0.is_empty() && !shared.chunked() && entries >= chunk_threshold::<K, V>() {
             // Written under the writer lock (every caller holds it).
             shared.chunked.store(true, Relaxed);
         }
@@ -547,7 +556,7 @@ where
             // After the writer lock is released: a back-pressure stall holds up no writer.
             self.domain.defer_drop(retired);
         }
-        if self.shared.chunked() && self.len() < Chunks::<Node<K, V>>::SLOTS / 4 {
+        if self.shared.chunked() && self.len() < chunk_threshold::<K, V>() / 4 {
             self.compact();
         }
         Ok(r)
@@ -1420,6 +1429,25 @@ mod tests {
         drop(t);
         d.barrier();
         assert_eq!(StdArc::strong_count(&token), 1);
+    }
+
+    #[test]
+    fn node_types_chunks_do_not_serve_stay_on_the_heap() {
+        #[derive(Clone, Debug, PartialEq)]
+        #[repr(align(8192))]
+        struct Page(u64);
+        assert_eq!(chunk_threshold::<u64, Page>(), usize::MAX);
+        let d = Domain::new();
+        let t = BonsaiTree::from_sorted(&d, (0..100u64).map(|i| (i, Page(i))));
+        t.insert(1000, Page(1000));
+        let reader = d.register();
+        let guard = reader.read();
+        assert_eq!(t.get(&1000, &guard), Some(&Page(1000)));
+        assert_eq!(
+            t.get(&7, &guard).map(|p| p as *const Page as usize % 8192),
+            Some(0)
+        );
+        assert_eq!(t.chunk_bytes(), 0);
     }
 
     #[test]

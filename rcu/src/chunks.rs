@@ -55,10 +55,16 @@ unsafe impl<T> Send for Chunks<T> {}
 unsafe impl<T> Sync for Chunks<T> {}
 
 impl<T> Chunks<T> {
-    /// Slots per chunk.
+    /// Slots per chunk; 0 for a `T` that chunks do not serve (zero-sized, aligned beyond a
+    /// page, or so big that a chunk would hold fewer than 64), whose [`alloc`](Self::alloc)
+    /// hands out nothing.
     pub(crate) const SLOTS: usize = {
-        assert!(size_of::<T>() > 0 && align_of::<T>() <= 4096);
-        CHUNK / size_of::<T>()
+        let (size, align) = (size_of::<T>(), align_of::<T>());
+        if size == 0 || align > 4096 || size > CHUNK / 64 {
+            0
+        } else {
+            CHUNK / size
+        }
     };
 
     pub(crate) fn new() -> Self {
@@ -80,10 +86,13 @@ impl<T> Chunks<T> {
 
     /// Pushes up to `n` slots (uninitialised memory for one `T` each) onto `out`, in
     /// descending address order so that popping them goes upwards. Maps a chunk if none has
-    /// room; returns fewer (possibly none) only if that fails.
+    /// room; pushes fewer (possibly none) only if that fails or if `SLOTS` is 0.
     pub(crate) fn alloc(&self, out: &mut Vec<*mut T>, n: usize) {
         let size = size_of::<T>();
         let slots = Self::SLOTS;
+        if slots == 0 {
+            return;
+        }
         let mut chunks = self.lock();
         let start = out.len();
         let mut i = 0;
@@ -242,6 +251,22 @@ unsafe fn unmap_chunk(base: NonNull<u8>) {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn types_chunks_do_not_serve_get_no_slots() {
+        #[repr(align(8192))]
+        struct OverAligned(#[allow(dead_code)] u8);
+        type Huge = [u8; CHUNK / 32];
+        assert_eq!(Chunks::<OverAligned>::SLOTS, 0);
+        assert_eq!(Chunks::<Huge>::SLOTS, 0);
+        assert_eq!(Chunks::<()>::SLOTS, 0);
+        let chunks = Chunks::<Huge>::new();
+        let mut got = Vec::new();
+        chunks.alloc(&mut got, 10);
+        assert!(got.is_empty());
+        assert_eq!(chunks.mapped_bytes(), 0);
+        assert_eq!(Chunks::<[u8; CHUNK / 64]>::SLOTS, 64);
+    }
 
     #[test]
     fn slots_are_handed_out_once_and_empty_chunks_are_unmapped_but_one() {
