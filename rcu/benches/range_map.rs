@@ -15,6 +15,10 @@
 //!    `bonsai` uses a domain with the background reclaim thread (a third thread, free to run
 //!    on either CPU); `bonsai_writer_reclaims` one without it, where the writer frees its own garbage
 //!    every 1024 retirements, as the `RwLock` writer does.
+//!    With `RANGE_MAP_BENCH_WRITER_RATE=N` every writer paces itself to N updates a second
+//!    (busy-waiting in between, so its core stays as busy), for comparisons at one writer rate
+//!    instead of each writer's own maximum (an RwLock writer, whose readers wait for it, runs
+//!    3-4x faster than a Bonsai writer beside the same reader).
 //!    With `RANGE_MAP_BENCH_SEPARATE_WRITER=1` the writer updates a map of its own instead
 //!    (a diagnostic: what the reader loses to a busy neighbour core alone), and with
 //!    `RANGE_MAP_BENCH_NO_PIN=1` the scheduler places the threads (as it does a VMM's).
@@ -308,6 +312,16 @@ fn current_cpu() -> i32 {
     unsafe { libc::sched_getcpu() }
 }
 
+/// Updates per second every writer paces itself to (`RANGE_MAP_BENCH_WRITER_RATE`), if set.
+fn writer_rate() -> Option<f64> {
+    let v = std::env::var("RANGE_MAP_BENCH_WRITER_RATE").ok()?;
+    let rate: f64 = v
+        .parse()
+        .unwrap_or_else(|_| panic!("RANGE_MAP_BENCH_WRITER_RATE={v:?}: not a number"));
+    assert!(rate > 0.0, "RANGE_MAP_BENCH_WRITER_RATE must be positive");
+    Some(rate)
+}
+
 /// Pins the calling thread to the `k`-th CPU of the process's initial mask (the reader to the
 /// first, the writer to the second), or (`None`) gives it the whole initial mask back. Does
 /// nothing without [`pinning`]. Pinned, the lookups-with-a-writer benchmarks measure the maps,
@@ -362,11 +376,21 @@ impl Writer {
                 let _ = ready.send(current_cpu());
                 let mut rng = Rng(12345);
                 let mut ops = 0u64;
+                let rate = writer_rate();
+                let begun = Instant::now();
                 while !stop.load(Relaxed) {
                     let i = rng.next() % n;
                     write(i, true);
                     write(i, false);
                     ops += 2;
+                    if let Some(rate) = rate {
+                        // Ahead of schedule: busy-wait until the next update is due.
+                        while ops as f64 > rate * begun.elapsed().as_secs_f64()
+                            && !stop.load(Relaxed)
+                        {
+                            std::hint::spin_loop();
+                        }
+                    }
                 }
                 ops
             })
