@@ -117,8 +117,7 @@ unsafe fn size<K, V>(p: Link<K, V>) -> usize {
 ///
 /// # Safety
 ///
-/// `p` points to an initialised node allocated by [`alloc_node`] or `build_balanced`, is
-/// unreachable by readers (never published, or retired and a grace period has passed) and is
+/// `p` points to an initialised node in memory from [`Stash::take`], is unreachable by readers (never published, or retired and a grace period has passed) and is
 /// dropped exactly once.
 unsafe fn drop_node<K, V>(p: Link<K, V>) {
     // SAFETY: per the contract the node is initialised and exclusively ours.
@@ -134,7 +133,7 @@ unsafe fn drop_node<K, V>(p: Link<K, V>) {
     unsafe { ptr::drop_in_place(p) };
 }
 
-/// Node memory, uninitialised: from the pool, or fresh from the allocator.
+/// Node memory, uninitialised, fresh from the allocator.
 fn alloc_node<K, V>() -> Link<K, V> {
     Box::into_raw(Box::<Node<K, V>>::new_uninit()).cast()
 }
@@ -306,6 +305,13 @@ impl<K, V> Stash<K, V> {
             shared.chunks.alloc(&mut self.0, CHUNK_REFILL);
         }
         self.0.pop().unwrap_or_else(alloc_node)
+    }
+
+    /// Returns everything stashed (to the chunks or the allocator).
+    fn release(&mut self, shared: &Shared<K, V>) {
+        let stash = std::mem::take(&mut self.0);
+        // SAFETY: stashed memory holds no node and is the stash's alone.
+        unsafe { shared.dealloc(&stash) };
     }
 
     /// Keeps the memory of a dropped node for the writer's next allocation (or returns it if
@@ -575,22 +581,14 @@ where
         self.shared.chunked.store(false, Relaxed);
         let scratch = &mut *txn.scratch;
         debug_assert!(scratch.fresh.is_empty());
-        let stash = std::mem::take(&mut scratch.stash.0);
-        // SAFETY: stashed memory holds no node and is the stash's alone.
-        unsafe { self.shared.dealloc(&stash) };
+        scratch.stash.release(&self.shared);
         // SAFETY: the transaction's nodes stay valid while it is borrowed (see `deref`).
         let entries: Vec<(K, V)> = Iter::new(txn.root, None::<&K>)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let mut stack = vec![txn.root];
-        while let Some(p) = stack.pop() {
-            if !p.is_null() {
-                let (l, r) = Txn::children(p);
-                stack.extend([l, r]);
-                // Published (the transaction has allocated nothing): retire it.
-                txn.retired.push(p);
-            }
-        }
+        // Published (the transaction has allocated nothing): retire them all.
+        // SAFETY: the version's nodes stay valid while the transaction is borrowed.
+        unsafe { each_node(txn.root, |p| txn.retired.push(p)) };
         let n = entries.len();
         txn.root = build_balanced(n, &mut entries.into_iter(), &mut || {
             let p = scratch.stash.take(&self.shared, 0);
@@ -633,31 +631,26 @@ where
     fn drop(&mut self) {
         // `&mut self`: no reader holds a reference (reads borrow the tree) and no transaction
         // is open. Retired nodes are not reachable from the root and are freed by their batch.
-        let mut stack = vec![self.root.load(Relaxed)];
         let mut dropped = Vec::new();
         let mut freed = 0;
-        while let Some(p) = stack.pop() {
-            if p.is_null() {
-                continue;
-            }
-            // SAFETY: `p` is a node of the live version, reached once (it is a tree).
-            let n = unsafe { &*p };
-            stack.push(n.left.load(Relaxed));
-            stack.push(n.right.load(Relaxed));
-            // SAFETY: exclusively owned (see above); children were read first.
-            unsafe { drop_node(p) };
-            dropped.push(p);
-            freed += 1;
-            if dropped.len() == 1024 || stack.is_empty() {
-                // SAFETY: dropped just above, each once; memory from `Stash::take`.
-                unsafe { self.shared.dealloc(&dropped) };
-                dropped.clear();
-            }
+        // SAFETY: the live version is exclusively ours (see above); `each_node` reads a
+        // node's children before handing it over, so it may be dropped there.
+        unsafe {
+            each_node(self.root.load(Relaxed), |p| {
+                drop_node(p);
+                dropped.push(p);
+                freed += 1;
+                if dropped.len() == 1024 {
+                    // Dropped just above, each once; memory from `Stash::take`.
+                    self.shared.dealloc(&dropped);
+                    dropped.clear();
+                }
+            });
+            // As above, the last batch.
+            self.shared.dealloc(&dropped);
         }
         self.shared.live.fetch_sub(freed, Relaxed);
-        let stash = std::mem::take(&mut lock(&self.writer).stash.0);
-        // SAFETY: stashed memory holds no node and is the stash's alone.
-        unsafe { self.shared.dealloc(&stash) };
+        lock(&self.writer).stash.release(&self.shared);
     }
 }
 
@@ -671,6 +664,25 @@ where
             .field("len", &self.len())
             .field("live_nodes", &self.live_nodes())
             .finish_non_exhaustive()
+    }
+}
+
+/// Calls `f` on every node of the tree under `root`, each once, after reading its children
+/// (so `f` may drop or free it).
+///
+/// # Safety
+///
+/// The nodes under `root` stay valid until `f` is called on them, and nothing else changes
+/// their links meanwhile.
+unsafe fn each_node<K, V>(root: Link<K, V>, mut f: impl FnMut(Link<K, V>)) {
+    let mut stack = vec![root];
+    while let Some(p) = stack.pop() {
+        // SAFETY: per the contract, `p` is null or a valid node not yet handed to `f`.
+        if let Some(n) = unsafe { p.as_ref() } {
+            stack.push(n.left.load(Relaxed));
+            stack.push(n.right.load(Relaxed));
+            f(p);
+        }
     }
 }
 
