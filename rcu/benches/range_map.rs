@@ -13,8 +13,8 @@
 //!    runs on the first CPU of the process's affinity mask, the writer on the second
 //!    (checked); the writer starts before the measurement and runs through all its samples.
 //!    `bonsai` uses a domain with the background reclaim thread (a third thread, free to run
-//!    on either CPU); `bonsai_writer_reclaims` one without it, where the writer frees its own garbage
-//!    every 1024 retirements, as the `RwLock` writer does.
+//!    on either CPU); `bonsai_writer_reclaims` one without it, where the writer frees its own
+//!    garbage every 1024 retirements, as the `RwLock` writer does.
 //!    With `RANGE_MAP_BENCH_WRITER_RATE=N` every writer paces itself to N updates a second
 //!    (busy-waiting in between, so its core stays as busy), for comparisons at one writer rate
 //!    instead of each writer's own maximum (an RwLock writer, whose readers wait for it, runs
@@ -422,7 +422,7 @@ fn lookup_with_writer(c: &mut Criterion) {
     pin(Some(0)); // the reader (this thread); undone at the end of the group
     let separate_writer = std::env::var_os("RANGE_MAP_BENCH_SEPARATE_WRITER").is_some();
     for n in SIZES {
-        let p = Arc::new(probes(n));
+        let p = probes(n);
         // The reclaim thread is spawned by `Domain::new`: unpinned for that moment, so that it
         // gets the process's whole mask, not the reader's CPU (threads inherit the affinity of
         // the thread that spawns them; until 2026-11-24 the reclaimer was stuck on the

@@ -317,5 +317,12 @@ mod tests {
             CHUNK,
             "one empty chunk stays as a spare"
         );
+        // SAFETY: nothing is returned.
+        unsafe { chunks.free(&[], false, |_| unreachable!()) };
+        assert_eq!(
+            chunks.mapped_bytes(),
+            0,
+            "no spare is kept when asked not to"
+        );
     }
 }
