@@ -24,20 +24,95 @@
 //! extra round trip, never a wrong result.
 #![deny(unsafe_code)]
 
-use iced_x86::{Decoder, DecoderOptions, InstructionInfoFactory, OpAccess, Register};
+use iced_x86::{
+    Decoder, DecoderOptions, Instruction, InstructionInfoFactory, MemorySize, OpAccess, Register,
+};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 
 use crate::memory::address_space::PAGE;
+use crate::memory::{FaultError, PageState};
 use crate::vcpu::GuardedSpace;
 
-/// What resolving an unannotated `-EFAULT` did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The legacy area plus the header of an XSAVE image: what every XSAVE-family instruction
+/// touches whatever features it saves.
+const XSAVE_MIN_BYTES: u64 = 576;
+
+/// Why a bare `-EFAULT` (or an emulation failure) could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum EfaultError {
+    /// Reading the registers failed.
+    #[error("{what} failed: {source}")]
+    Registers {
+        /// The ioctl.
+        what: &'static str,
+        /// Why.
+        source: kvm_ioctls::Error,
+    },
+    /// `KVM_TRANSLATE` failed.
+    #[error("KVM_TRANSLATE of guest address {linear:#x} failed: {source}")]
+    Translate {
+        /// The linear address.
+        linear: u64,
+        /// Why.
+        source: kvm_ioctls::Error,
+    },
+    /// The guest's page tables do not map an address the instruction uses.
+    #[error("guest address {linear:#x} is not mapped by the guest's page tables")]
+    NotMapped {
+        /// The linear address.
+        linear: u64,
+    },
+    /// The instruction itself lies where no region is.
+    #[error("the instruction at rip {rip:#x} lies at gpa {gpa:#x}, which no region covers")]
+    FetchFromHole {
+        /// Where the vCPU is.
+        rip: u64,
+        /// The instruction's guest-physical address.
+        gpa: u64,
+    },
+    /// The bytes at `rip` are no instruction.
+    #[error("cannot decode the instruction at rip {rip:#x}: {bytes:02x?}")]
+    Decode {
+        /// Where the vCPU is.
+        rip: u64,
+        /// What is there.
+        bytes: [u8; 15],
+    },
+    /// Populating a page failed on the host.
+    #[error(transparent)]
+    Fault(#[from] FaultError),
+}
+
+/// What resolving an unannotated `-EFAULT` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
     /// Pages the instruction touches that were missing and are now populated.
     pub populated: u64,
     /// Pages the instruction touches, in all.
     pub pages: u64,
+    /// The first page it touches that no region covers, if any.
+    pub hole: Option<u64>,
+    /// The first read-only page it writes, if any.
+    pub readonly: Option<u64>,
+    /// The instruction, for diagnoses: mnemonic and bytes.
+    pub instruction: String,
+}
+
+impl Resolved {
+    /// Why nothing could be done for the instruction (when `populated` is 0), in words.
+    pub fn stuck_reason(&self) -> String {
+        let what = match (self.hole, self.readonly) {
+            (Some(gpa), _) => format!("it touches gpa {gpa:#x}, which no region covers"),
+            (None, Some(gpa)) => format!("it writes gpa {gpa:#x}, which is read-only"),
+            (None, None) => format!(
+                "all {} pages it touches are present, so the fault is not one a first touch \
+                 explains",
+                self.pages
+            ),
+        };
+        format!("cannot complete {}: {what}", self.instruction)
+    }
 }
 
 fn reg_value(reg: Register, regs: &kvm_regs, sregs: &kvm_sregs) -> Option<u64> {
@@ -77,14 +152,36 @@ fn reg_value(reg: Register, regs: &kvm_regs, sregs: &kvm_sregs) -> Option<u64> {
     })
 }
 
-fn translate(fd: &VcpuFd, linear: u64) -> Result<u64, String> {
+/// Element `index` (of `size` bytes) of vector register `reg`, from a standard-format XSAVE
+/// image (`KVM_GET_XSAVE`): XMM0-15 in the legacy area, the upper halves of YMM0-15 in the
+/// AVX component. ZMM registers and XMM16-31 are not read (`None`).
+fn vector_element(xsave: &[u8], reg: Register, index: usize, size: usize) -> Option<u64> {
+    const XMM_OFFSET: usize = 160;
+    const YMM_HI_OFFSET: usize = 576;
+    let n = reg.number();
+    if !(reg.is_xmm() || reg.is_ymm()) || n >= 16 || !(size == 4 || size == 8) {
+        return None;
+    }
+    let at = index * size;
+    let lane = if at < 16 {
+        XMM_OFFSET + 16 * n + at
+    } else if reg.is_ymm() && at + size <= 32 {
+        YMM_HI_OFFSET + 16 * n + (at - 16)
+    } else {
+        return None;
+    };
+    let bytes = xsave.get(lane..lane + size)?;
+    let mut v = [0u8; 8];
+    v[..size].copy_from_slice(bytes);
+    Some(u64::from_le_bytes(v))
+}
+
+fn translate(fd: &VcpuFd, linear: u64) -> Result<u64, EfaultError> {
     let t = fd
         .translate_gva(linear)
-        .map_err(|e| format!("KVM_TRANSLATE of {linear:#x} failed: {e}"))?;
+        .map_err(|source| EfaultError::Translate { linear, source })?;
     if t.valid == 0 {
-        return Err(format!(
-            "guest address {linear:#x} is not mapped by the guest's page tables"
-        ));
+        return Err(EfaultError::NotMapped { linear });
     }
     Ok(t.physical_address)
 }
@@ -98,25 +195,41 @@ pub struct Resolver {
     pub identity_cr3: u64,
     /// ... identity-map `[0, identity_limit)`.
     pub identity_limit: u64,
+    /// The largest XSAVE image the guest's CPU can write (CPUID leaf 0xD, ECX): the footprint
+    /// of an XSAVE-family instruction, which the decoder cannot size.
+    pub xsave_bytes: u64,
+}
+
+/// The registers an instruction's addresses are computed from.
+struct Regs {
+    regs: kvm_regs,
+    sregs: kvm_sregs,
 }
 
 impl Resolver {
     /// Works out which pages the instruction at `rip` touches and populates the missing ones,
     /// guessing translations while the guest runs on the VMM's identity map, and translating
     /// properly when the guess made no progress (or does not apply).
-    pub fn resolve(&self, fd: &VcpuFd, mem: &GuardedSpace<'_, '_>) -> Result<Resolved, String> {
+    pub fn resolve(
+        &self,
+        fd: &VcpuFd,
+        mem: &GuardedSpace<'_, '_>,
+    ) -> Result<Resolved, EfaultError> {
         let (regs, sregs) = if self.sync_regs {
             let s = fd.sync_regs();
             (s.regs, s.sregs)
         } else {
-            let regs = fd
-                .get_regs()
-                .map_err(|e| format!("KVM_GET_REGS failed: {e}"))?;
-            let sregs = fd
-                .get_sregs()
-                .map_err(|e| format!("KVM_GET_SREGS failed: {e}"))?;
+            let regs = fd.get_regs().map_err(|source| EfaultError::Registers {
+                what: "KVM_GET_REGS",
+                source,
+            })?;
+            let sregs = fd.get_sregs().map_err(|source| EfaultError::Registers {
+                what: "KVM_GET_SREGS",
+                source,
+            })?;
             (regs, sregs)
         };
+        let r = Regs { regs, sregs };
         const CR0_PG: u64 = 1 << 31;
         const EFER_LMA: u64 = 1 << 10;
         let identity = sregs.cr3 & !0xfff == self.identity_cr3
@@ -124,7 +237,7 @@ impl Resolver {
             && sregs.efer & EFER_LMA != 0;
         if identity {
             let limit = self.identity_limit;
-            let guess = |linear: u64| -> Result<u64, String> {
+            let guess = |linear: u64| -> Result<u64, EfaultError> {
                 if linear < limit {
                     Ok(linear)
                 } else {
@@ -132,92 +245,174 @@ impl Resolver {
                 }
             };
             // A decoding or translation failure under the guess is retried properly too.
-            if let Ok(r) = resolve_with(&guess, &regs, &sregs, mem) {
-                if r.populated > 0 {
-                    return Ok(r);
+            if let Ok(res) = self.resolve_with(&guess, fd, &r, mem) {
+                if res.populated > 0 {
+                    return Ok(res);
                 }
             }
         }
-        resolve_with(&|linear| translate(fd, linear), &regs, &sregs, mem)
+        self.resolve_with(&|linear| translate(fd, linear), fd, &r, mem)
+    }
+
+    /// [`Resolver::resolve`] with a given translation of linear to guest-physical addresses.
+    fn resolve_with(
+        &self,
+        translate: &dyn Fn(u64) -> Result<u64, EfaultError>,
+        fd: &VcpuFd,
+        r: &Regs,
+        mem: &GuardedSpace<'_, '_>,
+    ) -> Result<Resolved, EfaultError> {
+        let (regs, sregs) = (&r.regs, &r.sregs);
+        let mut out = Resolved {
+            populated: 0,
+            pages: 0,
+            hole: None,
+            readonly: None,
+            instruction: String::new(),
+        };
+        // `optional` parts (beyond what the instruction surely touches) are populated where a
+        // region covers them, and ignored where none does.
+        let touch = |linear: u64,
+                     len: u64,
+                     write: bool,
+                     optional: bool,
+                     out: &mut Resolved|
+         -> Result<(), EfaultError> {
+            let last = linear.wrapping_add(len.max(1) - 1);
+            let mut page = linear & !(PAGE - 1);
+            loop {
+                let gpa = translate(page.max(linear))? & !(PAGE - 1);
+                out.pages += 1;
+                match mem.fault_page(gpa, write)? {
+                    PageState::Populated => out.populated += 1,
+                    PageState::Present => {}
+                    PageState::Hole if optional => {}
+                    PageState::Hole => {
+                        out.hole.get_or_insert(gpa);
+                    }
+                    PageState::ReadOnly => {
+                        out.readonly.get_or_insert(gpa);
+                    }
+                }
+                if page >= (last & !(PAGE - 1)) {
+                    break;
+                }
+                page += PAGE;
+            }
+            Ok(())
+        };
+        // The instruction itself: its first page, and the next one if it may run into it.
+        let rip = sregs.cs.base.wrapping_add(regs.rip);
+        let rip_gpa = translate(rip)?;
+        if mem.fault_page(rip_gpa & !(PAGE - 1), false)? == PageState::Hole {
+            return Err(EfaultError::FetchFromHole {
+                rip: regs.rip,
+                gpa: rip_gpa,
+            });
+        }
+        let mut bytes = [0u8; 15];
+        let first = (PAGE - rip % PAGE).min(15) as usize;
+        mem.read_guest(rip_gpa, &mut bytes[..first])?;
+        if first < 15 {
+            // An open-bus next page reads as all-ones: decoding then fails if it matters.
+            let next = rip + first as u64;
+            touch(next, 1, false, true, &mut out)?;
+            mem.read_guest(translate(next)?, &mut bytes[first..])?;
+        }
+        let bitness = if sregs.cs.l != 0 {
+            64
+        } else if sregs.cs.db != 0 {
+            32
+        } else {
+            16
+        };
+        let mut decoder = Decoder::with_ip(bitness, &bytes, regs.rip, DecoderOptions::NONE);
+        let instr = decoder.decode();
+        if instr.is_invalid() {
+            return Err(EfaultError::Decode {
+                rip: regs.rip,
+                bytes,
+            });
+        }
+        out.instruction = describe(&instr, &bytes);
+        // A gather or scatter's addresses come from a vector register: read them only then.
+        let xsave = if instr.is_vsib() {
+            fd.get_xsave().ok().map(|x| {
+                x.region
+                    .iter()
+                    .flat_map(|w| w.to_le_bytes())
+                    .collect::<Vec<u8>>()
+            })
+        } else {
+            None
+        };
+        // One factory per vCPU thread: creating one allocates, and this is the fault path.
+        FACTORY.with_borrow_mut(|factory| {
+            let info = factory.info(&instr);
+            for m in info.used_memory() {
+                let write = matches!(
+                    m.access(),
+                    OpAccess::Write
+                        | OpAccess::ReadWrite
+                        | OpAccess::CondWrite
+                        | OpAccess::ReadCondWrite
+                );
+                let value = |reg: Register, index: usize, size: usize| {
+                    if reg.is_vector_register() {
+                        vector_element(xsave.as_deref()?, reg, index, size)
+                    } else {
+                        reg_value(reg, regs, sregs)
+                    }
+                };
+                let size = m.memory_size().size() as u64;
+                if m.vsib_size() != 0 {
+                    // One element per index lane; masked-off lanes may point anywhere, so
+                    // every element is optional.
+                    let lanes = (m.index().size() / m.vsib_size() as usize).max(1);
+                    for lane in 0..lanes {
+                        if let Some(va) = m.virtual_address(lane, value) {
+                            touch(va, size.max(1), write, true, &mut out)?;
+                        }
+                    }
+                    continue;
+                }
+                let Some(va) = m.virtual_address(0, value) else {
+                    continue;
+                };
+                if matches!(m.memory_size(), MemorySize::Xsave | MemorySize::Xsave64) {
+                    // The decoder cannot size an XSAVE image: its legacy area and header are
+                    // always touched, the rest up to the largest image the CPU can write.
+                    touch(va, XSAVE_MIN_BYTES, write, false, &mut out)?;
+                    let rest = self.xsave_bytes.saturating_sub(XSAVE_MIN_BYTES);
+                    if rest > 0 {
+                        touch(va + XSAVE_MIN_BYTES, rest, write, true, &mut out)?;
+                    }
+                    continue;
+                }
+                // A REP string instruction's operands come unsized: the element that faulted
+                // is the one at rsi/rdi now, of the instruction's operand size.
+                let size = if size == 0 {
+                    instr.memory_size().size() as u64
+                } else {
+                    size
+                };
+                touch(va, size.max(1), write, false, &mut out)?;
+            }
+            Ok(out)
+        })
     }
 }
 
-/// [`Resolver::resolve`] with a given translation of linear to guest-physical addresses.
-fn resolve_with(
-    translate: &dyn Fn(u64) -> Result<u64, String>,
-    regs: &kvm_regs,
-    sregs: &kvm_sregs,
-    mem: &GuardedSpace<'_, '_>,
-) -> Result<Resolved, String> {
-    let mut out = Resolved {
-        populated: 0,
-        pages: 0,
-    };
-    let touch = |linear: u64, len: u64, write: bool, out: &mut Resolved| -> Result<(), String> {
-        let last = linear.wrapping_add(len.max(1) - 1);
-        let mut page = linear & !(PAGE - 1);
-        loop {
-            let gpa = translate(page.max(linear))? & !(PAGE - 1);
-            out.pages += 1;
-            if mem
-                .populate_if_missing(gpa, write)
-                .map_err(|e| e.to_string())?
-            {
-                out.populated += 1;
-            }
-            if page >= (last & !(PAGE - 1)) {
-                break;
-            }
-            page += PAGE;
-        }
-        Ok(())
-    };
-    // The instruction itself (at most 15 bytes, maybe across a page boundary).
-    let rip = sregs.cs.base.wrapping_add(regs.rip);
-    touch(rip, 15, false, &mut out)?;
-    let mut bytes = [0u8; 15];
-    let first = (PAGE - rip % PAGE).min(15) as usize;
-    mem.read_guest(translate(rip)?, &mut bytes[..first])
-        .map_err(|e| e.to_string())?;
-    if first < 15 {
-        let next = rip + first as u64;
-        mem.read_guest(translate(next)?, &mut bytes[first..])
-            .map_err(|e| e.to_string())?;
-    }
-    let bitness = if sregs.cs.l != 0 {
-        64
-    } else if sregs.cs.db != 0 {
-        32
-    } else {
-        16
-    };
-    let mut decoder = Decoder::with_ip(bitness, &bytes, regs.rip, DecoderOptions::NONE);
-    let instr = decoder.decode();
-    if instr.is_invalid() {
-        return Err(format!(
-            "cannot decode the instruction at rip {:#x}: {bytes:02x?}",
-            regs.rip
-        ));
-    }
-    // One factory per vCPU thread: creating one allocates, and this is the fault path.
-    FACTORY.with_borrow_mut(|factory| {
-        let info = factory.info(&instr);
-        for m in info.used_memory() {
-            let Some(va) = m.virtual_address(0, |reg, _, _| reg_value(reg, regs, sregs)) else {
-                continue;
-            };
-            let size = m.memory_size().size() as u64;
-            let write = matches!(
-                m.access(),
-                OpAccess::Write
-                    | OpAccess::ReadWrite
-                    | OpAccess::CondWrite
-                    | OpAccess::ReadCondWrite
-            );
-            touch(va, size.max(1), write, &mut out)?;
-        }
-        Ok(out)
-    })
+/// The instruction's mnemonic and bytes, for diagnoses.
+fn describe(instr: &Instruction, bytes: &[u8; 15]) -> String {
+    let len = instr.len().min(15);
+    let hex: Vec<String> = bytes[..len].iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "`{}` at rip {:#x} (bytes {})",
+        format!("{:?}", instr.mnemonic()).to_lowercase(),
+        instr.ip(),
+        hex.join(" ")
+    )
 }
 
 thread_local! {
@@ -272,5 +467,111 @@ mod tests {
         let m = f.info(&i).used_memory().to_vec();
         let va = m[0].virtual_address(0, |r, _, _| reg_value(r, &regs, &sregs));
         assert_eq!(va, Some(0x40_0000 - 8), "push writes below rsp");
+    }
+
+    /// The footprint the decoder gives each class of instruction whose memory use is unusual:
+    /// every class below has the size the CPU really touches, except the XSAVE family (0: the
+    /// resolver sizes it from CPUID), REP string instructions (0: the resolver takes one
+    /// element, the one that faulted, from the instruction's own operand size) and gathers (a
+    /// vector index: the resolver reads the lanes).
+    #[test]
+    fn decoder_footprints_of_unusual_instructions() {
+        let cases: &[(&[u8], &[(u64, OpAccess)])] = &[
+            (&[0x0f, 0xae, 0x07], &[(512, OpAccess::Write)]), // fxsave [rdi]
+            (&[0x0f, 0xae, 0x0f], &[(512, OpAccess::Read)]),  // fxrstor [rdi]
+            (&[0x0f, 0xae, 0x27], &[(0, OpAccess::ReadWrite)]), // xsave [rdi]
+            (
+                &[0x66, 0x0f, 0x38, 0xf8, 0x07],
+                &[(64, OpAccess::Read), (64, OpAccess::Write)],
+            ), // movdir64b rax, [rdi]
+            (&[0xc8, 0x10, 0x00, 0x00], &[(8, OpAccess::Write)]), // enter 16, 0
+            (&[0xc9], &[(8, OpAccess::Read)]),                // leave
+            (&[0x48, 0xcf], &[(8, OpAccess::Read); 5]),       // iretq: 5 pops
+            (
+                &[0xff, 0x1f],
+                &[
+                    (6, OpAccess::Read),
+                    (4, OpAccess::Write),
+                    (4, OpAccess::Write),
+                ],
+            ), // call far m16:32
+            (
+                &[0xf3, 0xa4],
+                &[(0, OpAccess::CondRead), (0, OpAccess::CondWrite)],
+            ), // rep movsb
+        ];
+        let mut f = InstructionInfoFactory::new();
+        for (code, want) in cases {
+            let i = Decoder::with_ip(64, code, 0x1000, DecoderOptions::NONE).decode();
+            assert!(!i.is_invalid(), "{code:02x?}");
+            let mut got: Vec<(u64, OpAccess)> = f
+                .info(&i)
+                .used_memory()
+                .iter()
+                .map(|m| (m.memory_size().size() as u64, m.access()))
+                .collect();
+            got.sort_by_key(|(s, a)| (*s, *a as u8));
+            let mut want = want.to_vec();
+            want.sort_by_key(|(s, a)| (*s, *a as u8));
+            assert_eq!(got, want, "{:?} {code:02x?}", i.mnemonic());
+        }
+    }
+
+    #[test]
+    fn rep_string_elements_are_sized_by_the_instruction() {
+        // rep movsq: the operands are unsized, the instruction's memory size is a qword.
+        let i = Decoder::with_ip(64, &[0xf3, 0x48, 0xa5], 0x1000, DecoderOptions::NONE).decode();
+        assert_eq!(i.memory_size().size(), 8);
+    }
+
+    #[test]
+    fn gather_lanes_come_from_the_xsave_image() {
+        let mut xsave = vec![0u8; 4096];
+        // xmm1 = dwords 0, 1024, 2048, 3072; the upper half of ymm1 = 4096 .. 7168.
+        for lane in 0..4u32 {
+            let at = 160 + 16 + 4 * lane as usize;
+            xsave[at..at + 4].copy_from_slice(&(lane * 1024).to_le_bytes());
+            let hi = 576 + 16 + 4 * lane as usize;
+            xsave[hi..hi + 4].copy_from_slice(&((lane + 4) * 1024).to_le_bytes());
+        }
+        for lane in 0..8 {
+            assert_eq!(
+                vector_element(&xsave, Register::YMM1, lane, 4),
+                Some(lane as u64 * 1024)
+            );
+        }
+        assert_eq!(
+            vector_element(&xsave, Register::XMM1, 5, 4),
+            None,
+            "xmm has 4 lanes"
+        );
+        assert_eq!(vector_element(&xsave, Register::ZMM1, 0, 4), None);
+        // vpgatherdd ymm0, [rax + ymm1*4], ymm2: 8 lanes of 4-byte indices.
+        let code = [0xc4, 0xe2, 0x6d, 0x90, 0x04, 0x88];
+        let i = Decoder::with_ip(64, &code, 0x1000, DecoderOptions::NONE).decode();
+        let mut f = InstructionInfoFactory::new();
+        let m = f.info(&i).used_memory()[0];
+        assert_eq!(m.index(), Register::YMM1);
+        assert_eq!(m.index().size() / m.vsib_size() as usize, 8);
+        let regs = kvm_regs {
+            rax: 0x200_0000,
+            ..Default::default()
+        };
+        let sregs = kvm_sregs::default();
+        let va: Vec<u64> = (0..8)
+            .filter_map(|lane| {
+                m.virtual_address(lane, |r, idx, size| {
+                    if r.is_vector_register() {
+                        vector_element(&xsave, r, idx, size)
+                    } else {
+                        reg_value(r, &regs, &sregs)
+                    }
+                })
+            })
+            .collect();
+        assert_eq!(
+            va,
+            (0..8).map(|p| 0x200_0000 + p * 4096).collect::<Vec<_>>()
+        );
     }
 }

@@ -15,7 +15,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::devices::{Devices, PioOutcome};
 use crate::kvm::{self, KickGuard};
-use crate::memory::{Access, AddressSpace, FaultError, Serviced};
+use crate::memory::{Access, AddressSpace, FaultError, PageState, Serviced};
 use rcu::ReadGuard;
 
 /// An exit, decoded into our own terms (so that [`handle_exit`] can be tested without KVM).
@@ -168,6 +168,14 @@ pub enum FatalExit {
         /// Its name.
         name: String,
     },
+    /// `KVM_RUN` failed with a bare `EFAULT`, or KVM's emulator failed, and the VMM could not
+    /// complete the instruction.
+    Unresolved {
+        /// What KVM reported.
+        cause: &'static str,
+        /// What the VMM found, naming the instruction and the address.
+        message: String,
+    },
     /// KVM_RUN itself failed.
     RunFailed {
         /// errno.
@@ -224,6 +232,7 @@ impl fmt::Display for FatalExit {
                 write!(f, "guest system event {kind} (KVM_EXIT_SYSTEM_EVENT)")
             }
             FatalExit::Unexpected { name } => write!(f, "unexpected exit {name}"),
+            FatalExit::Unresolved { cause, message } => write!(f, "{cause}: {message}"),
             FatalExit::RunFailed { errno } => write!(
                 f,
                 "KVM_RUN failed: {}",
@@ -327,11 +336,10 @@ pub struct GuardedSpace<'a, 'g> {
 }
 
 impl GuardedSpace<'_, '_> {
-    /// Populates the page of `gpa` if the VMM has not; returns whether it was missing.
-    pub fn populate_if_missing(&self, gpa: u64, write: bool) -> Result<bool, FaultError> {
-        let was_present = self.space.is_resident(gpa);
-        let covered = self.space.populate_for_fault(self.guard, gpa, write)?;
-        Ok(covered && !was_present)
+    /// Populates the page of `gpa` if a region covers it, the access is allowed and the VMM
+    /// has not populated it yet; says which of these it found.
+    pub fn fault_page(&self, gpa: u64, write: bool) -> Result<PageState, FaultError> {
+        self.space.fault_page(self.guard, gpa, write)
     }
 
     /// Reads guest memory that is present (populating it first if needed).
@@ -544,8 +552,40 @@ pub struct Vcpu {
     pub resolver: crate::efault::Resolver,
 }
 
-/// Consecutive `-EFAULT`s without progress before the vCPU gives up.
-const MAX_STALLED_EFAULTS: u32 = 16;
+/// Consecutive unresolved faults without progress before the vCPU gives up.
+const MAX_STALLED_FAULTS: u32 = 16;
+const CAUSE_EFAULT: &str = "KVM_RUN failed with EFAULT (no address reported)";
+const CAUSE_EMULATION: &str = "KVM's instruction emulator failed (KVM_EXIT_INTERNAL_ERROR)";
+
+/// Resolves a fault KVM did not locate (a bare `EFAULT`, or an emulation failure) by decoding
+/// the instruction at `rip` (see `efault`). Progress means pages were really populated; a fault
+/// that repeats without progress (another vCPU may have populated the page first) is retried a
+/// few times, then ends the vCPU with a diagnosis that names the instruction and the address.
+/// `Err` carries the fatal outcome when the instruction could not even be examined.
+fn resolve_fault(
+    vcpu: &Vcpu,
+    mem: &GuardedSpace<'_, '_>,
+    stalled: &mut u32,
+    cause: &'static str,
+) -> Result<VcpuEmulation, VcpuEmulation> {
+    let fatal = |message: String| VcpuEmulation::Fatal(FatalExit::Unresolved { cause, message });
+    match vcpu.resolver.resolve(&vcpu.fd, mem) {
+        Ok(r) if r.populated > 0 => {
+            *stalled = 0;
+            mem.space
+                .counters
+                .unannotated_faults
+                .fetch_add(1, Ordering::Relaxed);
+            Ok(VcpuEmulation::Handled)
+        }
+        Ok(_) if *stalled < MAX_STALLED_FAULTS => {
+            *stalled += 1;
+            Ok(VcpuEmulation::Handled)
+        }
+        Ok(r) => Err(fatal(r.stuck_reason())),
+        Err(e) => Err(fatal(e.to_string())),
+    }
+}
 
 /// One `KVM_RUN`: the only place the thread is inside the guest.
 fn run_once(fd: &mut VcpuFd) -> Result<VcpuExit<'_>, kvm_ioctls::Error> {
@@ -569,7 +609,7 @@ pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> Vcpu
     // while it handles an exit; each handled exit is one read-side critical section, and going
     // offline again for the next KVM_RUN is its quiescent state.
     let mut reader = shared.space.domain().register();
-    let mut stalled_efaults = 0u32;
+    let mut stalled = 0u32;
     loop {
         // Pairs with the Release store in `Vm::stop_all`, made before the kick signal: either
         // we see `stop` here, or the signal's `immediate_exit` makes the next KVM_RUN return.
@@ -587,41 +627,30 @@ pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> Vcpu
         let emulation = match exit {
             Ok(VcpuExit::InternalError) => {
                 let (suberror, data) = kvm::internal_error_info(&mut vcpu.fd);
-                VcpuEmulation::Fatal(FatalExit::InternalError { suberror, data })
+                if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+                    // KVM's emulator (which runs CPL-0 code on some hosts) could not fetch or
+                    // access a page that is not populated yet: resolve it like a bare EFAULT.
+                    match resolve_fault(&vcpu, &mem, &mut stalled, CAUSE_EMULATION) {
+                        Ok(e) => e,
+                        Err(VcpuEmulation::Fatal(FatalExit::Unresolved { cause, message })) => {
+                            VcpuEmulation::Fatal(FatalExit::Unresolved {
+                                cause,
+                                message: format!("{message}; KVM's data words {data:x?}"),
+                            })
+                        }
+                        Err(e) => e,
+                    }
+                } else {
+                    VcpuEmulation::Fatal(FatalExit::InternalError { suberror, data })
+                }
             }
             Ok(exit) => handle_exit(ExitEvent::from(exit), index, &shared.devices, &mem),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 VcpuEmulation::Interrupted
             }
-            Err(e) if e.errno() == libc::EFAULT && shared.space.uffd().is_some() => {
+            Err(e) if e.errno() == libc::EFAULT => {
                 // A first touch on a host that does not report the address (see `efault`).
-                match vcpu.resolver.resolve(&vcpu.fd, &mem) {
-                    Ok(r) if r.populated > 0 => {
-                        stalled_efaults = 0;
-                        shared
-                            .space
-                            .counters
-                            .unannotated_faults
-                            .fetch_add(1, Ordering::Relaxed);
-                        VcpuEmulation::Handled
-                    }
-                    // Another vCPU may have populated the page first: retry a few times.
-                    Ok(_) if stalled_efaults < MAX_STALLED_EFAULTS => {
-                        stalled_efaults += 1;
-                        VcpuEmulation::Handled
-                    }
-                    Ok(r) => VcpuEmulation::Fatal(FatalExit::FaultFailed {
-                        gpa: 0,
-                        message: format!(
-                            "KVM_RUN keeps failing with EFAULT although all {} pages the \
-                             instruction touches are present",
-                            r.pages
-                        ),
-                    }),
-                    Err(message) => {
-                        VcpuEmulation::Fatal(FatalExit::FaultFailed { gpa: 0, message })
-                    }
-                }
+                resolve_fault(&vcpu, &mem, &mut stalled, CAUSE_EFAULT).unwrap_or_else(|r| r)
             }
             Err(e) => VcpuEmulation::Fatal(FatalExit::RunFailed { errno: e.errno() }),
         };

@@ -263,6 +263,7 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         kvm_fd.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES),
     )?;
     let one_gig = boot::regs::has_1g_pages(&cpuid);
+    let xsave_bytes = boot::regs::xsave_max_bytes(&cpuid);
     let ranges = memory::plan(cfg.mem_bytes, boot::identity_map_bytes(one_gig))?;
 
     let kernel_bytes;
@@ -410,6 +411,7 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
                 sync_regs: vm.check_extension(kvm_ioctls::Cap::SyncRegs),
                 identity_cr3: abi::layout::PML4,
                 identity_limit: boot::identity_map_bytes(one_gig),
+                xsave_bytes,
             },
         };
         let (thread_shared, cpuid, tx) = (Arc::clone(&shared), Arc::clone(&cpuid), tx.clone());

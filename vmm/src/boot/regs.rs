@@ -75,6 +75,16 @@ fn segment(selector: u16) -> kvm_segment {
     }
 }
 
+/// The largest XSAVE image the CPU can write, for every feature it supports (CPUID leaf 0xD,
+/// sub-leaf 0, ECX); 0 without XSAVE.
+pub fn xsave_max_bytes(cpuid: &CpuId) -> u64 {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0xd && e.index == 0)
+        .map_or(0, |e| u64::from(e.ecx))
+}
+
 /// Long-mode special registers: flat segments from the GDT, paging on the boot page tables,
 /// SSE enabled (CR0.MP, no CR0.EM, CR4.OSFXSR|OSXMMEXCPT), no IDT.
 pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {

@@ -469,6 +469,7 @@ impl AddressSpace {
     }
 
     /// Whether the VMM knows the page of `gpa` to be present.
+    #[cfg(test)]
     pub fn is_resident(&self, gpa: u64) -> bool {
         self.residency.is_present(gpa / PAGE)
     }

@@ -36,6 +36,19 @@ pub enum Serviced {
     ReadOnly,
 }
 
+/// What [`AddressSpace::fault_page`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageState {
+    /// The page was missing and this call populated it: the access can now complete.
+    Populated,
+    /// The page was already there (or is not demand-paged): nothing to do for it.
+    Present,
+    /// No region covers the address: open bus.
+    Hole,
+    /// A write to a read-only region.
+    ReadOnly,
+}
+
 /// Populating guest memory failed: the host is out of memory or the userfaultfd broke.
 #[derive(Debug, thiserror::Error)]
 #[error("populating guest page {gpa:#x} failed: {source}")]
@@ -139,6 +152,32 @@ impl AddressSpace {
             None => Ok(false),
             Some((_, populated)) => populated.map(|()| true),
         }
+    }
+
+    /// What a fault resolver finds at the page of `gpa` for an access (`write` or not), with
+    /// the page populated (and its fault-around window) where a region covers it and the access
+    /// is allowed. The caller holds `guard`.
+    pub fn fault_page(
+        &self,
+        guard: &ReadGuard<'_>,
+        gpa: u64,
+        write: bool,
+    ) -> Result<PageState, FaultError> {
+        self.map.lookup(guard, gpa, |hit| {
+            let Some((_, region)) = hit else {
+                return Ok(PageState::Hole);
+            };
+            if write && region.readonly {
+                return Ok(PageState::ReadOnly);
+            }
+            if self.ensure_present(region, gpa, write)? {
+                region.counters.faults.fetch_add(1, Relaxed);
+                self.counters.faults.fetch_add(1, Relaxed);
+                Ok(PageState::Populated)
+            } else {
+                Ok(PageState::Present)
+            }
+        })
     }
 
     /// [`populate_for_fault`](Self::populate_for_fault)'s work: `None` if no region covers

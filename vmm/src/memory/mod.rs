@@ -20,7 +20,7 @@ pub mod residency;
 pub mod uffd;
 
 pub use address_space::{AddressSpace, AsConfig, AsError, FaultMode, Limits, Memslots};
-pub use fault::{Access, FaultError, Serviced};
+pub use fault::{Access, FaultError, PageState, Serviced};
 pub use guest::GuardedMemory;
 pub use host::Backing;
 pub use region::RegionKind;
