@@ -193,14 +193,24 @@ impl Inner {
     #[cold]
     #[inline(never)]
     fn pay_backpressure(&self, slot: &Slot) {
+        /// Brings the slot back online when dropped, so that nothing unwinding out of the
+        /// payment (a callback's panic, were one to escape the batch) leaves the reader
+        /// offline: its caller may catch the panic and keep reading, and grace periods would
+        /// not wait for that reader's guards.
+        struct BackOnline<'a>(&'a Inner, &'a Slot);
+        impl Drop for BackOnline<'_> {
+            fn drop(&mut self) {
+                self.0.thread_online(self.1);
+            }
+        }
         slot.owes_backpressure.store(false, Relaxed);
         self.thread_offline(slot);
+        let _online = BackOnline(self, slot);
         // Another reader of this domain on this thread may hold a guard: then it waits for
         // that reader's quiescent state (which owes too).
         if !self.this_thread_has_an_online_reader() {
             self.reclaim.apply_backpressure(self);
         }
-        self.thread_online(slot);
     }
 
     /// Marks the calling thread's online readers of this domain as owing back-pressure (they
