@@ -1076,3 +1076,88 @@ fn hugetlb_regions_are_demand_paged_in_huge_pages_and_freed_in_part() {
         eprintln!("{mode}: {line}");
     }
 }
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+/// A fresh directory under the temporary directory with `mode`.
+fn test_dir(name: &str, mode: u32) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vmm-ctl-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir(&d).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode)).unwrap();
+    d
+}
+
+/// `vmm run --api-sock` refuses (status 1, nothing created) a socket path whose directory, or
+/// any directory above it, another user could change: group- or world-writable without the
+/// sticky bit, owned by another user (not root), or reached through another user's symlink.
+#[test]
+fn run_refuses_a_socket_directory_other_users_can_change() {
+    require_kvm!();
+    let refused = |sock: &Path, why: &str, dir: &Path| {
+        let o = support::run(&[
+            "run",
+            "--workload",
+            "hello",
+            "--timeout",
+            "10",
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ]);
+        let err = support::stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{}: {err}", sock.display());
+        assert!(
+            err.contains(why) && err.contains(&dir.display().to_string()),
+            "{}: want {why:?} about {}: {err}",
+            sock.display(),
+            dir.display()
+        );
+        assert!(
+            std::fs::symlink_metadata(sock).is_err(),
+            "{} was created",
+            sock.display()
+        );
+    };
+    let open = test_dir("dir-0777", 0o777);
+    refused(&open.join("sock"), "writable", &open);
+    let sub = open.join("private");
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o700)).unwrap();
+    refused(&sub.join("sock"), "writable", &open);
+    let group = test_dir("dir-0770", 0o770);
+    refused(&group.join("sock"), "writable", &group);
+    if is_root() {
+        let theirs = test_dir("dir-nobody", 0o755);
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        refused(&theirs.join("sock"), "owned by uid 65534", &theirs);
+        let safe = test_dir("dir-safe", 0o700);
+        let link = std::env::temp_dir().join(format!("vmm-ctl-{}-link", std::process::id()));
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&safe, &link).unwrap();
+        std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).unwrap();
+        refused(&link.join("sock"), "owned by uid 65534", &link);
+        std::fs::remove_file(&link).unwrap();
+        std::fs::remove_dir_all(&theirs).unwrap();
+        std::fs::remove_dir_all(&safe).unwrap();
+    } else {
+        eprintln!("skipping the other-owner cases: they need root to chown");
+    }
+    // Sticky and world-writable (as /tmp is): fine.
+    let sticky = test_dir("dir-1777", 0o1777);
+    let sock = sticky.join("sock");
+    let o = support::run(&[
+        "run",
+        "--workload",
+        "hello",
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", support::stderr(&o));
+    assert!(!sock.exists(), "the socket is removed on exit");
+    for d in [&open, &group, &sticky] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}

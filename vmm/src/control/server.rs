@@ -1,10 +1,16 @@
 //! The control socket server: one acceptor thread (the companion thread) and one thread per
 //! client, bounded by `--max-clients`.
 //!
-//! - The socket is created with mode 0600 (under a umask, then chmod'ed again). A path that
-//!   is a live socket (something answers `connect`) is refused; a stale one (connection
-//!   refused) is replaced; anything else at the path is left alone and refused. The socket is
-//!   removed when the server stops (if it is still ours).
+//! - Before anything is created, every directory on the way to the socket must be one that
+//!   only root and the VMM's user can change ([`check_socket_dir`]); otherwise another user
+//!   could rename the socket and bind their own in its place.
+//! - The socket file has mode 0600 from the start: the socket's inode gets that mode
+//!   (`fchmod` on the descriptor) before `bind` creates the file from it (less the umask).
+//!   Nothing is chmod'ed by path afterwards (that would follow a symlink put there), and the
+//!   process-wide umask is not touched. A path that is a live socket (something answers
+//!   `connect`) is refused; a stale one (connection refused) is replaced; anything else at
+//!   the path is left alone and refused. The socket is removed when the server stops (if it
+//!   is still ours).
 //! - Each peer's uid (`SO_PEERCRED`) must be the VMM's effective uid; others get one
 //!   `denied` reply and are disconnected.
 //! - A client thread reads lines of at most 64 KiB, answers each in order, and never lets one
@@ -14,9 +20,11 @@
 //!   Handler threads never hold RCU read guards: they are writers.
 #![allow(unsafe_code)]
 
+use std::collections::HashSet;
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -33,6 +41,8 @@ use super::Vmm;
 const POLL: Duration = Duration::from_millis(100);
 /// A client that does not take its replies for this long is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The socket file's mode.
+const SOCKET_MODE: libc::mode_t = 0o600;
 
 /// Why the socket cannot be created.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +53,28 @@ pub enum ServerError {
     /// Something that is not a socket is there.
     #[error("--api-sock {0}: exists and is not a socket; remove it or choose another path")]
     NotSocket(PathBuf),
+    /// A directory (or symbolic link) on the way to the socket can be changed by another user.
+    #[error(
+        "--api-sock {path}: {dir} {why}, so another user could replace the socket; \
+         use a directory that only you or root can change (such as $XDG_RUNTIME_DIR, or a \
+         private directory under /tmp)"
+    )]
+    UnsafeDir {
+        /// The socket path.
+        path: PathBuf,
+        /// The directory or link at fault.
+        dir: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The new socket file is not what was asked for (it is removed).
+    #[error("--api-sock {path}: the new socket {why}; removed it")]
+    BadSocket {
+        /// The socket path.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
     /// The host refused.
     #[error("--api-sock {path}: cannot {what}: {source}")]
     Io {
@@ -74,6 +106,91 @@ impl Drop for Listener {
     }
 }
 
+/// Whether a file owned by `owner` is safe for a VMM running as `uid` to rely on: only its
+/// owner and root can change it.
+pub fn trusted_owner(owner: u32, uid: u32) -> bool {
+    owner == 0 || owner == uid
+}
+
+/// What makes a directory unsafe to hold the socket of a VMM running as `uid`, if anything:
+/// another owner than root or `uid`, or group- or world-writable without the sticky bit
+/// (which keeps others from renaming or removing entries they do not own).
+fn dir_problem(m: &std::fs::Metadata, uid: u32) -> Option<String> {
+    let mode = m.mode();
+    if !m.is_dir() {
+        Some("is not a directory".into())
+    } else if !trusted_owner(m.uid(), uid) {
+        Some(format!("is owned by uid {}", m.uid()))
+    } else if mode & 0o022 != 0 && mode & libc::S_ISVTX == 0 {
+        let who = if mode & 0o002 != 0 {
+            "every user"
+        } else {
+            "its group"
+        };
+        Some(format!(
+            "is writable by {who} (mode {:04o}) without the sticky bit",
+            mode & 0o7777
+        ))
+    } else {
+        None
+    }
+}
+
+/// Checks that only root and `uid` can change the way to `sock` (in the manner of OpenSSH's
+/// `safe_path`): for every directory on the path as given, and on the same path with symbolic
+/// links resolved, the directory and each one above it passes [`dir_problem`], and a symbolic
+/// link on the way is owned by root or `uid` (even in a sticky directory, a link's owner can
+/// replace it). A relative path is taken from the current directory.
+pub fn check_socket_dir(sock: &Path, uid: u32) -> Result<(), ServerError> {
+    let io_err = |what, source| ServerError::Io {
+        path: sock.to_owned(),
+        what,
+        source,
+    };
+    let parent = match sock.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let parent = if parent.is_absolute() {
+        parent
+    } else {
+        std::env::current_dir()
+            .map_err(|e| io_err("find the current directory", e))?
+            .join(parent)
+    };
+    let unsafe_dir = |dir: &Path, why: String| ServerError::UnsafeDir {
+        path: sock.to_owned(),
+        dir: dir.to_owned(),
+        why,
+    };
+    let mut checked = HashSet::new();
+    let given: Vec<&Path> = parent.ancestors().collect();
+    for q in given.into_iter().rev() {
+        let lm = std::fs::symlink_metadata(q)
+            .map_err(|e| io_err("inspect a directory on the way to the socket", e))?;
+        if lm.file_type().is_symlink() && !trusted_owner(lm.uid(), uid) {
+            return Err(unsafe_dir(
+                q,
+                format!("is a symbolic link owned by uid {}", lm.uid()),
+            ));
+        }
+        let real = std::fs::canonicalize(q)
+            .map_err(|e| io_err("resolve a directory on the way to the socket", e))?;
+        let chain: Vec<&Path> = real.ancestors().collect();
+        for d in chain.into_iter().rev() {
+            if !checked.insert(d.to_owned()) {
+                continue;
+            }
+            let m = std::fs::metadata(d)
+                .map_err(|e| io_err("inspect a directory on the way to the socket", e))?;
+            if let Some(why) = dir_problem(&m, uid) {
+                return Err(unsafe_dir(d, why));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Creates the control socket at `path` (see the module docs).
 pub fn bind(path: &Path) -> Result<Listener, ServerError> {
     let io_err = |what, source| ServerError::Io {
@@ -81,6 +198,8 @@ pub fn bind(path: &Path) -> Result<Listener, ServerError> {
         what,
         source,
     };
+    let uid = our_uid();
+    check_socket_dir(path, uid)?;
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => match UnixStream::connect(path) {
             Ok(_) => return Err(ServerError::Live(path.to_owned())),
@@ -94,22 +213,88 @@ pub fn bind(path: &Path) -> Result<Listener, ServerError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err("inspect the path", e)),
     }
-    // SAFETY: umask only changes the process's file-creation mask; it is restored right after
-    // the bind. No other thread creates files at this point (the VM is not running yet).
-    let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
-    let inner = bound.map_err(|e| io_err("bind the socket", e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| io_err("set the socket's mode to 0600", e))?;
+    let inner = bind_private(path).map_err(|e| io_err("bind the socket", e))?;
     let m = std::fs::symlink_metadata(path).map_err(|e| io_err("inspect the socket", e))?;
+    let why = if !m.file_type().is_socket() {
+        Some("is not a socket".to_owned())
+    } else if m.uid() != uid {
+        Some(format!("is owned by uid {}, not {uid}", m.uid()))
+    } else if m.mode() & 0o7777 & !SOCKET_MODE != 0 {
+        Some(format!(
+            "has mode {:04o}, not {SOCKET_MODE:04o}",
+            m.mode() & 0o7777
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        if m.file_type().is_socket() {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(ServerError::BadSocket {
+            path: path.to_owned(),
+            why,
+        });
+    }
     remove_on_fatal_signals(path);
     Ok(Listener {
         inner,
         path: path.to_owned(),
         id: (m.dev(), m.ino()),
     })
+}
+
+/// A listening Unix socket at `path` whose file has mode [`SOCKET_MODE`] (less the umask)
+/// from the moment it exists: Linux creates the file of a bound socket with the mode of the
+/// socket's own inode, which `fchmod` on the descriptor sets before `bind`.
+fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data, for which all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "a socket path must be 1 to {} bytes long, without NUL",
+                addr.sun_path.len() - 1
+            ),
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = b as libc::c_char;
+    }
+    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
+    // SAFETY: socket takes no pointers; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: fchmod on a descriptor we own; no pointers.
+    if unsafe { libc::fchmod(fd.as_raw_fd(), SOCKET_MODE) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `addr` is a live sockaddr_un, and `len` (the path, its NUL and the family
+    // field) does not exceed its size.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: listen on a bound socket we own; no pointers.
+    if unsafe { libc::listen(fd.as_raw_fd(), 128) } != 0 {
+        let e = io::Error::last_os_error();
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(UnixListener::from(fd))
 }
 
 /// The socket path for the signal handler (set once, by the first bound listener).
@@ -361,6 +546,7 @@ pub fn answer(vmm: &Vmm, line: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn tmp(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("vmm-ctl-test-{}-{name}", std::process::id()));
@@ -400,6 +586,65 @@ mod tests {
         drop(l);
         assert_eq!(std::fs::read(&p).unwrap(), b"someone else's");
         std::fs::remove_file(&p).unwrap();
+    }
+
+    fn dir(name: &str, mode: u32) -> PathBuf {
+        let d = tmp(name);
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode)).unwrap();
+        d
+    }
+
+    #[test]
+    fn socket_directories_others_can_change_are_refused() {
+        let uid = our_uid();
+        let open = dir("open", 0o777);
+        let sub = open.join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o700)).unwrap();
+        for (sock, bad) in [
+            (open.join("s"), &open),
+            (sub.join("s"), &open),
+            (sub.join("..").join("sub").join("s"), &open),
+        ] {
+            match check_socket_dir(&sock, uid) {
+                Err(ServerError::UnsafeDir { dir, why, .. }) => {
+                    assert_eq!(&dir, bad, "{}", sock.display());
+                    assert!(why.contains("writable by every user"), "{why}");
+                }
+                r => panic!("{}: {r:?}", sock.display()),
+            }
+            assert!(matches!(bind(&sock), Err(ServerError::UnsafeDir { .. })));
+            assert!(std::fs::symlink_metadata(&sock).is_err(), "created");
+        }
+        let group = dir("group", 0o770);
+        let e = check_socket_dir(&group.join("s"), uid).unwrap_err();
+        assert!(e.to_string().contains("writable by its group"), "{e}");
+        // Sticky: fine (as /tmp), and a private directory under it too.
+        let sticky = dir("sticky", 0o1777);
+        check_socket_dir(&sticky.join("s"), uid).unwrap();
+        let private = dir("private", 0o700);
+        check_socket_dir(&private.join("s"), uid).unwrap();
+        // Owners: root and the VMM's user only (the end-to-end test chowns to check the rest).
+        assert!(trusted_owner(0, 1000) && trusted_owner(1000, 1000) && trusted_owner(0, 0));
+        assert!(!trusted_owner(65534, 1000) && !trusted_owner(65534, 0));
+        let m = std::fs::metadata(&private).unwrap();
+        assert!(dir_problem(&m, uid).is_none());
+        if m.uid() != 0 {
+            let e = dir_problem(&m, m.uid() + 1).unwrap();
+            assert!(e.contains("owned by uid"), "{e}");
+        }
+        let file = private.join("f");
+        std::fs::write(&file, b"").unwrap();
+        let e = check_socket_dir(&file.join("s"), uid).unwrap_err();
+        assert!(
+            matches!(e, ServerError::Io { .. } | ServerError::UnsafeDir { .. }),
+            "{e}"
+        );
+        for d in [&open, &group, &sticky, &private] {
+            std::fs::remove_dir_all(d).unwrap();
+        }
     }
 
     #[test]
