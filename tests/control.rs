@@ -1161,3 +1161,71 @@ fn run_refuses_a_socket_directory_other_users_can_change() {
         std::fs::remove_dir_all(d).unwrap();
     }
 }
+
+const FAKE_SERVER_ENV: &str = "VMM_TEST_FAKE_SERVER";
+
+/// Not a test on its own: with `VMM_TEST_FAKE_SERVER=PATH` set (by
+/// `ctl_refuses_a_server_of_another_user`, which runs this binary as another user), it
+/// listens on PATH, answers the first client with a fake success, and prints how many bytes
+/// the client sent.
+#[test]
+fn helper_fake_server() {
+    let Some(path) = std::env::var_os(FAKE_SERVER_ENV) else {
+        return;
+    };
+    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let (mut s, _) = l.accept().unwrap();
+    let _ = s.write_all(b"{\"id\":1,\"ok\":true,\"result\":{\"stopping\":true}}\n");
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut got = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut got);
+    println!("FAKE-SERVER-RECEIVED {}", got.len());
+}
+
+/// `vmm ctl` checks who serves the socket (`SO_PEERCRED`): a server of another user (not
+/// root) is refused before the request is sent.
+#[test]
+fn ctl_refuses_a_server_of_another_user() {
+    if !is_root() {
+        eprintln!("skipping: needs root to run a fake server as another user");
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let dir = test_dir("fake", 0o755);
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    let sock = dir.join("sock");
+    let fake = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "helper_fake_server",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(FAKE_SERVER_ENV, &sock)
+        .uid(65534)
+        .gid(65534)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the fake server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let o = support::run(&["ctl", "--api-sock", sock.to_str().unwrap(), "stop"]);
+    let fake = wait_with_timeout(fake, Duration::from_secs(10));
+    let said = support::stdout(&fake);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let err = support::stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "vmm ctl trusted uid 65534: {err}");
+    assert!(err.contains("uid 65534"), "{err}");
+    assert!(
+        said.contains("FAKE-SERVER-RECEIVED 0"),
+        "the request was sent: {said}{}",
+        support::stderr(&fake)
+    );
+}

@@ -1,4 +1,9 @@
 //! `vmm ctl`: sends one request to a running VMM's control socket and prints the reply.
+//!
+//! Before sending anything it checks who serves the socket (`SO_PEERCRED`): the server must
+//! run as the same user as `vmm ctl`, or as root. Another user who could replace the socket
+//! file (through a directory they can write) would otherwise receive the request and could
+//! answer it with a fake success.
 #![deny(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -11,6 +16,7 @@ use serde_json::{json, Value};
 
 use super::fmt_size;
 use super::protocol::parse_addr;
+use super::server::{our_uid, peer_uid, trusted_owner};
 use crate::size::parse_size;
 
 /// How long to wait for a reply (an unmap waits for a grace period and frees memory).
@@ -188,11 +194,33 @@ fn connect(path: &std::path::Path) -> std::io::Result<UnixStream> {
     }
 }
 
+/// Whether a server running as `peer` may be sent the requests of a client running as `ours`:
+/// the same user, or root.
+pub fn server_trusted(peer: u32, ours: u32) -> bool {
+    trusted_owner(peer, ours)
+}
+
 fn exchange(args: &CtlArgs, line: &str) -> Result<String, String> {
     let path = args.api_sock.display();
     let mut s = connect(&args.api_sock).map_err(|e| {
         format!("cannot connect to {path}: {e}; is `vmm run --api-sock {path}` running?")
     })?;
+    let ours = our_uid();
+    match peer_uid(&s) {
+        Ok(p) if server_trusted(p, ours) => {}
+        Ok(p) => {
+            return Err(format!(
+                "{path} is served by a process of uid {p}, not by you (uid {ours}) or root; \
+                 refusing to send the request (another user may have replaced the socket: \
+                 check who can write to its directory)"
+            ))
+        }
+        Err(e) => {
+            return Err(format!(
+                "cannot tell who serves {path} (SO_PEERCRED: {e}); refusing to send the request"
+            ))
+        }
+    }
     let _ = s.set_read_timeout(Some(REPLY_TIMEOUT));
     s.write_all(format!("{line}\n").as_bytes())
         .map_err(|e| format!("cannot send the request to {path}: {e}"))?;
@@ -348,4 +376,19 @@ pub fn human(op: &CtlOp, r: &Value) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_of_the_same_user_or_root_are_trusted() {
+        assert!(server_trusted(1000, 1000));
+        assert!(server_trusted(0, 1000));
+        assert!(server_trusted(0, 0));
+        assert!(!server_trusted(65534, 1000));
+        assert!(!server_trusted(65534, 0));
+        assert!(!server_trusted(1000, 0));
+    }
 }

@@ -329,8 +329,9 @@ fn remove_on_fatal_signals(path: &Path) {
     }
 }
 
-/// The uid of the process at the other end of `s`.
-fn peer_uid(s: &UnixStream) -> io::Result<u32> {
+/// The uid of the process at the other end of `s` (for a client: the process that made the
+/// server's socket listen).
+pub fn peer_uid(s: &UnixStream) -> io::Result<u32> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -358,7 +359,8 @@ pub fn peer_allowed(peer: u32, ours: u32) -> bool {
     peer == ours
 }
 
-fn our_uid() -> u32 {
+/// The process's effective uid.
+pub fn our_uid() -> u32 {
     // SAFETY: geteuid cannot fail and touches no memory.
     unsafe { libc::geteuid() }
 }
