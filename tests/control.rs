@@ -543,25 +543,38 @@ fn client_and_line_limits() {
     let mut a = vm.client();
     let mut b = vm.client();
     a.ok(json!({"op": "list"}));
+    std::thread::sleep(Duration::from_millis(10));
     b.ok(json!({"op": "list"}));
+    // A third client is served: the one that has gone longest without a request (a) makes
+    // room, and is told why.
     let mut third = vm.client();
-    let v = third.read_reply();
+    third.ok(json!({"op": "list"}));
+    let v = a.read_reply();
     assert_eq!(v["error"]["code"], json!("limit"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-clients"),
+        "{v}"
+    );
+    let mut rest = String::new();
+    assert_eq!(a.r.read_line(&mut rest).unwrap(), 0, "a is closed: {rest}");
+    b.ok(json!({"op": "list"}));
+    let s = third.ok(json!({"op": "stats"}));
+    assert_eq!(s["control"]["clients"], json!(2), "{s}");
+    assert_eq!(s["control"]["clients_evicted"], json!(1), "{s}");
     drop(b);
     // The slot frees once the server sees the disconnect.
     let t0 = Instant::now();
-    loop {
-        let mut s = connect(&vm.sock);
-        let _ = s.write_all(b"{\"id\":5,\"op\":\"list\"}\n");
-        let mut reply = String::new();
-        let _ = BufReader::new(s).read_line(&mut reply);
-        let v: Value = serde_json::from_str(&reply).unwrap();
-        if v["ok"] == json!(true) {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(5), "{v}");
+    while third.ok(json!({"op": "stats"}))["control"]["clients"] != json!(1) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "b's slot stayed taken"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
+    let mut a = third;
     // A line over 64 KiB is refused; the connection goes on.
     let long = format!(r#"{{"id":1,"op":"list","pad":"{}"}}"#, "x".repeat(70_000));
     let v = a.send_line(&long);
@@ -1075,6 +1088,146 @@ fn hugetlb_regions_are_demand_paged_in_huge_pages_and_freed_in_part() {
         let line = stop_and_verify(vm, &mut c);
         eprintln!("{mode}: {line}");
     }
+}
+
+/// Reads one line from `s` within `limit`; `None` on EOF or when nothing came in time.
+fn read_line_within(s: &UnixStream, limit: Duration) -> Option<String> {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut line = String::new();
+    match BufReader::new(s).read_line(&mut line) {
+        Ok(n) if n > 0 => Some(line),
+        _ => None,
+    }
+}
+
+/// A client that holds a partial request line past `--client-idle-timeout` is told why and
+/// disconnected, even if it keeps trickling bytes (the time counts from the line's first
+/// byte); a client that sends nothing at all stays; drops are counted in `stats`.
+#[test]
+fn clients_holding_a_partial_line_are_dropped_after_the_idle_timeout() {
+    require_kvm!();
+    let vm = Vm::start(
+        "idle",
+        &[
+            "--workload",
+            "spin",
+            "--timeout",
+            "60",
+            "--client-idle-timeout",
+            "1",
+        ],
+    );
+    let mut silent = vm.client();
+    silent.ok(json!({"op": "list"}));
+    let mut partial = connect(&vm.sock);
+    partial.write_all(br#"{"id":1,"op":"li"#).unwrap();
+    let t0 = Instant::now();
+    let mut trickle = connect(&vm.sock);
+    let trickler = std::thread::spawn(move || {
+        // One byte every 200 ms, never a newline: at most 5 s of it.
+        for _ in 0..25 {
+            if trickle.write_all(b" ").is_err() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        false
+    });
+    let reply = read_line_within(&partial, Duration::from_secs(5))
+        .expect("the half-line client got no reply within 5 s");
+    let waited = t0.elapsed();
+    let v: Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(v["error"]["code"], json!("limit"), "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("--client-idle-timeout"), "{msg}");
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(4),
+        "dropped after {waited:?} with a 1 s timeout"
+    );
+    assert_eq!(
+        read_line_within(&partial, Duration::from_secs(2)),
+        None,
+        "closed after the notice"
+    );
+    assert!(
+        trickler.join().unwrap(),
+        "a client trickling a line one byte at a time was not dropped"
+    );
+    // The silent client (no partial line) is still served.
+    std::thread::sleep(Duration::from_millis(500));
+    silent.ok(json!({"op": "list"}));
+    let s = silent.ok(json!({"op": "stats"}));
+    assert_eq!(s["control"]["clients_dropped_idle"], json!(2), "{s}");
+    assert_eq!(s["control"]["clients"], json!(1), "{s}");
+}
+
+/// Every client slot held by connections that send half a line or nothing at all: `vmm ctl
+/// check` and `vmm ctl stop` still get through at once (the longest-idle client makes room).
+#[test]
+fn stop_and_check_get_through_when_every_client_slot_is_held() {
+    require_kvm!();
+    let vm = Vm::start(
+        "held",
+        &[
+            "--workload",
+            "hotplug",
+            "--timeout",
+            "60",
+            "--max-clients",
+            "4",
+        ],
+    );
+    // Holds a slot: sends nothing at all, or half a line after one request.
+    let hold = |i: usize| {
+        let mut c = vm.client();
+        if i % 2 == 1 {
+            c.ok(json!({"op": "list"}));
+            c.w.write_all(br#"{"id":2,"op":"st"#).unwrap();
+        }
+        c
+    };
+    let mut held: Vec<Client> = (0..4).map(hold).collect();
+    let sock = vm.sock.to_str().unwrap();
+    let timed = |args: &[&str]| {
+        let t0 = Instant::now();
+        let o = support::run(args);
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "{args:?} took {:?} with every slot held",
+            t0.elapsed()
+        );
+        o
+    };
+    // Served (whether the address space is consistent is not this test's business).
+    let o = timed(&["ctl", "--api-sock", sock, "--json", "check"]);
+    let v: Value = serde_json::from_str(&support::stdout(&o)).unwrap_or(Value::Null);
+    assert_eq!(v["ok"], json!(true), "{v}{}", support::stderr(&o));
+    // Take the freed slot back, as a hostile client would.
+    std::thread::sleep(Duration::from_millis(100));
+    held.push(hold(4));
+    let o = timed(&["ctl", "--api-sock", sock, "--json", "stats"]);
+    assert_eq!(o.status.code(), Some(0), "{}", support::stderr(&o));
+    let v: Value = serde_json::from_str(&support::stdout(&o)).unwrap();
+    assert!(
+        v["result"]["control"]["clients_evicted"].as_u64() >= Some(2),
+        "{v}"
+    );
+    assert_eq!(v["result"]["control"]["max_clients"], json!(4), "{v}");
+    std::thread::sleep(Duration::from_millis(100));
+    held.push(hold(5));
+    let o = timed(&["ctl", "--api-sock", sock, "stop"]);
+    assert_eq!(o.status.code(), Some(0), "{}", support::stderr(&o));
+    // The evicted clients were told why.
+    let notices = held
+        .iter()
+        .filter_map(|c| read_line_within(&c.w, Duration::from_millis(200)))
+        .filter(|l| l.contains("\"limit\"") && l.contains("--max-clients"))
+        .count();
+    assert!(notices >= 3, "{notices} evicted clients got a notice");
+    let o = vm.wait();
+    let err = support::stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("verify ok (0 errors)"), "{err}");
 }
 
 fn is_root() -> bool {

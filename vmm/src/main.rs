@@ -134,6 +134,12 @@ struct RunArgs {
           value_parser = clap::value_parser!(u64).range(1..=4096))]
     max_clients: u64,
 
+    /// Drop a control client that leaves a request line incomplete for this many seconds
+    /// (fractions allowed).
+    #[arg(long, value_name = "SECONDS", default_value = control::DEFAULT_CLIENT_IDLE_TIMEOUT,
+          value_parser = control::parse_client_idle_timeout)]
+    client_idle_timeout: Duration,
+
     /// Stop the guest after this many seconds (fractions allowed; 0 = never).
     #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = size::parse_timeout)]
     timeout: Duration,
@@ -312,6 +318,7 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
                 max_regions: args.max_regions as usize,
                 max_hotplug_bytes: args.max_hotplug_mem,
                 max_clients: args.max_clients as usize,
+                client_idle_timeout: args.client_idle_timeout,
                 vcpus: args.vcpus,
             },
         ));

@@ -222,16 +222,17 @@ fn exchange(args: &CtlArgs, line: &str) -> Result<String, String> {
         }
     }
     let _ = s.set_read_timeout(Some(REPLY_TIMEOUT));
-    s.write_all(format!("{line}\n").as_bytes())
-        .map_err(|e| format!("cannot send the request to {path}: {e}"))?;
+    let sent = s.write_all(format!("{line}\n").as_bytes());
     let mut reply = String::new();
-    BufReader::new(&s)
-        .read_line(&mut reply)
-        .map_err(|e| format!("no reply from {path}: {e}"))?;
-    if reply.is_empty() {
-        return Err(format!("{path} closed the connection without replying"));
+    let read = BufReader::new(&s).read_line(&mut reply);
+    // A server that refuses the connection (too many clients, another user) may have replied
+    // and closed it before the request was written: its reply says why.
+    match (sent, read) {
+        (_, Ok(_)) if !reply.is_empty() => Ok(reply),
+        (Err(e), _) => Err(format!("cannot send the request to {path}: {e}")),
+        (Ok(()), Err(e)) => Err(format!("no reply from {path}: {e}")),
+        (Ok(()), Ok(_)) => Err(format!("{path} closed the connection without replying")),
     }
-    Ok(reply)
 }
 
 fn s(v: &Value) -> &str {
@@ -356,6 +357,14 @@ pub fn human(op: &CtlOp, r: &Value) -> String {
                 n(&g["passes"]),
                 n(&r["generation"]),
                 n(&g["generation_seen"])
+            );
+            let c = &r["control"];
+            out += &format!(
+                "control clients: {} connected (at most {}), {} dropped idle, {} evicted to make room\n",
+                n(&c["clients"]),
+                n(&c["max_clients"]),
+                n(&c["clients_dropped_idle"]),
+                n(&c["clients_evicted"])
             );
         }
         CtlOp::Stop => out += "the guest was asked to stop\n",

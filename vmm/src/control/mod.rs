@@ -13,7 +13,9 @@ pub mod protocol;
 pub mod server;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -25,6 +27,31 @@ use crate::vcpu::VcpuShared;
 use crate::vm::VmHandle;
 pub use protocol::{Code, ControlError, Request};
 
+/// The default `--client-idle-timeout`.
+pub const DEFAULT_CLIENT_IDLE_TIMEOUT: &str = "5";
+
+/// Parses `--client-idle-timeout SECONDS`: a positive number of seconds, fractions allowed.
+pub fn parse_client_idle_timeout(s: &str) -> Result<Duration, String> {
+    let d = crate::size::parse_timeout(s)?;
+    if d < Duration::from_millis(10) {
+        return Err(format!(
+            "invalid idle timeout {s:?}: must be at least 0.01 seconds"
+        ));
+    }
+    Ok(d)
+}
+
+/// What the control server counts about its clients (shown by `stats`).
+#[derive(Debug, Default)]
+pub struct ClientCounters {
+    /// Clients connected now.
+    pub connected: AtomicU64,
+    /// Clients dropped for holding a partial line past `--client-idle-timeout`.
+    pub dropped_idle: AtomicU64,
+    /// Clients disconnected to make room for a new one (all slots were taken).
+    pub evicted: AtomicU64,
+}
+
 /// Limits of the control server.
 #[derive(Clone, Copy, Debug)]
 pub struct Config {
@@ -34,6 +61,8 @@ pub struct Config {
     pub max_hotplug_bytes: u64,
     /// Most clients connected at once.
     pub max_clients: usize,
+    /// A client holding a partial request line for this long is dropped.
+    pub client_idle_timeout: Duration,
     /// vCPUs of the VM (to read the guest's results slots).
     pub vcpus: u32,
 }
@@ -153,6 +182,21 @@ pub struct Stats {
     pub fault_mode: &'static str,
     /// bonsai | rwlock | cow.
     pub address_space: &'static str,
+    /// The control server's clients.
+    pub control: ControlStats,
+}
+
+/// The control server's clients, in `stats`.
+#[derive(Debug, Serialize)]
+pub struct ControlStats {
+    /// Connected now (the one asking included).
+    pub clients: u64,
+    /// `--max-clients`.
+    pub max_clients: usize,
+    /// Dropped for holding a partial request line past `--client-idle-timeout`.
+    pub clients_dropped_idle: u64,
+    /// Disconnected to make room for a new client when every slot was taken.
+    pub clients_evicted: u64,
 }
 
 /// Address-space totals.
@@ -281,6 +325,7 @@ pub struct Vmm {
     /// Serialises changes (validation against the limits, the change, the mailbox update).
     ops: Mutex<()>,
     inject: bool,
+    clients: ClientCounters,
 }
 
 impl Vmm {
@@ -296,6 +341,7 @@ impl Vmm {
             cfg,
             ops: Mutex::new(()),
             inject,
+            clients: ClientCounters::default(),
         };
         // Regions mapped before the server started (none, normally) are listed at once.
         let _ = vmm.mailbox.begin().publish(&vmm.mailbox_list());
@@ -305,6 +351,11 @@ impl Vmm {
     /// The limits.
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// The client counters the server keeps.
+    pub fn clients(&self) -> &ClientCounters {
+        &self.clients
     }
 
     /// Runs one request.
@@ -574,6 +625,12 @@ impl Vmm {
             host_rss_bytes: host_rss_bytes(),
             fault_mode: self.space.fault_mode().name(),
             address_space: self.space.implementation(),
+            control: ControlStats {
+                clients: self.clients.connected.load(Ordering::Relaxed),
+                max_clients: self.cfg.max_clients,
+                clients_dropped_idle: self.clients.dropped_idle.load(Ordering::Relaxed),
+                clients_evicted: self.clients.evicted.load(Ordering::Relaxed),
+            },
         }
     }
 }
@@ -854,5 +911,20 @@ mod tests {
             Code::Reserved
         );
         assert!(reserved_check(1 << 32, (1 << 32) + 4096, &list).is_ok());
+    }
+
+    #[test]
+    fn idle_timeouts() {
+        assert_eq!(
+            parse_client_idle_timeout(DEFAULT_CLIENT_IDLE_TIMEOUT),
+            Ok(Duration::from_secs(5))
+        );
+        assert_eq!(
+            parse_client_idle_timeout("0.5"),
+            Ok(Duration::from_millis(500))
+        );
+        for bad in ["0", "0.001", "-1", "soon", "inf"] {
+            assert!(parse_client_idle_timeout(bad).is_err(), "{bad}");
+        }
     }
 }

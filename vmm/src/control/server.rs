@@ -1,5 +1,5 @@
 //! The control socket server: one acceptor thread (the companion thread) and one thread per
-//! client, bounded by `--max-clients`.
+//! client, at most `--max-clients` at once.
 //!
 //! - Before anything is created, every directory on the way to the socket must be one that
 //!   only root and the VMM's user can change ([`check_socket_dir`]); otherwise another user
@@ -16,21 +16,29 @@
 //! - A client thread reads lines of at most 64 KiB, answers each in order, and never lets one
 //!   client block another except while an address-space change runs (those are serialised by
 //!   the address space). A line over the limit gets a `limit` reply and is skipped; a client
-//!   that disconnects mid-line or stops reading its replies (5 s write timeout) is dropped.
-//!   Handler threads never hold RCU read guards: they are writers.
+//!   that disconnects mid-line or stops reading its replies (5 s write timeout) is dropped. A
+//!   client whose request line stays incomplete for `--client-idle-timeout` (counted from the
+//!   line's first byte) gets a `limit` notice and is dropped. Handler threads never hold RCU
+//!   read guards: they are writers.
+//! - When every slot is taken, a new connection makes room: the client that has gone longest
+//!   without a complete request line, preferring one with no request under way, gets a
+//!   `limit` notice and is disconnected (one with a request under way first gets its reply).
+//!   So a new client, `vmm ctl stop` included, is always served, whatever the connections
+//!   already there do.
 #![allow(unsafe_code)]
 
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
+use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -41,6 +49,11 @@ use super::Vmm;
 const POLL: Duration = Duration::from_millis(100);
 /// A client that does not take its replies for this long is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the notice to a client being disconnected may take to send.
+const NOTICE_TIMEOUT: Duration = Duration::from_millis(200);
+/// How long a new client waits for an evicted one to go (a request under way is answered
+/// first, and the reply may take up to [`WRITE_TIMEOUT`] to send).
+const EVICT_WAIT: Duration = Duration::from_secs(10);
 /// The socket file's mode.
 const SOCKET_MODE: libc::mode_t = 0o600;
 
@@ -377,20 +390,67 @@ fn wait_readable(fd: &impl AsRawFd, timeout: Duration) -> bool {
     r > 0
 }
 
-fn send(stream: &mut UnixStream, line: &str) -> io::Result<()> {
+fn send(mut stream: &UnixStream, line: &str) -> io::Result<()> {
     let mut buf = Vec::with_capacity(line.len() + 1);
     buf.extend_from_slice(line.as_bytes());
     buf.push(b'\n');
     stream.write_all(&buf)
 }
 
+/// One connected client, as the acceptor sees it.
+#[derive(Debug)]
+struct Slot {
+    /// A second handle on the client's socket, to wake its thread when it is evicted.
+    stream: UnixStream,
+    /// When the client last sent a complete request line (or connected), in ns since the
+    /// server started.
+    last_request_ns: AtomicU64,
+    /// A request of this client is being answered.
+    busy: AtomicBool,
+    /// The client is to go, to make room for a new one (after the reply under way, if any).
+    evict: AtomicBool,
+}
+
+/// A client's slot and thread.
+struct Running {
+    slot: Arc<Slot>,
+    thread: JoinHandle<()>,
+}
+
+/// A client as eviction weighs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Candidate {
+    /// Already asked to go.
+    leaving: bool,
+    /// A request of it is being answered.
+    busy: bool,
+    /// When it last sent a complete request line (or connected).
+    last_request_ns: u64,
+}
+
+/// Which client makes room for a new one: of those not already leaving, one with no request
+/// under way if there is one, and of those the one that has gone longest without a complete
+/// request (the first connected, on a tie).
+fn pick_victim(clients: &[Candidate]) -> Option<usize> {
+    clients
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| !c.leaving)
+        .min_by_key(|(_, c)| (c.busy, c.last_request_ns))
+        .map(|(i, _)| i)
+}
+
+fn ns_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// Serves clients until `stop` is set; then waits for the client threads and removes the
 /// socket.
 pub fn serve(listener: Listener, vmm: &Arc<Vmm>, stop: &AtomicBool) {
     let max_clients = vmm.config().max_clients;
-    let active = Arc::new(AtomicUsize::new(0));
+    let epoch = Instant::now();
     let stop_clients = Arc::new(AtomicBool::new(false));
-    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    let mut clients: Vec<Running> = Vec::new();
     let uid = our_uid();
     let _ = listener.inner.set_nonblocking(true);
     tracing::info!(path = %listener.path.display(), "control socket ready");
@@ -398,7 +458,7 @@ pub fn serve(listener: Listener, vmm: &Arc<Vmm>, stop: &AtomicBool) {
         if !wait_readable(&listener.inner, POLL) {
             continue;
         }
-        let mut stream = match listener.inner.accept() {
+        let stream = match listener.inner.accept() {
             Ok((s, _)) => s,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => {
@@ -407,7 +467,7 @@ pub fn serve(listener: Listener, vmm: &Arc<Vmm>, stop: &AtomicBool) {
                 continue;
             }
         };
-        threads.retain(|t| !t.is_finished());
+        clients.retain(|c| !c.thread.is_finished());
         let _ = stream.set_nonblocking(false);
         let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
         match peer_uid(&stream) {
@@ -418,7 +478,7 @@ pub fn serve(listener: Listener, vmm: &Arc<Vmm>, stop: &AtomicBool) {
                     Code::Denied,
                     format!("uid {p} may not control this VMM (it runs as uid {uid})"),
                 );
-                let _ = send(&mut stream, &protocol::err_line(&Value::Null, &e));
+                let _ = send(&stream, &protocol::err_line(&Value::Null, &e));
                 continue;
             }
             Err(e) => {
@@ -426,51 +486,139 @@ pub fn serve(listener: Listener, vmm: &Arc<Vmm>, stop: &AtomicBool) {
                 continue;
             }
         }
-        if active.load(Ordering::Acquire) >= max_clients {
+        if clients.len() >= max_clients && !make_room(&mut clients, vmm, stop) {
             let e = ControlError::new(
                 Code::Limit,
-                format!("too many clients: at most {max_clients} at once (--max-clients)"),
+                format!(
+                    "too many clients: all {max_clients} slots stayed busy answering requests \
+                     (--max-clients)"
+                ),
             );
-            let _ = send(&mut stream, &protocol::err_line(&Value::Null, &e));
+            let _ = send(&stream, &protocol::err_line(&Value::Null, &e));
             continue;
         }
-        active.fetch_add(1, Ordering::AcqRel);
-        let (vmm, active2, stop2) = (
+        let handle = match stream.try_clone() {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot duplicate a control connection");
+                continue;
+            }
+        };
+        let slot = Arc::new(Slot {
+            stream: handle,
+            last_request_ns: AtomicU64::new(ns_since(epoch)),
+            busy: AtomicBool::new(false),
+            evict: AtomicBool::new(false),
+        });
+        vmm.clients().connected.fetch_add(1, Ordering::Relaxed);
+        let (vmm2, slot2, stop2) = (
             Arc::clone(vmm),
-            Arc::clone(&active),
+            Arc::clone(&slot),
             Arc::clone(&stop_clients),
         );
         let spawned = std::thread::Builder::new()
             .name("ctl-client".into())
             .spawn(move || {
-                client_loop(stream, &vmm, &stop2);
-                active2.fetch_sub(1, Ordering::AcqRel);
+                client_loop(&stream, &vmm2, &slot2, epoch, &stop2);
+                vmm2.clients().connected.fetch_sub(1, Ordering::Relaxed);
+                // The slot holds a second handle: make sure the peer sees the end now.
+                let _ = stream.shutdown(Shutdown::Both);
             });
         match spawned {
-            Ok(t) => threads.push(t),
+            Ok(thread) => clients.push(Running { slot, thread }),
             Err(e) => {
-                active.fetch_sub(1, Ordering::AcqRel);
+                vmm.clients().connected.fetch_sub(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "cannot start a control client thread");
             }
         }
     }
     stop_clients.store(true, Ordering::Release);
-    for t in threads {
-        let _ = t.join();
+    for c in clients {
+        let _ = c.thread.join();
     }
     drop(listener);
 }
 
+/// Makes room for a new client when every slot is taken: asks the client [`pick_victim`]
+/// chooses to go, and waits until a slot is free. False if none came free within
+/// [`EVICT_WAIT`] or the server is stopping.
+fn make_room(clients: &mut Vec<Running>, vmm: &Vmm, stop: &AtomicBool) -> bool {
+    let max = vmm.config().max_clients;
+    let seen: Vec<Candidate> = clients
+        .iter()
+        .map(|c| Candidate {
+            leaving: c.slot.evict.load(Ordering::Acquire),
+            busy: c.slot.busy.load(Ordering::Acquire),
+            last_request_ns: c.slot.last_request_ns.load(Ordering::Acquire),
+        })
+        .collect();
+    let leaving = seen.iter().filter(|c| c.leaving).count();
+    if clients.len() - leaving >= max {
+        if let Some(i) = pick_victim(&seen) {
+            let slot = &clients[i].slot;
+            slot.evict.store(true, Ordering::Release);
+            // Wakes its thread at once if it waits for a line; a request under way is still
+            // answered (the thread looks at `evict` after each reply).
+            let _ = slot.stream.shutdown(Shutdown::Read);
+            vmm.clients().evicted.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                busy = seen[i].busy,
+                "all {max} control client slots in use: disconnecting the longest-idle client"
+            );
+        }
+    }
+    let deadline = Instant::now() + EVICT_WAIT;
+    loop {
+        clients.retain(|c| !c.thread.is_finished());
+        if clients.len() < max {
+            return true;
+        }
+        if stop.load(Ordering::Acquire) || Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Tells a client why it is being disconnected (best effort: it may not be reading).
+fn farewell(stream: &UnixStream, message: String) {
+    let _ = stream.set_write_timeout(Some(NOTICE_TIMEOUT));
+    let e = ControlError::new(Code::Limit, message);
+    let _ = send(stream, &protocol::err_line(&Value::Null, &e));
+}
+
+fn evicted(stream: &UnixStream, vmm: &Vmm) {
+    farewell(
+        stream,
+        format!(
+            "disconnected to make room for a new client: all {} client slots were in use and \
+             this connection had gone longest without a request (--max-clients)",
+            vmm.config().max_clients
+        ),
+    );
+}
+
 /// Reads request lines from one client and answers each, in order.
-fn client_loop(mut stream: UnixStream, vmm: &Vmm, stop: &AtomicBool) {
+fn client_loop(mut stream: &UnixStream, vmm: &Vmm, slot: &Slot, epoch: Instant, stop: &AtomicBool) {
+    let idle_timeout = vmm.config().client_idle_timeout;
     let _ = stream.set_read_timeout(Some(POLL));
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut chunk = [0u8; 16 << 10];
     // Skipping the rest of an over-long line.
     let mut discarding = false;
+    // When the line being read began (None between lines).
+    let mut line_started: Option<Instant> = None;
     while !stop.load(Ordering::Acquire) {
+        if slot.evict.load(Ordering::Acquire) {
+            return evicted(stream, vmm);
+        }
         let n = match stream.read(&mut chunk) {
-            Ok(0) => return, // EOF: a partial line is dropped unanswered
+            Ok(0) => {
+                if slot.evict.load(Ordering::Acquire) {
+                    evicted(stream, vmm);
+                }
+                return; // EOF: a partial line is dropped unanswered
+            }
             Ok(n) => n,
             Err(e)
                 if matches!(
@@ -480,7 +628,7 @@ fn client_loop(mut stream: UnixStream, vmm: &Vmm, stop: &AtomicBool) {
                         | io::ErrorKind::Interrupted
                 ) =>
             {
-                continue
+                0
             }
             Err(_) => return,
         };
@@ -494,17 +642,23 @@ fn client_loop(mut stream: UnixStream, vmm: &Vmm, stop: &AtomicBool) {
             data = rest;
             if discarding {
                 discarding = !complete;
+                if complete {
+                    line_started = None;
+                }
                 continue;
             }
             buf.extend_from_slice(part);
             if buf.len() > MAX_LINE_BYTES {
                 buf.clear();
                 discarding = !complete;
+                if complete {
+                    line_started = None;
+                }
                 let e = ControlError::new(
                     Code::Limit,
                     format!("request line longer than {MAX_LINE_BYTES} bytes; skipped"),
                 );
-                if send(&mut stream, &protocol::err_line(&Value::Null, &e)).is_err() {
+                if send(stream, &protocol::err_line(&Value::Null, &e)).is_err() {
                     return;
                 }
                 continue;
@@ -512,15 +666,43 @@ fn client_loop(mut stream: UnixStream, vmm: &Vmm, stop: &AtomicBool) {
             if !complete {
                 break;
             }
+            line_started = None;
             let line = std::mem::take(&mut buf);
             let line = line.strip_suffix(b"\r").unwrap_or(&line);
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
+            slot.last_request_ns
+                .store(ns_since(epoch), Ordering::Release);
+            slot.busy.store(true, Ordering::Release);
             let reply = answer(vmm, line);
-            if send(&mut stream, &reply).is_err() {
+            let sent = send(stream, &reply);
+            slot.busy.store(false, Ordering::Release);
+            if sent.is_err() {
                 return;
             }
+            if slot.evict.load(Ordering::Acquire) {
+                return evicted(stream, vmm);
+            }
+        }
+        if buf.is_empty() && !discarding {
+            line_started = None;
+        } else if line_started.is_none() {
+            line_started = Some(Instant::now());
+        }
+        // Looked at only after a read, so every byte the client had sent by now was seen.
+        if line_started.is_some_and(|t| t.elapsed() >= idle_timeout) {
+            vmm.clients().dropped_idle.fetch_add(1, Ordering::Relaxed);
+            tracing::info!("dropped a control client that left a request line incomplete");
+            let secs = idle_timeout.as_secs_f64();
+            farewell(
+                stream,
+                format!(
+                    "request line not completed within {secs} s; disconnected \
+                     (--client-idle-timeout)"
+                ),
+            );
+            return;
         }
     }
 }
@@ -588,6 +770,35 @@ mod tests {
         drop(l);
         assert_eq!(std::fs::read(&p).unwrap(), b"someone else's");
         std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn the_longest_idle_client_without_a_request_under_way_makes_room() {
+        let c = |leaving, busy, last_request_ns| Candidate {
+            leaving,
+            busy,
+            last_request_ns,
+        };
+        assert_eq!(pick_victim(&[]), None);
+        assert_eq!(pick_victim(&[c(true, false, 1)]), None);
+        assert_eq!(
+            pick_victim(&[c(false, false, 5), c(false, false, 3), c(false, false, 4)]),
+            Some(1)
+        );
+        // Busy ones only when every other is leaving or busy too.
+        assert_eq!(
+            pick_victim(&[c(false, true, 1), c(false, false, 9), c(true, false, 0)]),
+            Some(1)
+        );
+        assert_eq!(
+            pick_victim(&[c(false, true, 7), c(false, true, 2)]),
+            Some(1)
+        );
+        // Ties: the first connected.
+        assert_eq!(
+            pick_victim(&[c(false, false, 3), c(false, false, 3)]),
+            Some(0)
+        );
     }
 
     fn dir(name: &str, mode: u32) -> PathBuf {
