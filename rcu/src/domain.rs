@@ -368,7 +368,8 @@ impl Inner {
     }
 
     pub(crate) fn stats(&self) -> Stats {
-        let (retired, freed, stalls) = self.reclaim.counts();
+        let counts = self.reclaim.counts();
+        let (retired, freed) = (counts.retired, counts.freed);
         Stats {
             grace_periods: self.grace_periods.load(StatRelaxed),
             grace_period_latency: self.gp_latency.snapshot(),
@@ -376,8 +377,9 @@ impl Inner {
             retired,
             freed,
             backlog: retired.saturating_sub(freed),
-            backpressure_stalls: stalls,
+            backpressure_stalls: counts.stalls,
             readers: lock(&self.registry).len() as u64,
+            callback_panics: counts.panics,
         }
     }
 }
@@ -510,8 +512,35 @@ impl Domain {
         self.inner().synchronize();
     }
 
-    /// Runs `f` after a grace period, on the reclamation thread (`call_rcu`). Callbacks run in
-    /// batches, in the order they were deferred.
+    /// Runs `f` after a grace period (`call_rcu`). Callbacks run in batches, in the order they
+    /// were deferred, on whichever thread drains the queue next:
+    ///
+    /// - the background reclamation thread ([`Config::background_reclaim`]);
+    /// - a thread calling [`barrier`](Self::barrier), [`reclaim`](Self::reclaim) or
+    ///   [`Reader::barrier`](crate::Reader::barrier);
+    /// - a thread whose retirement reaches [`Config::max_backlog`] (back-pressure, below);
+    /// - a reader paying put-off back-pressure in
+    ///   [`Reader::quiescent_state`](crate::Reader::quiescent_state) (offline meanwhile).
+    ///
+    /// So `f` may run on any thread that uses this domain, in the middle of that thread's
+    /// retirement or quiescent state, and must not assume which.
+    ///
+    /// A panic in `f` is contained where it ran: the panic hook reports it as usual,
+    /// [`Stats::callback_panics`](crate::Stats::callback_panics) counts it, what `f` captured
+    /// is dropped, the rest of the batch runs, and the thread that was draining carries on as
+    /// if `f` had returned. It never unwinds into that thread.
+    ///
+    /// `f` must not:
+    ///
+    /// - leave a reader of this domain registered and online on its thread (say, a lazily
+    ///   created thread-local `Reader`): that thread holds up every later grace period;
+    /// - wait for this domain's reclamation: [`barrier`](Self::barrier) panics there and
+    ///   [`reclaim`](Self::reclaim) returns 0 at once ([`synchronize`](Self::synchronize)
+    ///   works, but holds up the rest of the batch and the thread it runs on);
+    /// - take a lock that a thread of this domain may hold while it retires, announces a
+    ///   quiescent state or calls `barrier`/`reclaim`: `f` may run on that very thread, under
+    ///   that lock;
+    /// - block for long, for the same reason.
     ///
     /// Back-pressure: if the backlog has reached [`Config::max_backlog`], the calling thread
     /// first waits for a grace period and runs a batch itself. Where waiting now might wait

@@ -9,8 +9,9 @@
 //!   error, not a use-after-free.
 //! - [`RcuCell`] is a published pointer: loads need a guard, stores retire the old value.
 //! - Writers call [`Domain::synchronize`] to wait for a grace period, or retire objects with
-//!   [`Domain::defer_drop`] / [`Domain::defer`] for batched reclamation on a background thread,
-//!   with back-pressure past [`Config::max_backlog`]; [`Domain::barrier`] waits for it all.
+//!   [`Domain::defer_drop`] / [`Domain::defer`] for batched reclamation after a grace period
+//!   (on a background thread, or on whichever thread drains the queue first), with
+//!   back-pressure past [`Config::max_backlog`]; [`Domain::barrier`] waits for it all.
 //!
 //! ```
 //! use rcu::{Domain, RcuCell};

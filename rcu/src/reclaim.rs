@@ -1,8 +1,11 @@
 //! Deferred reclamation (`call_rcu`): retired objects wait in a FIFO queue and are freed in
-//! batches after a grace period, by a background thread, by a retiring thread that hit the
-//! backlog bound (back-pressure), or by `barrier()`.
+//! batches after a grace period, by whichever thread drains the queue: the background thread,
+//! a retiring thread that hit the backlog bound (back-pressure), a reader paying put-off
+//! back-pressure at its quiescent state, or a `barrier()`/`reclaim()` caller. A callback's
+//! panic is contained where it ran and counted: it never unwinds into the draining thread.
 
 use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{
     AtomicU64 as StatU64,
     Ordering::{Acquire, Relaxed, Release},
@@ -44,6 +47,16 @@ pub(crate) struct Reclaim {
     shutdown: AtomicBool,
     freed: StatU64,
     stalls: StatU64,
+    /// Callbacks that panicked (contained by `run`).
+    panics: StatU64,
+}
+
+/// The reclamation counters, for `Stats`.
+pub(crate) struct Counts {
+    pub(crate) retired: u64,
+    pub(crate) freed: u64,
+    pub(crate) stalls: u64,
+    pub(crate) panics: u64,
 }
 
 struct Queue {
@@ -87,6 +100,7 @@ impl Reclaim {
             shutdown: AtomicBool::new(false),
             freed: StatU64::new(0),
             stalls: StatU64::new(0),
+            panics: StatU64::new(0),
         }
     }
 
@@ -100,9 +114,31 @@ impl Reclaim {
         IN_RECLAIM.with(|s| s.borrow().contains(&id))
     }
 
-    pub(crate) fn counts(&self) -> (u64, u64, u64) {
-        let pushed = lock(&self.queue).pushed;
-        (pushed, self.freed.load(Relaxed), self.stalls.load(Relaxed))
+    pub(crate) fn counts(&self) -> Counts {
+        Counts {
+            retired: lock(&self.queue).pushed,
+            freed: self.freed.load(Relaxed),
+            stalls: self.stalls.load(Relaxed),
+            panics: self.panics.load(Relaxed),
+        }
+    }
+
+    /// Runs one deferred callback, containing its panic: a callback runs on whichever thread
+    /// drains the queue, which did not call it and must not unwind for it (a reader at its
+    /// quiescent state, a writer under back-pressure, a `barrier()` caller). The panic hook
+    /// has already reported the panic; it is counted, and the caller goes on with the batch.
+    ///
+    /// `AssertUnwindSafe`: the callback is consumed, so nothing of it can be observed broken
+    /// afterwards; what it shares with others is its owner's business, as with any panic
+    /// caught at a thread boundary.
+    fn run(&self, f: Deferred) {
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(f)) {
+            self.panics.fetch_add(1, Relaxed);
+            // A payload whose own drop panics must not escape either.
+            if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
+                std::mem::forget(again);
+            }
+        }
     }
 
     pub(crate) fn push(&self, inner: &Inner, f: Deferred) {
@@ -159,14 +195,14 @@ impl Reclaim {
         // before this grace period began.
         inner.synchronize();
         let batch: Vec<Deferred> = lock(&self.queue).items.drain(..n).collect();
-        // Counted even if a callback panics (the rest of the batch is then dropped uncalled,
-        // which still drops what the callbacks captured), so `barrier` cannot wait forever.
-        // Release: `barrier` acquires it, so a barrier that returns without draining itself
-        // still sees everything these callbacks did.
+        // Counted on every way out (callbacks' panics are contained by `run`; this covers
+        // anything else), so `barrier` cannot wait forever. Release: `barrier` acquires it,
+        // so a barrier that returns without draining itself still sees everything these
+        // callbacks did.
         let _count = CountOnDrop(&self.freed, n as u64);
         let _scope = ReclaimScope::enter(self);
         for f in batch {
-            f();
+            self.run(f);
         }
         n
     }
@@ -241,8 +277,9 @@ impl Reclaim {
                         .unwrap_or_else(|e| e.into_inner().0);
                 }
             }
-            // A panicking destructor must not kill reclamation for everyone else.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.drain(inner)));
+            // Callbacks' panics are contained in `drain`; this keeps the thread alive whatever
+            // else might unwind out of it.
+            let _ = catch_unwind(AssertUnwindSafe(|| self.drain(inner)));
         }
     }
 }
@@ -254,7 +291,7 @@ impl Drop for Reclaim {
         let q = std::mem::take(&mut lock(&self.queue).items);
         let _scope = ReclaimScope::enter(self);
         for f in q {
-            f();
+            self.run(f);
         }
     }
 }

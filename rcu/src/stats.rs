@@ -114,6 +114,10 @@ pub struct Stats {
     pub backpressure_stalls: u64,
     /// Reader handles currently registered.
     pub readers: u64,
+    /// Deferred callbacks that panicked. The panic is contained where the callback ran (the
+    /// rest of its batch still runs, and the thread that was draining carries on), reported
+    /// by the panic hook as usual, and counted here.
+    pub callback_panics: u64,
 }
 
 #[cfg(test)]

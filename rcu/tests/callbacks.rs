@@ -11,7 +11,6 @@ fn quiet_domain(max_backlog: usize) -> Domain {
     Domain::with_config(Config {
         max_backlog,
         background_reclaim: false,
-        ..Config::default()
     })
 }
 
@@ -77,4 +76,114 @@ fn a_callback_panicking_while_a_reader_pays_back_pressure_leaves_the_reader_onli
         freed.load(SeqCst),
         "the replaced value is freed after the grace period"
     );
+}
+
+/// What the callbacks of [`three_callbacks`] did.
+#[derive(Default)]
+struct Outcome {
+    /// The two well-behaved callbacks that ran.
+    ran: AtomicUsize,
+    /// Whether what the panicking callback captured was dropped.
+    captured_dropped: Arc<AtomicBool>,
+}
+
+/// Defers three callbacks: one that counts, one that panics (after capturing a value that
+/// records its drop), one that counts.
+fn three_callbacks(domain: &Domain, outcome: &Arc<Outcome>) {
+    let o = outcome.clone();
+    domain.defer(move || {
+        o.ran.fetch_add(1, SeqCst);
+    });
+    let captured = DropFlag(outcome.captured_dropped.clone());
+    domain.defer(move || {
+        let _captured = &captured;
+        panic!("a deferred callback panics");
+    });
+    let o = outcome.clone();
+    domain.defer(move || {
+        o.ran.fetch_add(1, SeqCst);
+    });
+}
+
+/// Checks that the three callbacks ran (or, for the panicking one, ran and was dropped) and
+/// that one panic was counted.
+fn check(domain: &Domain, outcome: &Outcome, path: &str) {
+    assert_eq!(
+        outcome.ran.load(SeqCst),
+        2,
+        "{path}: the rest of the batch ran"
+    );
+    assert!(
+        outcome.captured_dropped.load(SeqCst),
+        "{path}: what the panicking callback captured was dropped"
+    );
+    let s = domain.stats();
+    assert_eq!(s.callback_panics, 1, "{path}: {s:?}");
+    assert_eq!((s.retired, s.freed, s.backlog), (3, 3, 0), "{path}: {s:?}");
+}
+
+/// Runs `drain` (which must run the three callbacks) and fails if a panic escapes it.
+fn contained(path: &str, drain: impl FnOnce()) {
+    if catch_unwind(AssertUnwindSafe(drain)).is_err() {
+        panic!("{path}: a deferred callback's panic unwound into the thread draining the queue");
+    }
+}
+
+// Issue 15: a callback runs on whichever thread drains the queue. Its panic must not unwind
+// into that thread, which did not call it (a writer, a reader at its quiescent state, a
+// `barrier()` caller); it is contained and counted, and the rest of the batch runs, on every
+// draining path.
+#[test]
+fn a_panicking_callback_is_contained_and_counted_on_every_draining_path() {
+    // `Domain::reclaim`.
+    let (d, o) = (quiet_domain(1 << 20), Arc::new(Outcome::default()));
+    three_callbacks(&d, &o);
+    contained("reclaim", || assert_eq!(d.reclaim(), 3));
+    check(&d, &o, "reclaim");
+
+    // `Domain::barrier`.
+    let (d, o) = (quiet_domain(1 << 20), Arc::new(Outcome::default()));
+    three_callbacks(&d, &o);
+    contained("barrier", || d.barrier());
+    check(&d, &o, "barrier");
+
+    // `Reader::barrier` (offline meanwhile).
+    let (d, o) = (quiet_domain(1 << 20), Arc::new(Outcome::default()));
+    let mut reader = d.register();
+    three_callbacks(&d, &o);
+    contained("Reader::barrier", || reader.barrier());
+    check(&d, &o, "Reader::barrier");
+    drop(reader);
+
+    // Back-pressure on a writer thread (no reader): the third retirement reaches the bound.
+    let (d, o) = (quiet_domain(3), Arc::new(Outcome::default()));
+    contained("writer back-pressure", || three_callbacks(&d, &o));
+    check(&d, &o, "writer back-pressure");
+    assert_eq!(d.stats().backpressure_stalls, 1);
+
+    // Back-pressure put off to a reader, paid at its quiescent state.
+    let (d, o) = (quiet_domain(3), Arc::new(Outcome::default()));
+    let mut reader = d.register();
+    three_callbacks(&d, &o); // online: owed
+    assert_eq!(o.ran.load(SeqCst), 0);
+    contained("reader back-pressure", || reader.quiescent_state());
+    check(&d, &o, "reader back-pressure");
+    drop(reader);
+
+    // The background thread (it always contained them; now it counts them too).
+    let d = Domain::new();
+    let o = Arc::new(Outcome::default());
+    three_callbacks(&d, &o);
+    assert!(
+        becomes_true_within(Duration::from_secs(10), || d.stats().freed == 3),
+        "the background thread ran the batch"
+    );
+    check(&d, &o, "background thread");
+
+    // The domain's drop runs what is left, on the thread that drops it.
+    let (d, o) = (quiet_domain(1 << 20), Arc::new(Outcome::default()));
+    three_callbacks(&d, &o);
+    contained("domain drop", || drop(d));
+    assert_eq!(o.ran.load(SeqCst), 2, "domain drop: the rest ran");
+    assert!(o.captured_dropped.load(SeqCst), "domain drop: dropped");
 }
