@@ -558,7 +558,14 @@ impl Domain {
         self.defer(move || drop(value));
     }
 
-    /// Waits until everything retired before this call has been freed (`rcu_barrier`).
+    /// Waits until everything retired before this call has been freed (`rcu_barrier`), and
+    /// with it everything those callbacks retired into this domain (from inside, on their own
+    /// thread), transitively: when it returns, every callback deferred before the call has
+    /// run, and so has every callback deferred by one of those, and so on. (liburcu's
+    /// `rcu_barrier` does not wait for callbacks queued by callbacks.) A chain of callbacks
+    /// that never ends, each deferring the next, keeps it waiting for as long as it goes on;
+    /// stop the chain first. Retirements from other threads during the call may or may not be
+    /// covered.
     ///
     /// # Panics
     ///

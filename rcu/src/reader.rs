@@ -165,8 +165,9 @@ impl Reader {
         self.offline_while(|| domain.synchronize());
     }
 
-    /// Waits until everything retired in this domain so far has been freed (see
-    /// [`Domain::barrier`]), offline meanwhile, like [`synchronize`](Self::synchronize).
+    /// Waits until everything retired in this domain so far has been freed, and what those
+    /// callbacks retire in turn (see [`Domain::barrier`]), offline meanwhile, like
+    /// [`synchronize`](Self::synchronize).
     pub fn barrier(&mut self) {
         let domain = self.domain.clone();
         self.offline_while(|| domain.barrier());

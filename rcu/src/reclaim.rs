@@ -37,8 +37,9 @@ loom::thread_local! {
 }
 
 pub(crate) struct Reclaim {
-    /// Retired callbacks, oldest first, and the count ever pushed (under the same lock, so
-    /// `barrier` reads an exact target).
+    /// Retired callbacks, oldest first, the count ever pushed and how many of those were
+    /// pushed by this domain's callbacks (under the same lock, so `barrier` reads exact
+    /// targets).
     queue: Mutex<Queue>,
     /// Wakes the background thread.
     work: Condvar,
@@ -62,6 +63,8 @@ pub(crate) struct Counts {
 struct Queue {
     items: VecDeque<Deferred>,
     pushed: u64,
+    /// Pushes made from inside one of this domain's callbacks, on its thread.
+    nested: u64,
 }
 
 struct CountOnDrop<'a>(&'a StatU64, u64);
@@ -94,6 +97,7 @@ impl Reclaim {
             queue: Mutex::new(Queue {
                 items: VecDeque::new(),
                 pushed: 0,
+                nested: 0,
             }),
             work: Condvar::new(),
             free_lock: Mutex::new(()),
@@ -142,14 +146,16 @@ impl Reclaim {
     }
 
     pub(crate) fn push(&self, inner: &Inner, f: Deferred) {
+        let in_callback = self.in_callback();
         let len = {
             let mut q = lock(&self.queue);
             q.items.push_back(f);
             q.pushed += 1;
+            q.nested += u64::from(in_callback);
             q.items.len()
         };
         if len >= inner.config.max_backlog
-            && !self.in_callback()
+            && !in_callback
             && !inner.defer_backpressure_to_own_readers()
         {
             // Back-pressure: the retiring thread pays for the grace period itself. Not from a
@@ -214,10 +220,25 @@ impl Reclaim {
              itself forever"
         );
         inner.assert_no_online_reader_here("Domain::barrier()");
-        let target = lock(&self.queue).pushed;
-        // Acquire pairs with the release in `CountOnDrop`: the callbacks' effects are visible.
-        while self.freed.load(Acquire) < target {
-            self.drain(inner);
+        let (mut target, mut nested) = {
+            let q = lock(&self.queue);
+            (q.pushed, q.nested)
+        };
+        loop {
+            // Acquire pairs with the release in `CountOnDrop`: the callbacks' effects are
+            // visible, their pushes to the queue included.
+            while self.freed.load(Acquire) < target {
+                self.drain(inner);
+            }
+            // Every callback up to `target` has returned. If none of this domain's callbacks
+            // queued anything since `nested` was read, nothing they queued is left to wait
+            // for; otherwise wait for everything queued so far (what callbacks queued, and
+            // whatever others queued meanwhile) and look again.
+            let q = lock(&self.queue);
+            if q.nested == nested {
+                return;
+            }
+            (target, nested) = (q.pushed, q.nested);
         }
     }
 

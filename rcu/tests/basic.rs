@@ -463,8 +463,7 @@ fn defer_from_inside_a_deferred_callback_runs_too() {
             ran.fetch_add(1, SeqCst);
         });
     }
-    domain.barrier(); // runs the first callback, which queues the second
-    domain.barrier(); // runs the second
+    domain.barrier(); // runs the first callback, then the second, which it queued
     assert_eq!(ran.load(SeqCst), 11);
 }
 

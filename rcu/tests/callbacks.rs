@@ -187,3 +187,41 @@ fn a_panicking_callback_is_contained_and_counted_on_every_draining_path() {
     assert_eq!(o.ran.load(SeqCst), 2, "domain drop: the rest ran");
     assert!(o.captured_dropped.load(SeqCst), "domain drop: dropped");
 }
+
+/// Defers a chain of `depth` callbacks, each deferring the next from inside itself; each adds
+/// one to `ran`.
+fn chain(domain: &Domain, depth: usize, ran: &Arc<AtomicUsize>) {
+    if depth == 0 {
+        return;
+    }
+    let (d, ran) = (domain.clone(), ran.clone());
+    domain.defer(move || {
+        ran.fetch_add(1, SeqCst);
+        chain(&d, depth - 1, &ran);
+    });
+}
+
+// Issue 15: `barrier()` waits for what callbacks retire while it waits, transitively (liburcu's
+// `rcu_barrier` does not): one call is enough to tear down a structure whose callbacks free
+// further parts through the domain.
+#[test]
+fn barrier_waits_for_callbacks_queued_by_callbacks() {
+    let domain = quiet_domain(1 << 20);
+    let ran = Arc::new(AtomicUsize::new(0));
+    chain(&domain, 5, &ran);
+    domain.barrier();
+    assert_eq!(ran.load(SeqCst), 5, "one barrier ran the whole chain");
+    let s = domain.stats();
+    assert_eq!((s.retired, s.freed, s.backlog), (5, 5, 0));
+
+    // The same through a reader, with the background thread draining concurrently.
+    let domain = Domain::new();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let mut reader = domain.register();
+    for _ in 0..10 {
+        chain(&domain, 5, &ran);
+    }
+    reader.barrier();
+    assert_eq!(ran.load(SeqCst), 50);
+    assert_eq!(domain.stats().backlog, 0);
+}
