@@ -436,6 +436,7 @@ fn lookup_with_writer(c: &mut Criterion) {
         let d_wr = Domain::with_config(rcu::Config {
             max_backlog: 1024,
             background_reclaim: false,
+            ..rcu::Config::default()
         });
         for name in ["bonsai", "bonsai_writer_reclaims", "rwlock", "cow"] {
             let (m, d) = if name == "bonsai_writer_reclaims" {

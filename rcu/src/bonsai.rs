@@ -1401,6 +1401,7 @@ mod tests {
         let d = Domain::with_config(crate::Config {
             max_backlog: 1 << 20,
             background_reclaim: false,
+            ..crate::Config::default()
         });
         let token = StdArc::new(());
         let t = BonsaiTree::from_sorted(&d, (0..1000u32).map(|i| (i, token.clone())));
@@ -1469,6 +1470,7 @@ mod tests {
         let d = Domain::with_config(crate::Config {
             max_backlog: 1 << 20,
             background_reclaim: false,
+            ..crate::Config::default()
         });
         let token = StdArc::new(());
         // Built in one go: in chunks from the start, as many as the nodes need.

@@ -15,11 +15,14 @@
 //! `online`, and in the writer.
 
 use std::sync::atomic::{AtomicU64 as StatU64, Ordering::Relaxed as StatRelaxed};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::reclaim::Reclaim;
+use crate::stall::{StallHook, StallReport, StalledReader};
 use crate::stats::{AtomicHistogram, Stats};
-use crate::sync::{fence, lock, spin_hint, thread, Arc, AtomicBool, AtomicU64, Mutex};
+use crate::sync::{
+    contain_panic, fence, lock, spin_hint, thread, Arc, AtomicBool, AtomicU64, Mutex,
+};
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 
 /// How many times a waiting writer re-checks a reader before it parks.
@@ -42,6 +45,12 @@ pub struct Config {
     /// Without it, reclamation happens only through back-pressure, [`Domain::barrier`] and
     /// [`Domain::reclaim`].
     pub background_reclaim: bool,
+    /// Stall warnings: a grace period that has waited this long for readers that stay online
+    /// without announcing a quiescent state reports them, once, naming their threads (see
+    /// [`StallReport`]; [`Domain::set_stall_hook`] says where the report goes, stderr by
+    /// default) and counts a stall ([`Stats::stalls`]). It keeps waiting: the warning is a
+    /// diagnosis, not a timeout. `None` turns warnings off. Default: 5 s. (Not under loom.)
+    pub stall_timeout: Option<Duration>,
 }
 
 impl Default for Config {
@@ -49,6 +58,7 @@ impl Default for Config {
         Self {
             max_backlog: 64 * 1024,
             background_reclaim: cfg!(not(loom)),
+            stall_timeout: Some(Duration::from_secs(5)),
         }
     }
 }
@@ -68,6 +78,8 @@ pub(crate) struct Slot {
     /// The thread that owns this slot: a waiter that finds its own thread's slot online knows
     /// it might wait for itself.
     owner: thread::ThreadId,
+    /// The owning thread as stall warnings name it (recorded at registration).
+    identity: StalledReader,
     /// A non-owning copy of the owning reader's `Domain` handle, so that a read guard needs
     /// one pointer (to this slot) for its domain. Only read through the owning `Reader` or
     /// its guards, which keep the reader, hence its owning `Domain`, alive; never dropped
@@ -108,6 +120,18 @@ pub(crate) struct Inner {
     grace_periods: StatU64,
     synchronize_calls: StatU64,
     gp_latency: AtomicHistogram,
+    /// Grace periods that issued a stall warning.
+    stalls: StatU64,
+    /// Where stall warnings go (`None`: stderr). Not part of the protocol, so a plain std
+    /// mutex (also under loom, where warnings are off).
+    stall_hook: std::sync::Mutex<Option<std::sync::Arc<StallHook>>>,
+}
+
+/// A grace period's stall warning: when it started, and when the warning is due (`None`: off,
+/// or already issued).
+struct StallWatch {
+    start: Instant,
+    due: Option<Instant>,
 }
 
 /// Pads and aligns a value to 128 bytes (two cache lines, which covers adjacent-line prefetch).
@@ -135,6 +159,8 @@ impl Inner {
             grace_periods: StatU64::new(0),
             synchronize_calls: StatU64::new(0),
             gp_latency: AtomicHistogram::new(),
+            stalls: StatU64::new(0),
+            stall_hook: std::sync::Mutex::new(None),
         }
     }
 
@@ -145,6 +171,7 @@ impl Inner {
             ctr: AtomicU64::new(0),
             owes_backpressure: AtomicBool::new(false),
             owner: thread::current().id(),
+            identity: StalledReader::current(),
             // SAFETY: a bitwise copy that is never dropped, so it takes no reference count;
             // the reader's own handle keeps the domain alive while the copy is used.
             domain: std::mem::ManuallyDrop::new(unsafe { std::ptr::read(domain) }),
@@ -314,8 +341,12 @@ impl Inner {
         scratch.clear();
         scratch.extend(lock(&self.registry).iter().cloned());
         let me = thread::current().id();
-        for slot in scratch.iter() {
-            self.wait_for_reader(slot, new, me);
+        let mut stall = StallWatch {
+            start,
+            due: self.config.stall_timeout.and_then(|t| start.checked_add(t)),
+        };
+        for i in 0..scratch.len() {
+            self.wait_for_reader(&scratch[i..], new, me, &mut stall);
         }
         scratch.clear();
         // Every reader access that preceded a quiescent state we observed happens before the
@@ -326,7 +357,16 @@ impl Inner {
         self.gp_latency.record(start.elapsed());
     }
 
-    fn wait_for_reader(&self, slot: &Slot, new: u64, me: thread::ThreadId) {
+    /// Waits until `slots[0]` is quiescent for the grace period `new` (the rest of `slots`,
+    /// still to be waited for, are named in a stall warning).
+    fn wait_for_reader(
+        &self,
+        slots: &[Arc<Slot>],
+        new: u64,
+        me: thread::ThreadId,
+        stall: &mut StallWatch,
+    ) {
+        let slot = &*slots[0];
         let quiescent = |v: u64| v == 0 || v == new;
         let mut spins = 0u32;
         loop {
@@ -359,12 +399,69 @@ impl Inner {
             if quiescent(slot.ctr.load(Relaxed)) {
                 break;
             }
-            thread::park();
+            self.park(slots, new, stall);
         }
         if spins >= SPIN_LIMIT {
             self.waiting.store(false, Relaxed);
             *lock(&self.waiter) = None;
         }
+    }
+
+    /// Parks the waiting writer until a reader wakes it, or until its stall warning is due
+    /// (then issues it, once per grace period, and returns to let the caller re-check).
+    #[cfg(not(loom))]
+    fn park(&self, slots: &[Arc<Slot>], new: u64, stall: &mut StallWatch) {
+        let Some(due) = stall.due else {
+            thread::park();
+            return;
+        };
+        let now = Instant::now();
+        if now < due {
+            thread::park_timeout(due - now);
+        } else if self.report_stall(slots, new, now - stall.start) {
+            stall.due = None;
+        }
+    }
+
+    /// Under loom: no timeouts, no stall warnings.
+    #[cfg(loom)]
+    fn park(&self, _slots: &[Arc<Slot>], _new: u64, _stall: &mut StallWatch) {
+        thread::park();
+    }
+
+    /// Issues the stall warning of a grace period `new` still waiting for `slots[0]` after
+    /// `waited`, naming every reader in `slots` (the ones still to be waited for) that is
+    /// online and has not announced a quiescent state since it began. Returns whether there
+    /// was any (the first may have just announced one).
+    #[cfg(not(loom))]
+    #[cold]
+    fn report_stall(&self, slots: &[Arc<Slot>], new: u64, waited: Duration) -> bool {
+        let readers: Vec<StalledReader> = slots
+            .iter()
+            .filter(|s| {
+                let v = s.ctr.load(Relaxed);
+                v != 0 && v != new
+            })
+            .map(|s| s.identity.clone())
+            .collect();
+        if readers.is_empty() {
+            return false;
+        }
+        self.stalls.fetch_add(1, StatRelaxed);
+        let report = StallReport { waited, readers };
+        let hook = self
+            .stall_hook
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // The hook is the user's code (and `eprintln!` panics if stderr fails): nothing may
+        // unwind out of a grace period, which would leave this thread registered as the
+        // parked waiter and the grace period half done.
+        contain_panic(|| match hook {
+            Some(hook) => hook(&report),
+            None => eprintln!("{report}"),
+        });
+        true
     }
 
     pub(crate) fn stats(&self) -> Stats {
@@ -380,6 +477,7 @@ impl Inner {
             backpressure_stalls: counts.stalls,
             readers: lock(&self.registry).len() as u64,
             callback_panics: counts.panics,
+            stalls: self.stalls.load(StatRelaxed),
         }
     }
 }
@@ -533,7 +631,8 @@ impl Domain {
     /// `f` must not:
     ///
     /// - leave a reader of this domain registered and online on its thread (say, a lazily
-    ///   created thread-local `Reader`): that thread holds up every later grace period;
+    ///   created thread-local `Reader`): that thread holds up every later grace period (the
+    ///   stall warning, see [`Config::stall_timeout`], names it);
     /// - wait for this domain's reclamation: [`barrier`](Self::barrier) panics there and
     ///   [`reclaim`](Self::reclaim) returns 0 at once ([`synchronize`](Self::synchronize)
     ///   works, but holds up the rest of the batch and the thread it runs on);
@@ -587,6 +686,28 @@ impl Domain {
     /// [`barrier`](Self::barrier)).
     pub fn reclaim(&self) -> usize {
         self.inner().reclaim.drain(self.inner())
+    }
+
+    /// Sends this domain's stall warnings (see [`Config::stall_timeout`]) to `hook` instead of
+    /// stderr, replacing any hook set before.
+    ///
+    /// The hook runs on the thread whose grace period stalled, while it holds the domain's
+    /// grace-period lock: it must not wait for a grace period of this domain (`synchronize`,
+    /// `barrier`, `reclaim`), and should return promptly. A panic in it is contained.
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// let domain = rcu::Domain::new();
+    /// let last = Arc::new(Mutex::new(None::<String>));
+    /// let l = last.clone();
+    /// domain.set_stall_hook(move |report| *l.lock().unwrap() = Some(report.to_string()));
+    /// ```
+    pub fn set_stall_hook(&self, hook: impl Fn(&StallReport) + Send + Sync + 'static) {
+        *self
+            .inner()
+            .stall_hook
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(std::sync::Arc::new(hook));
     }
 
     /// A snapshot of the domain's statistics.

@@ -50,6 +50,7 @@ mod domain;
 pub mod range_map;
 mod reader;
 mod reclaim;
+mod stall;
 mod stats;
 mod sync;
 
@@ -58,4 +59,5 @@ pub use cell::RcuCell;
 pub use domain::{Config, Domain};
 pub use range_map::{ConcurrentRangeMap, RangeError, RangeMap, RangeValue};
 pub use reader::{OfflineReader, ReadGuard, Reader};
+pub use stall::{StallReport, StalledReader};
 pub use stats::{LatencyHistogram, Stats};

@@ -5,14 +5,13 @@
 //! panic is contained where it ran and counted: it never unwinds into the draining thread.
 
 use std::collections::VecDeque;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{
     AtomicU64 as StatU64,
     Ordering::{Acquire, Relaxed, Release},
 };
 
 use crate::domain::Inner;
-use crate::sync::{lock, Arc, AtomicBool, Condvar, Mutex};
+use crate::sync::{contain_panic, lock, Arc, AtomicBool, Condvar, Mutex};
 
 type Deferred = Box<dyn FnOnce() + Send>;
 
@@ -131,17 +130,9 @@ impl Reclaim {
     /// drains the queue, which did not call it and must not unwind for it (a reader at its
     /// quiescent state, a writer under back-pressure, a `barrier()` caller). The panic hook
     /// has already reported the panic; it is counted, and the caller goes on with the batch.
-    ///
-    /// `AssertUnwindSafe`: the callback is consumed, so nothing of it can be observed broken
-    /// afterwards; what it shares with others is its owner's business, as with any panic
-    /// caught at a thread boundary.
     fn run(&self, f: Deferred) {
-        if let Err(payload) = catch_unwind(AssertUnwindSafe(f)) {
+        if contain_panic(f) {
             self.panics.fetch_add(1, Relaxed);
-            // A payload whose own drop panics must not escape either.
-            if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
-                std::mem::forget(again);
-            }
         }
     }
 
@@ -300,7 +291,9 @@ impl Reclaim {
             }
             // Callbacks' panics are contained in `drain`; this keeps the thread alive whatever
             // else might unwind out of it.
-            let _ = catch_unwind(AssertUnwindSafe(|| self.drain(inner)));
+            contain_panic(|| {
+                self.drain(inner);
+            });
         }
     }
 }

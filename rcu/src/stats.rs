@@ -118,6 +118,10 @@ pub struct Stats {
     /// rest of its batch still runs, and the thread that was draining carries on), reported
     /// by the panic hook as usual, and counted here.
     pub callback_panics: u64,
+    /// Grace periods that waited longer than
+    /// [`Config::stall_timeout`](crate::Config::stall_timeout) and issued a stall warning
+    /// (once each).
+    pub stalls: u64,
 }
 
 #[cfg(test)]

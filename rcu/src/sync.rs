@@ -25,6 +25,26 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Runs `f`, containing a panic (already reported by the panic hook); returns whether it
+/// panicked. A panic payload whose own drop panics is leaked rather than let escape.
+///
+/// For code that runs on a thread that did not call it and must not unwind for it (deferred
+/// callbacks, stall hooks). `AssertUnwindSafe`: `f` is consumed, so nothing of it is seen
+/// broken afterwards; whatever it shares with others is its owner's business, as with any
+/// panic caught at a thread boundary.
+pub(crate) fn contain_panic(f: impl FnOnce()) -> bool {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(()) => false,
+        Err(payload) => {
+            if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
+                std::mem::forget(again);
+            }
+            true
+        }
+    }
+}
+
 /// A busy-wait hint (loom: a yield, so the model makes progress).
 #[inline]
 pub(crate) fn spin_hint() {

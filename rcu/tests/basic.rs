@@ -222,6 +222,7 @@ fn backlog_is_bounded_by_back_pressure() {
     let domain = Domain::with_config(Config {
         max_backlog: 64,
         background_reclaim: false,
+        ..Config::default()
     });
     let stop = Arc::new(AtomicBool::new(false));
     let r = {
@@ -292,6 +293,7 @@ fn barrier_from_an_online_reader_while_a_drainer_waits_for_it() {
     let domain = Domain::with_config(Config {
         max_backlog: 1 << 20,
         background_reclaim: false,
+        ..Config::default()
     });
     let d = domain.clone();
     assert!(finishes_within(Duration::from_secs(5), move || {
@@ -321,6 +323,7 @@ fn retiring_past_the_bound_under_a_guard_defers_back_pressure() {
     let domain = Domain::with_config(Config {
         max_backlog: 4,
         background_reclaim: false,
+        ..Config::default()
     });
     let cell = RcuCell::new(&domain, 0u64);
     let mut reader = domain.register();
@@ -358,6 +361,7 @@ fn a_reader_thread_that_retires_keeps_the_backlog_bounded() {
     let domain = Domain::with_config(Config {
         max_backlog: 64,
         background_reclaim: false,
+        ..Config::default()
     });
     let cell = RcuCell::new(&domain, 0u64);
     let mut reader = domain.register();

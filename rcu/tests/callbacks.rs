@@ -11,6 +11,7 @@ fn quiet_domain(max_backlog: usize) -> Domain {
     Domain::with_config(Config {
         max_backlog,
         background_reclaim: false,
+        ..Config::default()
     })
 }
 

@@ -33,6 +33,7 @@ fn domain() -> Domain {
     Domain::with_config(Config {
         max_backlog: 1 << 20,
         background_reclaim: false,
+        ..Config::default()
     })
 }
 
@@ -293,6 +294,7 @@ fn back_pressure_model(reader: fn(Domain, Arc<Heap>)) {
         let d = Domain::with_config(Config {
             max_backlog: 1,
             background_reclaim: false,
+            ..Config::default()
         });
         let heap = Heap::new(2);
         let reader = {

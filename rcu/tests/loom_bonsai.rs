@@ -11,6 +11,7 @@ fn domain() -> Domain {
     Domain::with_config(Config {
         max_backlog: 1 << 20,
         background_reclaim: false,
+        ..Config::default()
     })
 }
 

@@ -125,6 +125,7 @@ fn torture() {
     let domain = Domain::with_config(Config {
         max_backlog: 512,
         background_reclaim: true,
+        ..Config::default()
     });
     let cells: Arc<Vec<RcuCell<Obj>>> = Arc::new(
         (0..CELLS)

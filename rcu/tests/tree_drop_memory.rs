@@ -33,6 +33,7 @@ fn dropping_a_tree_frees_all_its_node_memory() {
     let d = Domain::with_config(Config {
         max_backlog: 1 << 20,
         background_reclaim: false,
+        ..Config::default()
     });
     // Built, updated (allocator memory, the pool and the writer's stash in use), then dropped
     // with a retired batch still waiting.
