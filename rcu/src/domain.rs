@@ -632,7 +632,8 @@ impl Domain {
     ///
     /// - leave a reader of this domain registered and online on its thread (say, a lazily
     ///   created thread-local `Reader`): that thread holds up every later grace period (the
-    ///   stall warning, see [`Config::stall_timeout`], names it);
+    ///   stall warning, see [`Config::stall_timeout`], names it). The background thread
+    ///   notices after the batch and stops, which drops its thread-locals;
     /// - wait for this domain's reclamation: [`barrier`](Self::barrier) panics there and
     ///   [`reclaim`](Self::reclaim) returns 0 at once ([`synchronize`](Self::synchronize)
     ///   works, but holds up the rest of the batch and the thread it runs on);

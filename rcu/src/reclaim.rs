@@ -294,6 +294,21 @@ impl Reclaim {
             contain_panic(|| {
                 self.drain(inner);
             });
+            if inner.this_thread_has_an_online_reader() {
+                // A callback registered a reader of this domain on this thread and left it
+                // online. It never announces a quiescent state, so every grace period would
+                // wait for it forever, and this thread could not wait for one again (it would
+                // wait for itself). Stop: the thread's thread-locals, where such a reader
+                // usually lives, drop with it.
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "rcu: a deferred callback left a reader of its domain online on the \
+                     background reclamation thread; the thread stops (reclamation goes on \
+                     through back-pressure, barrier() and reclaim())"
+                );
+                return;
+            }
         }
     }
 }

@@ -226,3 +226,48 @@ fn barrier_waits_for_callbacks_queued_by_callbacks() {
     assert_eq!(ran.load(SeqCst), 50);
     assert_eq!(domain.stats().backlog, 0);
 }
+
+std::thread_local! {
+    /// A reader a deferred callback registers on whatever thread runs it, and leaves there.
+    static LEFT_BEHIND: std::cell::RefCell<Option<rcu::Reader>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+// Issue 15: a callback that registers a thread-local reader of its domain on the background
+// thread (and leaves it there, online) held up every later grace period forever, silently:
+// the background thread never announces quiescent states. The thread now notices after the
+// batch and stops, and its thread-locals (the reader among them) drop.
+#[test]
+fn a_callback_leaving_a_reader_online_on_the_background_thread_stops_the_thread() {
+    let domain = Domain::new();
+    let d = domain.clone();
+    domain.defer(move || LEFT_BEHIND.with(|r| *r.borrow_mut() = Some(d.register())));
+    assert!(
+        becomes_true_within(Duration::from_secs(10), || domain.stats().freed == 1),
+        "the background thread ran the callback"
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let domain = domain.clone();
+        std::thread::spawn(move || {
+            domain.synchronize();
+            let _ = tx.send(());
+        });
+    }
+    assert!(
+        rx.recv_timeout(Duration::from_secs(5)).is_ok(),
+        "a grace period waited for the reader left on the background thread"
+    );
+    assert!(becomes_true_within(Duration::from_secs(5), || domain
+        .stats()
+        .readers
+        == 0));
+    // Reclamation goes on without the background thread.
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    domain.defer(move || {
+        r.fetch_add(1, SeqCst);
+    });
+    domain.barrier();
+    assert_eq!(ran.load(SeqCst), 1);
+}
