@@ -20,9 +20,7 @@ use std::time::{Duration, Instant};
 use crate::reclaim::Reclaim;
 use crate::stall::{StallHook, StallReport, StalledReader};
 use crate::stats::{AtomicHistogram, Stats};
-use crate::sync::{
-    contain_panic, fence, lock, spin_hint, thread, Arc, AtomicBool, AtomicU64, Mutex,
-};
+use crate::sync::{fence, lock, spin_hint, thread, Arc, AtomicBool, AtomicU64, Mutex};
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 
 /// How many times a waiting writer re-checks a reader before it parks.
@@ -79,6 +77,7 @@ pub(crate) struct Slot {
     /// it might wait for itself.
     owner: thread::ThreadId,
     /// The owning thread as stall warnings name it (recorded at registration).
+    #[cfg_attr(loom, allow(dead_code))] // no stall warnings under loom
     identity: StalledReader,
     /// A non-owning copy of the owning reader's `Domain` handle, so that a read guard needs
     /// one pointer (to this slot) for its domain. Only read through the owning `Reader` or
@@ -129,6 +128,7 @@ pub(crate) struct Inner {
 
 /// A grace period's stall warning: when it started, and when the warning is due (`None`: off,
 /// or already issued).
+#[cfg_attr(loom, allow(dead_code))] // no stall warnings under loom
 struct StallWatch {
     start: Instant,
     due: Option<Instant>,
@@ -457,7 +457,7 @@ impl Inner {
         // The hook is the user's code (and `eprintln!` panics if stderr fails): nothing may
         // unwind out of a grace period, which would leave this thread registered as the
         // parked waiter and the grace period half done.
-        contain_panic(|| match hook {
+        crate::sync::contain_panic(|| match hook {
             Some(hook) => hook(&report),
             None => eprintln!("{report}"),
         });
