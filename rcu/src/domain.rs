@@ -94,9 +94,9 @@ impl Slot {
     }
 }
 
-// SAFETY: `ctr` is atomic and `owner` is immutable. `domain` is only used by the owning
-// thread (through its `Reader` and guards, all `!Send`) and never dropped; `Domain` is
-// `Sync` anyway.
+// SAFETY: `ctr` and `owes_backpressure` are atomic; `owner` and `identity` are immutable.
+// `domain` is only used by the owning thread (through its `Reader` and guards, all `!Send`)
+// and never dropped; `Domain` is `Sync` anyway.
 unsafe impl Sync for Slot {}
 
 /// The grace-period and reclamation state of a domain.

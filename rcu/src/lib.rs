@@ -12,6 +12,9 @@
 //!   [`Domain::defer_drop`] / [`Domain::defer`] for batched reclamation after a grace period
 //!   (on a background thread, or on whichever thread drains the queue first), with
 //!   back-pressure past [`Config::max_backlog`]; [`Domain::barrier`] waits for it all.
+//! - A grace period held up for longer than [`Config::stall_timeout`] by readers that stay
+//!   online without announcing quiescent states issues a stall warning naming their threads
+//!   ([`StallReport`], [`Domain::set_stall_hook`]).
 //!
 //! ```
 //! use rcu::{Domain, RcuCell};
