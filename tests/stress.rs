@@ -297,3 +297,79 @@ fn hugetlb_ram_populates_whole_huge_pages() {
     // 4 huge pages per run, plus any fault that lost a race.
     assert!(faults >= pages / 512 && faults < pages / 64, "{v}");
 }
+
+/// Window mode makes no memslot change after set-up, whatever the churn; per-region mode makes
+/// one or more per churn operation. Both report each operation's latency, the plain
+/// `mmap` + `munmap` baseline and the cost of populating, verify clean and leave nothing
+/// resident in the churn area.
+#[test]
+fn window_mode_changes_no_memslot_under_churn() {
+    require_kvm!();
+    for mode in ["vcpu", "handler", "kernel"] {
+        for memslots in ["window", "per-region"] {
+            let v = stress_json(&[
+                "--vcpus",
+                "2",
+                "--pages",
+                "2048",
+                "--churn",
+                "2000",
+                "--regions",
+                "200",
+                "--fault-mode",
+                mode,
+                "--memslots",
+                memslots,
+            ]);
+            let what = format!("{mode} {memslots}: {v}");
+            assert_eq!(v["memslots"], memslots, "{what}");
+            assert_eq!(u(&v, "verify_errors"), 0, "{what}");
+            assert_eq!(u(&v, "rss.churn_residual_bytes"), 0, "{what}");
+            let ops = u(&v, "churn_ops");
+            assert!(ops > 0, "{what}");
+            let changes = u(&v, "kvm_memslot_changes");
+            if memslots == "window" {
+                assert_eq!(changes, 0, "{what}");
+            } else {
+                assert!(changes >= u(&v, "churn.maps"), "{what}");
+            }
+            for op in ["map", "unmap"] {
+                let p50 = u(&v, &format!("churn.op_latency_ns.{op}.p50"));
+                let p99 = u(&v, &format!("churn.op_latency_ns.{op}.p99"));
+                let max = u(&v, &format!("churn.op_latency_ns.{op}.max"));
+                assert!(0 < p50 && p50 <= p99 && p99 <= max, "{op}: {what}");
+            }
+            let b50 = u(&v, "churn.mmap_baseline_ns.p50");
+            assert!(
+                b50 > 0 && b50 <= u(&v, "churn.mmap_baseline_ns.p99"),
+                "{what}"
+            );
+            if mode != "kernel" {
+                assert!(
+                    v["churn"]["populate_ns_per_page"].as_f64().unwrap() > 0.0,
+                    "{what}"
+                );
+            }
+        }
+    }
+}
+
+/// `--regions 1000000` in window mode: a million regions in the tree (4 KiB each, side by
+/// side), the guest's touches verify clean.
+#[test]
+fn a_million_regions_in_window_mode() {
+    require_kvm!();
+    let v = stress_json(&[
+        "--vcpus",
+        "1",
+        "--pages",
+        "1024",
+        "--regions",
+        "1000000",
+        "--memslots",
+        "window",
+    ]);
+    assert_eq!(u(&v, "regions"), 1_000_000, "{v}");
+    assert_eq!(u(&v, "verify_errors"), 0, "{v}");
+    assert_eq!(u(&v, "kvm_memslot_changes"), 0, "{v}");
+}

@@ -151,8 +151,9 @@ pub mod workload {
     /// [`crate::VcpuResult`] (`pages`: pages touched, `verify_errors`: pages wrong although
     /// the mailbox did not change meanwhile, `reserved[0]`: pages found changed by a
     /// concurrent unmap/protect, `reserved[1]`: passes, `reserved[2]`: the last mailbox
-    /// generation seen); it updates the slot after every pass, `done` last. The last vCPU to
-    /// stop exits 0.
+    /// generation seen, `reserved[3]`: reads of unmapped words after the unmap finished
+    /// (`<< 32`) and how many of them still saw the written data (low 32 bits; must be 0));
+    /// it updates the slot after every pass, `done` last. The last vCPU to stop exits 0.
     pub const HOTPLUG: u32 = 2;
     /// vCPU 0 exits at once with status `params[0]`.
     pub const EXIT: u32 = 3;

@@ -323,6 +323,48 @@ fn mailbox_list(g: u64, out: &mut [Plugged; abi::MAILBOX_MAX_REGIONS]) -> Option
     (mailbox_generation() == g).then_some(n)
 }
 
+/// The word of page `p` of a region at `start` that `hotplug` writes.
+fn word_of(start: u64, p: u64) -> u64 {
+    start + p * abi::layout::PAGE_SIZE + (p % 512) * 8
+}
+
+/// What `hotplug` writes at `addr`.
+fn hotplug_pattern(addr: u64) -> u64 {
+    addr.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
+}
+
+/// After the mailbox moved to generation `g` (`fresh`), reads back one word this vCPU wrote in
+/// up to 8 pages spread over its share of every region of `old`, where `fresh` no longer
+/// covers them: unmapping has finished, so each must read as open bus, never as what was written
+/// (the old page still reachable). A read is counted only if the generation is still `g` after
+/// it (a later map could legitimately bring the address back). Returns (checks, stale reads).
+fn check_gone(g: u64, old: &[Plugged], fresh: &[Plugged], vcpu: u64, nr: u64) -> (u64, u64) {
+    let (mut checks, mut stale) = (0, 0);
+    for r in old.iter().filter(|r| r.flags & abi::region_flags::READONLY == 0) {
+        // Up to 8 pages spread over what this vCPU touched.
+        let samples = r.next.min(8);
+        for j in 0..samples {
+            let k = j * r.next / samples;
+            let addr = word_of(r.start, k * nr + vcpu);
+            if fresh
+                .iter()
+                .any(|f| f.start <= addr && addr < f.start + f.size)
+            {
+                continue;
+            }
+            // SAFETY: an identity-mapped guest-physical address that no region covers now: the
+            // VMM answers the read (open bus).
+            let got = unsafe { core::ptr::read_volatile(addr as *const u64) };
+            if mailbox_generation() != g {
+                return (checks, stale);
+            }
+            checks += 1;
+            stale += u64::from(got == hotplug_pattern(addr));
+        }
+    }
+    (checks, stale)
+}
+
 /// `hotplug`: follow the mailbox; write a per-address pattern into this vCPU's share of each
 /// listed region's pages (the first touch of each is a fault the VMM services), read it back,
 /// and tell a real error from memory that a concurrent unmap or protect took away: a surprise
@@ -341,6 +383,7 @@ fn hotplug(vcpu: u64, info: &BootInfo) -> ! {
     let mut n = 0usize;
     let mut seen = 0u64;
     let (mut touched, mut errors, mut vanished, mut passes) = (0u64, 0u64, 0u64, 0u64);
+    let (mut checks, mut stale) = (0u64, 0u64);
     let result = abi::result_addr(vcpu) as *mut u64;
     while mailbox_flags() & abi::mailbox_flags::STOP == 0 {
         let g = mailbox_generation();
@@ -352,6 +395,9 @@ fn hotplug(vcpu: u64, info: &BootInfo) -> ! {
             let Some(m) = mailbox_list(g, &mut fresh) else {
                 continue;
             };
+            let (c, st) = check_gone(g, &list[..n], &fresh[..m], vcpu, nr);
+            checks += c;
+            stale += st;
             // Keep the progress of regions that are still listed unchanged.
             for f in fresh.iter_mut().take(m) {
                 if let Some(old) = list[..n]
@@ -371,7 +417,7 @@ fn hotplug(vcpu: u64, info: &BootInfo) -> ! {
             let share = pages / nr + u64::from(pages % nr > vcpu);
             while r.next < share && budget > 0 {
                 let p = r.next * nr + vcpu;
-                let addr = r.start + p * abi::layout::PAGE_SIZE + (p % 512) * 8;
+                let addr = word_of(r.start, p);
                 if mailbox_generation() != seen {
                     break 'regions;
                 }
@@ -380,7 +426,7 @@ fn hotplug(vcpu: u64, info: &BootInfo) -> ! {
                     // meanwhile the read is answered by the VMM (open bus).
                     let _ = unsafe { core::ptr::read_volatile(addr as *const u64) };
                 } else {
-                    let want = addr.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+                    let want = hotplug_pattern(addr);
                     // SAFETY: as above; only this vCPU writes its share of the region.
                     let got = unsafe {
                         core::ptr::write_volatile(addr as *mut u64, want);
@@ -408,6 +454,7 @@ fn hotplug(vcpu: u64, info: &BootInfo) -> ! {
             core::ptr::write_volatile(result.add(4), vanished);
             core::ptr::write_volatile(result.add(5), passes);
             core::ptr::write_volatile(result.add(6), seen);
+            core::ptr::write_volatile(result.add(7), (checks << 32) | stale.min(u32::MAX as u64));
         }
         if budget == HOTPLUG_PAGES_PER_PASS {
             // Nothing to do: leave the host CPU to others for a millisecond.

@@ -25,14 +25,15 @@
 #![deny(unsafe_code)]
 
 use iced_x86::{
-    Decoder, DecoderOptions, Instruction, InstructionInfoFactory, MemorySize, OpAccess, Register,
+    Decoder, DecoderOptions, Instruction, InstructionInfoFactory, MemorySize, Mnemonic, OpAccess,
+    OpKind, Register,
 };
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 
 use crate::memory::address_space::PAGE;
-use crate::memory::{FaultError, PageState};
-use crate::vcpu::GuardedSpace;
+use crate::memory::{Access, FaultError, PageState};
+use crate::vcpu::{GuardedSpace, GuestMemoryExits};
 
 /// The legacy area plus the header of an XSAVE image: what every XSAVE-family instruction
 /// touches whatever features it saves.
@@ -82,6 +83,23 @@ pub enum EfaultError {
     /// Populating a page failed on the host.
     #[error(transparent)]
     Fault(#[from] FaultError),
+    /// The instruction touches a hole or writes a read-only page, and is not one the VMM
+    /// completes itself.
+    #[error(
+        "cannot complete {instruction}: it {what} gpa {gpa:#x}, and the VMM completes only \
+         plain loads and stores (MOV, MOVZX, MOVSX, and string LODS, STOS, MOVS) there"
+    )]
+    Unemulated {
+        /// The instruction, as [`describe`] gives it.
+        instruction: String,
+        /// "touches (no region covers it)" or "writes read-only".
+        what: &'static str,
+        /// The page.
+        gpa: u64,
+    },
+    /// Writing the registers back failed.
+    #[error("KVM_SET_REGS failed: {0}")]
+    SetRegs(kvm_ioctls::Error),
 }
 
 /// What resolving an unannotated `-EFAULT` found.
@@ -97,6 +115,9 @@ pub struct Resolved {
     pub readonly: Option<u64>,
     /// The instruction, for diagnoses: mnemonic and bytes.
     pub instruction: String,
+    /// The VMM completed the instruction itself (it touched a hole or wrote a read-only
+    /// page): registers and `rip` are updated, the guest goes on after it.
+    pub emulated: bool,
 }
 
 impl Resolved {
@@ -245,22 +266,25 @@ impl Resolver {
                 }
             };
             // A decoding or translation failure under the guess is retried properly too.
-            if let Ok(res) = self.resolve_with(&guess, fd, &r, mem) {
+            if let Ok(res) = self.resolve_with(&guess, fd, &r, mem, false) {
                 if res.populated > 0 {
                     return Ok(res);
                 }
             }
         }
-        self.resolve_with(&|linear| translate(fd, linear), fd, &r, mem)
+        self.resolve_with(&|linear| translate(fd, linear), fd, &r, mem, true)
     }
 
     /// [`Resolver::resolve`] with a given translation of linear to guest-physical addresses.
+    /// With `complete`, an instruction that populated nothing but touches a hole or writes
+    /// a read-only page is completed by the VMM ([`emulate`]).
     fn resolve_with(
         &self,
         translate: &dyn Fn(u64) -> Result<u64, EfaultError>,
         fd: &VcpuFd,
         r: &Regs,
         mem: &GuardedSpace<'_, '_>,
+        complete: bool,
     ) -> Result<Resolved, EfaultError> {
         let (regs, sregs) = (&r.regs, &r.sregs);
         let mut out = Resolved {
@@ -269,6 +293,7 @@ impl Resolver {
             hole: None,
             readonly: None,
             instruction: String::new(),
+            emulated: false,
         };
         // `optional` parts (beyond what the instruction surely touches) are populated where a
         // region covers them, and ignored where none does.
@@ -398,9 +423,237 @@ impl Resolver {
                 };
                 touch(va, size.max(1), write, false, &mut out)?;
             }
-            Ok(out)
-        })
+            Ok::<(), EfaultError>(())
+        })?;
+        let special = out
+            .hole
+            .map(|g| (g, "touches (no region covers it)"))
+            .or(out.readonly.map(|g| (g, "writes read-only")));
+        if let (true, 0, Some((gpa, what))) = (complete, out.populated, special) {
+            let mut regs = *regs;
+            let done = emulate(&instr, &mut regs, sregs, translate, mem)?;
+            if !done {
+                return Err(EfaultError::Unemulated {
+                    instruction: out.instruction,
+                    what,
+                    gpa,
+                });
+            }
+            fd.set_regs(&regs).map_err(EfaultError::SetRegs)?;
+            out.emulated = true;
+        }
+        Ok(out)
     }
+}
+
+/// Most elements of a REP string instruction completed per exit: the guest re-executes the
+/// instruction for the rest (with rcx, rsi and rdi advanced), natively where memory allows.
+const MAX_EMULATED_ELEMENTS: u64 = 4096;
+
+/// Completes `instr` against the address space (open bus reads all-ones, drops writes to
+/// holes and to read-only regions, counting each), writing its results to `regs` and
+/// advancing `rip`. Returns false, changing nothing, for an instruction it does not complete.
+fn emulate(
+    instr: &Instruction,
+    regs: &mut kvm_regs,
+    sregs: &kvm_sregs,
+    translate: &dyn Fn(u64) -> Result<u64, EfaultError>,
+    mem: &GuardedSpace<'_, '_>,
+) -> Result<bool, EfaultError> {
+    use Mnemonic::*;
+    let seg_base = |seg: Register| reg_value(seg, regs, sregs).unwrap_or(0);
+    match instr.mnemonic() {
+        Mov | Movzx | Movsx | Movsxd => {
+            let (k0, k1) = (instr.op0_kind(), instr.op1_kind());
+            let linear = |regs: &kvm_regs| {
+                instr.virtual_address(if k0 == OpKind::Memory { 0 } else { 1 }, 0, |r, _, _| {
+                    reg_value(r, regs, sregs)
+                })
+            };
+            let Some(va) = linear(regs) else {
+                return Ok(false);
+            };
+            let size = instr.memory_size().size();
+            if !(1..=8).contains(&size) {
+                return Ok(false);
+            }
+            if k0 == OpKind::Memory {
+                // A store: of a register or an immediate.
+                let value = match k1 {
+                    OpKind::Register => match reg_value(instr.op1_register(), regs, sregs) {
+                        Some(v) => v,
+                        None => return Ok(false),
+                    },
+                    OpKind::Immediate8
+                    | OpKind::Immediate16
+                    | OpKind::Immediate32
+                    | OpKind::Immediate8to64
+                    | OpKind::Immediate32to64
+                    | OpKind::Immediate64 => instr.immediate(1),
+                    _ => return Ok(false),
+                };
+                if instr.mnemonic() != Mov {
+                    return Ok(false);
+                }
+                access(va, &value.to_le_bytes()[..size], None, translate, mem)?;
+            } else if k1 == OpKind::Memory && k0 == OpKind::Register {
+                let dst = instr.op0_register();
+                if !dst.is_gpr() {
+                    return Ok(false);
+                }
+                let mut buf = [0u8; 8];
+                access(va, &[], Some(&mut buf[..size]), translate, mem)?;
+                let raw = u64::from_le_bytes(buf);
+                let value = match instr.mnemonic() {
+                    Movsx | Movsxd => sign_extend(raw, size),
+                    _ => raw,
+                };
+                set_reg(regs, dst, value);
+            } else {
+                return Ok(false);
+            }
+            regs.rip = instr.next_ip();
+            Ok(true)
+        }
+        Stosb | Stosw | Stosd | Stosq | Lodsb | Lodsw | Lodsd | Lodsq | Movsb | Movsw | Movsd
+        | Movsq => {
+            let size = instr.memory_size().size() as u64;
+            // The string forms with 64-bit addressing only (`movsd` is also an SSE move, whose
+            // operands are a register and plain memory).
+            let string64 = (0..instr.op_count())
+                .any(|i| matches!(instr.op_kind(i), OpKind::MemoryESRDI | OpKind::MemorySegRSI));
+            let narrower = (0..instr.op_count()).any(|i| {
+                matches!(
+                    instr.op_kind(i),
+                    OpKind::MemoryESEDI
+                        | OpKind::MemoryESDI
+                        | OpKind::MemorySegESI
+                        | OpKind::MemorySegSI
+                )
+            });
+            if !string64 || narrower || !(1..=8).contains(&size) {
+                return Ok(false);
+            }
+            let rep = instr.has_rep_prefix() || instr.has_repe_prefix();
+            let backwards = regs.rflags & (1 << 10) != 0;
+            let step = |v: u64| {
+                if backwards {
+                    v.wrapping_sub(size)
+                } else {
+                    v.wrapping_add(size)
+                }
+            };
+            let total = if rep { regs.rcx } else { 1 };
+            let n = total.min(MAX_EMULATED_ELEMENTS);
+            let acc = Register::RAX;
+            let src_base = seg_base(instr.memory_segment());
+            let stores = matches!(
+                instr.mnemonic(),
+                Stosb | Stosw | Stosd | Stosq | Movsb | Movsw | Movsd | Movsq
+            );
+            let loads_src = matches!(
+                instr.mnemonic(),
+                Lodsb | Lodsw | Lodsd | Lodsq | Movsb | Movsw | Movsd | Movsq
+            );
+            for _ in 0..n {
+                let mut buf = [0u8; 8];
+                if loads_src {
+                    let va = src_base.wrapping_add(regs.rsi);
+                    access(va, &[], Some(&mut buf[..size as usize]), translate, mem)?;
+                    regs.rsi = step(regs.rsi);
+                } else {
+                    buf = regs.rax.to_le_bytes();
+                }
+                if stores {
+                    let va = sregs.es.base.wrapping_add(regs.rdi);
+                    access(va, &buf[..size as usize], None, translate, mem)?;
+                    regs.rdi = step(regs.rdi);
+                } else {
+                    let reg = match size {
+                        1 => Register::AL,
+                        2 => Register::AX,
+                        4 => Register::EAX,
+                        _ => acc,
+                    };
+                    set_reg(regs, reg, u64::from_le_bytes(buf));
+                }
+            }
+            if rep {
+                regs.rcx -= n;
+            }
+            if regs.rcx == 0 || !rep {
+                regs.rip = instr.next_ip();
+            }
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// One access of at most 8 bytes at linear address `va`: a store of `src`, or a load into
+/// `dst`; split at a page boundary (each page translated on its own).
+fn access(
+    va: u64,
+    src: &[u8],
+    dst: Option<&mut [u8]>,
+    translate: &dyn Fn(u64) -> Result<u64, EfaultError>,
+    mem: &GuardedSpace<'_, '_>,
+) -> Result<(), EfaultError> {
+    let len = dst.as_ref().map_or(src.len(), |d| d.len()) as u64;
+    let first = (PAGE - va % PAGE).min(len);
+    let parts = [(va, 0, first), (va.wrapping_add(first), first, len - first)];
+    match dst {
+        Some(d) => {
+            for (at, off, n) in parts.into_iter().filter(|p| p.2 > 0) {
+                let (off, n) = (off as usize, n as usize);
+                mem.mmio(translate(at)?, Access::Read(&mut d[off..off + n]))?;
+            }
+        }
+        None => {
+            for (at, off, n) in parts.into_iter().filter(|p| p.2 > 0) {
+                let (off, n) = (off as usize, n as usize);
+                mem.mmio(translate(at)?, Access::Write(&src[off..off + n]))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn sign_extend(v: u64, size: usize) -> u64 {
+    let shift = 64 - 8 * size as u32;
+    (((v << shift) as i64) >> shift) as u64
+}
+
+/// Writes `value` to general-purpose register `reg` as the CPU would: a 32-bit write clears
+/// the upper half, 8- and 16-bit writes keep the other bits (AH..BH are bits 8-15).
+fn set_reg(regs: &mut kvm_regs, reg: Register, value: u64) {
+    use Register::*;
+    let slot = match reg.full_register() {
+        RAX => &mut regs.rax,
+        RBX => &mut regs.rbx,
+        RCX => &mut regs.rcx,
+        RDX => &mut regs.rdx,
+        RSI => &mut regs.rsi,
+        RDI => &mut regs.rdi,
+        RSP => &mut regs.rsp,
+        RBP => &mut regs.rbp,
+        R8 => &mut regs.r8,
+        R9 => &mut regs.r9,
+        R10 => &mut regs.r10,
+        R11 => &mut regs.r11,
+        R12 => &mut regs.r12,
+        R13 => &mut regs.r13,
+        R14 => &mut regs.r14,
+        R15 => &mut regs.r15,
+        _ => return,
+    };
+    *slot = match (reg.size(), reg) {
+        (8, _) => value,
+        (4, _) => value & 0xffff_ffff,
+        (2, _) => (*slot & !0xffff) | (value & 0xffff),
+        (1, AH | CH | DH | BH) => (*slot & !0xff00) | ((value & 0xff) << 8),
+        _ => (*slot & !0xff) | (value & 0xff),
+    };
 }
 
 /// The instruction's mnemonic and bytes, for diagnoses.
@@ -476,7 +729,8 @@ mod tests {
     /// vector index: the resolver reads the lanes).
     #[test]
     fn decoder_footprints_of_unusual_instructions() {
-        let cases: &[(&[u8], &[(u64, OpAccess)])] = &[
+        type Footprint = &'static [(u64, OpAccess)];
+        let cases: &[(&[u8], Footprint)] = &[
             (&[0x0f, 0xae, 0x07], &[(512, OpAccess::Write)]), // fxsave [rdi]
             (&[0x0f, 0xae, 0x0f], &[(512, OpAccess::Read)]),  // fxrstor [rdi]
             (&[0x0f, 0xae, 0x27], &[(0, OpAccess::ReadWrite)]), // xsave [rdi]

@@ -45,6 +45,8 @@ pub enum Step {
     UffdUnregister = 4,
     /// Releasing unmapped host memory.
     Release = 5,
+    /// Changing the host protection of a region in the hot-plug window (`protect`).
+    Mprotect = 6,
 }
 
 impl Step {
@@ -57,10 +59,12 @@ impl Step {
             Step::MemslotDelete => "memslot-delete",
             Step::UffdUnregister => "uffd-unregister",
             Step::Release => "release",
+            Step::Mprotect => "mprotect",
         }
     }
 
-    fn from_name(s: &str) -> Option<Self> {
+    /// The step called `s`, if any.
+    pub fn from_name(s: &str) -> Option<Self> {
         Some(match s {
             "mmap" => Step::Mmap,
             "uffd" => Step::Uffd,
@@ -68,20 +72,22 @@ impl Step {
             "memslot-delete" => Step::MemslotDelete,
             "uffd-unregister" => Step::UffdUnregister,
             "release" => Step::Release,
+            "mprotect" => Step::Mprotect,
             _ => return None,
         })
     }
 }
 
 /// Every step's name, for messages.
-pub const STEP_NAMES: &str = "mmap, uffd, memslot, memslot-delete, uffd-unregister or release";
+pub const STEP_NAMES: &str =
+    "mmap, uffd, memslot, memslot-delete, uffd-unregister, release, mprotect";
 
 /// The environment variable.
 pub const ENV: &str = "VMM_FAULT_INJECT";
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 /// Per step: 0 = not armed; n = the n-th next call fails.
-static COUNTDOWN: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
+static COUNTDOWN: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
 static INJECTED: AtomicU64 = AtomicU64::new(0);
 
 /// Parses a `VMM_FAULT_INJECT` value.

@@ -1,7 +1,18 @@
-//! Parsing sizes (`256M`, `1G`, `4096`) and durations from the command line.
+//! Parsing sizes (`256M`, `1G`, `4096`) and durations from the command line, and printing
+//! byte counts for people.
 #![deny(unsafe_code)]
 
 use std::time::Duration;
+
+/// Bytes, human-readable and rounded (`1.5 MiB`).
+pub fn fmt_bytes(b: u64) -> String {
+    match b {
+        0..=1023 => format!("{b} B"),
+        1024..=1_048_575 => format!("{:.1} KiB", b as f64 / 1024.0),
+        1_048_576..=1_073_741_823 => format!("{:.1} MiB", b as f64 / 1048576.0),
+        _ => format!("{:.2} GiB", b as f64 / 1073741824.0),
+    }
+}
 
 /// Parses a size: a plain integer, or one with a `K`, `M`, `G` or `T` suffix (powers of 1024,
 /// either case, optionally followed by `B` or `iB`).

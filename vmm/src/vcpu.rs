@@ -552,10 +552,16 @@ pub struct Vcpu {
     pub resolver: crate::efault::Resolver,
 }
 
-/// Consecutive unresolved faults without progress before the vCPU gives up.
+/// Consecutive unresolved faults without progress before the vCPU gives up ...
 const MAX_STALLED_FAULTS: u32 = 16;
+/// ... once they have gone on for this long (a change of the address space in progress
+/// resolves itself well within it).
+const MIN_STALL: std::time::Duration = std::time::Duration::from_millis(200);
 const CAUSE_EFAULT: &str = "KVM_RUN failed with EFAULT (no address reported)";
 const CAUSE_EMULATION: &str = "KVM's instruction emulator failed (KVM_EXIT_INTERNAL_ERROR)";
+
+/// Faults without progress in a row, and since when.
+type Stall = Option<(u32, std::time::Instant)>;
 
 /// Resolves a fault KVM did not locate (a bare `EFAULT`, or an emulation failure) by decoding
 /// the instruction at `rip` (see `efault`). Progress means pages were really populated; a fault
@@ -565,24 +571,29 @@ const CAUSE_EMULATION: &str = "KVM's instruction emulator failed (KVM_EXIT_INTER
 fn resolve_fault(
     vcpu: &Vcpu,
     mem: &GuardedSpace<'_, '_>,
-    stalled: &mut u32,
+    stalled: &mut Stall,
     cause: &'static str,
 ) -> Result<VcpuEmulation, VcpuEmulation> {
     let fatal = |message: String| VcpuEmulation::Fatal(FatalExit::Unresolved { cause, message });
     match vcpu.resolver.resolve(&vcpu.fd, mem) {
-        Ok(r) if r.populated > 0 => {
-            *stalled = 0;
+        Ok(r) if r.populated > 0 || r.emulated => {
+            *stalled = None;
             mem.space
                 .counters
                 .unannotated_faults
                 .fetch_add(1, Ordering::Relaxed);
             Ok(VcpuEmulation::Handled)
         }
-        Ok(_) if *stalled < MAX_STALLED_FAULTS => {
-            *stalled += 1;
-            Ok(VcpuEmulation::Handled)
+        Ok(r) => {
+            let (count, since) = stalled.get_or_insert_with(|| (0, std::time::Instant::now()));
+            *count += 1;
+            if *count < MAX_STALLED_FAULTS || since.elapsed() < MIN_STALL {
+                // Another vCPU may have populated the page first: retry.
+                Ok(VcpuEmulation::Handled)
+            } else {
+                Err(fatal(r.stuck_reason()))
+            }
         }
-        Ok(r) => Err(fatal(r.stuck_reason())),
         Err(e) => Err(fatal(e.to_string())),
     }
 }
@@ -609,7 +620,7 @@ pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> Vcpu
     // while it handles an exit; each handled exit is one read-side critical section, and going
     // offline again for the next KVM_RUN is its quiescent state.
     let mut reader = shared.space.domain().register();
-    let mut stalled = 0u32;
+    let mut stalled: Stall = None;
     loop {
         // Pairs with the Release store in `Vm::stop_all`, made before the kick signal: either
         // we see `stop` here, or the signal's `immediate_exit` makes the next KVM_RUN return.

@@ -3,6 +3,7 @@
 #![deny(unsafe_code)]
 
 use std::io::Write;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -17,7 +18,7 @@ use crate::boot::{self, elf, BootError};
 use crate::devices::Devices;
 use crate::kvm::{self, KvmError};
 use crate::memory::{
-    self, AddressSpace, AsConfig, Backing, FaultMode, Limits, MemoryError, RegionKind,
+    self, AddressSpace, AsConfig, Backing, FaultMode, Limits, MemoryError, MemslotMode, RegionKind,
 };
 use crate::vcpu::{self, Diagnosis, Vcpu, VcpuOutcome, VcpuShared};
 
@@ -55,6 +56,10 @@ pub struct RunConfig {
     pub address_space: String,
     /// What backs guest RAM (the boot area is always anonymous).
     pub ram_backing: Backing,
+    /// How regions are laid onto KVM memslots.
+    pub memslots: MemslotMode,
+    /// Size of the hot-plug window (window mode), placed by [`hotplug_window_base`].
+    pub hotplug_window: u64,
     /// Threads to run beside the vCPUs once the VM is built (taken by `run`).
     pub sidecars: Sidecars,
 }
@@ -148,6 +153,9 @@ pub struct RunReport {
     pub exits: vcpu::ExitCounts,
     /// The address space's RCU domain: grace periods and their latency, reclamation.
     pub rcu: rcu::Stats,
+    /// Memslot ioctls the address space had made when set-up was over (before any vCPU ran):
+    /// `counters.memslot_changes` minus this is what the run changed.
+    pub memslot_changes_after_setup: u64,
 }
 
 /// What a companion thread gets: the running VM's address space (devices such as the hot-plug
@@ -221,6 +229,14 @@ pub enum VmError {
         what: &'static str,
         /// Why.
         source: kvm_ioctls::Error,
+    },
+    /// The hot-plug window does not fit, or would cost too much host memory.
+    #[error("--hotplug-window {size}: {why}")]
+    Window {
+        /// The size asked for.
+        size: String,
+        /// Why it is refused.
+        why: String,
     },
     /// Populating guest memory for the image failed.
     #[error("cannot populate guest memory for the image: {0}")]
@@ -298,6 +314,16 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
     let nr_slots = u32::try_from(kvm_fd.get_nr_memslots()).unwrap_or(u32::MAX);
     let domain = rcu::Domain::new();
     let space_bytes = boot::identity_map_bytes(one_gig);
+    let ram_top = ranges.iter().map(|r| r.end()).max().unwrap_or(0);
+    let window = match cfg.memslots {
+        MemslotMode::Window => hotplug_window(cfg.hotplug_window, ram_top, space_bytes)?,
+        MemslotMode::PerRegion => 0..0,
+    };
+    // In window mode regions are not bounded by memslots; per region, leave some for RAM.
+    let max_regions = match cfg.memslots {
+        MemslotMode::Window => MAX_WINDOW_REGIONS,
+        MemslotMode::PerRegion => (nr_slots as usize).saturating_sub(64).max(1),
+    };
     let space = Arc::new(
         AddressSpace::new(
             &domain,
@@ -307,9 +333,11 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
                 fault_around: cfg.fault_around,
                 space_bytes,
                 limits: Limits {
-                    max_regions: (nr_slots as usize).saturating_sub(64).max(1),
+                    max_regions,
                     max_bytes: space_bytes,
                 },
+                memslots: cfg.memslots,
+                hotplug_window: window,
             },
             Box::new(crate::inject::RecordingMemslots(kvm::KvmMemslots::new(
                 Arc::clone(&vm),
@@ -349,11 +377,14 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         fault_mode = fault_mode.name(),
         fault_around = cfg.fault_around,
         address_space = space.implementation(),
+        memslots = space.memslot_mode().name(),
+        hotplug_window = ?space.hotplug_window(),
         "guest memory and boot data ready"
     );
     for setup in cfg.sidecars.take_setups() {
         setup(&space).map_err(VmError::Setup)?;
     }
+    let memslot_changes_after_setup = space.counters.snapshot().memslot_changes;
     let handler = match fault_mode {
         FaultMode::Handler => Some(spawn_uffd_handler(&space)?),
         _ => None,
@@ -561,7 +592,88 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         counters,
         exits,
         rcu,
+        memslot_changes_after_setup,
     })
+}
+
+/// Most regions an address space holds in window mode (the tree's own bound is far higher).
+pub const MAX_WINDOW_REGIONS: usize = 4 << 20;
+
+/// KVM's metadata for a memslot, in bytes per 4 KiB page, on hosts that shadow the guest's
+/// page tables (`kvm_pvm`, or no EPT/NPT): an 8-byte reverse map entry per page, a 2-byte
+/// write-tracking count, and a little for the 2 MiB and 1 GiB levels. Measured here: 2.57 MiB
+/// per GiB of memslot (docs/memory.md). Hosts with EPT/NPT allocate the reverse maps only
+/// once a shadow page table is needed.
+pub const KVM_BYTES_PER_PAGE: u64 = 10;
+
+/// The largest share of host RAM a hot-plug window's KVM metadata may take: 1/32 (about 3 %).
+pub const WINDOW_HOST_SHARE: u64 = 32;
+
+/// Where the hot-plug window starts: above RAM and the 32-bit hole, on a 1 GiB boundary.
+pub fn hotplug_window_base(ram_top: u64) -> u64 {
+    abi::layout::HOLE_END.max(ram_top.next_multiple_of(1 << 30))
+}
+
+/// Estimated host memory KVM allocates for a memslot of `bytes` (see [`KVM_BYTES_PER_PAGE`]).
+pub fn window_cost_bytes(bytes: u64) -> u64 {
+    bytes / abi::layout::PAGE_SIZE * KVM_BYTES_PER_PAGE
+}
+
+/// The hot-plug window of `size` bytes for RAM ending at `ram_top`, checked against the
+/// guest-physical space and the host's RAM.
+fn hotplug_window(size: u64, ram_top: u64, space_bytes: u64) -> Result<Range<u64>, VmError> {
+    let host_ram = host_ram_bytes();
+    check_window(size, ram_top, space_bytes, host_ram).map_err(|why| VmError::Window {
+        size: memory::fmt_size(size),
+        why,
+    })
+}
+
+/// [`hotplug_window`]'s checks, with the host's RAM given.
+pub fn check_window(
+    size: u64,
+    ram_top: u64,
+    space_bytes: u64,
+    host_ram: u64,
+) -> Result<Range<u64>, String> {
+    if size == 0 {
+        return Ok(0..0);
+    }
+    if size % (2 << 20) != 0 {
+        return Err("must be a multiple of 2M".into());
+    }
+    let base = hotplug_window_base(ram_top);
+    let end = base.saturating_add(size);
+    if end > space_bytes {
+        return Err(format!(
+            "the window would end at {end:#x}, beyond the {} of guest-physical space the boot \
+             page tables map; use at most {}",
+            memory::fmt_size(space_bytes),
+            memory::fmt_size(space_bytes.saturating_sub(base))
+        ));
+    }
+    let cost = window_cost_bytes(size);
+    if host_ram > 0 && cost > host_ram / WINDOW_HOST_SHARE {
+        return Err(format!(
+            "KVM would allocate about {} of host memory for it, over 1/{WINDOW_HOST_SHARE} of \
+             the host's {}; use a smaller window",
+            crate::size::fmt_bytes(cost),
+            crate::size::fmt_bytes(host_ram)
+        ));
+    }
+    Ok(base..end)
+}
+
+/// The host's RAM (`MemTotal`), 0 if unknown.
+fn host_ram_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
 }
 
 /// Asks KVM to zap only a deleted memslot's mappings rather than every shadow page of the VM
@@ -671,4 +783,38 @@ fn read_histograms(mem: &impl vm_memory::GuestMemory, vcpus: u32) -> Vec<u64> {
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn hotplug_window_placement_and_cost() {
+        // Above RAM and the 32-bit hole, on a GiB boundary.
+        assert_eq!(
+            check_window(16 * GIB, 256 << 20, 512 * GIB, 24 * GIB),
+            Ok(4 * GIB..20 * GIB)
+        );
+        assert_eq!(
+            check_window(GIB, 5 * GIB + 1, 512 * GIB, 24 * GIB),
+            Ok(6 * GIB..7 * GIB)
+        );
+        assert_eq!(
+            check_window(0, 0, 64 * GIB, 24 * GIB),
+            Ok(0..0),
+            "no window"
+        );
+        let e = check_window(GIB + 4096, 0, 64 * GIB, 24 * GIB).unwrap_err();
+        assert!(e.contains("multiple of 2M"), "{e}");
+        let e = check_window(61 * GIB, 0, 64 * GIB, 24 * GIB).unwrap_err();
+        assert!(e.contains("use at most 60G"), "{e}");
+        // 64 GiB of window costs about 160 MiB of KVM metadata: over 1/32 of a 4 GiB host.
+        assert_eq!(window_cost_bytes(GIB), 2_621_440);
+        let e = check_window(64 * GIB, 0, 512 * GIB, 4 * GIB).unwrap_err();
+        assert!(e.contains("over 1/32 of the host's 4.00 GiB"), "{e}");
+        assert!(check_window(64 * GIB, 0, 512 * GIB, 24 * GIB).is_ok());
+    }
 }

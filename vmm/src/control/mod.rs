@@ -296,6 +296,11 @@ pub struct GuestProgress {
     pub passes: u64,
     /// Lowest mailbox generation the vCPUs have acted on.
     pub generation_seen: u64,
+    /// Reads of words the guest wrote in regions that were unmapped since (after the mailbox
+    /// said so).
+    pub unmapped_reads: u64,
+    /// Of those, reads that still saw the written data: a stale mapping (must be 0).
+    pub stale_reads: u64,
 }
 
 /// `check`: the address space against what KVM and the host have.
@@ -411,14 +416,6 @@ impl Vmm {
                         inject::ENV
                     )));
                 }
-                let step = step.map(|s| match s {
-                    protocol::InjectStep::Mmap => inject::Step::Mmap,
-                    protocol::InjectStep::Uffd => inject::Step::Uffd,
-                    protocol::InjectStep::Memslot => inject::Step::Memslot,
-                    protocol::InjectStep::MemslotDelete => inject::Step::MemslotDelete,
-                    protocol::InjectStep::UffdUnregister => inject::Step::UffdUnregister,
-                    protocol::InjectStep::Release => inject::Step::Release,
-                });
                 inject::disarm_all();
                 if let Some(s) = step {
                     inject::arm(s, nth);
@@ -566,6 +563,8 @@ impl Vmm {
             g.vanished += w(4);
             g.passes += w(5);
             g.generation_seen = g.generation_seen.min(w(6));
+            g.unmapped_reads += w(7) >> 32;
+            g.stale_reads += w(7) & 0xffff_ffff;
         }
         if g.generation_seen == u64::MAX {
             g.generation_seen = 0;
@@ -650,6 +649,10 @@ pub struct HotplugSummary {
     pub vanished: u64,
     /// Passes.
     pub passes: u64,
+    /// Reads of unmapped words after the unmap finished.
+    pub unmapped_reads: u64,
+    /// Of those, reads that saw the old data (must be 0).
+    pub stale_reads: u64,
 }
 
 /// Sums the `hotplug` workload's results slots.
@@ -664,6 +667,8 @@ pub fn hotplug_summary(results: &[abi::VcpuResult]) -> HotplugSummary {
         s.verify_errors += r.verify_errors;
         s.vanished += r.reserved[0];
         s.passes += r.reserved[1];
+        s.unmapped_reads += r.reserved[3] >> 32;
+        s.stale_reads += r.reserved[3] & 0xffff_ffff;
     }
     s
 }
@@ -672,16 +677,21 @@ impl std::fmt::Display for HotplugSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "hotplug: {} pages touched, {} vanished under a change, {} passes, {}/{} vcpus done, {}",
+            "hotplug: {} pages touched, {} vanished under a change, {} reads after unmap ({} stale), {} passes, {}/{} vcpus done, {}",
             self.pages,
             self.vanished,
+            self.unmapped_reads,
+            self.stale_reads,
             self.passes,
             self.vcpus_done,
             self.vcpus,
-            if self.verify_errors == 0 {
+            if self.verify_errors == 0 && self.stale_reads == 0 {
                 "verify ok (0 errors)".to_owned()
             } else {
-                format!("VERIFY FAILED ({} errors)", self.verify_errors)
+                format!(
+                    "VERIFY FAILED ({} errors, {} stale reads)",
+                    self.verify_errors, self.stale_reads
+                )
             }
         )
     }
@@ -739,19 +749,46 @@ pub fn host_rss_bytes() -> u64 {
         .map_or(0, |pages| pages * PAGE)
 }
 
-/// Compares the tree with the memslots KVM was given and the host mappings.
+/// Compares the tree with the memslots KVM was given and the host mappings: every region has
+/// its own memslot as KVM holds it, or lies in the hot-plug window whose memslot KVM holds;
+/// KVM holds no other memslot; and inside the host reservation exactly the regions are
+/// mapped readable (so no mapping the guest can reach lies outside a published region) and
+/// exactly the writable ones writable (a read-only region in the window is read-only on the
+/// host too: that is what stops the guest's writes).
 fn check(space: &AddressSpace) -> Check {
     let list = space.list();
     let kvm = inject::kvm_slots();
+    let window = space.hotplug_window();
+    let window_slot = window.as_ref().map(|_| 0u32);
     let mut problems = Vec::new();
     let mut seen = BTreeMap::new();
     let mut exit_served = 0;
     let mut prev_end = 0;
+    let windowed = |r: &RegionInfo| {
+        r.slot.is_some()
+            && r.slot == window_slot
+            && window
+                .as_ref()
+                .is_some_and(|w| w.start <= r.gpa && r.gpa + r.size_bytes <= w.end)
+    };
+    if let (Some(w), Some(s)) = (&window, window_slot) {
+        match kvm.get(&s) {
+            Some(&(g, sz, false)) if (g, sz) == (w.start, w.end - w.start) => {}
+            other => problems.push(format!(
+                "the hot-plug window [{:#x}, {:#x}) should be memslot {s}, which KVM holds as {other:x?}",
+                w.start, w.end
+            )),
+        }
+        seen.insert(s, w.start);
+    }
     for r in &list {
         if r.gpa < prev_end {
             problems.push(format!("region {:#x} overlaps the one before it", r.gpa));
         }
         prev_end = r.gpa + r.size_bytes;
+        if windowed(r) {
+            continue;
+        }
         match r.slot {
             None => exit_served += 1,
             Some(s) => {
@@ -780,38 +817,46 @@ fn check(space: &AddressSpace) -> Check {
             ));
         }
     }
-    // Host mappings: inside the reservation, exactly the regions are readable and writable.
+    // Host mappings, inside the reservation.
     let base = space.host_addr(0);
     let limit = base + space.host().size_bytes();
-    let want = merge(
-        list.iter()
-            .map(|r| (base + r.gpa, base + r.gpa + r.size_bytes)),
-    );
+    let as_host = |rs: &mut dyn Iterator<Item = &RegionInfo>| {
+        merge(rs.map(|r| (base + r.gpa, base + r.gpa + r.size_bytes)))
+    };
+    let want_readable = as_host(&mut list.iter());
+    let want_writable = as_host(&mut list.iter().filter(|r| !(r.readonly && windowed(r))));
     match std::fs::read_to_string("/proc/self/maps") {
         Ok(maps) => {
-            let have = merge(maps.lines().filter_map(|l| {
-                let (range, rest) = l.split_once(' ')?;
-                let (a, b) = range.split_once('-')?;
-                let (a, b) = (
-                    u64::from_str_radix(a, 16).ok()?,
-                    u64::from_str_radix(b, 16).ok()?,
-                );
-                (rest.starts_with("rw") && a < limit && base < b)
-                    .then(|| (a.max(base), b.min(limit)))
-            }));
-            if have != want {
-                let fmt = |v: &[(u64, u64)]| {
-                    v.iter()
-                        .take(8)
-                        .map(|(a, b)| format!("[{:#x}, {:#x})", a - base, b - base))
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                };
-                problems.push(format!(
-                    "host mappings (as guest-physical) {} differ from the regions {}",
-                    fmt(&have),
-                    fmt(&want)
-                ));
+            let mapped = |prefix: &str| {
+                merge(maps.lines().filter_map(|l| {
+                    let (range, rest) = l.split_once(' ')?;
+                    let (a, b) = range.split_once('-')?;
+                    let (a, b) = (
+                        u64::from_str_radix(a, 16).ok()?,
+                        u64::from_str_radix(b, 16).ok()?,
+                    );
+                    (rest.starts_with(prefix) && a < limit && base < b)
+                        .then(|| (a.max(base), b.min(limit)))
+                }))
+            };
+            let fmt = |v: &[(u64, u64)]| {
+                v.iter()
+                    .take(8)
+                    .map(|(a, b)| format!("[{:#x}, {:#x})", a - base, b - base))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            for (what, have, want) in [
+                ("readable", mapped("r"), &want_readable),
+                ("writable", mapped("rw"), &want_writable),
+            ] {
+                if have != *want {
+                    problems.push(format!(
+                        "{what} host mappings (as guest-physical) {} differ from the regions {}",
+                        fmt(&have),
+                        fmt(want)
+                    ));
+                }
             }
         }
         Err(e) => problems.push(format!("cannot read /proc/self/maps: {e}")),

@@ -95,23 +95,6 @@ impl ControlError {
     }
 }
 
-/// A fault-injection step (test-only; see `crate::inject`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum InjectStep {
-    /// Host `mmap` of a region's memory.
-    Mmap,
-    /// userfaultfd registration.
-    Uffd,
-    /// `KVM_SET_USER_MEMORY_REGION` installing a memslot.
-    Memslot,
-    /// `KVM_SET_USER_MEMORY_REGION` deleting a memslot (the change is undone).
-    MemslotDelete,
-    /// userfaultfd unregistration of unmapped memory.
-    UffdUnregister,
-    /// Releasing unmapped host memory.
-    Release,
-}
-
 /// One parsed request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
@@ -153,7 +136,7 @@ pub enum Request {
     /// Make the `nth` next call of `step` fail (test-only, with `VMM_FAULT_INJECT` set).
     Inject {
         /// Which call.
-        step: Option<InjectStep>,
+        step: Option<crate::inject::Step>,
         /// 1 = the next one.
         nth: u64,
     },
@@ -337,19 +320,16 @@ fn parse_request(obj: &Map<String, Value>) -> Result<Request, ControlError> {
         "inject" => {
             let step = match obj.get("step") {
                 Some(Value::String(s)) => match s.as_str() {
-                    "mmap" => Some(InjectStep::Mmap),
-                    "uffd" => Some(InjectStep::Uffd),
-                    "memslot" => Some(InjectStep::Memslot),
-                    "memslot-delete" => Some(InjectStep::MemslotDelete),
-                    "uffd-unregister" => Some(InjectStep::UffdUnregister),
-                    "release" => Some(InjectStep::Release),
                     "off" => None,
-                    _ => {
-                        return Err(ControlError::invalid(format!(
-                            "step {s:?}: expected mmap, uffd, memslot, memslot-delete, \
-                             uffd-unregister, release or off"
-                        )))
-                    }
+                    other => match crate::inject::Step::from_name(other) {
+                        Some(step) => Some(step),
+                        None => {
+                            return Err(ControlError::invalid(format!(
+                                "step {s:?}: expected {} or off",
+                                crate::inject::STEP_NAMES
+                            )))
+                        }
+                    },
                 },
                 _ => return Err(ControlError::invalid("missing string field \"step\"")),
             };

@@ -91,6 +91,27 @@ impl FaultMode {
     }
 }
 
+/// How guest-physical regions are laid onto KVM memslots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemslotMode {
+    /// A few long-lived memslots (windows) over the host reservation: boot RAM's, installed
+    /// once, and one hot-plug window. Run-time regions inside the window change only the tree
+    /// and the host mappings; KVM follows the host mappings through its MMU notifiers.
+    Window,
+    /// One memslot per region, installed and deleted with it (the baseline).
+    PerRegion,
+}
+
+impl MemslotMode {
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            MemslotMode::Window => "window",
+            MemslotMode::PerRegion => "per-region",
+        }
+    }
+}
+
 /// Limits on what may be mapped.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -171,6 +192,8 @@ fn fmt_hex(v: u64) -> String {
 struct WriterState {
     /// start -> (end, memslot, kind, readonly, backing)
     regions: BTreeMap<u64, Planned>,
+    /// How many of `regions` are run-time (hot-plugged) ones.
+    hotplug_regions: usize,
     free_slots: Vec<u32>,
     next_slot: u32,
     mapped_bytes: u64,
@@ -179,7 +202,10 @@ struct WriterState {
 #[derive(Clone, Copy, Debug)]
 struct Planned {
     end: u64,
+    /// Its own memslot, or (`windowed`) the hot-plug window's.
     slot: Option<u32>,
+    /// Lies in the hot-plug window: no memslot of its own, ever.
+    windowed: bool,
     kind: RegionKind,
     readonly: bool,
     backing: Backing,
@@ -201,6 +227,21 @@ impl WriterState {
         out
     }
 
+    /// Records a region (or replaces the record of one starting at the same address).
+    fn insert(&mut self, start: u64, p: Planned) {
+        if let Some(old) = self.regions.insert(start, p) {
+            self.hotplug_regions -= usize::from(old.kind == RegionKind::Hotplug);
+        }
+        self.hotplug_regions += usize::from(p.kind == RegionKind::Hotplug);
+    }
+
+    /// Forgets the region starting at `start`.
+    fn remove(&mut self, start: u64) {
+        if let Some(old) = self.regions.remove(&start) {
+            self.hotplug_regions -= usize::from(old.kind == RegionKind::Hotplug);
+        }
+    }
+
     fn alloc_slot(&mut self, capacity: u32) -> Option<u32> {
         if let Some(s) = self.free_slots.pop() {
             return Some(s);
@@ -214,6 +255,14 @@ impl WriterState {
     fn slots_available(&self, capacity: u32) -> usize {
         self.free_slots.len() + (capacity.saturating_sub(self.next_slot)) as usize
     }
+}
+
+/// How many of `affected` have a memslot of their own (not the hot-plug window's).
+fn own_slots(affected: &[(u64, Planned)]) -> usize {
+    affected
+        .iter()
+        .filter(|(_, p)| p.slot.is_some() && !p.windowed)
+        .count()
 }
 
 /// Refuses a change that touches boot memory or boot-time RAM (only run-time regions change).
@@ -274,6 +323,8 @@ pub struct AsCounters {
     pub unmaps: AtomicU64,
     /// See `maps`.
     pub protects: AtomicU64,
+    /// Memslot ioctls (installs and deletes) the address space has made, the windows' included.
+    pub memslot_changes: AtomicU64,
     /// Failures while tearing down unmapped memory (userfaultfd unregister, release of the
     /// host pages): logged, and recovered from where possible (see `teardown`).
     pub teardown_errors: AtomicU64,
@@ -304,6 +355,8 @@ pub struct CountersSnapshot {
     pub protects: u64,
     /// See [`AsCounters::teardown_errors`].
     pub teardown_errors: u64,
+    /// See [`AsCounters::memslot_changes`].
+    pub memslot_changes: u64,
 }
 
 impl AsCounters {
@@ -321,6 +374,7 @@ impl AsCounters {
             unmaps: self.unmaps.load(Relaxed),
             protects: self.protects.load(Relaxed),
             teardown_errors: self.teardown_errors.load(Relaxed),
+            memslot_changes: self.memslot_changes.load(Relaxed),
         }
     }
 }
@@ -361,6 +415,9 @@ pub struct AddressSpace {
     /// Zeroes to populate write faults from (`fault_around` pages).
     pub(crate) zeroes: Box<[u8]>,
     limits: Limits,
+    memslots: MemslotMode,
+    /// The hot-plug window and its memslot (window mode).
+    window: Option<(Range<u64>, u32)>,
     writer: Mutex<WriterState>,
     /// Counters.
     pub counters: AsCounters,
@@ -388,6 +445,10 @@ pub struct AsConfig {
     pub space_bytes: u64,
     /// Limits on run-time mapping.
     pub limits: Limits,
+    /// How regions are laid onto memslots.
+    pub memslots: MemslotMode,
+    /// The hot-plug window (window mode; may be empty): run-time regions must lie inside it.
+    pub hotplug_window: Range<u64>,
 }
 
 /// The largest fault-around window.
@@ -421,6 +482,7 @@ impl AddressSpace {
             what: "opening a userfaultfd",
             source,
         })?;
+        let window = Self::open_window(cfg, &host, slots.as_ref())?;
         Ok(Self {
             domain: domain.clone(),
             map,
@@ -438,9 +500,87 @@ impl AddressSpace {
             .into_boxed_slice(),
             slots,
             limits: cfg.limits,
-            writer: Mutex::new(WriterState::default()),
-            counters: AsCounters::default(),
+            memslots: cfg.memslots,
+            window: window.clone(),
+            writer: Mutex::new(WriterState {
+                next_slot: u32::from(window.is_some()),
+                ..WriterState::default()
+            }),
+            counters: AsCounters {
+                memslot_changes: AtomicU64::new(u64::from(window.is_some())),
+                ..AsCounters::default()
+            },
         })
+    }
+
+    /// Installs the hot-plug window's memslot (slot 0) over the `PROT_NONE` reservation, in
+    /// window mode with a non-empty window.
+    fn open_window(
+        cfg: &AsConfig,
+        host: &HostSpace,
+        slots: &dyn Memslots,
+    ) -> Result<Option<(Range<u64>, u32)>, AsError> {
+        let w = &cfg.hotplug_window;
+        if cfg.memslots != MemslotMode::Window || w.is_empty() {
+            return Ok(None);
+        }
+        let align = Backing::Hugetlb.align_bytes();
+        if w.start % align != 0 || w.end % align != 0 || w.end > cfg.space_bytes {
+            return Err(AsError::Invalid(format!(
+                "the hot-plug window [{:#x}, {:#x}) must be 2 MiB aligned and lie within the \
+                 {:#x} bytes of guest-physical space",
+                w.start, w.end, cfg.space_bytes
+            )));
+        }
+        slots
+            .install(0, w.start, w.end - w.start, host.host_addr(w.start), false)
+            .map_err(|source| AsError::Host {
+                what: "installing the hot-plug window's KVM memslot",
+                source,
+            })?;
+        Ok(Some((w.clone(), 0)))
+    }
+
+    /// How regions are laid onto memslots.
+    pub fn memslot_mode(&self) -> MemslotMode {
+        self.memslots
+    }
+
+    /// The hot-plug window, in window mode.
+    pub fn hotplug_window(&self) -> Option<Range<u64>> {
+        self.window.as_ref().map(|(r, _)| r.clone())
+    }
+
+    /// Whether a region of `kind` at `range` lies in the hot-plug window (so it needs no
+    /// memslot); an error for a run-time region that window mode cannot place.
+    fn windowed(&self, kind: RegionKind, range: &Range<u64>) -> Result<bool, AsError> {
+        if kind != RegionKind::Hotplug || self.memslots != MemslotMode::Window {
+            return Ok(false);
+        }
+        match &self.window {
+            Some((w, _)) if w.start <= range.start && range.end <= w.end => Ok(true),
+            Some((w, _)) => Err(AsError::Invalid(format!(
+                "[{:#x}, {:#x}) lies outside the hot-plug window [{:#x}, {:#x}); map inside it, \
+                 or start the VM with a larger --hotplug-window",
+                range.start, range.end, w.start, w.end
+            ))),
+            None => Err(AsError::Invalid(
+                "this VM has no hot-plug window (--hotplug-window 0): nothing can be mapped at \
+                 run time"
+                    .into(),
+            )),
+        }
+    }
+
+    fn install_slot(&self, slot: u32, gpa: u64, size: u64, readonly: bool) -> io::Result<()> {
+        self.counters.memslot_changes.fetch_add(1, Relaxed);
+        self.slots
+            .install(slot, gpa, size, self.host.host_addr(gpa), readonly)
+    }
+
+    fn delete_slot(&self, slot: u32, gpa: u64) -> io::Result<()> {
+        self.counters.memslot_changes.fetch_add(1, Relaxed);
+        self.slots.delete(slot, gpa)
     }
 
     /// The RCU domain readers of this address space register with.
@@ -526,6 +666,7 @@ impl AddressSpace {
         kind: RegionKind,
     ) -> Result<RegionInfo, AsError> {
         let range = self.validate(gpa, size, backing.align_bytes())?;
+        let windowed = self.windowed(kind, &range)?;
         let mut w = self.writer();
         if let Some((s, p)) = w.overlapping(&range).first() {
             return Err(AsError::Overlap {
@@ -535,11 +676,7 @@ impl AddressSpace {
             });
         }
         if kind == RegionKind::Hotplug {
-            let hotplugged = w
-                .regions
-                .values()
-                .filter(|p| p.kind == RegionKind::Hotplug)
-                .count();
+            let hotplugged = w.hotplug_regions;
             if hotplugged >= self.limits.max_regions {
                 return Err(AsError::Limit(format!(
                     "at most {} run-time regions may be mapped at once",
@@ -554,17 +691,35 @@ impl AddressSpace {
             }
         }
         let capacity = self.slots.capacity();
-        let Some(slot) = w.alloc_slot(capacity) else {
-            return Err(AsError::Limit(format!(
-                "all {capacity} KVM memslots are in use"
-            )));
+        // A region in the hot-plug window uses the window's memslot; others get their own.
+        let (slot, own_slot) = match &self.window {
+            Some((_, window_slot)) if windowed => (*window_slot, None),
+            _ => match w.alloc_slot(capacity) {
+                Some(slot) => (slot, Some(slot)),
+                None => {
+                    return Err(AsError::Limit(format!(
+                        "all {capacity} KVM memslots are in use"
+                    )))
+                }
+            },
         };
+        let free_own = |w: &mut WriterState| w.free_slots.extend(own_slot);
         let demand_paged = self.uffd.is_some() && kind != RegionKind::Boot;
-        // 1. Host memory.
+        // 1. Host memory (read-only on the host in window mode: the guest sees it through
+        //    the window memslot, so the host protection is what stops its writes).
         let mapped = crate::inject::hit(crate::inject::Step::Mmap)
-            .and_then(|()| self.host.map(gpa, size, backing));
+            .and_then(|()| self.host.map(gpa, size, backing))
+            .and_then(|_| {
+                if windowed && readonly {
+                    self.host.protect(gpa, size, true).inspect_err(|_| {
+                        let _ = self.host.release(gpa, size);
+                    })
+                } else {
+                    Ok(())
+                }
+            });
         if let Err(source) = mapped {
-            w.free_slots.push(slot);
+            free_own(&mut w);
             if backing == Backing::Hugetlb && source.raw_os_error() == Some(libc::ENOMEM) {
                 // The huge pages were taken between the caller's check and our reservation.
                 return Err(AsError::Limit(format!(
@@ -585,7 +740,7 @@ impl AddressSpace {
                     .and_then(|()| u.register(host_addr, size));
                 if let Err(source) = registered {
                     let _ = self.host.release(gpa, size);
-                    w.free_slots.push(slot);
+                    free_own(&mut w);
                     return Err(AsError::Host {
                         what: "registering guest memory with userfaultfd",
                         source,
@@ -604,7 +759,7 @@ impl AddressSpace {
         // 3. Publish: from here on a guest access finds the region.
         if let Err(e) = self.map.insert(range.clone(), region.clone()) {
             self.teardown(gpa, size, demand_paged);
-            w.free_slots.push(slot);
+            free_own(&mut w);
             return Err(match e {
                 RangeError::Overlap { existing, .. } => AsError::Overlap {
                     gpa,
@@ -615,22 +770,26 @@ impl AddressSpace {
             });
         }
         // 4. The memslot, last: until it is there, guest accesses exit and are serviced.
-        if let Err(source) = self.slots.install(slot, gpa, size, host_addr, readonly) {
-            let _ = self.map.remove(range);
-            // No thread may still be servicing a fault in it when its memory goes.
-            self.domain.synchronize();
-            self.teardown(gpa, size, demand_paged);
-            w.free_slots.push(slot);
-            return Err(AsError::Host {
-                what: "installing the KVM memslot",
-                source,
-            });
+        //    (In the window, KVM already has one, and sees the new host mapping on its own.)
+        if own_slot.is_some() {
+            if let Err(source) = self.install_slot(slot, gpa, size, readonly) {
+                let _ = self.map.remove(range);
+                // No thread may still be servicing a fault in it when its memory goes.
+                self.domain.synchronize();
+                self.teardown(gpa, size, demand_paged);
+                free_own(&mut w);
+                return Err(AsError::Host {
+                    what: "installing the KVM memslot",
+                    source,
+                });
+            }
         }
-        w.regions.insert(
+        w.insert(
             gpa,
             Planned {
                 end: range.end,
                 slot: Some(slot),
+                windowed,
                 kind,
                 readonly,
                 backing,
@@ -722,12 +881,14 @@ impl AddressSpace {
             }
         }
         let capacity = self.slots.capacity();
-        // The affected regions' slots are freed first, so this many are needed beyond them.
-        let freed = affected.iter().filter(|(_, p)| p.slot.is_some()).count();
-        if remaining.len() > freed + w.slots_available(capacity) {
+        // The affected regions' own slots are freed first, so this many are needed beyond
+        // them (pieces in the hot-plug window need none).
+        let freed = own_slots(&affected);
+        let needed = remaining.iter().filter(|(_, p)| !p.windowed).count();
+        if needed > freed + w.slots_available(capacity) {
             return Err(AsError::Limit(format!(
                 "splitting needs {} more KVM memslots than are free",
-                remaining.len() - freed
+                needed - freed
             )));
         }
         // 1. Unpublish, with the remaining pieces published in the same store.
@@ -770,10 +931,15 @@ impl AddressSpace {
     /// piece. A piece whose memslot cannot be installed stays mapped and published, served
     /// through VM exits (every access finds it in the tree).
     fn install_piece(&self, w: &mut WriterState, r: Range<u64>, p: Planned) -> Option<u32> {
+        if p.windowed {
+            // The window's memslot covers it already.
+            w.insert(r.start, Planned { end: r.end, ..p });
+            return p.slot;
+        }
         let capacity = self.slots.capacity();
         let slot = w.alloc_slot(capacity).and_then(|slot| {
             let size = r.end - r.start;
-            match self.slots.install(slot, r.start, size, self.host.host_addr(r.start), p.readonly) {
+            match self.install_slot(slot, r.start, size, p.readonly) {
                 Ok(()) => Some(slot),
                 Err(e) => {
                     tracing::warn!(slot, gpa = r.start, error = %e, "installing a memslot for a piece failed; it is served by exits");
@@ -782,7 +948,7 @@ impl AddressSpace {
                 }
             }
         });
-        w.regions.insert(
+        w.insert(
             r.start,
             Planned {
                 end: r.end,
@@ -805,24 +971,16 @@ impl AddressSpace {
     ) -> Result<(), AsError> {
         let mut deleted: Vec<(u64, Planned, u32)> = Vec::new();
         for (s, p) in affected {
-            let Some(slot) = p.slot else { continue };
+            let Some(slot) = p.slot.filter(|_| !p.windowed) else {
+                continue;
+            };
             let r = crate::inject::hit(crate::inject::Step::MemslotDelete)
-                .and_then(|()| self.slots.delete(slot, *s));
+                .and_then(|()| self.delete_slot(slot, *s));
             if let Err(source) = r {
-                for (s, p) in affected {
-                    let demand_paged = self.uffd.is_some() && p.kind != RegionKind::Boot;
-                    let original =
-                        Region::new(*s, p.end - s, p.backing, p.readonly, p.kind, demand_paged);
-                    if let Err(e) = self.map.replace(*s..p.end, RegionRef(Arc::new(original))) {
-                        tracing::error!(gpa = s, error = %e, "re-publishing a region after a failed memslot delete failed");
-                    }
-                }
+                self.republish(affected);
                 for (s, p, slot) in deleted {
                     let size = p.end - s;
-                    if let Err(e) =
-                        self.slots
-                            .install(slot, s, size, self.host.host_addr(s), p.readonly)
-                    {
+                    if let Err(e) = self.install_slot(slot, s, size, p.readonly) {
                         // The region stays mapped and is served through exits.
                         tracing::warn!(slot, gpa = s, error = %e, "re-installing a memslot failed; the region is served by exits");
                         w.free_slots.push(slot);
@@ -839,8 +997,8 @@ impl AddressSpace {
             deleted.push((*s, *p, slot));
         }
         for (s, p) in affected {
-            w.regions.remove(s);
-            if let Some(slot) = p.slot {
+            w.remove(*s);
+            if let Some(slot) = p.slot.filter(|_| !p.windowed) {
                 w.free_slots.push(slot);
             }
         }
@@ -882,18 +1040,40 @@ impl AddressSpace {
             }
         }
         let capacity = self.slots.capacity();
-        let freed = affected.iter().filter(|(_, p)| p.slot.is_some()).count();
-        if pieces.len() > freed + w.slots_available(capacity) {
+        let freed = own_slots(&affected);
+        let needed = pieces.iter().filter(|(_, p)| !p.windowed).count();
+        if needed > freed + w.slots_available(capacity) {
             return Err(AsError::Limit(
                 "not enough free KVM memslots to split the range".into(),
             ));
         }
+        // In the hot-plug window the host protection is what the guest sees. Ordered so that
+        // the tree never calls a page writable that the host refuses to write (a guest write
+        // there would fault with nothing to explain it): made writable on the host before
+        // the tree says so, read-only on the host after.
+        let windowed: Vec<(Range<u64>, bool)> = affected
+            .iter()
+            .filter(|(_, p)| p.windowed)
+            .map(|(s, p)| ((*s).max(range.start)..p.end.min(range.end), p.readonly))
+            .collect();
+        if !readonly {
+            self.protect_host(&windowed, false)?;
+        }
         // 1. Publish the new protection (one store for the whole change).
         let published = self.map_transaction_protect(&affected, &range, readonly);
         if let Err(e) = published {
+            if !readonly {
+                self.restore_host_protection(&windowed);
+            }
             return Err(AsError::Invalid(e.to_string()));
         }
-        // 2. Swap memslots.
+        if readonly {
+            if let Err(e) = self.protect_host(&windowed, true) {
+                self.republish(&affected);
+                return Err(e);
+            }
+        }
+        // 2. Swap memslots (regions with their own).
         self.delete_slots_or_restore(&mut w, &affected)?;
         let mut out = Vec::new();
         for (r, p) in pieces {
@@ -905,6 +1085,43 @@ impl AddressSpace {
         }
         self.counters.protects.fetch_add(1, Relaxed);
         Ok(out)
+    }
+
+    /// Sets the host protection of the windowed `parts` (each with its protection before);
+    /// on a failure, puts back the parts already changed and says what failed.
+    fn protect_host(&self, parts: &[(Range<u64>, bool)], readonly: bool) -> Result<(), AsError> {
+        for (i, (r, _)) in parts.iter().enumerate() {
+            let done = crate::inject::hit(crate::inject::Step::Mprotect)
+                .and_then(|()| self.host.protect(r.start, r.end - r.start, readonly));
+            if let Err(source) = done {
+                self.restore_host_protection(&parts[..i]);
+                return Err(AsError::Host {
+                    what: "changing the host protection of guest memory",
+                    source,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the windowed `parts` back to their protection before a failed change.
+    fn restore_host_protection(&self, parts: &[(Range<u64>, bool)]) {
+        for (r, was_readonly) in parts {
+            if let Err(e) = self.host.protect(r.start, r.end - r.start, *was_readonly) {
+                tracing::error!(gpa = r.start, error = %e, "restoring the host protection of guest memory failed");
+            }
+        }
+    }
+
+    /// Publishes the `affected` regions again as they were (undoing a published change).
+    fn republish(&self, affected: &[(u64, Planned)]) {
+        for (s, p) in affected {
+            let demand_paged = self.uffd.is_some() && p.kind != RegionKind::Boot;
+            let original = Region::new(*s, p.end - s, p.backing, p.readonly, p.kind, demand_paged);
+            if let Err(e) = self.map.replace(*s..p.end, RegionRef(Arc::new(original))) {
+                tracing::error!(gpa = s, error = %e, "re-publishing a region after a failed change failed");
+            }
+        }
     }
 
     fn map_transaction_protect(
@@ -961,7 +1178,7 @@ impl AddressSpace {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::fault::{Access, Serviced};
+    use crate::memory::fault::{Access, PageState, Serviced};
     use std::sync::atomic::AtomicBool;
 
     /// Memslots that KVM would have: recorded, optionally failing.
@@ -1003,9 +1220,133 @@ mod tests {
                 max_regions: 5,
                 max_bytes: 256 << 20,
             },
+            memslots: MemslotMode::PerRegion,
+            hotplug_window: 0..0,
         };
         let s = AddressSpace::new(&Domain::new(), &cfg, Box::new(slots.clone())).unwrap();
         (s, slots)
+    }
+
+    /// An address space in window mode, its hot-plug window [16M, 512M).
+    fn window_space(mode: FaultMode) -> (AddressSpace, Arc<FakeSlots>) {
+        let slots = Arc::new(FakeSlots::default());
+        let cfg = AsConfig {
+            implementation: "bonsai".into(),
+            fault_mode: mode,
+            fault_around: 4,
+            space_bytes: 1 << 30,
+            limits: Limits {
+                max_regions: 100,
+                max_bytes: 256 << 20,
+            },
+            memslots: MemslotMode::Window,
+            hotplug_window: 16 * MB..512 * MB,
+        };
+        let s = AddressSpace::new(&Domain::new(), &cfg, Box::new(slots.clone())).unwrap();
+        (s, slots)
+    }
+
+    /// The host protection (`rwxp` column of /proc/self/maps) at host address `addr`.
+    fn host_prot(addr: u64) -> String {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        for l in maps.lines() {
+            let (range, rest) = l.split_once(' ').unwrap();
+            let (a, b) = range.split_once('-').unwrap();
+            let (a, b) = (
+                u64::from_str_radix(a, 16).unwrap(),
+                u64::from_str_radix(b, 16).unwrap(),
+            );
+            if a <= addr && addr < b {
+                return rest[..4].to_owned();
+            }
+        }
+        "unmapped".into()
+    }
+
+    #[test]
+    fn window_mode_changes_no_memslot_after_the_window() {
+        for mode in [FaultMode::Vcpu, FaultMode::Handler, FaultMode::Kernel] {
+            let (s, slots) = window_space(mode);
+            let window = || slots.installed.lock().unwrap().clone();
+            assert_eq!(window().get(&0), Some(&(16 * MB, 496 * MB, false)));
+            assert_eq!(s.counters.snapshot().memslot_changes, 1);
+            let info = s
+                .map(16 * MB, 4 * MB, Backing::Anon, false, RegionKind::Hotplug)
+                .unwrap();
+            assert_eq!(info.slot, Some(0), "the window's memslot");
+            let e = s
+                .map(8 * MB, MB, Backing::Anon, false, RegionKind::Hotplug)
+                .unwrap_err();
+            assert_eq!(e.code(), "invalid");
+            assert!(e.to_string().contains("outside the hot-plug window"), "{e}");
+            let host = |gpa: u64| host_prot(s.host_addr(gpa));
+            assert_eq!(host(17 * MB), "rw-p");
+            // Protect the middle: the host mapping turns read-only, nothing else moves.
+            let changed = s.protect(17 * MB, MB, true).unwrap();
+            assert!(changed[0].readonly);
+            assert_eq!(host(17 * MB), "r--p");
+            assert_eq!(host(16 * MB), "rw-p");
+            let reader = s.domain().register();
+            {
+                let g = reader.read();
+                assert_eq!(
+                    s.complete_mmio(&g, 17 * MB, Access::Write(&[1])).unwrap(),
+                    Serviced::ReadOnly
+                );
+                s.complete_mmio(&g, 18 * MB + 8, Access::Write(&[7]))
+                    .unwrap();
+                assert_eq!(
+                    s.fault_page(&g, 17 * MB, true).unwrap(),
+                    PageState::ReadOnly
+                );
+                assert_eq!(s.fault_page(&g, 64 * MB, false).unwrap(), PageState::Hole);
+            }
+            drop(reader);
+            // Split: the middle goes back to the reservation, both sides stay.
+            s.unmap(18 * MB, MB).unwrap();
+            assert_eq!(host(18 * MB), "---p");
+            assert_eq!(host(19 * MB), "rw-p");
+            let ranges: Vec<_> = s
+                .list()
+                .iter()
+                .map(|r| (r.gpa, r.size_bytes, r.slot))
+                .collect();
+            assert_eq!(
+                ranges,
+                vec![
+                    (16 * MB, MB, Some(0)),
+                    (17 * MB, MB, Some(0)),
+                    (19 * MB, MB, Some(0))
+                ]
+            );
+            s.protect(16 * MB, 2 * MB, false).unwrap();
+            assert_eq!(host(17 * MB), "rw-p");
+            s.unmap(16 * MB, 4 * MB).unwrap();
+            assert!(s.list().is_empty());
+            assert_eq!(host(16 * MB), "---p");
+            assert_eq!(window().len(), 1, "{mode:?}: only the window");
+            assert_eq!(s.counters.snapshot().memslot_changes, 1, "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn window_mode_refuses_a_window_outside_the_space() {
+        let cfg = AsConfig {
+            implementation: "bonsai".into(),
+            fault_mode: FaultMode::Kernel,
+            fault_around: 1,
+            space_bytes: 1 << 30,
+            limits: Limits {
+                max_regions: 1,
+                max_bytes: 1 << 30,
+            },
+            memslots: MemslotMode::Window,
+            hotplug_window: 512 * MB..2048 * MB,
+        };
+        let slots = Arc::new(FakeSlots::default());
+        let e = AddressSpace::new(&Domain::new(), &cfg, Box::new(slots.clone())).unwrap_err();
+        assert_eq!(e.code(), "invalid");
+        assert!(slots.installed.lock().unwrap().is_empty());
     }
 
     const MB: u64 = 1 << 20;

@@ -378,6 +378,23 @@ impl AddressSpace {
             return Ok(());
         };
         let hit = self.fault_in(guard, gpa, write);
+        if hit.is_none() {
+            // No region covers the page any more: it is being unmapped (unpublished, its
+            // memory released only after a grace period, which waits for this thread's
+            // guard). The faulting thread may be a vCPU inside KVM's page-fault path, holding
+            // the KVM SRCU read lock that a memslot deletion waits for: woken without a page it
+            // would fault again, for as long as the range stays registered, and the deletion
+            // would never finish. Give it a zero page (a whole huge page where only that
+            // works) so that its access completes before the memory goes; if the range is no
+            // longer registered, the kernel refuses and nothing happens.
+            if let Some(u) = &self.uffd {
+                let page = host_addr & !(PAGE - 1);
+                if u.zeropage(page, PAGE).is_err() {
+                    let huge = Backing::Hugetlb.align_bytes();
+                    let _ = u.copy(host_addr & !(huge - 1), &self.zeroes[..huge as usize]);
+                }
+            }
+        }
         // Wake the sleeper whatever happened: a successful copy wakes only the pages it
         // populated, so a page another thread populated first, a region that went away under
         // the fault (it is being unmapped), or a failed populate would otherwise leave the

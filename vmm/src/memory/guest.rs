@@ -467,6 +467,8 @@ pub(crate) mod tests {
                 max_regions: 8,
                 max_bytes: 256 << 20,
             },
+            memslots: crate::memory::MemslotMode::PerRegion,
+            hotplug_window: 0..0,
         };
         let s = AddressSpace::new(&Domain::new(), &cfg, Box::new(NoSlots)).unwrap();
         // Two adjacent demand-paged regions, a hole, a third one.

@@ -227,6 +227,27 @@ impl HostSpace {
         }
     }
 
+    /// Makes `[gpa, gpa + len)` (mapped) read-only or read-write on the host. In window mode
+    /// this is how the guest's view changes: KVM's MMU notifier drops its mappings of the
+    /// range, and a guest write to a read-only range then fails (`EFAULT`) instead of landing.
+    pub fn protect(&self, gpa: u64, len: u64, readonly: bool) -> io::Result<()> {
+        self.check(gpa, len)?;
+        let prot = if readonly {
+            libc::PROT_READ
+        } else {
+            libc::PROT_READ | libc::PROT_WRITE
+        };
+        // SAFETY: the range lies inside our reservation (checked), which no Rust object
+        // borrows; mprotect only changes access rights (host code reads or writes guest memory
+        // through `read`/`write` and vm-memory slices, which never write read-only regions).
+        if unsafe { libc::mprotect(self.host_addr(gpa) as *mut libc::c_void, len as usize, prot) }
+            != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Gives `[gpa, gpa + len)` back to the reservation: its pages are freed. Only after a
     /// grace period, when no thread can still be touching them.
     ///
@@ -346,6 +367,29 @@ impl HostSpace {
             unsafe { std::ptr::write_volatile(dst.add(i), b) };
         }
     }
+}
+
+/// Times a plain anonymous `mmap` of `len` bytes (`MAP_NORESERVE`, untouched) and its
+/// `munmap`: the baseline a region update is compared with (`vmm stress`).
+pub fn time_anon_mmap(len: u64) -> io::Result<std::time::Duration> {
+    let t0 = std::time::Instant::now();
+    // SAFETY: a fresh anonymous mapping at an address the kernel picks, unmapped right after;
+    // nothing refers to it.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        libc::munmap(p, len as usize);
+    }
+    Ok(t0.elapsed())
 }
 
 impl Drop for HostSpace {

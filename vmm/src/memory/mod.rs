@@ -19,7 +19,9 @@ pub mod residency;
 #[allow(unsafe_code)]
 pub mod uffd;
 
-pub use address_space::{AddressSpace, AsConfig, AsError, FaultMode, Limits, Memslots};
+pub use address_space::{
+    AddressSpace, AsConfig, AsError, FaultMode, Limits, MemslotMode, Memslots,
+};
 pub use fault::{Access, FaultError, PageState, Serviced};
 pub use guest::GuardedMemory;
 pub use host::Backing;

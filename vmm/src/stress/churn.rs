@@ -74,6 +74,14 @@ pub struct ChurnResult {
     pub residual_bytes: u64,
     /// Time spent in each kind of operation (map includes populating the region).
     pub op_time: OpTimes,
+    /// Each operation alone (map without populating), in ns, by kind.
+    #[serde(skip)]
+    pub op_latency: OpHistograms,
+    /// A plain anonymous `mmap` + `munmap` of each mapped region's size, untouched, in ns.
+    #[serde(skip)]
+    pub mmap_baseline: Option<hdrhistogram::Histogram<u64>>,
+    /// Time spent populating mapped regions, ns (see `populated_bytes`).
+    pub populate_ns: u64,
     /// The first refusal, if any.
     pub first_error: Option<String>,
 }
@@ -107,6 +115,54 @@ impl OpTime {
     /// Mean, ns.
     pub fn mean_ns(&self) -> u64 {
         self.total_ns.checked_div(self.count).unwrap_or(0)
+    }
+}
+
+/// Latency distributions of the churn operations by kind (ns; `None` until one is recorded).
+#[derive(Clone, Debug, Default)]
+pub struct OpHistograms {
+    /// map alone.
+    pub map: Option<hdrhistogram::Histogram<u64>>,
+    /// unmap of a whole region.
+    pub unmap: Option<hdrhistogram::Histogram<u64>>,
+    /// unmap of a middle part.
+    pub split: Option<hdrhistogram::Histogram<u64>>,
+    /// protect.
+    pub protect: Option<hdrhistogram::Histogram<u64>>,
+}
+
+/// Records `d` (ns) in `h`, creating it on first use.
+pub fn record(h: &mut Option<hdrhistogram::Histogram<u64>>, d: Duration) {
+    let h = h.get_or_insert_with(|| {
+        let mut h = hdrhistogram::Histogram::new(3).expect("3 significant figures is valid");
+        h.auto(true);
+        h
+    });
+    let _ = h.record((d.as_nanos() as u64).max(1));
+}
+
+/// Merges `from` into `into`.
+pub fn merge_hist(
+    into: &mut Option<hdrhistogram::Histogram<u64>>,
+    from: &Option<hdrhistogram::Histogram<u64>>,
+) {
+    if let Some(f) = from {
+        match into {
+            Some(i) => {
+                let _ = i.add(f);
+            }
+            None => *into = Some(f.clone()),
+        }
+    }
+}
+
+impl OpHistograms {
+    /// Merges another run's.
+    pub fn merge(&mut self, o: &OpHistograms) {
+        merge_hist(&mut self.map, &o.map);
+        merge_hist(&mut self.unmap, &o.unmap);
+        merge_hist(&mut self.split, &o.split);
+        merge_hist(&mut self.protect, &o.protect);
     }
 }
 
@@ -287,6 +343,7 @@ pub fn run(
                 let size = pages * PAGE;
                 match space.map(gpa, size, Backing::Anon, false, RegionKind::Hotplug) {
                     Ok(_) => {
+                        record(&mut res.op_latency.map, t0.elapsed());
                         res.maps += 1;
                         pieces[slot as usize] = 1;
                         live.push(Live {
@@ -298,12 +355,21 @@ pub fn run(
                         // Give the region memory, as a hot-plugged region the guest used
                         // would have, so that unmapping it has something to free.
                         if populate {
+                            let p0 = Instant::now();
                             match space.populate_range(gpa, size) {
-                                Ok(()) => res.populated_bytes += size,
+                                Ok(()) => {
+                                    res.populated_bytes += size;
+                                    res.populate_ns += p0.elapsed().as_nanos() as u64;
+                                }
                                 Err(e) => note(&mut res, e.to_string()),
                             }
                         }
                         res.op_time.map.add(t0.elapsed());
+                        // The baseline: what the host's own mmap + munmap of this size costs.
+                        match crate::memory::host::time_anon_mmap(size) {
+                            Ok(d) => record(&mut res.mmap_baseline, d),
+                            Err(e) => note(&mut res, e.to_string()),
+                        }
                     }
                     Err(e) => {
                         free.push(slot);
@@ -317,6 +383,7 @@ pub fn run(
                 match space.unmap(r.gpa, r.size) {
                     Ok(_) => {
                         res.unmaps += 1;
+                        record(&mut res.op_latency.unmap, t0.elapsed());
                         res.op_time.unmap.add(t0.elapsed());
                         let s = slot_of(r.gpa);
                         pieces[s] -= 1;
@@ -343,6 +410,7 @@ pub fn run(
                 match space.unmap(r.gpa + a * PAGE, (b - a) * PAGE) {
                     Ok(_) => {
                         res.splits += 1;
+                        record(&mut res.op_latency.split, t0.elapsed());
                         res.op_time.split.add(t0.elapsed());
                         live[i].size = a * PAGE;
                         live.push(Live {
@@ -362,6 +430,7 @@ pub fn run(
                 match space.protect(r.gpa, r.size, !r.readonly) {
                     Ok(_) => {
                         res.protects += 1;
+                        record(&mut res.op_latency.protect, t0.elapsed());
                         res.op_time.protect.add(t0.elapsed());
                         live[i].readonly = !r.readonly;
                     }

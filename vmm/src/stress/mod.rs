@@ -32,12 +32,9 @@ use report::{Aggregate, RunFigures, StressReport};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
-/// Where the extra regions start at the lowest (above any RAM that small VMs have).
-const EXTRA_BASE_MIN: u64 = 16 * GIB;
-/// Distance between extra regions.
-const EXTRA_STRIDE: u64 = MIB;
-/// Size of each extra region.
-const EXTRA_BYTES: u64 = 64 << 10;
+/// Size of each extra region; they lie side by side (so that their host mappings merge into
+/// few VMAs: a million regions would otherwise pass the host's limit on mappings).
+const EXTRA_BYTES: u64 = 4 << 10;
 /// Size of the churn area.
 const CHURN_SPAN: u64 = GIB;
 /// Most churn regions mapped at once.
@@ -77,10 +74,16 @@ pub struct StressArgs {
     #[arg(long, value_name = "OPS_PER_SEC", default_value_t = 0)]
     pub churn: u64,
 
-    /// Extra regions mapped before the guest starts (64 KiB each, 1 MiB apart from 16 GiB
-    /// up), so that lookups walk a real tree.
-    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=30000))]
+    /// Extra regions mapped before the guest starts (4 KiB each, side by side at the start of
+    /// the hot-plug window), so that lookups walk a real tree. Up to 1,000,000 with
+    /// `--memslots window`; up to 30,000 per region (KVM's memslots).
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub regions: u64,
+
+    /// How guest memory is laid onto KVM memslots: window (the hot-plug window covers the
+    /// extra regions and the churn area; churn changes no memslot) or per-region.
+    #[arg(long, value_enum, default_value_t = crate::Memslots::Window)]
+    pub memslots: crate::Memslots,
 
     /// Repeat runs, each on a fresh VM, until this many seconds have passed (0: one run).
     #[arg(long, value_name = "SECONDS", default_value = "0", value_parser = crate::size::parse_timeout)]
@@ -147,10 +150,10 @@ pub struct Layout {
 
 impl Layout {
     /// Plans the layout above RAM ending at `ram_top`, inside `space_bytes` of guest-physical
-    /// space (the identity map).
+    /// space (the identity map): it starts where the hot-plug window does.
     pub fn new(ram_top: u64, regions: u64, space_bytes: u64) -> Result<Self, String> {
-        let extra_base = EXTRA_BASE_MIN.max(ram_top.next_multiple_of(GIB));
-        let churn_base = (extra_base + regions * EXTRA_STRIDE).next_multiple_of(GIB);
+        let extra_base = vm::hotplug_window_base(ram_top);
+        let churn_base = (extra_base + regions * EXTRA_BYTES + 1).next_multiple_of(GIB);
         let l = Layout {
             extra_base,
             extra_count: regions,
@@ -171,7 +174,12 @@ impl Layout {
 
     /// Guest-physical address of extra region `i`.
     pub fn extra(&self, i: u64) -> u64 {
-        self.extra_base + i * EXTRA_STRIDE
+        self.extra_base + i * EXTRA_BYTES
+    }
+
+    /// The hot-plug window that covers the extra regions and the churn area, in bytes.
+    pub fn window_bytes(&self) -> u64 {
+        self.churn_base + self.churn_span - self.extra_base
     }
 }
 
@@ -275,6 +283,7 @@ pub fn cmd_stress(args: StressArgs, process_start: Instant) -> u8 {
         fault_mode: args.fault_mode_name().to_owned(),
         fault_mode_requested: args.fault_mode_name().to_owned(),
         ram_backing: memory::Backing::from(args.ram_backing).name().to_owned(),
+        memslots: memory::MemslotMode::from(args.memslots).name().to_owned(),
         address_space: args.address_space.name().to_owned(),
         fault_around: args.fault_around,
         churn_rate: args.churn,
@@ -461,6 +470,8 @@ fn run_once(
         fault_around: args.fault_around,
         address_space: args.address_space.name().to_owned(),
         ram_backing: args.ram_backing.into(),
+        memslots: args.memslots.into(),
+        hotplug_window: Layout::new(top, regions, u64::MAX)?.window_bytes(),
         sidecars,
     };
     let report = vm::run(&cfg, Box::new(serial.clone())).map_err(|e| e.to_string())?;
@@ -526,6 +537,10 @@ fn run_once(
         exits: report.exits,
         rcu: Some(report.rcu.clone()),
         churn,
+        memslot_changes: report
+            .counters
+            .memslot_changes
+            .saturating_sub(report.memslot_changes_after_setup),
         fault_mode: report.fault_mode.name(),
     })
 }
@@ -765,12 +780,19 @@ mod tests {
     #[test]
     fn layout_stays_inside_the_identity_map() {
         let l = Layout::new(256 * MIB, 1000, 64 * GIB).unwrap();
-        assert_eq!(l.extra_base, 16 * GIB);
-        assert_eq!(l.extra(999), 16 * GIB + 999 * MIB);
-        assert_eq!(l.churn_base, 17 * GIB);
+        assert_eq!(l.extra_base, 4 * GIB, "at the hot-plug window's base");
+        assert_eq!(l.extra(999), 4 * GIB + 999 * 4096);
+        assert_eq!(l.churn_base, 5 * GIB);
+        assert_eq!(l.window_bytes(), 2 * GIB);
         let big = Layout::new(40 * GIB, 1000, 64 * GIB).unwrap();
         assert_eq!(big.extra_base, 40 * GIB);
-        assert!(Layout::new(40 * GIB, 30000, 64 * GIB).is_err());
+        let million = Layout::new(256 * MIB, 1_000_000, 64 * GIB).unwrap();
+        assert_eq!(
+            million.churn_base,
+            8 * GIB,
+            "a million 4 KiB regions take 3.8 GiB"
+        );
+        assert!(Layout::new(63 * GIB, 1000, 64 * GIB).is_err());
         assert!(Layout::new(256 * MIB, 0, 64 * GIB).is_ok());
     }
 

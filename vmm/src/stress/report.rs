@@ -71,8 +71,63 @@ pub struct ChurnSummary {
     pub peak_live_regions: u64,
     /// Latency of each kind of operation.
     pub op_time: super::churn::OpTimes,
+    /// Each operation alone (map without populating the region), ns.
+    #[serde(default)]
+    pub op_latency_ns: OpLatencies,
+    /// A plain anonymous `mmap` + `munmap` of each mapped region's size, untouched, timed by
+    /// the churn thread in the same run, ns.
+    #[serde(default)]
+    pub mmap_baseline_ns: Percentiles2,
+    /// Populating mapped regions, ns per 4 KiB page (not part of `op_latency_ns.map`).
+    #[serde(default)]
+    pub populate_ns_per_page: f64,
     /// The first refusal, if any.
     pub first_error: Option<String>,
+}
+
+/// p50, p99 and max of one distribution (ns).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Largest.
+    pub max: u64,
+}
+
+/// p50 and p99 of one distribution (ns).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Percentiles2 {
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+}
+
+impl Percentiles {
+    fn of(h: &Option<Histogram<u64>>) -> Self {
+        h.as_ref()
+            .filter(|h| !h.is_empty())
+            .map_or_else(Self::default, |h| Self {
+                p50: h.value_at_quantile(0.5),
+                p99: h.value_at_quantile(0.99),
+                max: h.max(),
+            })
+    }
+}
+
+/// Churn operation latency by kind.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct OpLatencies {
+    /// map (without populating).
+    pub map: Percentiles,
+    /// unmap of a whole region.
+    pub unmap: Percentiles,
+    /// unmap of a middle part.
+    pub split: Percentiles,
+    /// protect.
+    pub protect: Percentiles,
 }
 
 /// Host memory around churn.
@@ -157,6 +212,18 @@ pub struct StressReport {
     pub rss: RssSummary,
     /// The TSC frequency used to convert guest cycles (kHz).
     pub tsc_khz: u32,
+    /// `--memslots`: `window` or `per-region` (absent in reports from before the flag:
+    /// per-region).
+    #[serde(default = "per_region")]
+    pub memslots: String,
+    /// KVM memslot ioctls (installs and deletes) made after set-up, over all runs: 0 in
+    /// window mode.
+    #[serde(default)]
+    pub kvm_memslot_changes: u64,
+}
+
+fn per_region() -> String {
+    "per-region".to_owned()
 }
 
 /// One finished run, as the driver hands it over.
@@ -182,6 +249,8 @@ pub struct RunFigures {
     pub rcu: Option<rcu::Stats>,
     /// Churn.
     pub churn: Option<ChurnResult>,
+    /// Memslot ioctls after set-up.
+    pub memslot_changes: u64,
     /// The fault mode in effect.
     pub fault_mode: &'static str,
 }
@@ -192,6 +261,9 @@ pub struct Aggregate {
     latency: Histogram<u64>,
     grace: Histogram<u64>,
     churn_seconds: f64,
+    op_latency: super::churn::OpHistograms,
+    mmap_baseline: Option<Histogram<u64>>,
+    populate_ns: u64,
 }
 
 fn new_hist() -> Histogram<u64> {
@@ -209,6 +281,9 @@ impl Aggregate {
             latency: new_hist(),
             grace: new_hist(),
             churn_seconds: 0.0,
+            op_latency: Default::default(),
+            mmap_baseline: None,
+            populate_ns: 0,
         }
     }
 
@@ -234,6 +309,7 @@ impl Aggregate {
             }
         }
         r.verify_errors += f.verify_errors;
+        r.kvm_memslot_changes += f.memslot_changes;
         let c = &f.counters;
         r.open_bus_accesses += c.open_bus_reads + c.open_bus_writes;
         // Guest RAM only: the churn thread's populates are counted in `churn`.
@@ -277,6 +353,9 @@ impl Aggregate {
             s.populated_bytes += c.populated_bytes;
             s.peak_live_regions = s.peak_live_regions.max(c.peak_live_regions);
             s.op_time.merge(&c.op_time);
+            self.op_latency.merge(&c.op_latency);
+            super::churn::merge_hist(&mut self.mmap_baseline, &c.mmap_baseline);
+            self.populate_ns += c.populate_ns;
             if s.first_error.is_none() {
                 s.first_error.clone_from(&c.first_error);
             }
@@ -322,6 +401,22 @@ impl Aggregate {
         if self.churn_seconds > 0.0 {
             r.churn.ops_per_sec = r.churn_ops as f64 / self.churn_seconds;
         }
+        let o = &self.op_latency;
+        r.churn.op_latency_ns = OpLatencies {
+            map: Percentiles::of(&o.map),
+            unmap: Percentiles::of(&o.unmap),
+            split: Percentiles::of(&o.split),
+            protect: Percentiles::of(&o.protect),
+        };
+        let b = Percentiles::of(&self.mmap_baseline);
+        r.churn.mmap_baseline_ns = Percentiles2 {
+            p50: b.p50,
+            p99: b.p99,
+        };
+        let pages = r.churn.populated_bytes / 4096;
+        if pages > 0 {
+            r.churn.populate_ns_per_page = self.populate_ns as f64 / pages as f64;
+        }
         r
     }
 }
@@ -344,15 +439,7 @@ pub fn fmt_ns(ns: u64) -> String {
     }
 }
 
-/// Bytes, human-readable.
-pub fn fmt_bytes(b: u64) -> String {
-    match b {
-        0..=1023 => format!("{b} B"),
-        1024..=1_048_575 => format!("{:.1} KiB", b as f64 / 1024.0),
-        1_048_576..=1_073_741_823 => format!("{:.1} MiB", b as f64 / 1048576.0),
-        _ => format!("{:.2} GiB", b as f64 / 1073741824.0),
-    }
-}
+pub use crate::size::fmt_bytes;
 
 impl fmt::Display for StressReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
