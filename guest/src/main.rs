@@ -340,7 +340,10 @@ fn hotplug_pattern(addr: u64) -> u64 {
 /// it (a later map could legitimately bring the address back). Returns (checks, stale reads).
 fn check_gone(g: u64, old: &[Plugged], fresh: &[Plugged], vcpu: u64, nr: u64) -> (u64, u64) {
     let (mut checks, mut stale) = (0, 0);
-    for r in old.iter().filter(|r| r.flags & abi::region_flags::READONLY == 0) {
+    for r in old
+        .iter()
+        .filter(|r| r.flags & abi::region_flags::READONLY == 0)
+    {
         // Up to 8 pages spread over what this vCPU touched.
         let samples = r.next.min(8);
         for j in 0..samples {
