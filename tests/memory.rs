@@ -128,7 +128,7 @@ fn vcpus_racing_on_the_same_pages_populate_each_once() {
     }
 }
 
-/// DESIGN.md's caveat: a locked read-modify-write that first-touches a page is emulated by
+/// A caveat of hosts that emulate first touches (docs/memory.md): a locked read-modify-write that first-touches a page is emulated by
 /// KVM on hosts that report first touches as MMIO exits, and is then not atomic against
 /// another vCPU. This measures the lost updates; on hosts where the vCPU re-executes the
 /// instruction after populating (MEMORY_FAULT, or a bare EFAULT resolved by decoding, as

@@ -40,7 +40,7 @@ fn f(v: &Value, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("{key} is not a number in {v}"))
 }
 
-/// Every field of INTERFACE.md, with the right type, and the invariants between them.
+/// Every field of the interface contract (docs/interface.md), with the right type, and the invariants between them.
 fn check_common(v: &Value, vcpus: u64, pages_per_vcpu: u64, mode: &str, aspace: &str) {
     for key in [
         "vcpus",

@@ -89,6 +89,20 @@ impl<V: RangeValue> ConcurrentRangeMap<V> for RwLockRangeMap<V> {
     fn insert(&self, range: Range<u64>, value: V) -> Result<(), RangeError> {
         store_insert(&mut *self.write(), range, value)
     }
+    fn insert_all(&self, ranges: Vec<(Range<u64>, V)>) -> Result<(), RangeError> {
+        let mut m = self.write();
+        let mut done: Vec<Range<u64>> = Vec::new();
+        for (r, v) in ranges {
+            if let Err(e) = store_insert(&mut *m, r.clone(), v) {
+                for r in done {
+                    let _ = store_remove(&mut *m, r);
+                }
+                return Err(e);
+            }
+            done.push(r);
+        }
+        Ok(())
+    }
     fn remove(&self, range: Range<u64>) -> Result<V, RangeError> {
         store_remove(&mut *self.write(), range)
     }
@@ -172,6 +186,14 @@ impl<V: RangeValue> ConcurrentRangeMap<V> for CowRangeMap<V> {
     }
     fn insert(&self, range: Range<u64>, value: V) -> Result<(), RangeError> {
         self.modify(|m| store_insert(m, range, value))
+    }
+    fn insert_all(&self, ranges: Vec<(Range<u64>, V)>) -> Result<(), RangeError> {
+        // `modify` publishes nothing when the closure fails.
+        self.modify(|m| {
+            ranges
+                .into_iter()
+                .try_for_each(|(r, v)| store_insert(m, r, v))
+        })
     }
     fn remove(&self, range: Range<u64>) -> Result<V, RangeError> {
         self.modify(|m| store_remove(m, range))
@@ -262,6 +284,9 @@ impl<V: RangeValue> ConcurrentRangeMap<V> for AnyRangeMap<V> {
     }
     fn insert(&self, range: Range<u64>, value: V) -> Result<(), RangeError> {
         dispatch!(self, m => ConcurrentRangeMap::insert(m, range, value))
+    }
+    fn insert_all(&self, ranges: Vec<(Range<u64>, V)>) -> Result<(), RangeError> {
+        dispatch!(self, m => ConcurrentRangeMap::insert_all(m, ranges))
     }
     fn remove(&self, range: Range<u64>) -> Result<V, RangeError> {
         dispatch!(self, m => ConcurrentRangeMap::remove(m, range))

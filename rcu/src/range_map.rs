@@ -361,6 +361,10 @@ pub trait ConcurrentRangeMap<V: RangeValue>: Send + Sync {
     ) -> R;
     /// See [`RangeMap::insert`].
     fn insert(&self, range: Range<u64>, value: V) -> Result<(), RangeError>;
+    /// Inserts every range, all or none (on an overlap nothing is inserted), in one update
+    /// where the implementation can (for bulk set-up: the copy-on-write map copies once, not
+    /// once per range).
+    fn insert_all(&self, ranges: Vec<(Range<u64>, V)>) -> Result<(), RangeError>;
     /// See [`RangeMap::remove`].
     fn remove(&self, range: Range<u64>) -> Result<V, RangeError>;
     /// See [`RangeMap::remove_range`].
@@ -394,6 +398,9 @@ impl<V: RangeValue> ConcurrentRangeMap<V> for RangeMap<V> {
     }
     fn insert(&self, range: Range<u64>, value: V) -> Result<(), RangeError> {
         RangeMap::insert(self, range, value)
+    }
+    fn insert_all(&self, ranges: Vec<(Range<u64>, V)>) -> Result<(), RangeError> {
+        self.transaction(|t| ranges.into_iter().try_for_each(|(r, v)| t.insert(r, v)))
     }
     fn remove(&self, range: Range<u64>) -> Result<V, RangeError> {
         RangeMap::remove(self, range)

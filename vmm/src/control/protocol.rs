@@ -21,7 +21,7 @@ use crate::memory::Backing;
 /// The longest request line accepted, newline excluded.
 pub const MAX_LINE_BYTES: usize = 64 << 10;
 
-/// The protocol's error codes (INTERFACE.md), plus `denied` for a peer of another user.
+/// The protocol's error codes (docs/interface.md), plus `denied` for a peer of another user.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Code {
     /// Malformed, unaligned, out of range, unknown op.

@@ -3,7 +3,7 @@
 //!
 //! Readers (vCPU threads handling an exit, userfaultfd handler threads) look regions up under
 //! an RCU read guard; writers (the control thread, the stress churn thread) are serialised by
-//! one mutex and follow DESIGN.md's ordering rules:
+//! one mutex and follow the ordering rules (docs/memory.md):
 //!
 //! - **map**: reserve host memory, register it with userfaultfd, publish the region, *then*
 //!   install the memslot. A guest access that comes before the memslot exits to the VMM,
@@ -13,6 +13,10 @@
 //!   fault in the range), *then* unregister and free the host memory. Without the grace
 //!   period a late `UFFDIO_COPY` could land in memory mapped again at the same place.
 //! - **protect**: publish the region with its new protection, then swap its memslot.
+//! - In window mode (`MemslotMode::Window`) run-time regions use the hot-plug window's memslot:
+//!   no memslot is installed or deleted; `protect` changes the host protection instead, made
+//!   writable before publishing and read-only after; KVM follows host-mapping changes through
+//!   its MMU notifiers.
 //!
 //! Every failure rolls back: the tree, the memslots and the host mappings stay consistent.
 #![deny(unsafe_code)]
@@ -802,6 +806,92 @@ impl AddressSpace {
         Ok(self.info(gpa, size, Some(slot), backing, kind, readonly, 0))
     }
 
+    /// Maps many writable run-time regions of `backing` at once (`(gpa, size)` each, sorted,
+    /// not overlapping one another), published in one update: for set-up (`vmm stress
+    /// --regions`), where a copy-on-write map would otherwise copy itself once per region. All
+    /// or nothing. Per region (or outside the hot-plug window) it maps them one by one.
+    pub fn map_all(&self, regions: &[(u64, u64)], backing: Backing) -> Result<(), AsError> {
+        let kind = RegionKind::Hotplug;
+        let windowed = regions.iter().try_fold(true, |all, &(gpa, size)| {
+            let range = self.validate(gpa, size, backing.align_bytes())?;
+            Ok::<bool, AsError>(all && self.windowed(kind, &range)?)
+        })?;
+        let Some((_, window_slot)) = self.window.clone().filter(|_| windowed) else {
+            for &(gpa, size) in regions {
+                self.map(gpa, size, backing, false, kind)?;
+            }
+            return Ok(());
+        };
+        let mut w = self.writer();
+        let total: u64 = regions.iter().map(|r| r.1).sum();
+        if w.hotplug_regions + regions.len() > self.limits.max_regions
+            || w.mapped_bytes + total > self.limits.max_bytes
+        {
+            return Err(AsError::Limit(format!(
+                "{} more run-time regions ({total:#x} bytes) would pass the limits",
+                regions.len()
+            )));
+        }
+        let demand_paged = self.uffd.is_some();
+        let mut done: Vec<(u64, u64)> = Vec::with_capacity(regions.len());
+        let undo = |done: &[(u64, u64)]| {
+            for &(gpa, size) in done {
+                self.teardown(gpa, size, demand_paged);
+            }
+        };
+        let mut values = Vec::with_capacity(regions.len());
+        for &(gpa, size) in regions {
+            let end = gpa + size;
+            if let Some((s, p)) = w.overlapping(&(gpa..end)).first() {
+                undo(&done);
+                return Err(AsError::Overlap {
+                    gpa,
+                    end,
+                    existing: *s..p.end,
+                });
+            }
+            let mapped = self
+                .host
+                .map(gpa, size, backing)
+                .map(|_| ())
+                .and_then(|()| match (&self.uffd, demand_paged) {
+                    (Some(u), true) => u.register(self.host.host_addr(gpa), size),
+                    _ => Ok(()),
+                });
+            if let Err(source) = mapped {
+                let _ = self.host.release(gpa, size);
+                undo(&done);
+                return Err(AsError::Host {
+                    what: "mapping host memory",
+                    source,
+                });
+            }
+            done.push((gpa, size));
+            let region = Region::new(gpa, size, backing, false, kind, demand_paged);
+            values.push((gpa..end, RegionRef(Arc::new(region))));
+        }
+        if let Err(e) = self.map.insert_all(values) {
+            undo(&done);
+            return Err(AsError::Invalid(e.to_string()));
+        }
+        for &(gpa, size) in regions {
+            w.insert(
+                gpa,
+                Planned {
+                    end: gpa + size,
+                    slot: Some(window_slot),
+                    windowed: true,
+                    kind,
+                    readonly: false,
+                    backing,
+                },
+            );
+        }
+        w.mapped_bytes += total;
+        self.counters.maps.fetch_add(regions.len() as u64, Relaxed);
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn info(
         &self,
@@ -1326,6 +1416,51 @@ mod tests {
             assert_eq!(host(16 * MB), "---p");
             assert_eq!(window().len(), 1, "{mode:?}: only the window");
             assert_eq!(s.counters.snapshot().memslot_changes, 1, "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn map_all_publishes_every_region_or_none() {
+        for imp in ["bonsai", "rwlock", "cow"] {
+            let slots = Arc::new(FakeSlots::default());
+            let cfg = AsConfig {
+                implementation: imp.into(),
+                fault_mode: FaultMode::Vcpu,
+                fault_around: 1,
+                space_bytes: 1 << 30,
+                limits: Limits {
+                    max_regions: 1000,
+                    max_bytes: 256 << 20,
+                },
+                memslots: MemslotMode::Window,
+                hotplug_window: 16 * MB..512 * MB,
+            };
+            let s = AddressSpace::new(&Domain::new(), &cfg, Box::new(slots.clone())).unwrap();
+            let regions: Vec<(u64, u64)> = (0..100).map(|i| (16 * MB + i * PAGE, PAGE)).collect();
+            s.map_all(&regions, Backing::Anon).unwrap();
+            assert_eq!(s.len(), 100, "{imp}");
+            // One overlapping the first batch: nothing of the second is published.
+            let second: Vec<(u64, u64)> = (0..10)
+                .map(|i| (32 * MB + i * PAGE, PAGE))
+                .chain([(16 * MB, PAGE)])
+                .collect();
+            assert_eq!(
+                s.map_all(&second, Backing::Anon).unwrap_err().code(),
+                "overlap"
+            );
+            assert_eq!(s.len(), 100, "{imp}");
+            assert_eq!(
+                host_prot(s.host_addr(32 * MB)),
+                "---p",
+                "{imp}: rolled back"
+            );
+            s.unmap(16 * MB, 100 * PAGE).unwrap();
+            assert_eq!(s.len(), 0);
+            assert_eq!(
+                s.counters.snapshot().memslot_changes,
+                1,
+                "{imp}: only the window"
+            );
         }
     }
 

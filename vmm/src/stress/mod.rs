@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 
-use crate::memory::{self, Backing, RegionKind};
+use crate::memory::{self, Backing};
 use crate::vm::{self, RunConfig, RunOutcome, Sidecars};
 use report::{Aggregate, RunFigures, StressReport};
 
@@ -387,18 +387,12 @@ fn run_once(
     let sidecars = Sidecars::default();
     sidecars.push_setup(Box::new(move |space| {
         let l = Layout::new(top, regions, space.host().size_bytes())?;
-        for i in 0..l.extra_count {
-            space
-                .map(
-                    l.extra(i),
-                    EXTRA_BYTES,
-                    Backing::Anon,
-                    false,
-                    RegionKind::Hotplug,
-                )
-                .map_err(|e| format!("mapping extra region {i} of --regions {regions}: {e}"))?;
-        }
-        Ok(())
+        let extras: Vec<(u64, u64)> = (0..l.extra_count)
+            .map(|i| (l.extra(i), EXTRA_BYTES))
+            .collect();
+        space
+            .map_all(&extras, Backing::Anon)
+            .map_err(|e| format!("mapping the {regions} extra regions (--regions): {e}"))
     }));
     let churn_shared = churn::new_shared();
     if args.churn > 0 {
