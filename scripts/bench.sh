@@ -16,6 +16,8 @@
 #   BENCH_VCPUS    vCPU counts                      (default "1 2")
 #   BENCH_CHURN    churn rates in ops/s             (default "0 1000 10000")
 #   BENCH_REGIONS  extra regions (--regions)        (default 1000)
+#   BENCH_MEMSLOTS window or per-region (--memslots) (default window; scripts/bench-memslots.sh
+#                  compares the two)
 #   BENCH_OUT      output directory                 (default docs)
 #   VMM            the vmm binary (default: built with cargo, release)
 #
@@ -31,6 +33,7 @@ SPACES=${BENCH_SPACES:-"bonsai rwlock cow"}
 VCPUS=${BENCH_VCPUS:-"1 2"}
 CHURN=${BENCH_CHURN:-"0 1000 10000"}
 REGIONS=${BENCH_REGIONS:-1000}
+MEMSLOTS=${BENCH_MEMSLOTS:-window}
 OUT=${BENCH_OUT:-docs}
 
 if [[ -z "${VMM:-}" ]]; then
@@ -62,7 +65,7 @@ for rep in $(seq 1 "$REPEATS"); do
                     # shellcheck disable=SC2046
                     "$VMM" stress --json --vcpus "$vcpus" --pages "$PAGES" $(mode_flags "$mode") \
                         --address-space "$space" --churn "$churn" --regions "$REGIONS" \
-                        --seed "$rep" >>"$results"
+                        --memslots "$MEMSLOTS" --seed "$rep" >>"$results"
                 done
             done
         done

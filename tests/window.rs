@@ -16,6 +16,10 @@ struct Vm {
 
 impl Vm {
     fn start(name: &str, extra: &[&str]) -> Vm {
+        Self::start_env(name, extra, &[])
+    }
+
+    fn start_env(name: &str, extra: &[&str], env: &[(&str, &str)]) -> Vm {
         let sock =
             std::env::temp_dir().join(format!("vmm-window-{}-{name}.sock", std::process::id()));
         let _ = std::fs::remove_file(&sock);
@@ -33,6 +37,7 @@ impl Vm {
         args.extend_from_slice(extra);
         let child = vmm()
             .args(&args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -64,6 +69,35 @@ impl Vm {
             String::from_utf8_lossy(&o.stderr)
         );
         out
+    }
+
+    /// `vmm ctl OP ARGS...` that must fail; returns stdout and stderr.
+    fn ctl_fails(&self, args: &[&str]) -> String {
+        let o = Command::new(env!("CARGO_BIN_EXE_vmm"))
+            .arg("ctl")
+            .arg("--api-sock")
+            .arg(&self.sock)
+            .args(args)
+            .output()
+            .unwrap();
+        let text =
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "vmm ctl {args:?} should fail: {text}"
+        );
+        text
+    }
+
+    /// Sends one raw request line and returns the reply line.
+    fn raw(&self, line: &str) -> String {
+        use std::io::{BufRead, BufReader, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&self.sock).unwrap();
+        s.write_all(format!("{line}\n").as_bytes()).unwrap();
+        let mut reply = String::new();
+        BufReader::new(s).read_line(&mut reply).unwrap();
+        reply
     }
 
     /// Stops the guest; returns (exit status, stderr).
@@ -161,6 +195,49 @@ fn maps_outside_the_window_are_refused() {
     );
     vm.ctl(&["map", "--gpa", "0x13fc00000", "--size", "4M"]);
     assert!(vm.ctl(&["check"]).starts_with("consistent"));
+    let (code, err) = vm.stop();
+    assert_eq!(code, Some(0), "{err}");
+}
+
+/// In the window, `protect` changes the host protection: when that fails (fault injection of
+/// the `mprotect` step), the change is undone whole: the tree, the host mappings and the
+/// guest's view stay as they were, in both directions.
+#[test]
+fn a_failed_host_protection_change_is_rolled_back() {
+    require_kvm!();
+    let vm = Vm::start_env("mprotect", &[], &[("VMM_FAULT_INJECT", "on")]);
+    vm.ctl(&["map", "--gpa", "0x100000000", "--size", "8M"]);
+    // The layout columns of `list` (resident pages and fault counts move with the guest).
+    let layout = || -> Vec<String> {
+        vm.ctl(&["list"])
+            .lines()
+            .map(|l| l.split_whitespace().take(7).collect::<Vec<_>>().join(" "))
+            .collect()
+    };
+    for readonly in [true, false] {
+        let before = layout();
+        let reply = vm.raw(r#"{"id":1,"op":"inject","step":"mprotect"}"#);
+        assert!(reply.contains(r#""ok":true"#), "{reply}");
+        let mut args = vec!["protect", "--gpa", "0x100200000", "--size", "2M"];
+        args.push(if readonly { "--readonly" } else { "--writable" });
+        let err = vm.ctl_fails(&args);
+        assert!(err.contains("changing the host protection"), "{err}");
+        assert_eq!(layout(), before, "readonly={readonly}: nothing changed");
+        assert!(vm.ctl(&["check"]).starts_with("consistent"));
+        let reply = vm.raw(r#"{"id":2,"op":"inject","step":"off"}"#);
+        assert!(reply.contains(r#""ok":true"#), "{reply}");
+        // Now for real, so that the next round undoes a change back to writable.
+        if readonly {
+            vm.ctl(&[
+                "protect",
+                "--gpa",
+                "0x100000000",
+                "--size",
+                "8M",
+                "--readonly",
+            ]);
+        }
+    }
     let (code, err) = vm.stop();
     assert_eq!(code, Some(0), "{err}");
 }
