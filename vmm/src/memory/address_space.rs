@@ -198,6 +198,8 @@ struct WriterState {
     regions: BTreeMap<u64, Planned>,
     /// How many of `regions` are run-time (hot-plugged) ones.
     hotplug_regions: usize,
+    /// The hot-plug window's memslot is installed.
+    window_open: bool,
     free_slots: Vec<u32>,
     next_slot: u32,
     mapped_bytes: u64,
@@ -486,7 +488,7 @@ impl AddressSpace {
             what: "opening a userfaultfd",
             source,
         })?;
-        let window = Self::open_window(cfg, &host, slots.as_ref())?;
+        let window = Self::plan_window(cfg, &host, slots.as_ref())?;
         Ok(Self {
             domain: domain.clone(),
             map,
@@ -507,19 +509,18 @@ impl AddressSpace {
             memslots: cfg.memslots,
             window: window.clone(),
             writer: Mutex::new(WriterState {
+                // Slot 0 is the window's.
                 next_slot: u32::from(window.is_some()),
                 ..WriterState::default()
             }),
-            counters: AsCounters {
-                memslot_changes: AtomicU64::new(u64::from(window.is_some())),
-                ..AsCounters::default()
-            },
+            counters: AsCounters::default(),
         })
     }
 
-    /// Installs the hot-plug window's memslot (slot 0) over the `PROT_NONE` reservation, in
-    /// window mode with a non-empty window.
-    fn open_window(
+    /// The hot-plug window (memslot 0), checked, in window mode with a non-empty window. Its
+    /// memslot is installed when the first region is mapped into it ([`Self::open_window`]):
+    /// a VM that never hot-plugs pays neither the memslot's creation nor KVM's metadata.
+    fn plan_window(
         cfg: &AsConfig,
         host: &HostSpace,
         slots: &dyn Memslots,
@@ -536,13 +537,32 @@ impl AddressSpace {
                 w.start, w.end, cfg.space_bytes
             )));
         }
-        slots
-            .install(0, w.start, w.end - w.start, host.host_addr(w.start), false)
+        let _ = (host, slots);
+        Ok(Some((w.clone(), 0)))
+    }
+
+    /// Installs the hot-plug window's memslot over the `PROT_NONE` reservation if it is not
+    /// there yet (window mode): from then on every region mapped into the window is reachable
+    /// by the guest as soon as its host mapping exists.
+    pub fn open_window(&self) -> Result<(), AsError> {
+        let mut w = self.writer();
+        self.ensure_window(&mut w)
+    }
+
+    fn ensure_window(&self, w: &mut WriterState) -> Result<(), AsError> {
+        let Some((r, slot)) = &self.window else {
+            return Ok(());
+        };
+        if w.window_open {
+            return Ok(());
+        }
+        self.install_slot(*slot, r.start, r.end - r.start, false)
             .map_err(|source| AsError::Host {
                 what: "installing the hot-plug window's KVM memslot",
                 source,
             })?;
-        Ok(Some((w.clone(), 0)))
+        w.window_open = true;
+        Ok(())
     }
 
     /// How regions are laid onto memslots.
@@ -550,9 +570,13 @@ impl AddressSpace {
         self.memslots
     }
 
-    /// The hot-plug window, in window mode.
+    /// The hot-plug window, in window mode, once its memslot is installed.
     pub fn hotplug_window(&self) -> Option<Range<u64>> {
-        self.window.as_ref().map(|(r, _)| r.clone())
+        let open = self.writer().window_open;
+        self.window
+            .as_ref()
+            .filter(|_| open)
+            .map(|(r, _)| r.clone())
     }
 
     /// Whether a region of `kind` at `range` lies in the hot-plug window (so it needs no
@@ -708,6 +732,9 @@ impl AddressSpace {
             },
         };
         let free_own = |w: &mut WriterState| w.free_slots.extend(own_slot);
+        if windowed {
+            self.ensure_window(&mut w)?;
+        }
         let demand_paged = self.uffd.is_some() && kind != RegionKind::Boot;
         // 1. Host memory (read-only on the host in window mode: the guest sees it through
         //    the window memslot, so the host protection is what stops its writes).
@@ -823,6 +850,7 @@ impl AddressSpace {
             return Ok(());
         };
         let mut w = self.writer();
+        self.ensure_window(&mut w)?;
         let total: u64 = regions.iter().map(|r| r.1).sum();
         if w.hotplug_regions + regions.len() > self.limits.max_regions
             || w.mapped_bytes + total > self.limits.max_bytes
@@ -1358,12 +1386,18 @@ mod tests {
         for mode in [FaultMode::Vcpu, FaultMode::Handler, FaultMode::Kernel] {
             let (s, slots) = window_space(mode);
             let window = || slots.installed.lock().unwrap().clone();
-            assert_eq!(window().get(&0), Some(&(16 * MB, 496 * MB, false)));
-            assert_eq!(s.counters.snapshot().memslot_changes, 1);
+            assert!(
+                window().is_empty(),
+                "the window's memslot comes with the first region"
+            );
+            assert_eq!(s.hotplug_window(), None);
             let info = s
                 .map(16 * MB, 4 * MB, Backing::Anon, false, RegionKind::Hotplug)
                 .unwrap();
             assert_eq!(info.slot, Some(0), "the window's memslot");
+            assert_eq!(window().get(&0), Some(&(16 * MB, 496 * MB, false)));
+            assert_eq!(s.hotplug_window(), Some(16 * MB..512 * MB));
+            assert_eq!(s.counters.snapshot().memslot_changes, 1);
             let e = s
                 .map(8 * MB, MB, Backing::Anon, false, RegionKind::Hotplug)
                 .unwrap_err();

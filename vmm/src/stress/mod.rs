@@ -387,6 +387,8 @@ fn run_once(
     let sidecars = Sidecars::default();
     sidecars.push_setup(Box::new(move |space| {
         let l = Layout::new(top, regions, space.host().size_bytes())?;
+        // The window's memslot now, as part of set-up, even without extra regions.
+        space.open_window().map_err(|e| e.to_string())?;
         let extras: Vec<(u64, u64)> = (0..l.extra_count)
             .map(|i| (l.extra(i), EXTRA_BYTES))
             .collect();
