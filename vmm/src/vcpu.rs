@@ -56,8 +56,14 @@ pub enum ExitEvent<'a> {
         gpa: u64,
         /// Size of the range.
         size: u64,
-        /// `KVM_MEMORY_EXIT_FLAG_*`.
-        flags: u64,
+    },
+    /// A fault KVM did not locate: `KVM_RUN` failed with a bare `EFAULT`, or KVM's emulator
+    /// failed (it could not fetch or access a page that is not populated yet).
+    Unlocated {
+        /// What KVM reported, for the diagnosis.
+        cause: &'static str,
+        /// KVM's data words (emulation failures).
+        data: Vec<u64>,
     },
     /// `hlt` (there is no in-kernel irqchip, so nothing can wake the vCPU).
     Hlt,
@@ -67,6 +73,13 @@ pub enum ExitEvent<'a> {
     InternalError {
         /// `kvm_run.internal.suberror`.
         suberror: u32,
+        /// KVM's data words.
+        data: Vec<u64>,
+    },
+    /// `KVM_RUN` itself failed (other than `EINTR`/`EAGAIN` and a bare `EFAULT`).
+    RunFailed {
+        /// errno.
+        errno: i32,
     },
     /// VM entry failed.
     FailEntry {
@@ -96,13 +109,14 @@ impl<'a> From<VcpuExit<'a>> for ExitEvent<'a> {
             VcpuExit::IoOut(port, data) => ExitEvent::IoOut { port, data },
             VcpuExit::MmioRead(gpa, data) => ExitEvent::MmioRead { gpa, data },
             VcpuExit::MmioWrite(gpa, data) => ExitEvent::MmioWrite { gpa, data },
-            VcpuExit::MemoryFault { flags, gpa, size } => {
-                ExitEvent::MemoryFault { gpa, size, flags }
-            }
+            VcpuExit::MemoryFault { gpa, size, .. } => ExitEvent::MemoryFault { gpa, size },
             VcpuExit::Hlt => ExitEvent::Hlt,
             VcpuExit::Shutdown => ExitEvent::Shutdown,
             // The sub-error is filled in by the caller, which can read kvm_run.
-            VcpuExit::InternalError => ExitEvent::InternalError { suberror: 0 },
+            VcpuExit::InternalError => ExitEvent::InternalError {
+                suberror: 0,
+                data: Vec::new(),
+            },
             VcpuExit::FailEntry(reason, cpu) => ExitEvent::FailEntry { reason, cpu },
             VcpuExit::SystemEvent(kind, _) => ExitEvent::SystemEvent { kind },
             VcpuExit::Intr => ExitEvent::Interrupted,
@@ -255,6 +269,10 @@ pub enum VcpuEmulation {
     Stopped(u8),
     /// The guest did something we cannot continue from.
     Fatal(FatalExit),
+    /// KVM did not say what the guest touched: the instruction at `rip` must be examined
+    /// (see `efault`): populated for, or completed by the VMM. Carries the cause and KVM's
+    /// data words for the diagnosis.
+    Resolve(&'static str, Vec<u64>),
 }
 
 /// Decides what an exit means. Pure apart from the device side effects: no vCPU needed.
@@ -288,26 +306,25 @@ pub fn handle_exit(
         ExitEvent::MmioWrite { gpa, data } => {
             fault_outcome(gpa, mem.mmio(gpa, Access::Write(data)))
         }
-        ExitEvent::MemoryFault { gpa, size, flags } => {
-            let write = flags & u64::from(kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE) == 0;
-            match mem.memory_fault(gpa, size, write) {
-                Ok(true) => VcpuEmulation::Handled,
-                Ok(false) => VcpuEmulation::Fatal(FatalExit::FaultFailed {
-                    gpa,
-                    message: "no region covers it (KVM_EXIT_MEMORY_FAULT)".into(),
-                }),
-                Err(e) => VcpuEmulation::Fatal(FatalExit::FaultFailed {
-                    gpa,
-                    message: e.to_string(),
-                }),
-            }
-        }
+        // The flags say nothing of the access's direction (`KVM_MEMORY_EXIT_FLAG_PRIVATE` is
+        // about guest_memfd): populate for reading (a later write takes the host's ordinary
+        // copy-on-write fault, not a userfault). If that populated nothing, the access was to
+        // a hole or a write to read-only memory: the instruction must be completed by the VMM.
+        ExitEvent::MemoryFault { gpa, size } => match mem.memory_fault(gpa, size) {
+            Ok(true) => VcpuEmulation::Handled,
+            Ok(false) => VcpuEmulation::Resolve(CAUSE_MEMORY_FAULT, Vec::new()),
+            Err(e) => VcpuEmulation::Fatal(FatalExit::FaultFailed {
+                gpa,
+                message: e.to_string(),
+            }),
+        },
+        ExitEvent::Unlocated { cause, data } => VcpuEmulation::Resolve(cause, data),
         ExitEvent::Hlt => VcpuEmulation::Fatal(FatalExit::Halted),
         ExitEvent::Shutdown => VcpuEmulation::Fatal(FatalExit::TripleFault),
-        ExitEvent::InternalError { suberror } => VcpuEmulation::Fatal(FatalExit::InternalError {
-            suberror,
-            data: Vec::new(),
-        }),
+        ExitEvent::InternalError { suberror, data } => {
+            VcpuEmulation::Fatal(FatalExit::InternalError { suberror, data })
+        }
+        ExitEvent::RunFailed { errno } => VcpuEmulation::Fatal(FatalExit::RunFailed { errno }),
         ExitEvent::FailEntry { reason, cpu } => {
             VcpuEmulation::Fatal(FatalExit::FailEntry { reason, cpu })
         }
@@ -323,8 +340,9 @@ pub fn handle_exit(
 pub trait GuestMemoryExits {
     /// Completes an MMIO exit (a first touch, an access without a memslot, or open bus).
     fn mmio(&self, gpa: u64, access: Access<'_>) -> Result<Serviced, FaultError>;
-    /// Populates after `KVM_EXIT_MEMORY_FAULT`; `Ok(false)` when no region covers `gpa`.
-    fn memory_fault(&self, gpa: u64, size: u64, write: bool) -> Result<bool, FaultError>;
+    /// Populates `[gpa, gpa + size)` after `KVM_EXIT_MEMORY_FAULT`; whether any page was
+    /// populated (`false`: a hole, or pages already there).
+    fn memory_fault(&self, gpa: u64, size: u64) -> Result<bool, FaultError>;
 }
 
 /// The address space, read under one guard: one exit, one read-side critical section.
@@ -352,8 +370,15 @@ impl GuestMemoryExits for GuardedSpace<'_, '_> {
     fn mmio(&self, gpa: u64, access: Access<'_>) -> Result<Serviced, FaultError> {
         self.space.complete_mmio(self.guard, gpa, access)
     }
-    fn memory_fault(&self, gpa: u64, _size: u64, write: bool) -> Result<bool, FaultError> {
-        self.space.populate_for_fault(self.guard, gpa, write)
+    fn memory_fault(&self, gpa: u64, size: u64) -> Result<bool, FaultError> {
+        let page = crate::memory::address_space::PAGE;
+        let mut populated = false;
+        let mut at = gpa & !(page - 1);
+        while at < gpa.saturating_add(size.max(1)) {
+            populated |= self.fault_page(at, false)? == PageState::Populated;
+            at += page;
+        }
+        Ok(populated)
     }
 }
 
@@ -559,6 +584,8 @@ const MAX_STALLED_FAULTS: u32 = 16;
 const MIN_STALL: std::time::Duration = std::time::Duration::from_millis(200);
 const CAUSE_EFAULT: &str = "KVM_RUN failed with EFAULT (no address reported)";
 const CAUSE_EMULATION: &str = "KVM's instruction emulator failed (KVM_EXIT_INTERNAL_ERROR)";
+const CAUSE_MEMORY_FAULT: &str =
+    "KVM_EXIT_MEMORY_FAULT on a page that is present, or that no region covers";
 
 /// Faults without progress in a row, and since when.
 type Stall = Option<(u32, std::time::Instant)>;
@@ -635,35 +662,47 @@ pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> Vcpu
             space: &shared.space,
             guard: &guard,
         };
-        let emulation = match exit {
+        let event = match exit {
             Ok(VcpuExit::InternalError) => {
                 let (suberror, data) = kvm::internal_error_info(&mut vcpu.fd);
                 if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
                     // KVM's emulator (which runs CPL-0 code on some hosts) could not fetch or
-                    // access a page that is not populated yet: resolve it like a bare EFAULT.
-                    match resolve_fault(&vcpu, &mem, &mut stalled, CAUSE_EMULATION) {
-                        Ok(e) => e,
-                        Err(VcpuEmulation::Fatal(FatalExit::Unresolved { cause, message })) => {
-                            VcpuEmulation::Fatal(FatalExit::Unresolved {
-                                cause,
-                                message: format!("{message}; KVM's data words {data:x?}"),
-                            })
-                        }
-                        Err(e) => e,
+                    // access a page that is not populated yet: like a bare EFAULT.
+                    ExitEvent::Unlocated {
+                        cause: CAUSE_EMULATION,
+                        data,
                     }
                 } else {
-                    VcpuEmulation::Fatal(FatalExit::InternalError { suberror, data })
+                    ExitEvent::InternalError { suberror, data }
                 }
             }
-            Ok(exit) => handle_exit(ExitEvent::from(exit), index, &shared.devices, &mem),
+            Ok(exit) => ExitEvent::from(exit),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                VcpuEmulation::Interrupted
+                ExitEvent::Interrupted
             }
-            Err(e) if e.errno() == libc::EFAULT => {
-                // A first touch on a host that does not report the address (see `efault`).
-                resolve_fault(&vcpu, &mem, &mut stalled, CAUSE_EFAULT).unwrap_or_else(|r| r)
+            // A first touch on a host that does not report the address (see `efault`).
+            Err(e) if e.errno() == libc::EFAULT => ExitEvent::Unlocated {
+                cause: CAUSE_EFAULT,
+                data: Vec::new(),
+            },
+            Err(e) => ExitEvent::RunFailed { errno: e.errno() },
+        };
+        let emulation = match handle_exit(event, index, &shared.devices, &mem) {
+            VcpuEmulation::Resolve(cause, data) => {
+                match resolve_fault(&vcpu, &mem, &mut stalled, cause) {
+                    Ok(e) => e,
+                    Err(VcpuEmulation::Fatal(FatalExit::Unresolved { cause, message }))
+                        if !data.is_empty() =>
+                    {
+                        VcpuEmulation::Fatal(FatalExit::Unresolved {
+                            cause,
+                            message: format!("{message}; KVM's data words {data:x?}"),
+                        })
+                    }
+                    Err(e) => e,
+                }
             }
-            Err(e) => VcpuEmulation::Fatal(FatalExit::RunFailed { errno: e.errno() }),
+            other => other,
         };
         drop(guard);
         match emulation {
@@ -675,6 +714,17 @@ pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> Vcpu
                 return VcpuOutcome::Fatal(Diagnosis {
                     vcpu: index,
                     exit,
+                    regs: RegsSnapshot::read(&vcpu.fd),
+                })
+            }
+            // `resolve_fault` never asks to resolve again; were it to, stop with what is known.
+            VcpuEmulation::Resolve(cause, _) => {
+                return VcpuOutcome::Fatal(Diagnosis {
+                    vcpu: index,
+                    exit: FatalExit::Unresolved {
+                        cause,
+                        message: "the fault could not be resolved".into(),
+                    },
                     regs: RegsSnapshot::read(&vcpu.fd),
                 })
             }
@@ -711,7 +761,7 @@ mod tests {
             }
             Ok(Serviced::OpenBus)
         }
-        fn memory_fault(&self, _gpa: u64, _size: u64, _write: bool) -> Result<bool, FaultError> {
+        fn memory_fault(&self, _gpa: u64, _size: u64) -> Result<bool, FaultError> {
             Ok(!self.fail)
         }
     }
@@ -814,7 +864,6 @@ mod tests {
         let e = ExitEvent::MemoryFault {
             gpa: 0x100_0000,
             size: 4096,
-            flags: 0,
         };
         assert_eq!(handle_exit(e, 0, &d, &r), VcpuEmulation::Handled);
         assert_eq!(
@@ -828,6 +877,36 @@ mod tests {
         assert_eq!(
             handle_exit(ExitEvent::Interrupted, 0, &d, &r),
             VcpuEmulation::Interrupted
+        );
+    }
+
+    /// Faults KVM did not locate, and memory faults that populated nothing (a hole, or a
+    /// write to read-only memory), go to the instruction resolver.
+    #[test]
+    fn unlocated_faults_are_resolved() {
+        let (d, _) = devices();
+        let e = ExitEvent::Unlocated {
+            cause: CAUSE_EFAULT,
+            data: vec![],
+        };
+        assert_eq!(
+            handle_exit(e, 0, &d, &ram()),
+            VcpuEmulation::Resolve(CAUSE_EFAULT, vec![])
+        );
+        // FakeMem with `fail` populates nothing: as for a hole.
+        let hole = FakeMem { fail: true };
+        let e = ExitEvent::MemoryFault {
+            gpa: 0x1000,
+            size: 8,
+        };
+        assert_eq!(
+            handle_exit(e, 0, &d, &hole),
+            VcpuEmulation::Resolve(CAUSE_MEMORY_FAULT, vec![])
+        );
+        let e = ExitEvent::RunFailed { errno: libc::EBADF };
+        assert_eq!(
+            handle_exit(e, 0, &d, &ram()),
+            VcpuEmulation::Fatal(FatalExit::RunFailed { errno: libc::EBADF })
         );
     }
 

@@ -139,21 +139,6 @@ impl AddressSpace {
         })
     }
 
-    /// Populates the page of `gpa` (and its fault-around window) if the VMM has not yet,
-    /// without completing any access: for `KVM_EXIT_MEMORY_FAULT`, after which the vCPU
-    /// re-executes the instruction. Returns whether a region covers `gpa`.
-    pub fn populate_for_fault(
-        &self,
-        guard: &ReadGuard<'_>,
-        gpa: u64,
-        write: bool,
-    ) -> Result<bool, FaultError> {
-        match self.fault_in(guard, gpa, write) {
-            None => Ok(false),
-            Some((_, populated)) => populated.map(|()| true),
-        }
-    }
-
     /// What a fault resolver finds at the page of `gpa` for an access (`write` or not), with
     /// the page populated (and its fault-around window) where a region covers it and the access
     /// is allowed. The caller holds `guard`.
@@ -180,7 +165,7 @@ impl AddressSpace {
         })
     }
 
-    /// [`populate_for_fault`](Self::populate_for_fault)'s work: `None` if no region covers
+    /// Populates the page of `gpa` for a fault (see [`fault_page`](Self::fault_page)): `None` if no region covers
     /// `gpa`, else the region's backing and how populating went.
     fn fault_in(
         &self,
