@@ -128,7 +128,7 @@ struct RunArgs {
 
     /// Serve the control socket (JSON lines, mode 0600) at PATH: hot-plug memory with
     /// `vmm ctl` (see docs/control.md). Refuses a live socket, replaces a stale one.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", alias = "api-socket")]
     api_sock: Option<PathBuf>,
 
     /// Most hot-plugged regions at once, splits included (control socket).

@@ -381,6 +381,9 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         hotplug_window = ?space.hotplug_window(),
         "guest memory and boot data ready"
     );
+    if let Some(u) = space.uffd() {
+        tracing::info!("userfaultfd created through {}", u.source());
+    }
     for setup in cfg.sidecars.take_setups() {
         setup(&space).map_err(VmError::Setup)?;
     }

@@ -26,7 +26,7 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Args, Debug)]
 pub struct CtlArgs {
     /// The control socket of a `vmm run --api-sock PATH`.
-    #[arg(long, value_name = "PATH", env = "VMM_API_SOCK")]
+    #[arg(long, value_name = "PATH", env = "VMM_API_SOCK", alias = "api-socket")]
     pub api_sock: PathBuf,
 
     /// Print the raw JSON reply line instead of a human summary.

@@ -117,6 +117,45 @@ pub struct PageFault {
 pub struct Uffd {
     fd: OwnedFd,
     mode: UffdMode,
+    source: &'static str,
+}
+
+/// `USERFAULTFD_IOC_NEW`: `_IO(0xAA, 0x00)`, on `/dev/userfaultfd`.
+const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xaa00;
+
+/// A new userfaultfd: through `/dev/userfaultfd` where this process may open it (which works
+/// when `vm.unprivileged_userfaultfd` is 0, for users given access to the device), else through
+/// the `userfaultfd` syscall (root, or unprivileged userfaultfd allowed).
+fn open_userfaultfd() -> io::Result<(OwnedFd, &'static str)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    if let Ok(dev) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/userfaultfd")
+    {
+        // SAFETY: USERFAULTFD_IOC_NEW takes the new descriptor's flags and returns a new fd or
+        // -1; it touches no memory of ours.
+        let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
+        if fd >= 0 {
+            // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+            return Ok((
+                unsafe { OwnedFd::from_raw_fd(fd as RawFd) },
+                "/dev/userfaultfd",
+            ));
+        }
+    }
+    // SAFETY: the userfaultfd syscall takes only flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok((
+        unsafe { OwnedFd::from_raw_fd(fd as RawFd) },
+        "the userfaultfd syscall",
+    ))
 }
 
 fn check(ret: libc::c_int) -> io::Result<()> {
@@ -130,14 +169,7 @@ fn check(ret: libc::c_int) -> io::Result<()> {
 impl Uffd {
     /// Opens a userfaultfd (non-blocking, close-on-exec) and negotiates the API for `mode`.
     pub fn new(mode: UffdMode) -> io::Result<Self> {
-        // SAFETY: the userfaultfd syscall takes only flags and returns a new fd or -1.
-        let fd =
-            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let (fd, source) = open_userfaultfd()?;
         let features = match mode {
             UffdMode::Sigbus => UFFD_FEATURE_SIGBUS,
             UffdMode::Handler => 0,
@@ -149,7 +181,12 @@ impl Uffd {
         };
         // SAFETY: UFFDIO_API reads and writes a `struct uffdio_api`, which `api` is.
         check(unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api) })?;
-        Ok(Self { fd, mode })
+        Ok(Self { fd, mode, source })
+    }
+
+    /// How the descriptor was created: `/dev/userfaultfd` or the `userfaultfd` syscall.
+    pub fn source(&self) -> &'static str {
+        self.source
     }
 
     /// Reports missing pages in `[host_addr, host_addr + len)` (page-aligned, inside an
@@ -311,6 +348,24 @@ fn populated(ret: libc::c_int, done: i64) -> io::Result<Populated> {
 
 #[cfg(test)]
 mod tests {
+
+    /// The device is tried first: where this process can open `/dev/userfaultfd`, the
+    /// descriptor comes from it (so `vm.unprivileged_userfaultfd=0` does not matter).
+    #[test]
+    fn userfaultfd_comes_from_the_device_where_it_can_be_opened() {
+        let can_open = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/userfaultfd")
+            .is_ok();
+        let u = Uffd::new(UffdMode::Handler).unwrap();
+        if can_open {
+            assert_eq!(u.source(), "/dev/userfaultfd");
+        } else {
+            assert_eq!(u.source(), "the userfaultfd syscall");
+        }
+    }
+
     use super::*;
 
     #[test]
