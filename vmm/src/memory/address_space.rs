@@ -421,6 +421,9 @@ pub struct AddressSpace {
     writer: Mutex<WriterState>,
     /// Counters.
     pub counters: AsCounters,
+    /// The snapshot being restored, which first touches are served from (set before any
+    /// vCPU runs).
+    pub(crate) source: std::sync::OnceLock<super::snapshot::Source>,
 }
 
 impl std::fmt::Debug for AddressSpace {
@@ -510,6 +513,7 @@ impl AddressSpace {
                 memslot_changes: AtomicU64::new(u64::from(window.is_some())),
                 ..AsCounters::default()
             },
+            source: std::sync::OnceLock::new(),
         })
     }
 
@@ -853,6 +857,9 @@ impl AddressSpace {
             }
         }
         self.residency.clear_range(gpa / PAGE, size / PAGE);
+        if let Some(src) = self.source.get() {
+            src.forget(gpa / PAGE, size / PAGE);
+        }
     }
 
     /// Unmaps every address in `[gpa, gpa + size)`: regions inside go, regions partly covered
