@@ -420,7 +420,9 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
                 max_hotplug_bytes: args.max_hotplug_mem,
                 max_clients: args.max_clients as usize,
                 client_idle_timeout: args.client_idle_timeout,
-                vcpus: args.vcpus,
+                vcpus: restore
+                    .as_ref()
+                    .map_or(args.vcpus, |r| r.snapshot.manifest.shape.vcpus),
             },
         ));
     }

@@ -505,10 +505,22 @@ pub struct PauseCtl {
     one: Mutex<()>,
 }
 
+/// Where a vCPU thread is.
+#[derive(Clone, Copy, Default)]
+enum ThreadState {
+    /// Not started yet.
+    #[default]
+    NotStarted,
+    /// Running (it can be kicked).
+    Live(libc::pthread_t),
+    /// Ended.
+    Ended,
+}
+
 #[derive(Default)]
 struct PauseInner {
-    /// Live vCPU threads (None once a thread has ended or before it started).
-    threads: Vec<Option<libc::pthread_t>>,
+    /// Each vCPU's thread.
+    threads: Vec<ThreadState>,
     /// What each paused vCPU handed over.
     saved: Vec<Option<Result<(crate::kvm::state::VcpuState, Vec<u32>), String>>>,
     epoch: u64,
@@ -552,10 +564,10 @@ impl PauseCtl {
     fn register(&self, index: usize) {
         let mut g = self.lock();
         if g.threads.len() <= index {
-            g.threads.resize(index + 1, None);
+            g.threads.resize(index + 1, ThreadState::NotStarted);
             g.saved.resize_with(index + 1, || None);
         }
-        g.threads[index] = Some(crate::kvm::current_thread());
+        g.threads[index] = ThreadState::Live(crate::kvm::current_thread());
         drop(g);
         self.cv.notify_all();
     }
@@ -564,7 +576,7 @@ impl PauseCtl {
     fn unregister(&self, index: usize) {
         let mut g = self.lock();
         if let Some(t) = g.threads.get_mut(index) {
-            *t = None;
+            *t = ThreadState::Ended;
         }
         drop(g);
         self.cv.notify_all();
@@ -586,16 +598,19 @@ impl PauseCtl {
         loop {
             let mut missing = Vec::new();
             for i in 0..nr_vcpus {
-                match (g.threads.get(i).copied().flatten(), g.saved.get(i)) {
+                let state = g.threads.get(i).copied().unwrap_or_default();
+                match (state, g.saved.get(i)) {
                     (_, Some(Some(_))) => {}
-                    (Some(t), _) => {
+                    (ThreadState::Live(t), _) => {
                         missing.push(i);
                         crate::kvm::kick_thread(t);
                     }
-                    (None, _) => {
+                    // It will see the request when it starts.
+                    (ThreadState::NotStarted, _) => missing.push(i),
+                    (ThreadState::Ended, _) => {
                         drop(g);
                         return Err(format!(
-                            "vcpu {i} is not running (it parked, exited or has not started):                              a snapshot needs every vCPU"
+                            "vcpu {i} has stopped (it parked or exited): a snapshot needs every vCPU"
                         ));
                     }
                 }

@@ -336,9 +336,10 @@ pub struct Vmm {
 }
 
 impl Vmm {
-    /// The control view of a running VM. Publishes an empty mailbox.
+    /// The control view of a running VM. Publishes the mailbox with the run-time regions
+    /// already mapped (none, except in a VM restored from a snapshot).
     pub fn new(h: &VmHandle, cfg: Config, inject: bool) -> Result<Self, String> {
-        let mailbox = Mailbox::new(Arc::clone(&h.space))
+        let mailbox = Mailbox::with_list(Arc::clone(&h.space), &mailbox_list_of(&h.space))
             .map_err(|e| format!("cannot write the hot-plug mailbox: {e}"))?;
         let vmm = Vmm {
             space: Arc::clone(&h.space),
@@ -350,8 +351,6 @@ impl Vmm {
             inject,
             clients: ClientCounters::default(),
         };
-        // Regions mapped before the server started (none, normally) are listed at once.
-        let _ = vmm.mailbox.begin().publish(&vmm.mailbox_list());
         Ok(vmm)
     }
 
@@ -580,16 +579,7 @@ impl Vmm {
     }
 
     fn mailbox_list(&self) -> Vec<MailboxRegion> {
-        self.space
-            .list()
-            .into_iter()
-            .filter(|r| r.kind == "hotplug")
-            .map(|r| MailboxRegion {
-                gpa: r.gpa,
-                size_bytes: r.size_bytes,
-                readonly: r.readonly,
-            })
-            .collect()
+        mailbox_list_of(&self.space)
     }
 
     /// What the guest reported in its results slots.
@@ -943,6 +933,20 @@ pub fn fmt_size(b: u64) -> String {
         }
     }
     format!("{b} B")
+}
+
+/// The run-time regions as the mailbox lists them.
+fn mailbox_list_of(space: &AddressSpace) -> Vec<MailboxRegion> {
+    space
+        .list()
+        .into_iter()
+        .filter(|r| r.kind == "hotplug")
+        .map(|r| MailboxRegion {
+            gpa: r.gpa,
+            size_bytes: r.size_bytes,
+            readonly: r.readonly,
+        })
+        .collect()
 }
 
 /// The companion-thread body for `vmm run --api-sock`: serves `listener` until the run ends.
