@@ -505,6 +505,10 @@ pub struct PauseCtl {
     one: Mutex<()>,
 }
 
+/// What a paused vCPU hands over: its state and the MSRs KVM refused to read, or why it
+/// could not.
+type Saved = Result<(crate::kvm::state::VcpuState, Vec<u32>), String>;
+
 /// Where a vCPU thread is.
 #[derive(Clone, Copy, Default)]
 enum ThreadState {
@@ -522,7 +526,7 @@ struct PauseInner {
     /// Each vCPU's thread.
     threads: Vec<ThreadState>,
     /// What each paused vCPU handed over.
-    saved: Vec<Option<Result<(crate::kvm::state::VcpuState, Vec<u32>), String>>>,
+    saved: Vec<Option<Saved>>,
     epoch: u64,
     stop: bool,
 }
