@@ -174,6 +174,34 @@ pub mod workload {
     /// at once; vCPU 0 then counts pages whose word is not the vCPU count (lost updates, in
     /// `verify_errors`): measures whether first touches keep locked operations atomic.
     pub const XADD: u32 = 10;
+    /// Each vCPU writes [`crate::pattern_word`] over every word of its slice of RAM (pages
+    /// `[k * per, (k + 1) * per)` of the RAM entries, `per` = `params[PATTERN_PAGES]` or all
+    /// RAM split evenly), sets `reserved[0]` of its [`crate::VcpuResult`] (ready) and prints
+    /// `pattern: vcpu K ready`, then runs verify passes over its slice in a loop, updating its
+    /// slot after each (`pages`, `verify_errors`, `reserved[1]` passes). It stops after
+    /// `params[PATTERN_PASSES]` passes (0: never), or at the mailbox's STOP flag; the last vCPU
+    /// to stop exits 0 if no vCPU found a wrong word, 1 otherwise. After each pass it re-reads
+    /// `params[PATTERN_RESUME_GEN]`: when the VMM changed it (a restore from a snapshot), the
+    /// vCPU runs `params[PATTERN_RESUME_PASSES]` more passes (0: forever) from there.
+    pub const PATTERN: u32 = 11;
+}
+
+/// `BootInfo::params` indices of the `pattern` workload.
+pub mod pattern_params {
+    /// Pages per vCPU (0: all RAM split evenly).
+    pub const PAGES: usize = 1;
+    /// Verify passes before exiting (0: until stopped).
+    pub const PASSES: usize = 2;
+    /// Changed by the VMM on every restore (the guest re-reads it after each pass).
+    pub const RESUME_GEN: usize = 3;
+    /// Passes to run after a restore (0: until stopped).
+    pub const RESUME_PASSES: usize = 4;
+}
+
+/// The word the `pattern` workload keeps at guest-physical address `addr` (8-aligned): a
+/// function of the address alone, never zero, different in every word.
+pub const fn pattern_word(addr: u64) -> u64 {
+    (addr.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (addr >> 12).rotate_left(40)) | 1
 }
 
 /// `BootInfo::magic`: "VMMBOOT1" little-endian.
@@ -246,6 +274,8 @@ pub struct BootInfo {
 impl BootInfo {
     /// Size of the encoded block in bytes.
     pub const SIZE: usize = core::mem::size_of::<BootInfo>();
+    /// Offset of `params` in the block (guest-physical `BOOT_INFO + PARAMS_OFFSET`).
+    pub const PARAMS_OFFSET: u64 = 24;
 
     /// An empty boot info for `nr_vcpus` running `workload`.
     pub const fn new(nr_vcpus: u32, workload: u32) -> Self {
@@ -397,6 +427,7 @@ mod tests {
         assert_eq!(offset_of!(BootInfo, workload), 16);
         assert_eq!(offset_of!(BootInfo, nr_mem_regions), 20);
         assert_eq!(offset_of!(BootInfo, params), 24);
+        assert_eq!(BootInfo::PARAMS_OFFSET, 24);
         assert_eq!(offset_of!(BootInfo, mem_regions), 24 + 8 * MAX_PARAMS);
         assert_eq!(core::mem::size_of::<MemRegion>(), 24);
         assert_eq!(BootInfo::SIZE, 24 + 8 * MAX_PARAMS + 24 * MAX_MEM_REGIONS);

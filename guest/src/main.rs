@@ -83,6 +83,7 @@ pub unsafe extern "C" fn guest_main(vcpu: u64, boot_info: *const BootInfo) -> ! 
         workload::RACE => race(vcpu, &info),
         workload::XADD => xadd(vcpu, &info),
         workload::HOTPLUG => hotplug(vcpu, &info),
+        workload::PATTERN => pattern_workload(vcpu, &info, boot_info),
         workload::EXIT | workload::TRIPLE_FAULT | workload::BAD_PORT => park(),
         // vCPU 0 of `hlt` halted in `_start`; if it ever gets here, the test has failed.
         workload::HLT if first => exit(3),
@@ -474,6 +475,111 @@ fn hotplug(vcpu: u64, info: &BootInfo) -> ! {
     }
     if DONE.fetch_add(1, Ordering::AcqRel) + 1 == info.nr_vcpus {
         exit(0)
+    }
+    park()
+}
+
+/// vCPUs of `pattern` that have finished, and the wrong words they found.
+static PATTERN_DONE: AtomicU32 = AtomicU32::new(0);
+static PATTERN_ERRORS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Reads `params[i]` of the boot info afresh (the VMM changes the resume words on restore).
+fn boot_param(boot_info: *const BootInfo, i: usize) -> u64 {
+    let at = boot_info as u64 + BootInfo::PARAMS_OFFSET + 8 * i as u64;
+    // SAFETY: the boot info page is identity-mapped in the boot area; the VMM writes these
+    // words only while every vCPU is stopped (before a restored guest resumes).
+    unsafe { core::ptr::read_volatile(at as *const u64) }
+}
+
+/// `pattern`: write [`abi::pattern_word`] over every word of this vCPU's slice of RAM, say
+/// ready, then verify the slice in passes until told to stop (see `abi::workload::PATTERN`).
+fn pattern_workload(vcpu: u64, info: &BootInfo, boot_info: *const BootInfo) -> ! {
+    use abi::pattern_params as pp;
+    let ram_pages: u64 = info.mem_regions[..info.nr_mem_regions as usize]
+        .iter()
+        .filter(|r| r.kind == abi::mem_kind::RAM)
+        .map(|r| r.size_bytes / abi::layout::PAGE_SIZE)
+        .sum();
+    let nr = u64::from(info.nr_vcpus);
+    let per = match info.params[pp::PAGES] {
+        0 => ram_pages / nr,
+        p => p.min(ram_pages / nr),
+    };
+    let first = vcpu * per;
+    let words = abi::layout::PAGE_SIZE / 8;
+    for i in 0..per {
+        let Some(page) = ram_page(info, first + i) else {
+            break;
+        };
+        for w in 0..words {
+            let addr = page + w * 8;
+            // SAFETY: RAM from the memory map, identity-mapped, in this vCPU's slice: no other
+            // vCPU writes it.
+            unsafe { core::ptr::write_volatile(addr as *mut u64, abi::pattern_word(addr)) };
+        }
+    }
+    let result = abi::result_addr(vcpu) as *mut u64;
+    // SAFETY: this vCPU's results slot in the boot area, written by it alone.
+    unsafe {
+        core::ptr::write_volatile(result.add(1), per);
+        core::ptr::write_volatile(result.add(4), 1);
+    }
+    let mut line = [0u8; 48];
+    let prefix = b"pattern: vcpu ";
+    line[..prefix.len()].copy_from_slice(prefix);
+    let mut len = prefix.len() + fmt_u64(vcpu, &mut line[prefix.len()..]);
+    let suffix = b" ready\n";
+    line[len..len + suffix.len()].copy_from_slice(suffix);
+    len += suffix.len();
+    puts(&line[..len]);
+    // A fresh boot leaves the word 0; every restore makes it larger.
+    let mut resume_gen = 0;
+    let mut remaining = info.params[pp::PASSES];
+    let (mut errors, mut passes) = (0u64, 0u64);
+    loop {
+        for i in 0..per {
+            let Some(page) = ram_page(info, first + i) else {
+                break;
+            };
+            for w in 0..words {
+                let addr = page + w * 8;
+                // SAFETY: as above.
+                if unsafe { core::ptr::read_volatile(addr as *const u64) }
+                    != abi::pattern_word(addr)
+                {
+                    errors += 1;
+                }
+            }
+        }
+        passes += 1;
+        // SAFETY: as above.
+        unsafe {
+            core::ptr::write_volatile(result.add(2), errors);
+            core::ptr::write_volatile(result.add(5), passes);
+        }
+        let g = boot_param(boot_info, pp::RESUME_GEN);
+        if g != resume_gen {
+            // Restored from a snapshot: the VMM says how many passes to run from here.
+            resume_gen = g;
+            remaining = boot_param(boot_info, pp::RESUME_PASSES);
+        } else if remaining > 0 {
+            remaining -= 1;
+            if remaining == 0 {
+                break;
+            }
+        }
+        if mailbox_flags() & abi::mailbox_flags::STOP != 0 {
+            break;
+        }
+    }
+    PATTERN_ERRORS.fetch_add(errors, Ordering::AcqRel);
+    // SAFETY: as above; `done` last.
+    unsafe {
+        core::sync::atomic::fence(Ordering::Release);
+        core::ptr::write_volatile(result.add(0), 1);
+    }
+    if PATTERN_DONE.fetch_add(1, Ordering::AcqRel) + 1 == info.nr_vcpus {
+        exit(u32::from(PATTERN_ERRORS.load(Ordering::Acquire) != 0))
     }
     park()
 }

@@ -14,6 +14,7 @@ mod inject;
 mod kvm;
 mod memory;
 mod size;
+mod snapshot;
 mod stress;
 mod summary;
 mod vcpu;
@@ -122,9 +123,16 @@ struct RunArgs {
     #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = size::parse_size)]
     hotplug_window: u64,
 
-    /// Pages each vCPU touches with `--workload touch` (0: all RAM, split evenly).
+    /// Pages each vCPU touches with `--workload touch` or `pattern` (0: all RAM, split
+    /// evenly).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pages: u64,
+
+    /// Verify passes of `--workload pattern` before it exits (0: until stopped, or until a
+    /// snapshot with --stop); with --restore, the passes the restored guest runs from where it
+    /// was before it exits (0: until stopped).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    passes: u64,
 
     /// Serve the control socket (JSON lines, mode 0600) at PATH: hot-plug memory with
     /// `vmm ctl` (see docs/control.md). Refuses a live socket, replaces a stale one.
@@ -163,6 +171,42 @@ struct RunArgs {
         default_value = "/dev/kvm"
     )]
     kvm_dev: PathBuf,
+
+    /// Resume the VM saved in DIR by `vmm ctl snapshot` instead of booting: the vCPUs,
+    /// devices and regions come back as they were (the snapshot's --vcpus, --mem,
+    /// --ram-backing, --memslots, --hotplug-window and --address-space apply; those flags are
+    /// ignored). See docs/snapshot.md.
+    #[arg(long, value_name = "DIR")]
+    restore: Option<PathBuf>,
+
+    /// How guest memory comes back with --restore: vcpu (first touches served on the vCPU
+    /// thread from the snapshot), handler (a userfaultfd handler thread), kernel (the data file
+    /// mapped privately: the host page cache takes the faults), eager (everything copied in
+    /// before the guest resumes).
+    #[arg(long, value_enum, default_value_t = RestoreModeArg::Vcpu, requires = "restore")]
+    restore_mode: RestoreModeArg,
+
+    /// How much of the snapshot --restore checks before the guest runs: full (every page
+    /// against its checksum) or meta (manifest, index, vCPU and device files; pages are not
+    /// read ahead).
+    #[arg(long, value_enum, default_value_t = RestoreVerify::Full, requires = "restore")]
+    restore_verify: RestoreVerify,
+}
+
+/// `--restore-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum RestoreModeArg {
+    Vcpu,
+    Handler,
+    Kernel,
+    Eager,
+}
+
+/// `--restore-verify`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum RestoreVerify {
+    Full,
+    Meta,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -178,6 +222,7 @@ enum Workload {
     Hlt,
     Race,
     Xadd,
+    Pattern,
 }
 
 impl Workload {
@@ -195,6 +240,7 @@ impl Workload {
             Workload::Hlt => w::HLT,
             Workload::Race => w::RACE,
             Workload::Xadd => w::XADD,
+            Workload::Pattern => w::PATTERN,
         })
     }
 }
@@ -332,6 +378,31 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
         );
         return EXIT_USAGE;
     }
+    let restore = match &args.restore {
+        None => None,
+        Some(dir) => {
+            let verify = match args.restore_verify {
+                RestoreVerify::Full => snapshot::Verify::Full,
+                RestoreVerify::Meta => snapshot::Verify::Meta,
+            };
+            match snapshot::load(dir, verify) {
+                Ok(s) => Some(vm::Restore {
+                    snapshot: s,
+                    mode: match args.restore_mode {
+                        RestoreModeArg::Vcpu => vm::RestoreMode::Vcpu,
+                        RestoreModeArg::Handler => vm::RestoreMode::Handler,
+                        RestoreModeArg::Kernel => vm::RestoreMode::Kernel,
+                        RestoreModeArg::Eager => vm::RestoreMode::Eager,
+                    },
+                    passes: args.passes,
+                }),
+                Err(e) => {
+                    eprintln!("vmm: --restore: {e}");
+                    return EXIT_FAILURE;
+                }
+            }
+        }
+    };
     let sidecars = vm::Sidecars::default();
     if let Some(sock) = &args.api_sock {
         // Bound before the VM is built, so that a live socket refuses the start at once.
@@ -349,33 +420,50 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
                 max_hotplug_bytes: args.max_hotplug_mem,
                 max_clients: args.max_clients as usize,
                 client_idle_timeout: args.client_idle_timeout,
-                vcpus: args.vcpus,
+                vcpus: restore
+                    .as_ref()
+                    .map_or(args.vcpus, |r| r.snapshot.manifest.shape.vcpus),
             },
         ));
     }
+    let shape = restore.as_ref().map(|r| r.snapshot.manifest.shape.clone());
     let cfg = RunConfig {
         kvm_dev: args.kvm_dev,
-        vcpus: args.vcpus,
-        mem_bytes: args.mem,
+        vcpus: shape.as_ref().map_or(args.vcpus, |s| s.vcpus),
+        mem_bytes: shape.as_ref().map_or(args.mem, |s| s.mem_bytes),
         kernel: args.kernel,
-        workload,
-        params: vec![u64::from(args.exit_status), args.pages],
+        workload: shape.as_ref().map_or(workload, |s| s.workload),
+        params: vec![u64::from(args.exit_status), args.pages, args.passes],
         timeout: (!args.timeout.is_zero()).then_some(args.timeout),
         process_start,
         fault_mode: args.fault_mode.into(),
         fault_around: args.fault_around,
-        address_space: args.address_space.name().to_owned(),
-        ram_backing: args.ram_backing.into(),
-        memslots: args.memslots.into(),
+        address_space: shape
+            .as_ref()
+            .map_or(args.address_space.name(), |s| s.address_space.as_str())
+            .to_owned(),
+        ram_backing: shape
+            .as_ref()
+            .and_then(|s| memory::Backing::from_name(&s.ram_backing))
+            .unwrap_or(args.ram_backing.into()),
+        memslots: match shape.as_ref().map(|s| s.memslots.as_str()) {
+            Some("per-region") => memory::MemslotMode::PerRegion,
+            Some(_) => memory::MemslotMode::Window,
+            None => args.memslots.into(),
+        },
         // Only a VM with a control socket can map memory at run time: others need no window.
-        hotplug_window: if args.api_sock.is_some() {
-            args.hotplug_window
-        } else {
-            0
+        // A restored VM gets the window its snapshot's regions lie in.
+        hotplug_window: match &shape {
+            Some(s) => s.hotplug_window,
+            None if args.api_sock.is_some() => args.hotplug_window,
+            None => 0,
         },
         sidecars,
+        restore,
     };
-    let hotplug = args.workload == Workload::Hotplug;
+    let pattern = cfg.workload == abi::workload::PATTERN;
+    let restored = cfg.restore.is_some();
+    let hotplug = cfg.workload == abi::workload::HOTPLUG;
     let touch = matches!(
         args.workload,
         Workload::Touch | Workload::Race | Workload::Xadd
@@ -430,6 +518,29 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
         );
     }
     let mut touch_failed = false;
+    if let (Some(at), Some((served, left))) = (report.resumed_at, report.restore_pages) {
+        eprintln!(
+            "restore: vCPUs resumed {:.2} ms after process start; {served} pages served from the snapshot, {left} never touched",
+            ms(at)
+        );
+    } else if let Some(at) = report.resumed_at {
+        eprintln!(
+            "restore: vCPUs resumed {:.2} ms after process start",
+            ms(at)
+        );
+    }
+    if pattern {
+        let passes: u64 = report.results.iter().map(|r| r.reserved[1]).sum();
+        let errors: u64 = report.results.iter().map(|r| r.verify_errors).sum();
+        let done = report.results.iter().filter(|r| r.done != 0).count();
+        eprintln!(
+            "pattern: {} vCPUs, {} pages each, {passes} verify passes in all, {errors} wrong words, {done} vCPUs done{}",
+            report.results.len(),
+            report.results.first().map_or(0, |r| r.pages),
+            if restored { " (restored)" } else { "" }
+        );
+        touch_failed = errors > 0;
+    }
     if hotplug {
         let s = control::hotplug_summary(&report.results);
         eprintln!("{s}");
@@ -442,6 +553,11 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
     }
     match report.outcome {
         RunOutcome::Exited(0) if touch_failed => EXIT_FAILURE,
+        RunOutcome::SnapshotStopped if touch_failed => EXIT_FAILURE,
+        RunOutcome::SnapshotStopped => {
+            eprintln!("vmm: the VM stopped after a snapshot (vmm ctl snapshot --stop)");
+            0
+        }
         RunOutcome::Exited(status) => status,
         RunOutcome::AllParked => {
             tracing::info!("every vCPU parked without an exit status: exiting 0");

@@ -8,7 +8,8 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -482,6 +483,8 @@ pub enum VcpuOutcome {
     Fatal(Diagnosis),
     /// Setting the vCPU up failed.
     SetupFailed(String),
+    /// A snapshot with `--stop` ended the run.
+    SnapshotStopped,
 }
 
 /// State shared by all vCPU threads of a VM.
@@ -494,6 +497,251 @@ pub struct VcpuShared {
     pub stop: AtomicBool,
     /// Exits by reason, across vCPUs.
     pub exits: ExitCounters,
+    /// Pausing every vCPU for a snapshot.
+    pub pause: PauseCtl,
+    /// `KVM_GET_MSR_INDEX_LIST`: the MSRs a snapshot saves.
+    pub msr_indices: Vec<u32>,
+    /// The VM's shape, as a snapshot records it.
+    pub shape: crate::snapshot::Shape,
+}
+
+/// The vCPUs paused for a snapshot: each one's state (in vCPU order) and the MSRs KVM refused
+/// to read.
+#[derive(Debug)]
+pub struct Paused {
+    /// Every vCPU's state.
+    pub states: Vec<crate::kvm::state::VcpuState>,
+    /// MSR indices some vCPU could not read.
+    pub refused_msrs: Vec<u32>,
+}
+
+/// Pauses every vCPU between two `KVM_RUN`s and holds it there (for a snapshot).
+///
+/// The controller sets `requested` (under the lock) and kicks each live vCPU thread out of
+/// `KVM_RUN`; each vCPU, at the top of its loop, completes a pending port or MMIO access
+/// (`KVM_RUN` with `immediate_exit`), saves its state, hands it over and waits for the next
+/// epoch, which [`resume`](Self::resume) starts, saying whether to go on or stop.
+#[derive(Default)]
+pub struct PauseCtl {
+    requested: AtomicBool,
+    inner: Mutex<PauseInner>,
+    cv: Condvar,
+    /// One pause at a time.
+    one: Mutex<()>,
+}
+
+/// What a paused vCPU hands over: its state and the MSRs KVM refused to read, or why it
+/// could not.
+type Saved = Result<(crate::kvm::state::VcpuState, Vec<u32>), String>;
+
+/// Where a vCPU thread is.
+#[derive(Clone, Copy, Default)]
+enum ThreadState {
+    /// Not started yet.
+    #[default]
+    NotStarted,
+    /// Running (it can be kicked).
+    Live(libc::pthread_t),
+    /// Ended.
+    Ended,
+}
+
+#[derive(Default)]
+struct PauseInner {
+    /// Each vCPU's thread.
+    threads: Vec<ThreadState>,
+    /// What each paused vCPU handed over.
+    saved: Vec<Option<Saved>>,
+    epoch: u64,
+    stop: bool,
+}
+
+/// How long a pause waits for every vCPU to stop.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often stragglers are kicked again while pausing.
+const PAUSE_KICK: Duration = Duration::from_millis(5);
+
+/// While held, the vCPUs stay paused; [`PauseCtl::resume`] releases them.
+pub struct PauseGuard<'a> {
+    ctl: &'a PauseCtl,
+    _one: MutexGuard<'a, ()>,
+    released: bool,
+}
+
+impl PauseGuard<'_> {
+    /// Lets the vCPUs go on (`stop` false) or makes every one end its run (`stop` true).
+    pub fn resume(mut self, stop: bool) {
+        self.ctl.release(stop);
+        self.released = true;
+    }
+}
+
+impl Drop for PauseGuard<'_> {
+    fn drop(&mut self) {
+        if !self.released {
+            self.ctl.release(false);
+        }
+    }
+}
+
+impl PauseCtl {
+    fn lock(&self) -> MutexGuard<'_, PauseInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// vCPU `index` runs on the calling thread from now on.
+    fn register(&self, index: usize) {
+        let mut g = self.lock();
+        if g.threads.len() <= index {
+            g.threads.resize(index + 1, ThreadState::NotStarted);
+            g.saved.resize_with(index + 1, || None);
+        }
+        g.threads[index] = ThreadState::Live(crate::kvm::current_thread());
+        drop(g);
+        self.cv.notify_all();
+    }
+
+    /// vCPU `index`'s thread is about to end.
+    fn unregister(&self, index: usize) {
+        let mut g = self.lock();
+        if let Some(t) = g.threads.get_mut(index) {
+            *t = ThreadState::Ended;
+        }
+        drop(g);
+        self.cv.notify_all();
+    }
+
+    /// Pauses every vCPU of `nr_vcpus` and collects its state. Fails (with every vCPU going on)
+    /// if a vCPU has ended, or does not stop in time, or cannot be read.
+    pub fn pause_all(&self, nr_vcpus: usize) -> Result<(PauseGuard<'_>, Paused), String> {
+        let one = self.one.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.lock();
+        g.saved.iter_mut().for_each(|s| *s = None);
+        self.requested.store(true, Ordering::Release);
+        let guard = PauseGuard {
+            ctl: self,
+            _one: one,
+            released: false,
+        };
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        loop {
+            let mut missing = Vec::new();
+            for i in 0..nr_vcpus {
+                let state = g.threads.get(i).copied().unwrap_or_default();
+                match (state, g.saved.get(i)) {
+                    (_, Some(Some(_))) => {}
+                    (ThreadState::Live(t), _) => {
+                        missing.push(i);
+                        crate::kvm::kick_thread(t);
+                    }
+                    // It will see the request when it starts.
+                    (ThreadState::NotStarted, _) => missing.push(i),
+                    (ThreadState::Ended, _) => {
+                        drop(g);
+                        return Err(format!(
+                            "vcpu {i} has stopped (it parked or exited): a snapshot needs every vCPU"
+                        ));
+                    }
+                }
+            }
+            if missing.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                drop(g);
+                return Err(format!(
+                    "vcpus {missing:?} did not stop within {} s",
+                    PAUSE_TIMEOUT.as_secs()
+                ));
+            }
+            g = self
+                .cv
+                .wait_timeout(g, PAUSE_KICK)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let mut states = Vec::with_capacity(nr_vcpus);
+        let mut refused_msrs: Vec<u32> = Vec::new();
+        for i in 0..nr_vcpus {
+            match g.saved[i].take() {
+                Some(Ok((st, refused))) => {
+                    states.push(st);
+                    for m in refused {
+                        if !refused_msrs.contains(&m) {
+                            refused_msrs.push(m);
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    drop(g);
+                    return Err(format!("vcpu {i}: cannot read its state: {e}"));
+                }
+                None => {
+                    drop(g);
+                    return Err(format!("vcpu {i}: no state"));
+                }
+            }
+        }
+        drop(g);
+        Ok((
+            guard,
+            Paused {
+                states,
+                refused_msrs,
+            },
+        ))
+    }
+
+    fn release(&self, stop: bool) {
+        let mut g = self.lock();
+        self.requested.store(false, Ordering::Release);
+        g.stop = stop;
+        g.epoch += 1;
+        g.saved.iter_mut().for_each(|s| *s = None);
+        drop(g);
+        self.cv.notify_all();
+    }
+
+    /// Called by vCPU `index` at the top of its loop when a pause is requested: completes a
+    /// pending access, hands over its state and waits until resumed. Returns true if the run
+    /// must end.
+    fn hold(&self, index: usize, vcpu: &mut Vcpu, shared: &VcpuShared) -> bool {
+        let saved = crate::kvm::complete_pending_io(&mut vcpu.fd)
+            .map_err(|e| format!("completing the pending access failed: {e}"))
+            .and_then(|()| {
+                crate::kvm::state::VcpuState::save(&vcpu.fd, &shared.msr_indices)
+                    .map_err(|e| e.to_string())
+            });
+        let mut g = self.lock();
+        if !self.requested.load(Ordering::Acquire) {
+            return false;
+        }
+        let epoch = g.epoch;
+        if let Some(s) = g.saved.get_mut(index) {
+            *s = Some(saved);
+        }
+        self.cv.notify_all();
+        while g.epoch == epoch {
+            if shared.stop.load(Ordering::Acquire) {
+                return true;
+            }
+            g = self
+                .cv
+                .wait_timeout(g, PAUSE_KICK)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        g.stop
+    }
+}
+
+/// Unregisters a vCPU thread from [`PauseCtl`] when it ends, however it ends.
+struct Registered<'a>(&'a PauseCtl, usize);
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.0.unregister(self.1);
+    }
 }
 
 /// VM exits handled, by reason (relaxed counters).
@@ -575,6 +823,8 @@ pub struct Vcpu {
     pub entry: u64,
     /// How bare `-EFAULT`s are resolved (registers synced through `kvm_run`, identity map).
     pub resolver: crate::efault::Resolver,
+    /// The state to resume from (a restored snapshot) instead of the entry point.
+    pub restore: Option<Arc<crate::kvm::state::VcpuState>>,
 }
 
 /// Consecutive unresolved faults without progress before the vCPU gives up ...
@@ -632,9 +882,15 @@ fn run_once(fd: &mut VcpuFd) -> Result<VcpuExit<'_>, kvm_ioctls::Error> {
 
 /// The run-state machine of one vCPU thread.
 pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> VcpuOutcome {
-    if let Err(e) = crate::boot::regs::configure(&vcpu.fd, vcpu.index as u32, vcpu.entry, cpuid) {
+    let set_up = match &vcpu.restore {
+        None => crate::boot::regs::configure(&vcpu.fd, vcpu.index as u32, vcpu.entry, cpuid),
+        Some(state) => crate::boot::regs::restore(&vcpu.fd, vcpu.index as u32, cpuid, state),
+    };
+    if let Err(e) = set_up {
         return VcpuOutcome::SetupFailed(e.to_string());
     }
+    shared.pause.register(vcpu.index);
+    let _registered = Registered(&shared.pause, vcpu.index);
     let _kick = KickGuard::register(&mut vcpu.fd);
     if vcpu.resolver.sync_regs {
         // Every exit then brings the registers along (read by `efault` without an ioctl).
@@ -654,6 +910,15 @@ pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> Vcpu
         if shared.stop.load(Ordering::Acquire) {
             let rip = vcpu.fd.get_regs().map(|r| r.rip).unwrap_or(0);
             return VcpuOutcome::Kicked { rip };
+        }
+        if shared.pause.requested.load(Ordering::Acquire) {
+            let pause = &shared.pause;
+            if reader.offline_while(|| pause.hold(index, &mut vcpu, shared))
+                && !shared.stop.load(Ordering::Acquire)
+            {
+                return VcpuOutcome::SnapshotStopped;
+            }
+            continue;
         }
         let exit = reader.offline_while(|| run_once(&mut vcpu.fd));
         shared.exits.count(&exit);

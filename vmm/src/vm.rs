@@ -62,6 +62,63 @@ pub struct RunConfig {
     pub hotplug_window: u64,
     /// Threads to run beside the vCPUs once the VM is built (taken by `run`).
     pub sidecars: Sidecars,
+    /// Resume a snapshot instead of booting (`vmm run --restore`).
+    pub restore: Option<Restore>,
+}
+
+/// How guest memory is brought back from a snapshot (`--restore-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestoreMode {
+    /// First touches served on the vCPU thread (userfaultfd SIGBUS mode, `UFFDIO_COPY` from a
+    /// read-only mapping of the data file).
+    Vcpu,
+    /// First touches served by a userfaultfd handler thread.
+    Handler,
+    /// The data file mapped `MAP_PRIVATE` over guest memory: the host kernel's page cache
+    /// takes the faults.
+    Kernel,
+    /// Every page copied in before the guest resumes.
+    Eager,
+}
+
+impl RestoreMode {
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            RestoreMode::Vcpu => "vcpu",
+            RestoreMode::Handler => "handler",
+            RestoreMode::Kernel => "kernel",
+            RestoreMode::Eager => "eager",
+        }
+    }
+
+    /// The fault mode the VM runs with.
+    pub fn fault_mode(self) -> FaultMode {
+        match self {
+            RestoreMode::Vcpu | RestoreMode::Eager => FaultMode::Vcpu,
+            RestoreMode::Handler => FaultMode::Handler,
+            RestoreMode::Kernel => FaultMode::Kernel,
+        }
+    }
+}
+
+/// A snapshot to resume.
+pub struct Restore {
+    /// The snapshot, loaded and checked.
+    pub snapshot: crate::snapshot::Loaded,
+    /// How guest memory comes back.
+    pub mode: RestoreMode,
+    /// Verify passes the `pattern` guest runs after resuming (0: until stopped).
+    pub passes: u64,
+}
+
+impl std::fmt::Debug for Restore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Restore")
+            .field("dir", &self.snapshot.dir)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Companion threads to start with the VM (see [`VmHandle`]), and set-up steps to run on the
@@ -119,6 +176,8 @@ pub enum RunOutcome {
         /// (vCPU, rip) of each vCPU that was still running.
         rips: Vec<(usize, u64)>,
     },
+    /// A snapshot with `--stop` ended the run.
+    SnapshotStopped,
     /// A vCPU could not be set up.
     SetupFailed {
         /// Which.
@@ -156,6 +215,10 @@ pub struct RunReport {
     /// Memslot ioctls the address space had made when set-up was over (before any vCPU ran):
     /// `counters.memslot_changes` minus this is what the run changed.
     pub memslot_changes_after_setup: u64,
+    /// After a restore: process start to the vCPUs' start (the first guest instruction).
+    pub resumed_at: Option<Duration>,
+    /// After a restore: pages served from the snapshot, and pages it still held at the end.
+    pub restore_pages: Option<(u64, u64)>,
 }
 
 /// What a companion thread gets: the running VM's address space (devices such as the hot-plug
@@ -244,6 +307,14 @@ pub enum VmError {
     /// A set-up step (see [`Setup`]) failed.
     #[error("{0}")]
     Setup(String),
+    /// The snapshot does not fit the VM it describes, or its memory cannot be brought back.
+    #[error("--restore {dir}: {why}")]
+    Restore {
+        /// The snapshot.
+        dir: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
     /// A thread could not start.
     #[error("cannot start the userfaultfd handler thread: {0}")]
     SpawnHandler(std::io::Error),
@@ -307,10 +378,18 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         None => VmError::BadBuiltin(source),
     })?;
 
+    let msr_indices = kvm_fd
+        .get_msr_index_list()
+        .map(|l| l.as_slice().to_vec())
+        .unwrap_or_default();
     let vm = Arc::new(ioctl("KVM_CREATE_VM", kvm_fd.create_vm())?);
     ioctl("KVM_SET_TSS_ADDR", vm.set_tss_address(TSS_ADDR))?;
     disable_slot_zap_all(&vm);
-    let fault_mode = probe_fault_mode(cfg.fault_mode);
+    let fault_mode = match &cfg.restore {
+        // Lazy restore needs userfaultfd as asked; falling back would lose the data.
+        Some(r) => r.mode.fault_mode(),
+        None => probe_fault_mode(cfg.fault_mode),
+    };
     let nr_slots = u32::try_from(kvm_fd.get_nr_memslots()).unwrap_or(u32::MAX);
     let domain = rcu::Domain::new();
     let space_bytes = boot::identity_map_bytes(one_gig);
@@ -356,8 +435,11 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
             .map(r.start.0, r.size_bytes, backing, false, kind)
             .map_err(MemoryError::from)?;
     }
+    if let Some(r) = &cfg.restore {
+        restore_regions(&space, r, &ranges)?;
+    }
     // A user's image may load into demand-paged RAM: populate those pages before writing.
-    for seg in &image.segments {
+    for seg in image.segments.iter().filter(|_| cfg.restore.is_none()) {
         let start = seg.gpa.max(abi::layout::BOOT_AREA_END);
         let end = seg.gpa + seg.memsz.max(seg.file_range.len() as u64);
         if end > start {
@@ -367,9 +449,14 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         }
     }
     let guest_mem = memory::boot_view(&space, &ranges)?;
-    let info = boot::boot_info(cfg.vcpus, cfg.workload, &cfg.params, &ranges)?;
-    boot::write_boot_data(&guest_mem, one_gig, &info)?;
-    boot::load_image(&guest_mem, &image, image_bytes)?;
+    match &cfg.restore {
+        None => {
+            let info = boot::boot_info(cfg.vcpus, cfg.workload, &cfg.params, &ranges)?;
+            boot::write_boot_data(&guest_mem, one_gig, &info)?;
+            boot::load_image(&guest_mem, &image, image_bytes)?;
+        }
+        Some(r) => restore_memory(&space, &guest_mem, r)?,
+    }
     tracing::debug!(
         one_gig_pages = one_gig,
         entry = format_args!("{:#x}", image.entry),
@@ -399,7 +486,29 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         space: Arc::clone(&space),
         stop: std::sync::atomic::AtomicBool::new(false),
         exits: vcpu::ExitCounters::default(),
+        pause: vcpu::PauseCtl::default(),
+        msr_indices,
+        shape: crate::snapshot::Shape {
+            vcpus: cfg.vcpus,
+            mem_bytes: cfg.mem_bytes,
+            workload: cfg.workload,
+            address_space: space.implementation().to_owned(),
+            ram_backing: cfg.ram_backing.name().to_owned(),
+            memslots: cfg.memslots.name().to_owned(),
+            hotplug_window: cfg.hotplug_window,
+            fault_around: cfg.fault_around,
+        },
     });
+    if let Some(r) = &cfg.restore {
+        shared
+            .devices
+            .serial
+            .restore(&r.snapshot.devices.serial)
+            .map_err(|why| VmError::Restore {
+                dir: r.snapshot.dir.clone(),
+                why,
+            })?;
+    }
     // Companion threads (control socket server, stress churn) get the running VM.
     let sidecar_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut sidecar_handles = Vec::new();
@@ -447,6 +556,11 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
                 identity_limit: boot::identity_map_bytes(one_gig),
                 xsave_bytes,
             },
+            restore: cfg
+                .restore
+                .as_ref()
+                .and_then(|r| r.snapshot.vcpus.get(index))
+                .map(|st| Arc::new(st.clone())),
         };
         let (thread_shared, cpuid, tx) = (Arc::clone(&shared), Arc::clone(&cpuid), tx.clone());
         let spawned = std::thread::Builder::new()
@@ -467,6 +581,15 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         }
     }
     drop(tx);
+    let resumed_at = cfg.restore.as_ref().map(|r| {
+        let t = cfg.process_start.elapsed();
+        tracing::info!(
+            mode = r.mode.name(),
+            "restore: vCPUs resume {:.2} ms after process start",
+            t.as_secs_f64() * 1e3
+        );
+        t
+    });
 
     let n = handles.len();
     let mut outcomes: Vec<Option<VcpuOutcome>> = vec![None; n];
@@ -492,6 +615,7 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
                             vcpu: index,
                             message: message.clone(),
                         }),
+                        VcpuOutcome::SnapshotStopped => Some(RunOutcome::SnapshotStopped),
                         VcpuOutcome::Parked | VcpuOutcome::Kicked { .. } => None,
                     };
                     if decided.is_some() {
@@ -544,6 +668,9 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         )
     };
     let counters = space.counters.snapshot();
+    let restore_pages = space
+        .source()
+        .map(|src| (src.served.load(Ordering::Relaxed), src.remaining()));
 
     let outcome = match decided {
         Some(RunOutcome::TimedOut { after, .. }) => RunOutcome::TimedOut {
@@ -596,7 +723,139 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         exits,
         rcu,
         memslot_changes_after_setup,
+        resumed_at,
+        restore_pages,
     })
+}
+
+/// Maps the snapshot's run-time regions (boot and RAM regions were mapped from the plan, which
+/// must match the snapshot's).
+fn restore_regions(
+    space: &AddressSpace,
+    r: &Restore,
+    ranges: &[memory::RamRange],
+) -> Result<(), VmError> {
+    let err = |why: String| VmError::Restore {
+        dir: r.snapshot.dir.clone(),
+        why,
+    };
+    let regions = &r.snapshot.manifest.regions;
+    let fixed: Vec<_> = regions.iter().filter(|g| g.kind != "hotplug").collect();
+    let planned: Vec<_> = ranges.iter().map(|p| (p.start.0, p.size_bytes)).collect();
+    let recorded: Vec<_> = fixed.iter().map(|g| (g.gpa, g.size)).collect();
+    if planned != recorded {
+        return Err(err(format!(
+            "its boot and RAM regions {recorded:x?} are not the ones {} of RAM gives {planned:x?}",
+            memory::fmt_size(r.snapshot.manifest.shape.mem_bytes)
+        )));
+    }
+    for g in regions.iter().filter(|g| g.kind == "hotplug") {
+        let backing = Backing::from_name(&g.backing)
+            .ok_or_else(|| err(format!("unknown backing {:?}", g.backing)))?;
+        space
+            .map(g.gpa, g.size, backing, g.readonly, RegionKind::Hotplug)
+            .map_err(|e| err(format!("cannot map the region at {:#x}: {e}", g.gpa)))?;
+    }
+    Ok(())
+}
+
+/// Brings guest memory back: the boot area is written at once; the other regions' pages are
+/// served from the snapshot on first touch (`vcpu`, `handler`), mapped from it (`kernel`) or
+/// copied in now (`eager`). Then tells the guest it was restored (the `pattern` resume words).
+fn restore_memory(
+    space: &AddressSpace,
+    guest_mem: &vm_memory::GuestMemoryMmap,
+    r: &Restore,
+) -> Result<(), VmError> {
+    use vm_memory::{Bytes, GuestAddress};
+    let snap = &r.snapshot;
+    let err = |why: String| VmError::Restore {
+        dir: snap.dir.clone(),
+        why,
+    };
+    let boot_end = abi::layout::BOOT_AREA_END;
+    let mut buf = vec![0u8; memory::address_space::PAGE as usize];
+    for &(gpa, _) in snap.pages.iter().take_while(|(g, _)| *g < boot_end) {
+        let off = snap
+            .file_offset(gpa)
+            .ok_or_else(|| err(format!("page {gpa:#x} lies in no region")))?;
+        std::os::unix::fs::FileExt::read_exact_at(&snap.memory, &mut buf, off)
+            .map_err(|e| err(format!("cannot read page {gpa:#x}: {e}")))?;
+        guest_mem
+            .write_slice(&buf, GuestAddress(gpa))
+            .map_err(|e| err(format!("cannot write page {gpa:#x}: {e}")))?;
+    }
+    let lazy: Vec<u64> = snap
+        .pages
+        .iter()
+        .map(|&(g, _)| g)
+        .filter(|&g| g >= boot_end)
+        .collect();
+    let file = snap
+        .memory
+        .try_clone()
+        .map_err(|e| err(format!("cannot reopen memory.img: {e}")))?;
+    if r.mode == RestoreMode::Kernel {
+        for g in snap.manifest.regions.iter().filter(|g| g.kind != "boot") {
+            space
+                .map_snapshot_file(g.gpa, g.size, &file, g.file_offset, g.readonly)
+                .map_err(|e| err(format!("cannot map memory.img at {:#x}: {e}", g.gpa)))?;
+        }
+    } else {
+        let regions = snap
+            .manifest
+            .regions
+            .iter()
+            .map(|g| memory::snapshot::SourceRegion {
+                gpa: g.gpa,
+                size: g.size,
+                file_offset: g.file_offset,
+            })
+            .collect();
+        let source = memory::snapshot::Source::open(
+            file,
+            snap.manifest.memory_bytes,
+            regions,
+            &lazy,
+            space.host().size_bytes(),
+        )
+        .map_err(|e| err(format!("cannot map memory.img: {e}")))?;
+        space.set_source(source).map_err(err)?;
+        if r.mode == RestoreMode::Eager {
+            let started = Instant::now();
+            let mut i = 0;
+            while i < lazy.len() {
+                let mut j = i + 1;
+                while j < lazy.len() && lazy[j] == lazy[j - 1] + memory::address_space::PAGE {
+                    j += 1;
+                }
+                let len = lazy[j - 1] + memory::address_space::PAGE - lazy[i];
+                space
+                    .populate_range(lazy[i], len)
+                    .map_err(|e| err(format!("cannot copy guest memory in: {e}")))?;
+                i = j;
+            }
+            tracing::info!(
+                pages = lazy.len(),
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "restore: every page copied in (eager)"
+            );
+        }
+    }
+    // The `pattern` guest re-reads these after every pass: a new generation, and how many
+    // passes to run from here.
+    use abi::pattern_params as pp;
+    let word = |i: usize| {
+        GuestAddress(abi::layout::BOOT_INFO + abi::BootInfo::PARAMS_OFFSET + 8 * i as u64)
+    };
+    let generation: u64 = guest_mem
+        .read_obj(word(pp::RESUME_GEN))
+        .map_err(|e| err(format!("cannot read the boot info: {e}")))?;
+    guest_mem
+        .write_obj(r.passes, word(pp::RESUME_PASSES))
+        .and_then(|()| guest_mem.write_obj(generation.wrapping_add(1).max(1), word(pp::RESUME_GEN)))
+        .map_err(|e| err(format!("cannot write the boot info: {e}")))?;
+    Ok(())
 }
 
 /// Most regions an address space holds in window mode (the tree's own bound is far higher).

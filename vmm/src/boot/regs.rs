@@ -153,6 +153,29 @@ pub fn configure(
     ioctl("KVM_SET_REGS", vcpu.set_regs(&entry_regs(index, entry)))
 }
 
+/// Puts vCPU `index` back into a saved state: the same CPUID as [`configure`] gives it, then
+/// every register of `state`. MSRs KVM refuses are skipped and logged.
+pub fn restore(
+    vcpu: &VcpuFd,
+    index: u32,
+    supported_cpuid: &CpuId,
+    state: &crate::kvm::state::VcpuState,
+) -> Result<(), KvmError> {
+    ioctl(
+        "KVM_SET_CPUID2",
+        vcpu.set_cpuid2(&cpuid_for(supported_cpuid, index)),
+    )?;
+    let refused = state.restore(vcpu)?;
+    if !refused.is_empty() {
+        tracing::info!(
+            vcpu = index,
+            msrs = ?refused.iter().map(|m| format!("{m:#x}")).collect::<Vec<_>>(),
+            "restore: KVM refused these MSRs; skipped"
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

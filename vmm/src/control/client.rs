@@ -94,6 +94,19 @@ pub enum CtlOp {
     Stop,
     /// Check the regions against KVM's memslots and the host mappings.
     Check,
+    /// Pause every vCPU, write a snapshot of the VM into DIR (atomically), then resume it, or
+    /// stop it with --stop. Restore it with `vmm run --restore DIR`.
+    Snapshot {
+        /// The snapshot directory (must not exist unless --force).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Stop the VM once the snapshot is written.
+        #[arg(long)]
+        stop: bool,
+        /// Replace DIR if it exists.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 impl CtlOp {
@@ -121,6 +134,12 @@ impl CtlOp {
             CtlOp::Stats => json!({"id": 1, "op": "stats"}),
             CtlOp::Stop => json!({"id": 1, "op": "stop"}),
             CtlOp::Check => json!({"id": 1, "op": "check"}),
+            CtlOp::Snapshot { dir, stop, force } => {
+                // The server resolves relative paths against its own directory: send ours.
+                let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
+                json!({"id": 1, "op": "snapshot", "dir": dir.to_string_lossy(), "stop": stop,
+                       "force": force})
+            }
         };
         v.to_string()
     }
@@ -174,6 +193,7 @@ fn op_name(op: &CtlOp) -> &'static str {
         CtlOp::Stats => "stats",
         CtlOp::Stop => "stop",
         CtlOp::Check => "check",
+        CtlOp::Snapshot { .. } => "snapshot",
     }
 }
 
@@ -368,6 +388,18 @@ pub fn human(op: &CtlOp, r: &Value) -> String {
             );
         }
         CtlOp::Stop => out += "the guest was asked to stop\n",
+        CtlOp::Snapshot { .. } => {
+            out += &format!(
+                "snapshot {}: {} pages ({} bytes) of guest memory, {} regions, {} vCPUs; vCPUs paused {:.1} ms{}\n",
+                s(&r["dir"]),
+                n(&r["pages"]),
+                n(&r["memory_bytes"]),
+                n(&r["regions"]),
+                n(&r["vcpus"]),
+                r["paused_ms"].as_f64().unwrap_or(0.0),
+                if r["stopped"] == Value::Bool(true) { "; the VM stopped" } else { "" }
+            );
+        }
         CtlOp::Check => {
             if r["consistent"] == Value::Bool(true) {
                 out += &format!(

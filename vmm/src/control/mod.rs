@@ -159,6 +159,8 @@ pub enum Reply {
     },
     /// `check`.
     Check(Check),
+    /// `snapshot`.
+    Snapshot(crate::snapshot::Written),
 }
 
 /// `stats`.
@@ -334,9 +336,10 @@ pub struct Vmm {
 }
 
 impl Vmm {
-    /// The control view of a running VM. Publishes an empty mailbox.
+    /// The control view of a running VM. Publishes the mailbox with the run-time regions
+    /// already mapped (none, except in a VM restored from a snapshot).
     pub fn new(h: &VmHandle, cfg: Config, inject: bool) -> Result<Self, String> {
-        let mailbox = Mailbox::new(Arc::clone(&h.space))
+        let mailbox = Mailbox::with_list(Arc::clone(&h.space), &mailbox_list_of(&h.space))
             .map_err(|e| format!("cannot write the hot-plug mailbox: {e}"))?;
         let vmm = Vmm {
             space: Arc::clone(&h.space),
@@ -348,8 +351,6 @@ impl Vmm {
             inject,
             clients: ClientCounters::default(),
         };
-        // Regions mapped before the server started (none, normally) are listed at once.
-        let _ = vmm.mailbox.begin().publish(&vmm.mailbox_list());
         Ok(vmm)
     }
 
@@ -409,6 +410,7 @@ impl Vmm {
                 })?;
                 Ok(Reply::Stopping { stopping: true })
             }
+            Request::Snapshot { dir, stop, force } => self.snapshot(&dir, stop, force),
             Request::Inject { step, nth } => {
                 if !self.inject {
                     return Err(ControlError::invalid(format!(
@@ -426,6 +428,54 @@ impl Vmm {
                 })
             }
         }
+    }
+
+    /// `snapshot`: pause every vCPU, write the snapshot, resume or stop. Other control ops
+    /// wait meanwhile (the ops lock), so regions cannot change under it.
+    fn snapshot(&self, dir: &str, stop: bool, force: bool) -> Result<Reply, ControlError> {
+        use crate::snapshot::{self, SnapshotError};
+        let _op = self.lock_ops();
+        let path = std::path::PathBuf::from(dir);
+        let to_ctl = |e: SnapshotError| match e {
+            SnapshotError::Exists(_) => ControlError::invalid(e.to_string()),
+            SnapshotError::Vm(_) => ControlError::invalid(e.to_string()),
+            _ => ControlError::new(Code::Internal, e.to_string()),
+        };
+        snapshot::check_target(&path, force).map_err(to_ctl)?;
+        let started = std::time::Instant::now();
+        let (paused, states) = self
+            .shared
+            .pause
+            .pause_all(self.cfg.vcpus as usize)
+            .map_err(|e| ControlError::new(Code::Internal, format!("cannot pause: {e}")))?;
+        let capture = snapshot::Capture {
+            space: &self.space,
+            shape: self.shared.shape.clone(),
+            vcpus: &states.states,
+            refused_msrs: &states.refused_msrs,
+            devices: snapshot::DeviceState {
+                serial: self.shared.devices.serial.save(),
+            },
+        };
+        let written = snapshot::write(&path, force, &capture);
+        let paused_ms = started.elapsed().as_secs_f64() * 1e3;
+        let stopped = stop && written.is_ok();
+        paused.resume(stopped);
+        let (pages, memory_bytes) = written.map_err(to_ctl)?;
+        Ok(Reply::Snapshot(snapshot::Written {
+            dir: dir.to_owned(),
+            pages,
+            memory_bytes,
+            regions: self.space.len(),
+            vcpus: states.states.len(),
+            paused_ms,
+            msrs_not_saved: states
+                .refused_msrs
+                .iter()
+                .map(|m| format!("{m:#x}"))
+                .collect(),
+            stopped,
+        }))
     }
 
     /// `check`.
@@ -529,16 +579,7 @@ impl Vmm {
     }
 
     fn mailbox_list(&self) -> Vec<MailboxRegion> {
-        self.space
-            .list()
-            .into_iter()
-            .filter(|r| r.kind == "hotplug")
-            .map(|r| MailboxRegion {
-                gpa: r.gpa,
-                size_bytes: r.size_bytes,
-                readonly: r.readonly,
-            })
-            .collect()
+        mailbox_list_of(&self.space)
     }
 
     /// What the guest reported in its results slots.
@@ -892,6 +933,20 @@ pub fn fmt_size(b: u64) -> String {
         }
     }
     format!("{b} B")
+}
+
+/// The run-time regions as the mailbox lists them.
+fn mailbox_list_of(space: &AddressSpace) -> Vec<MailboxRegion> {
+    space
+        .list()
+        .into_iter()
+        .filter(|r| r.kind == "hotplug")
+        .map(|r| MailboxRegion {
+            gpa: r.gpa,
+            size_bytes: r.size_bytes,
+            readonly: r.readonly,
+        })
+        .collect()
 }
 
 /// The companion-thread body for `vmm run --api-sock`: serves `listener` until the run ends.

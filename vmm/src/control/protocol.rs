@@ -133,6 +133,15 @@ pub enum Request {
     Stop,
     /// Compare the tree with KVM's memslots and the host mappings (extension).
     Check,
+    /// Pause every vCPU, write a snapshot into `dir`, then resume (or stop with `stop`).
+    Snapshot {
+        /// The snapshot directory (absolute, or relative to the VMM's working directory).
+        dir: String,
+        /// Stop the VM once the snapshot is written.
+        stop: bool,
+        /// Replace an existing `dir`.
+        force: bool,
+    },
     /// Make the `nth` next call of `step` fail (test-only, with `VMM_FAULT_INJECT` set).
     Inject {
         /// Which call.
@@ -266,9 +275,11 @@ fn parse_request(obj: &Map<String, Value>) -> Result<Request, ControlError> {
         "protect" => &["gpa", "size", "readonly"],
         "list" | "stats" | "stop" | "check" => &[],
         "inject" => &["step", "nth"],
+        "snapshot" => &["dir", "stop", "force"],
         _ => {
             return Err(ControlError::invalid(format!(
-                "unknown op {op:?}; expected map, unmap, protect, list, stats, stop or check"
+                "unknown op {op:?}; expected map, unmap, protect, list, stats, stop, check or \
+                 snapshot"
             )))
         }
     };
@@ -317,6 +328,23 @@ fn parse_request(obj: &Map<String, Value>) -> Result<Request, ControlError> {
         "stats" => Request::Stats,
         "stop" => Request::Stop,
         "check" => Request::Check,
+        "snapshot" => Request::Snapshot {
+            dir: match obj.get("dir") {
+                Some(Value::String(d)) if !d.is_empty() => d.clone(),
+                Some(Value::String(_)) => {
+                    return Err(ControlError::invalid("dir: must not be empty"))
+                }
+                Some(other) => {
+                    return Err(ControlError::invalid(format!(
+                        "dir: expected a string, got {}",
+                        kind(other)
+                    )))
+                }
+                None => return Err(ControlError::invalid("missing field \"dir\"")),
+            },
+            stop: field_bool(obj, "stop")?.unwrap_or(false),
+            force: field_bool(obj, "force")?.unwrap_or(false),
+        },
         "inject" => {
             let step = match obj.get("step") {
                 Some(Value::String(s)) => match s.as_str() {

@@ -58,7 +58,17 @@ fn addr(offset: u64) -> GuestAddress {
 
 impl Mailbox {
     /// The mailbox in `space` (whose boot area must be mapped), with an empty list published.
+    #[cfg(test)]
     pub fn new(space: Arc<AddressSpace>) -> Result<Self, vm_memory::GuestMemoryError> {
+        Self::with_list(space, &[])
+    }
+
+    /// The mailbox in `space` with `list` published (a VM restored from a snapshot already
+    /// has regions: the guest must never see a list without them).
+    pub fn with_list(
+        space: Arc<AddressSpace>,
+        list: &[MailboxRegion],
+    ) -> Result<Self, vm_memory::GuestMemoryError> {
         let m = Mailbox {
             space,
             generation: Mutex::new(0),
@@ -66,7 +76,7 @@ impl Mailbox {
         let current: u64 =
             m.with_mem(|mem| mem.load(addr(Layout::GENERATION_OFFSET), Ordering::Acquire))?;
         *m.lock() = current & !1;
-        m.begin().publish(&[])?;
+        m.begin().publish(list)?;
         Ok(m)
     }
 

@@ -25,6 +25,17 @@ impl Trigger for NoInterrupt {
     }
 }
 
+/// The UART's state in a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    /// DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR.
+    pub registers: Vec<u8>,
+    /// Bytes waiting to be read by the guest.
+    pub in_buffer: Vec<u8>,
+    /// Each vCPU's line not yet written out.
+    pub partial_lines: Vec<Vec<u8>>,
+}
+
 /// Per-vCPU line buffers in front of a sink.
 pub struct LineOutput {
     current_vcpu: usize,
@@ -136,6 +147,64 @@ impl SerialConsole {
             .unwrap_or_else(PoisonError::into_inner)
             .writer_mut()
             .flush_partial();
+    }
+
+    /// The UART's registers and every vCPU's partial line, for a snapshot.
+    pub fn save(&self) -> SerialSnapshot {
+        let mut uart = self.uart.lock().unwrap_or_else(PoisonError::into_inner);
+        let st = uart.state();
+        SerialSnapshot {
+            registers: vec![
+                st.baud_divisor_low,
+                st.baud_divisor_high,
+                st.interrupt_enable,
+                st.interrupt_identification,
+                st.line_control,
+                st.line_status,
+                st.modem_control,
+                st.modem_status,
+                st.scratch,
+            ],
+            in_buffer: st.in_buffer,
+            partial_lines: uart.writer_mut().lines.clone(),
+        }
+    }
+
+    /// Puts back what [`save`](Self::save) returned (before any vCPU runs).
+    pub fn restore(&self, snap: &SerialSnapshot) -> Result<(), String> {
+        let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
+            snap.registers[..]
+        else {
+            return Err(format!(
+                "serial: {} register values, expected 9",
+                snap.registers.len()
+            ));
+        };
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer: snap.in_buffer.clone(),
+        };
+        let mut uart = self.uart.lock().unwrap_or_else(PoisonError::into_inner);
+        let out = std::mem::replace(
+            uart.writer_mut(),
+            LineOutput::new(0, Box::new(std::io::sink())),
+        );
+        let mut restored = Serial::from_state(&state, NoInterrupt, NoEvents, out)
+            .map_err(|e| format!("serial: {e:?}"))?;
+        let lines = &mut restored.writer_mut().lines;
+        for (dst, src) in lines.iter_mut().zip(&snap.partial_lines) {
+            dst.clone_from(src);
+        }
+        *uart = restored;
+        Ok(())
     }
 
     /// When the first complete line was written.

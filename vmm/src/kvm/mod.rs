@@ -3,6 +3,8 @@
 //!
 //! This is one of the few modules allowed `unsafe`; every block says why it is sound.
 
+pub mod state;
+
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 
@@ -67,6 +69,9 @@ pub enum KvmError {
         /// The kernel's error.
         source: kvm_ioctls::Error,
     },
+    /// A saved vCPU state is malformed.
+    #[error("vCPU state: {0}")]
+    State(String),
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
@@ -240,4 +245,35 @@ pub fn internal_error_info(vcpu: &mut VcpuFd) -> (u32, Vec<u64>) {
     let internal = unsafe { run.__bindgen_anon_1.internal };
     let n = (internal.ndata as usize).min(internal.data.len());
     (internal.suberror, internal.data[..n].to_vec())
+}
+
+/// Completes a port or MMIO access the vCPU exited for (KVM finishes it, e.g. loads the value
+/// of an `in` into `rax`, on the next `KVM_RUN`) without entering the guest: `KVM_RUN` with
+/// `immediate_exit` set, which returns `EINTR` once the access is done. Call it before reading
+/// the vCPU's state for a snapshot.
+pub fn complete_pending_io(fd: &mut VcpuFd) -> Result<(), kvm_ioctls::Error> {
+    fd.set_kvm_immediate_exit(1);
+    let r = fd.run().map(|_| ());
+    fd.set_kvm_immediate_exit(0);
+    match r {
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+        other => other,
+    }
+}
+
+/// The calling thread's pthread id (to kick it later with [`kick_thread`]).
+pub fn current_thread() -> libc::pthread_t {
+    // SAFETY: pthread_self has no preconditions and cannot fail.
+    unsafe { libc::pthread_self() }
+}
+
+/// Sends the kick signal to `thread`, which must be alive (the caller keeps a registry of live
+/// vCPU threads under a lock that the thread takes before it exits).
+pub fn kick_thread(thread: libc::pthread_t) {
+    // SAFETY: per the contract `thread` is a live thread of this process; the kick signal's
+    // handler only sets that thread's `immediate_exit`.
+    let r = unsafe { libc::pthread_kill(thread, kick_signal()) };
+    if r != 0 {
+        tracing::debug!(errno = r, "kick failed");
+    }
 }

@@ -427,6 +427,9 @@ pub struct AddressSpace {
     writer: Mutex<WriterState>,
     /// Counters.
     pub counters: AsCounters,
+    /// The snapshot being restored, which first touches are served from (set before any
+    /// vCPU runs).
+    pub(crate) source: std::sync::OnceLock<super::snapshot::Source>,
 }
 
 impl std::fmt::Debug for AddressSpace {
@@ -514,6 +517,7 @@ impl AddressSpace {
                 ..WriterState::default()
             }),
             counters: AsCounters::default(),
+            source: std::sync::OnceLock::new(),
         })
     }
 
@@ -971,6 +975,9 @@ impl AddressSpace {
             }
         }
         self.residency.clear_range(gpa / PAGE, size / PAGE);
+        if let Some(src) = self.source.get() {
+            src.forget(gpa / PAGE, size / PAGE);
+        }
     }
 
     /// Unmaps every address in `[gpa, gpa + size)`: regions inside go, regions partly covered

@@ -219,7 +219,31 @@ impl AddressSpace {
         if self.residency.is_present(first) {
             return Ok(0);
         }
-        match uffd.copy(self.host.host_addr(start), &self.zeroes[..huge as usize]) {
+        // From the snapshot being restored, if it holds any of the huge page's 4 KiB pages.
+        let from_source = self
+            .source
+            .get()
+            .filter(|src| (first..first + n).any(|p| src.has(p)))
+            .map(|src| {
+                let mut buf = vec![0u8; huge as usize];
+                for p in first..first + n {
+                    if let Some(d) = src.has(p).then(|| src.data(p, 1)).flatten() {
+                        let at = ((p - first) * PAGE) as usize;
+                        buf[at..at + PAGE as usize].copy_from_slice(d);
+                    }
+                }
+                (src, buf)
+            });
+        let data = match &from_source {
+            Some((_, buf)) => &buf[..],
+            None => &self.zeroes[..huge as usize],
+        };
+        let r = uffd.copy(self.host.host_addr(start), data);
+        if let (Some((src, _)), Ok(_)) = (&from_source, &r) {
+            let k = src.forget(first, n);
+            src.served.fetch_add(k, Relaxed);
+        }
+        match r {
             Ok(Populated::Done) => {
                 self.residency.set_range(first, n);
                 self.counters.pages_populated.fetch_add(n, Relaxed);
@@ -266,27 +290,54 @@ impl AddressSpace {
         while let Some(start) = self.residency.next_missing(p, end) {
             let run_end = self.residency.next_present(start, end).min(start + max_run);
             let mut s = start;
+            let source = self.source.get();
             while s < run_end {
-                let bytes = (run_end - s) * PAGE;
+                // Pages a snapshot being restored holds come from it; the others are zero.
+                let (sub_end, from) = match source {
+                    Some(src) => {
+                        let held = src.has(s);
+                        let mut e = s + 1;
+                        while e < run_end && src.has(e) == held {
+                            e += 1;
+                        }
+                        (e, held.then_some(src))
+                    }
+                    None => (run_end, None),
+                };
+                let bytes = (sub_end - s) * PAGE;
                 let host = self.host.host_addr(s * PAGE);
                 // Write faults get private zeroed pages at once (no copy-on-write fault
                 // later); read faults map the shared zero page.
-                let r = if write {
-                    uffd.copy(host, &self.zeroes[..bytes as usize])
-                } else {
-                    uffd.zeropage(host, bytes)
+                let r = match from {
+                    Some(src) => match src.data(s, sub_end - s) {
+                        Some(d) => uffd.copy(host, d),
+                        None => Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "the snapshot's data file does not hold this page",
+                        )),
+                    },
+                    None if write => uffd.copy(host, &self.zeroes[..bytes as usize]),
+                    None => uffd.zeropage(host, bytes),
                 };
                 match r {
                     Ok(Populated::Done) => {
-                        let n = run_end - s;
+                        let n = sub_end - s;
                         self.residency.set_range(s, n);
+                        if let Some(src) = from {
+                            src.forget(s, n);
+                            src.served.fetch_add(n, Relaxed);
+                        }
                         populated += n;
-                        s = run_end;
+                        s = sub_end;
                     }
                     Ok(Populated::AlreadyPresent { bytes }) => {
                         // `bytes` were populated; the page after them was already there.
                         let n = bytes / PAGE;
                         self.residency.set_range(s, n + 1);
+                        if let Some(src) = from {
+                            src.forget(s, n + 1);
+                            src.served.fetch_add(n, Relaxed);
+                        }
                         populated += n;
                         self.counters.populate_races.fetch_add(1, Relaxed);
                         s += n + 1;

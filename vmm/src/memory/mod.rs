@@ -17,6 +17,8 @@ pub mod region;
 #[allow(unsafe_code)]
 pub mod residency;
 #[allow(unsafe_code)]
+pub mod snapshot;
+#[allow(unsafe_code)]
 pub mod uffd;
 
 pub use address_space::{

@@ -469,6 +469,7 @@ fn run_once(
         memslots: args.memslots.into(),
         hotplug_window: Layout::new(top, regions, u64::MAX)?.window_bytes(),
         sidecars,
+        restore: None,
     };
     let report = vm::run(&cfg, Box::new(serial.clone())).map_err(|e| e.to_string())?;
     let console = || {
@@ -481,7 +482,7 @@ fn run_once(
         }
     };
     match &report.outcome {
-        RunOutcome::Exited(0) => {}
+        RunOutcome::Exited(0) | RunOutcome::SnapshotStopped => {}
         RunOutcome::Exited(s) => {
             return Err(format!("the guest exited with status {s}{}", console()))
         }

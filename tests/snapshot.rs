@@ -1,0 +1,530 @@
+//! End-to-end tests of snapshots (`vmm ctl snapshot`) and restore (`vmm run --restore`): the
+//! `pattern` guest is snapshotted mid-run and resumed in every restore mode with its RAM
+//! intact; snapshots keep hot-plugged, split and read-only regions; damaged snapshots are
+//! refused before any guest instruction runs; an existing directory needs `--force`.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::{stderr, stdout, vmm};
+
+fn tmp(name: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("vmm-snapshot-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+/// A running `vmm run --api-sock` whose serial output is collected.
+struct Vm {
+    child: Child,
+    sock: PathBuf,
+    out: Arc<Mutex<String>>,
+}
+
+impl Vm {
+    fn start(name: &str, args: &[&str]) -> Vm {
+        let sock = tmp(&format!("{name}.sock"));
+        let mut all = vec![
+            "run",
+            "--timeout",
+            "120",
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        let mut child = vmm()
+            .args(&all)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = Arc::new(Mutex::new(String::new()));
+        let (o, pipe) = (Arc::clone(&out), child.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut o = o.lock().unwrap();
+                o.push_str(&line);
+                o.push('\n');
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sock.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the control socket never appeared"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Vm { child, sock, out }
+    }
+
+    /// Waits until the serial console shows `n` lines containing `what`.
+    fn wait_for(&self, what: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let seen = self.out.lock().unwrap().matches(what).count();
+            if seen >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{n} x {what:?} never appeared: {}",
+                self.out.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `vmm ctl ARGS...` (with `--json` for a JSON reply).
+    fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_vmm"))
+            .arg("ctl")
+            .arg("--api-sock")
+            .arg(&self.sock)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// `vmm ctl ARGS...`, which must succeed; returns stdout.
+    fn ctl_ok(&self, args: &[&str]) -> String {
+        let o = self.ctl(args);
+        assert!(
+            o.status.success(),
+            "vmm ctl {args:?}: {} {}",
+            stdout(&o),
+            stderr(&o)
+        );
+        stdout(&o)
+    }
+
+    /// Verify passes the guest has reported so far.
+    fn passes(&self) -> u64 {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.ctl_ok(&["--json", "stats"])).unwrap();
+        v["result"]["guest"]["passes"].as_u64().unwrap_or(0)
+    }
+
+    /// Waits for the process; returns (status, stderr).
+    fn wait(mut self) -> (Option<i32>, String) {
+        let o = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
+            .wait_with_output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
+    }
+}
+
+const PATTERN: &[&str] = &[
+    "--workload",
+    "pattern",
+    "--vcpus",
+    "2",
+    "--mem",
+    "32M",
+    "--fault-around",
+    "16",
+];
+
+/// Runs the `pattern` guest until it is ready and has verified a few passes, snapshots it
+/// into `dir` with `--stop`; the run must end with status 0.
+fn make_snapshot(name: &str, dir: &Path) {
+    let vm = Vm::start(name, PATTERN);
+    vm.wait_for("ready", 2);
+    let reply = vm.ctl_ok(&["snapshot", "--dir", dir.to_str().unwrap(), "--stop"]);
+    assert!(reply.contains("the VM stopped"), "{reply}");
+    let (status, err) = vm.wait();
+    assert_eq!(status, Some(0), "{err}");
+    assert!(err.contains("0 wrong words"), "{err}");
+}
+
+fn restore(dir: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "run",
+        "--restore",
+        dir.to_str().unwrap(),
+        "--timeout",
+        "120",
+    ];
+    args.extend_from_slice(extra);
+    support::run(&args)
+}
+
+/// A restored `pattern` guest that ran its passes and found every word right.
+fn assert_restored_clean(o: &Output, what: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(0), "{what}: {err}");
+    assert!(err.contains("0 wrong words"), "{what}: {err}");
+    assert!(err.contains("2 vCPUs done (restored)"), "{what}: {err}");
+}
+
+#[test]
+fn a_running_guest_is_snapshotted_and_restored_in_every_mode() {
+    require_kvm!();
+    let snap = tmp("mid-run");
+    let last = tmp("mid-run-last");
+    let vm = Vm::start("mid-run", PATTERN);
+    vm.wait_for("ready", 2);
+    let before = vm.passes();
+    // Without --stop the guest goes on after the snapshot.
+    let reply = vm.ctl_ok(&["snapshot", "--dir", snap.to_str().unwrap()]);
+    assert!(reply.contains("2 vCPUs"), "{reply}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vm.passes() <= before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the guest stopped after the snapshot"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    vm.ctl_ok(&["snapshot", "--dir", last.to_str().unwrap(), "--stop"]);
+    let (status, err) = vm.wait();
+    assert_eq!(status, Some(0), "{err}");
+    assert!(err.contains("0 wrong words"), "{err}");
+    for file in [
+        "manifest.json",
+        "manifest.sum",
+        "memory.img",
+        "pages.bin",
+        "vcpus.json",
+        "devices.json",
+    ] {
+        assert!(snap.join(file).is_file(), "{file} missing");
+    }
+    for mode in ["vcpu", "handler", "kernel", "eager"] {
+        let o = restore(&snap, &["--restore-mode", mode, "--passes", "2"]);
+        assert_restored_clean(&o, mode);
+        // Every page the guest wrote came back from the snapshot in the lazy modes.
+        if mode == "vcpu" || mode == "handler" {
+            assert!(
+                stderr(&o).contains("pages served from the snapshot"),
+                "{}",
+                stderr(&o)
+            );
+        }
+    }
+    // The same snapshot again, and without reading every page ahead.
+    let o = restore(&snap, &["--passes", "1", "--restore-verify", "meta"]);
+    assert_restored_clean(&o, "second vcpu restore");
+    // The one taken with --stop resumes as well.
+    let o = restore(&last, &["--passes", "1"]);
+    assert_restored_clean(&o, "snapshot with --stop");
+    for d in [snap, last] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+#[test]
+fn a_restored_guest_can_be_snapshotted_again() {
+    require_kvm!();
+    let first = tmp("chain-1");
+    let second = tmp("chain-2");
+    make_snapshot("chain", &first);
+    // Restore lazily, snapshot again before the guest touched everything, restore that.
+    let sock = tmp("chain-2.sock");
+    let mut child = vmm()
+        .args([
+            "run",
+            "--restore",
+            first.to_str().unwrap(),
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--timeout",
+            "120",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the control socket never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args([
+            "ctl",
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "snapshot",
+            "--stop",
+            "--dir",
+        ])
+        .arg(&second)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    let o = restore(&second, &["--passes", "2"]);
+    assert_restored_clean(&o, "snapshot of a restored VM");
+    for d in [first, second] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+#[test]
+fn hot_plugged_split_and_read_only_regions_come_back() {
+    require_kvm!();
+    let snap = tmp("regions");
+    let vm = Vm::start(
+        "regions",
+        &["--workload", "hotplug", "--vcpus", "2", "--mem", "32M"],
+    );
+    vm.ctl_ok(&["map", "--gpa", "0x100000000", "--size", "16M"]);
+    vm.ctl_ok(&["unmap", "--gpa", "0x100400000", "--size", "4M"]);
+    vm.ctl_ok(&[
+        "map",
+        "--gpa",
+        "0x102000000",
+        "--size",
+        "4M",
+        "--backing",
+        "memfd",
+    ]);
+    vm.ctl_ok(&[
+        "protect",
+        "--gpa",
+        "0x102000000",
+        "--size",
+        "4M",
+        "--readonly",
+    ]);
+    // Let the guest touch what is mapped.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v: serde_json::Value = serde_json::from_str(&vm.ctl_ok(&["--json", "stats"])).unwrap();
+        if v["result"]["guest"]["pages_touched"].as_u64().unwrap_or(0) >= 1024 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the guest touched nothing: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = vm.ctl_ok(&["--json", "list"]);
+    vm.ctl_ok(&["snapshot", "--dir", snap.to_str().unwrap(), "--stop"]);
+    let (status, err) = vm.wait();
+    assert_eq!(status, Some(0), "{err}");
+    let manifest = std::fs::read_to_string(snap.join("manifest.json")).unwrap();
+    assert_eq!(manifest.matches("\"hotplug\"").count(), 3, "{manifest}");
+
+    let vm = Vm::start("regions-restored", &["--restore", snap.to_str().unwrap()]);
+    let after = vm.ctl_ok(&["--json", "list"]);
+    let regions = |s: &str| -> Vec<(String, String, bool)> {
+        let v: serde_json::Value = serde_json::from_str(s).unwrap();
+        v["result"]["regions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["gpa"].as_str().unwrap_or_default().to_owned(),
+                    r["size"].to_string(),
+                    r["readonly"].as_bool().unwrap_or(false),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(regions(&before), regions(&after), "{before}\n{after}");
+    assert!(after.contains("\"readonly\":true"), "{after}");
+    vm.ctl_ok(&["check"]);
+    // The guest goes on over the restored regions and stops cleanly.
+    vm.ctl_ok(&["stop"]);
+    let (status, err) = vm.wait();
+    assert_eq!(status, Some(0), "{err}");
+    assert!(err.contains("verify ok (0 errors)"), "{err}");
+    let _ = std::fs::remove_dir_all(snap);
+}
+
+/// Copies the snapshot at `from` into a fresh directory.
+fn copy_snapshot(from: &Path, name: &str) -> PathBuf {
+    let to = tmp(name);
+    std::fs::create_dir(&to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+    to
+}
+
+#[test]
+fn damaged_snapshots_are_refused_before_the_guest_runs() {
+    require_kvm!();
+    let good = tmp("damaged-good");
+    make_snapshot("damaged", &good);
+    // The first page held in RAM (above the 8 MiB boot area), from the index.
+    let index = std::fs::read(good.join("pages.bin")).unwrap();
+    let ram_page = index
+        .chunks_exact(16)
+        .map(|e| u64::from_le_bytes(e[..8].try_into().unwrap()))
+        .find(|&g| g >= 8 << 20)
+        .unwrap();
+    type Damage = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Damage, &str)> = vec![
+        (
+            "missing-vcpus",
+            Box::new(|d| std::fs::remove_file(d.join("vcpus.json")).unwrap()),
+            "vcpus.json is missing",
+        ),
+        (
+            "missing-memory",
+            Box::new(|d| std::fs::remove_file(d.join("memory.img")).unwrap()),
+            "memory.img is missing",
+        ),
+        (
+            "missing-manifest",
+            Box::new(|d| std::fs::remove_file(d.join("manifest.json")).unwrap()),
+            "manifest.json is missing",
+        ),
+        (
+            "wrong-version",
+            Box::new(|d| {
+                let m = std::fs::read_to_string(d.join("manifest.json")).unwrap();
+                std::fs::write(
+                    d.join("manifest.json"),
+                    m.replace("\"version\": 1,", "\"version\": 999,"),
+                )
+                .unwrap();
+            }),
+            "format version 999",
+        ),
+        (
+            "edited-manifest",
+            Box::new(|d| {
+                let m = std::fs::read_to_string(d.join("manifest.json")).unwrap();
+                std::fs::write(
+                    d.join("manifest.json"),
+                    m.replace("\"vcpus\": 2", "\"vcpus\": 3"),
+                )
+                .unwrap();
+            }),
+            "checksum mismatch",
+        ),
+        (
+            "corrupt-vcpus",
+            Box::new(|d| flip_byte(&d.join("vcpus.json"), 100)),
+            "vcpus.json",
+        ),
+        (
+            "truncated-index",
+            Box::new(|d| truncate_by(&d.join("pages.bin"), 16)),
+            "pages.bin",
+        ),
+        (
+            "truncated-memory",
+            Box::new(|d| truncate_by(&d.join("memory.img"), 4096)),
+            "memory.img",
+        ),
+        (
+            "corrupt-memory",
+            Box::new(move |d| flip_byte(&d.join("memory.img"), ram_page + 8)),
+            "does not match its checksum",
+        ),
+        (
+            "not-a-snapshot",
+            Box::new(|d| {
+                std::fs::remove_dir_all(d).unwrap();
+                std::fs::create_dir(d).unwrap();
+            }),
+            "manifest.json is missing",
+        ),
+    ];
+    for (name, damage, want) in cases {
+        let dir = copy_snapshot(&good, name);
+        damage(&dir);
+        let o = restore(&dir, &["--passes", "1"]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{name}: {err}");
+        assert!(err.contains(want), "{name}: expected {want:?} in {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{name}: one line: {err}");
+        assert!(err.starts_with("vmm: --restore: "), "{name}: {err}");
+        // No vCPU ran: nothing resumed, nothing on the console.
+        assert!(!err.contains("resumed"), "{name}: {err}");
+        assert!(stdout(&o).is_empty(), "{name}: {}", stdout(&o));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    // A directory that does not exist.
+    let o = restore(&tmp("nowhere"), &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no such snapshot directory"),
+        "{}",
+        stderr(&o)
+    );
+    let _ = std::fs::remove_dir_all(good);
+}
+
+fn flip_byte(path: &Path, at: u64) {
+    let mut b = std::fs::read(path).unwrap();
+    b[at as usize] ^= 0x40;
+    std::fs::write(path, b).unwrap();
+}
+
+fn truncate_by(path: &Path, n: u64) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len - n).unwrap();
+}
+
+#[test]
+fn an_existing_directory_is_refused_without_force() {
+    require_kvm!();
+    let dir = tmp("exists");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("keep"), b"x").unwrap();
+    let vm = Vm::start("exists", PATTERN);
+    vm.wait_for("ready", 2);
+    let o = vm.ctl(&["snapshot", "--dir", dir.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    let err = stderr(&o) + &stdout(&o);
+    assert!(err.contains("already exists"), "{err}");
+    assert!(
+        dir.join("keep").exists(),
+        "the existing directory was touched"
+    );
+    // With --force it is replaced, and no temporary directory is left next to it.
+    vm.ctl_ok(&[
+        "snapshot",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--force",
+        "--stop",
+    ]);
+    let (status, err) = vm.wait();
+    assert_eq!(status, Some(0), "{err}");
+    assert!(!dir.join("keep").exists());
+    assert!(dir.join("manifest.json").exists());
+    let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.parent().unwrap())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with(&format!(".{name}.tmp"))
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let o = restore(&dir, &["--passes", "1"]);
+    assert_restored_clean(&o, "forced snapshot");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,0 +1,273 @@
+//! Guest memory and snapshots: which pages are populated on the host (`/proc/self/pagemap`),
+//! copying them out while the vCPUs are paused, and the restore source that first touches
+//! are served from (a read-only mapping of the snapshot's data file).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use super::address_space::{AddressSpace, PAGE};
+use super::residency::Residency;
+
+/// `/proc/self/pagemap` bits: page present in RAM, page swapped out.
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+
+/// Which of the `pages` pages at host address `host` hold data in this process: present in
+/// its page tables or swapped out (one entry per page, `true` = populated). Reading the
+/// pagemap never faults the pages in.
+pub fn populated_pages(host: u64, pages: u64) -> io::Result<Vec<bool>> {
+    let f = File::open("/proc/self/pagemap")?;
+    let mut out = Vec::with_capacity(pages as usize);
+    const CHUNK: u64 = 8192;
+    let mut buf = vec![0u8; (CHUNK * 8) as usize];
+    let mut done = 0;
+    while done < pages {
+        let n = CHUNK.min(pages - done);
+        let bytes = &mut buf[..(n * 8) as usize];
+        f.read_exact_at(bytes, (host / PAGE + done) * 8)?;
+        for e in bytes.chunks_exact(8) {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(e);
+            let v = u64::from_le_bytes(w);
+            out.push(v & (PM_PRESENT | PM_SWAPPED) != 0);
+        }
+        done += n;
+    }
+    Ok(out)
+}
+
+impl AddressSpace {
+    /// Copies guest memory at `gpa` into `dst`, for a snapshot. Every page of the range must
+    /// be populated (see [`populated_pages`]); the caller has paused every vCPU and holds the
+    /// control lock, so nothing changes or unmaps the range meanwhile.
+    pub(crate) fn copy_out(&self, gpa: u64, dst: &mut [u8]) -> io::Result<()> {
+        let end = gpa
+            .checked_add(dst.len() as u64)
+            .filter(|&e| e <= self.host.size_bytes())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "beyond guest memory"))?;
+        let _ = end;
+        let src = self.host.host_addr(gpa) as *const u8;
+        // SAFETY: the range lies inside the host reservation (checked above) and, per the
+        // contract, is mapped with every page present (populated pages never fault, so no
+        // SIGBUS from userfaultfd); the vCPUs are paused and the control lock is held, so no
+        // one writes or unmaps it during the copy, and `dst` is a distinct Rust buffer.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+}
+
+/// One region's data in the snapshot's data file.
+#[derive(Clone, Copy, Debug)]
+pub struct SourceRegion {
+    /// First guest-physical address.
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Where its first page lies in the data file (page-aligned).
+    pub file_offset: u64,
+}
+
+/// Snapshot data that first touches are served from: the data file mapped read-only, where
+/// each region's pages lie at `file_offset + (gpa - region.gpa)`, and a bitmap of the pages
+/// the snapshot holds. A page's bit is cleared once it has been served, or when its range is
+/// released (so memory mapped again there starts from zero).
+pub struct Source {
+    base: *const u8,
+    len: usize,
+    regions: Vec<SourceRegion>,
+    pages: Residency,
+    /// Pages still to be served.
+    remaining: AtomicU64,
+    /// Pages served from the snapshot.
+    pub served: AtomicU64,
+    _file: File,
+}
+
+// SAFETY: the mapping is read-only and lives as long as the `Source`; every access goes
+// through `&self` and only reads it (the bitmap and counters are atomics).
+unsafe impl Send for Source {}
+// SAFETY: as above.
+unsafe impl Sync for Source {}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("len", &self.len)
+            .field("regions", &self.regions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: `base..base+len` is the mapping made in `open`, unmapped once here.
+            unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+        }
+    }
+}
+
+impl Source {
+    /// Maps `file` (the data file, `len` bytes) read-only; `regions` sorted by address;
+    /// `pages`: the guest-physical addresses the snapshot holds; `space_bytes`: guest-physical
+    /// space. Every page must lie inside a region and inside the file.
+    pub fn open(
+        file: File,
+        len: u64,
+        regions: Vec<SourceRegion>,
+        pages: &[u64],
+        space_bytes: u64,
+    ) -> io::Result<Self> {
+        let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+        let base = if len == 0 {
+            std::ptr::null()
+        } else {
+            // SAFETY: a new read-only private mapping of the file; the kernel picks the place.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len as usize,
+                    libc::PROT_READ,
+                    libc::MAP_PRIVATE,
+                    file.as_raw_fd(),
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            p as *const u8
+        };
+        let s = Source {
+            base,
+            len: len as usize,
+            regions,
+            pages: Residency::new(space_bytes),
+            remaining: AtomicU64::new(0),
+            served: AtomicU64::new(0),
+            _file: file,
+        };
+        for &gpa in pages {
+            match s.offset_of(gpa) {
+                Some(off) if off + PAGE <= len => {}
+                _ => return Err(bad(format!("page {gpa:#x} lies outside the data file"))),
+            }
+            s.remaining
+                .fetch_add(s.pages.set_range(gpa / PAGE, 1), Relaxed);
+        }
+        Ok(s)
+    }
+
+    fn offset_of(&self, gpa: u64) -> Option<u64> {
+        let i = self.regions.partition_point(|r| r.gpa <= gpa);
+        let r = self.regions.get(i.checked_sub(1)?)?;
+        (gpa < r.gpa + r.size).then(|| r.file_offset + (gpa - r.gpa))
+    }
+
+    /// Whether the snapshot holds page `pfn` (and it has not been served yet).
+    #[inline]
+    pub fn has(&self, pfn: u64) -> bool {
+        self.pages.is_present(pfn)
+    }
+
+    /// Pages not served yet.
+    pub fn remaining(&self) -> u64 {
+        self.remaining.load(Relaxed)
+    }
+
+    /// The snapshot's data for pages `[pfn, pfn + n)` (all held by the snapshot and in one
+    /// region, so contiguous in the file).
+    pub fn data(&self, pfn: u64, n: u64) -> Option<&[u8]> {
+        let off = self.offset_of(pfn * PAGE)?;
+        let last = self.offset_of((pfn + n - 1) * PAGE)?;
+        if last != off + (n - 1) * PAGE || last + PAGE > self.len as u64 {
+            return None;
+        }
+        // SAFETY: `off..off + n pages` lies inside the read-only mapping (checked above),
+        // which lives as long as `self`; the snapshot's files are not changed while a VM
+        // restored from them runs (docs/snapshot.md).
+        Some(unsafe {
+            std::slice::from_raw_parts(self.base.add(off as usize), (n * PAGE) as usize)
+        })
+    }
+
+    /// Forgets pages `[pfn, pfn + n)`: served, or their memory released.
+    pub fn forget(&self, pfn: u64, n: u64) -> u64 {
+        let k = self.pages.clear_range(pfn, n);
+        self.remaining.fetch_sub(k, Relaxed);
+        k
+    }
+}
+
+impl AddressSpace {
+    /// Serves first touches from `src` from now on (before any vCPU runs). Fails if a source
+    /// is already set.
+    pub fn set_source(&self, src: Source) -> Result<(), String> {
+        self.source
+            .set(src)
+            .map_err(|_| "a restore source is already set".to_owned())
+    }
+
+    /// The snapshot being restored, if any.
+    pub fn source(&self) -> Option<&Source> {
+        self.source.get()
+    }
+}
+
+impl AddressSpace {
+    /// Maps `size` bytes of `file` from `offset` privately over the host memory of the region
+    /// at `gpa` (`--restore-mode kernel`): the host kernel then serves first touches from the
+    /// page cache (holes in the sparse file read as zeroes) and copies a page on its first
+    /// write. Before any vCPU runs; the region must have just been mapped.
+    pub fn map_snapshot_file(
+        &self,
+        gpa: u64,
+        size: u64,
+        file: &File,
+        offset: u64,
+        readonly: bool,
+    ) -> io::Result<()> {
+        if gpa
+            .checked_add(size)
+            .is_none_or(|end| end > self.host.size_bytes())
+            || gpa % PAGE != 0
+            || size % PAGE != 0
+            || offset % PAGE != 0
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "range outside guest memory or unaligned",
+            ));
+        }
+        // In window mode a read-only region is read-only on the host too (see `map`).
+        let host_readonly = readonly && self.hotplug_window().is_some_and(|w| w.contains(&gpa));
+        let prot = if host_readonly {
+            libc::PROT_READ
+        } else {
+            libc::PROT_READ | libc::PROT_WRITE
+        };
+        let addr = self.host.host_addr(gpa);
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        // SAFETY: `addr..addr+size` lies inside the host reservation (checked above) and is
+        // the region's own host memory, which no vCPU has run against yet and no Rust object
+        // borrows; MAP_FIXED replaces exactly that range.
+        let p = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
+                size as usize,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                off,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}

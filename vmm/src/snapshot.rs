@@ -1,0 +1,724 @@
+//! Snapshots of a running VM on disk: the format, writing one atomically while the vCPUs are
+//! paused, and loading and checking one for `vmm run --restore` (docs/snapshot.md).
+//!
+//! A snapshot is a directory:
+//!
+//! | file | what |
+//! |---|---|
+//! | `manifest.json` | format name and version, the VM's shape, every region, the files' sizes and checksums |
+//! | `manifest.sum` | the checksum of `manifest.json` |
+//! | `memory.img` | guest memory: each region's pages at `file_offset + (gpa - region.gpa)`; only populated pages are written, the rest are holes (a sparse file) |
+//! | `pages.bin` | the index: one `(gpa, checksum)` pair of little-endian `u64`s per page held, by address |
+//! | `vcpus.json` | every vCPU's KVM state |
+//! | `devices.json` | the UART's state and partial lines (the mailbox and exit port keep no state outside guest memory) |
+//!
+//! It is written into a temporary directory next to the target and renamed at the end, so a
+//! crash never leaves a directory that restore accepts.
+#![deny(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::devices::serial::SerialSnapshot;
+use crate::kvm::state::VcpuState;
+use crate::memory::address_space::PAGE;
+use crate::memory::snapshot::populated_pages;
+use crate::memory::AddressSpace;
+
+/// The format's name in the manifest.
+pub const FORMAT: &str = "vmm-snapshot";
+/// The format version this VMM writes and reads.
+pub const VERSION: u32 = 1;
+
+/// The files of a snapshot.
+pub const MANIFEST: &str = "manifest.json";
+/// The manifest's checksum.
+pub const MANIFEST_SUM: &str = "manifest.sum";
+/// Guest memory.
+pub const MEMORY: &str = "memory.img";
+/// The page index.
+pub const PAGES: &str = "pages.bin";
+/// vCPU state.
+pub const VCPUS: &str = "vcpus.json";
+/// Device state.
+pub const DEVICES: &str = "devices.json";
+
+/// Why a snapshot could not be written or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The target exists.
+    #[error("{0}: already exists; choose another directory or pass --force to replace it")]
+    Exists(PathBuf),
+    /// A file is missing.
+    #[error("{dir}: not a complete snapshot: {file} is missing")]
+    Missing {
+        /// The snapshot.
+        dir: PathBuf,
+        /// The file.
+        file: &'static str,
+    },
+    /// A file is damaged.
+    #[error("{dir}: corrupt snapshot: {file}: {why}")]
+    Corrupt {
+        /// The snapshot.
+        dir: PathBuf,
+        /// The file.
+        file: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+    /// Another format version.
+    #[error("{dir}: snapshot format version {found}; this vmm reads version {VERSION} only")]
+    Version {
+        /// The snapshot.
+        dir: PathBuf,
+        /// The version found.
+        found: u32,
+    },
+    /// I/O.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The VM cannot be snapshotted now.
+    #[error("{0}")]
+    Vm(String),
+}
+
+fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
+    move |source| SnapshotError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A 64-bit checksum (not cryptographic): every 8-byte word is mixed in with a multiply and a
+/// rotation, both bijective, so a change of any one word always changes the result.
+pub fn checksum(data: &[u8]) -> u64 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ (data.len() as u64).wrapping_mul(K);
+    let mut words = data.chunks_exact(8);
+    for w in &mut words {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        h = ((h ^ u64::from_le_bytes(b)).wrapping_mul(K)).rotate_left(29);
+    }
+    let rest = words.remainder();
+    if !rest.is_empty() {
+        let mut b = [0u8; 8];
+        b[..rest.len()].copy_from_slice(rest);
+        h = ((h ^ u64::from_le_bytes(b)).wrapping_mul(K)).rotate_left(29);
+    }
+    h ^ (h >> 31)
+}
+
+fn hex(v: u64) -> String {
+    format!("{v:016x}")
+}
+
+/// One region in the manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionRecord {
+    /// First guest-physical address.
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// `boot`, `ram` or `hotplug`.
+    pub kind: String,
+    /// `anon`, `memfd` or `hugetlb`.
+    pub backing: String,
+    /// Read-only to the guest.
+    pub readonly: bool,
+    /// Where its pages lie in `memory.img`.
+    pub file_offset: u64,
+}
+
+/// Size and checksum of a file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSum {
+    /// Bytes.
+    pub bytes: u64,
+    /// [`checksum`] of its contents, hex.
+    pub checksum: String,
+}
+
+/// The VM's shape: what `vmm run --restore` rebuilds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shape {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM (`--mem`).
+    pub mem_bytes: u64,
+    /// `abi::workload` id.
+    pub workload: u32,
+    /// `--address-space`.
+    pub address_space: String,
+    /// `--ram-backing`.
+    pub ram_backing: String,
+    /// `--memslots`.
+    pub memslots: String,
+    /// `--hotplug-window` (0: none).
+    pub hotplug_window: u64,
+    /// `--fault-around` in effect.
+    pub fault_around: u64,
+}
+
+/// `manifest.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`FORMAT`].
+    pub format: String,
+    /// [`VERSION`].
+    pub version: u32,
+    /// The vmm that wrote it.
+    pub written_by: String,
+    /// The VM.
+    pub shape: Shape,
+    /// Every region, by address.
+    pub regions: Vec<RegionRecord>,
+    /// Pages held in `memory.img`.
+    pub pages: u64,
+    /// Size of `memory.img` (holes included).
+    pub memory_bytes: u64,
+    /// Sizes and checksums of `pages.bin`, `vcpus.json`, `devices.json` (`memory.img` is
+    /// checked page by page against `pages.bin`).
+    pub files: BTreeMap<String, FileSum>,
+    /// MSRs KVM refused to read when the snapshot was taken (hex).
+    pub msrs_not_saved: Vec<String>,
+}
+
+/// `devices.json`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DeviceState {
+    /// The UART.
+    pub serial: SerialSnapshot,
+}
+
+/// What a snapshot took.
+#[derive(Clone, Debug, Serialize)]
+pub struct Written {
+    /// The directory.
+    pub dir: String,
+    /// Pages written.
+    pub pages: u64,
+    /// Bytes of guest memory written.
+    pub memory_bytes: u64,
+    /// Regions.
+    pub regions: usize,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// Time the vCPUs were paused, in ms.
+    pub paused_ms: f64,
+    /// MSRs KVM refused to read.
+    pub msrs_not_saved: Vec<String>,
+    /// Whether the VM was stopped after it.
+    pub stopped: bool,
+}
+
+/// Everything a snapshot holds, gathered while the vCPUs are paused.
+pub struct Capture<'a> {
+    /// Guest memory.
+    pub space: &'a AddressSpace,
+    /// The VM's shape.
+    pub shape: Shape,
+    /// vCPU states.
+    pub vcpus: &'a [VcpuState],
+    /// MSRs not saved.
+    pub refused_msrs: &'a [u32],
+    /// Devices.
+    pub devices: DeviceState,
+}
+
+fn tmp_dir_for(dir: &Path) -> Result<PathBuf, SnapshotError> {
+    let name = dir
+        .file_name()
+        .ok_or_else(|| SnapshotError::Vm(format!("{}: not a directory name", dir.display())))?;
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    Ok(parent.join(format!(
+        ".{}.tmp-{}-{nanos}",
+        name.to_string_lossy(),
+        std::process::id()
+    )))
+}
+
+/// Checks that `dir` may be written (before pausing anything).
+pub fn check_target(dir: &Path, force: bool) -> Result<(), SnapshotError> {
+    if dir.as_os_str().is_empty() {
+        return Err(SnapshotError::Vm(
+            "the snapshot directory must not be empty".into(),
+        ));
+    }
+    if dir.symlink_metadata().is_ok() && !force {
+        return Err(SnapshotError::Exists(dir.to_owned()));
+    }
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(SnapshotError::Vm(format!(
+            "{}: the parent directory does not exist",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileSum, SnapshotError> {
+    let path = dir.join(name);
+    let mut f = File::create(&path).map_err(io_err("cannot create", &path))?;
+    f.write_all(bytes).map_err(io_err("cannot write", &path))?;
+    f.sync_all().map_err(io_err("cannot sync", &path))?;
+    Ok(FileSum {
+        bytes: bytes.len() as u64,
+        checksum: hex(checksum(bytes)),
+    })
+}
+
+/// Most bytes copied out of guest memory at once.
+const COPY_CHUNK_PAGES: u64 = 256;
+
+/// Writes guest memory into `memory.img` and returns the regions, the index and the file's
+/// size.
+fn write_memory(
+    space: &AddressSpace,
+    dir: &Path,
+) -> Result<(Vec<RegionRecord>, Vec<u8>, u64, u64), SnapshotError> {
+    let path = dir.join(MEMORY);
+    let f = File::create(&path).map_err(io_err("cannot create", &path))?;
+    let source = space.source();
+    let mut regions = Vec::new();
+    let mut index = Vec::new();
+    let mut pages_held = 0u64;
+    let mut offset = 0u64;
+    let mut buf = vec![0u8; (COPY_CHUNK_PAGES * PAGE) as usize];
+    for r in space.list() {
+        let align = if r.backing == "hugetlb" {
+            2 << 20
+        } else {
+            PAGE
+        };
+        offset = offset.next_multiple_of(align);
+        let npages = r.size_bytes / PAGE;
+        let present = populated_pages(space.host_addr(r.gpa), npages)
+            .map_err(io_err("cannot read", Path::new("/proc/self/pagemap")))?;
+        let first_pfn = r.gpa / PAGE;
+        let mut p = 0u64;
+        while p < npages {
+            let pfn = first_pfn + p;
+            let here = present[p as usize];
+            let from_source = !here && source.is_some_and(|s| s.has(pfn));
+            if !here && !from_source {
+                p += 1;
+                continue;
+            }
+            // A run of pages of the same kind (in host memory, or still only in the snapshot
+            // this VM was restored from).
+            let mut e = p + 1;
+            while e < npages
+                && e - p < COPY_CHUNK_PAGES
+                && present[e as usize] == here
+                && (here || source.is_some_and(|s| s.has(first_pfn + e)))
+            {
+                e += 1;
+            }
+            let n = e - p;
+            let bytes = &mut buf[..(n * PAGE) as usize];
+            if here {
+                space
+                    .copy_out(r.gpa + p * PAGE, bytes)
+                    .map_err(io_err("cannot read guest memory for", &path))?;
+            } else {
+                let d = source.and_then(|s| s.data(pfn, n)).ok_or_else(|| {
+                    SnapshotError::Vm(format!(
+                        "page {:#x} of the snapshot this VM was restored from is unreadable",
+                        pfn * PAGE
+                    ))
+                })?;
+                bytes.copy_from_slice(d);
+            }
+            f.write_all_at(bytes, offset + p * PAGE)
+                .map_err(io_err("cannot write", &path))?;
+            for (k, page) in bytes.chunks_exact(PAGE as usize).enumerate() {
+                index.extend_from_slice(&((pfn + k as u64) * PAGE).to_le_bytes());
+                index.extend_from_slice(&checksum(page).to_le_bytes());
+            }
+            pages_held += n;
+            p = e;
+        }
+        regions.push(RegionRecord {
+            gpa: r.gpa,
+            size: r.size_bytes,
+            kind: r.kind.to_owned(),
+            backing: r.backing.to_owned(),
+            readonly: r.readonly,
+            file_offset: offset,
+        });
+        offset += r.size_bytes;
+    }
+    f.set_len(offset).map_err(io_err("cannot size", &path))?;
+    f.sync_all().map_err(io_err("cannot sync", &path))?;
+    Ok((regions, index, pages_held, offset))
+}
+
+/// Writes the snapshot into `dir` (atomically: a temporary directory renamed at the end; an
+/// existing `dir` is replaced only with `force`). The caller has paused every vCPU.
+pub fn write(dir: &Path, force: bool, cap: &Capture<'_>) -> Result<(u64, u64), SnapshotError> {
+    check_target(dir, force)?;
+    let tmp = tmp_dir_for(dir)?;
+    let r = write_into(&tmp, cap).and_then(|sizes| {
+        publish(&tmp, dir, force)?;
+        Ok(sizes)
+    });
+    if r.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    r
+}
+
+fn write_into(tmp: &Path, cap: &Capture<'_>) -> Result<(u64, u64), SnapshotError> {
+    fs::create_dir(tmp).map_err(io_err("cannot create", tmp))?;
+    let (regions, index, pages, memory_bytes) = write_memory(cap.space, tmp)?;
+    let mut files = BTreeMap::new();
+    files.insert(PAGES.to_owned(), write_file(tmp, PAGES, &index)?);
+    let vcpus = serde_json::to_vec(cap.vcpus)
+        .map_err(|e| SnapshotError::Vm(format!("cannot encode the vCPU state: {e}")))?;
+    files.insert(VCPUS.to_owned(), write_file(tmp, VCPUS, &vcpus)?);
+    let devices = serde_json::to_vec(&cap.devices)
+        .map_err(|e| SnapshotError::Vm(format!("cannot encode the device state: {e}")))?;
+    files.insert(DEVICES.to_owned(), write_file(tmp, DEVICES, &devices)?);
+    let manifest = Manifest {
+        format: FORMAT.to_owned(),
+        version: VERSION,
+        written_by: format!("vmm {}", env!("CARGO_PKG_VERSION")),
+        shape: cap.shape.clone(),
+        regions,
+        pages,
+        memory_bytes,
+        files,
+        msrs_not_saved: cap.refused_msrs.iter().map(|m| format!("{m:#x}")).collect(),
+    };
+    let m = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| SnapshotError::Vm(format!("cannot encode the manifest: {e}")))?;
+    let sum = write_file(tmp, MANIFEST, &m)?;
+    write_file(tmp, MANIFEST_SUM, format!("{}\n", sum.checksum).as_bytes())?;
+    File::open(tmp)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("cannot sync", tmp))?;
+    Ok((pages, pages * PAGE))
+}
+
+/// Renames the finished temporary directory to `dir` (moving an existing `dir` aside first
+/// with `force`, and removing it afterwards).
+fn publish(tmp: &Path, dir: &Path, force: bool) -> Result<(), SnapshotError> {
+    let old = if force && dir.symlink_metadata().is_ok() {
+        let aside = tmp.with_extension("old");
+        fs::rename(dir, &aside).map_err(io_err("cannot move aside", dir))?;
+        Some(aside)
+    } else {
+        None
+    };
+    fs::rename(tmp, dir).map_err(io_err("cannot rename the snapshot into", dir))?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        let _ = File::open(parent).and_then(|d| d.sync_all());
+    }
+    if let Some(old) = old {
+        let _ = if old.is_dir() {
+            fs::remove_dir_all(&old)
+        } else {
+            fs::remove_file(&old)
+        };
+    }
+    Ok(())
+}
+
+/// A snapshot read back and checked.
+pub struct Loaded {
+    /// The directory.
+    pub dir: PathBuf,
+    /// The manifest.
+    pub manifest: Manifest,
+    /// `memory.img`, open.
+    pub memory: File,
+    /// The index: (gpa, checksum) of every page held, by address.
+    pub pages: Vec<(u64, u64)>,
+    /// vCPU states.
+    pub vcpus: Vec<VcpuState>,
+    /// Devices.
+    pub devices: DeviceState,
+}
+
+fn read_file(dir: &Path, name: &'static str) -> Result<Vec<u8>, SnapshotError> {
+    let path = dir.join(name);
+    fs::read(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => SnapshotError::Missing {
+            dir: dir.to_owned(),
+            file: name,
+        },
+        _ => SnapshotError::Io {
+            what: "cannot read",
+            path,
+            source: e,
+        },
+    })
+}
+
+/// How much of the memory file to check when loading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verify {
+    /// Every page against its checksum, before the guest runs.
+    Full,
+    /// The manifest, index, vCPU and device files only (pages are not read ahead).
+    Meta,
+}
+
+/// Reads and checks the snapshot in `dir`. Nothing of the VM exists yet: any error here means
+/// no guest instruction runs.
+pub fn load(dir: &Path, verify: Verify) -> Result<Loaded, SnapshotError> {
+    let corrupt = |file: &'static str, why: String| SnapshotError::Corrupt {
+        dir: dir.to_owned(),
+        file,
+        why,
+    };
+    if !dir.is_dir() {
+        return Err(SnapshotError::Vm(format!(
+            "{}: no such snapshot directory",
+            dir.display()
+        )));
+    }
+    let m = read_file(dir, MANIFEST)?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&m).map_err(|e| corrupt(MANIFEST, format!("not JSON: {e}")))?;
+    if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
+        return Err(corrupt(MANIFEST, format!("not a {FORMAT} manifest")));
+    }
+    let version = value.get("version").and_then(serde_json::Value::as_u64);
+    match version {
+        Some(v) if v == u64::from(VERSION) => {}
+        Some(v) => {
+            return Err(SnapshotError::Version {
+                dir: dir.to_owned(),
+                found: u32::try_from(v).unwrap_or(u32::MAX),
+            })
+        }
+        None => return Err(corrupt(MANIFEST, "no format version".into())),
+    }
+    let sum = read_file(dir, MANIFEST_SUM)?;
+    if String::from_utf8_lossy(&sum).trim() != hex(checksum(&m)) {
+        return Err(corrupt(
+            MANIFEST,
+            format!("checksum mismatch (against {MANIFEST_SUM})"),
+        ));
+    }
+    let manifest: Manifest =
+        serde_json::from_value(value).map_err(|e| corrupt(MANIFEST, e.to_string()))?;
+    let checked = |name: &'static str| -> Result<Vec<u8>, SnapshotError> {
+        let bytes = read_file(dir, name)?;
+        let want = manifest
+            .files
+            .get(name)
+            .ok_or_else(|| corrupt(MANIFEST, format!("does not list {name}")))?;
+        if bytes.len() as u64 != want.bytes {
+            return Err(corrupt(
+                name,
+                format!("{} bytes, the manifest says {}", bytes.len(), want.bytes),
+            ));
+        }
+        if hex(checksum(&bytes)) != want.checksum {
+            return Err(corrupt(name, "checksum mismatch".into()));
+        }
+        Ok(bytes)
+    };
+    let index = checked(PAGES)?;
+    let vcpus: Vec<VcpuState> =
+        serde_json::from_slice(&checked(VCPUS)?).map_err(|e| corrupt(VCPUS, e.to_string()))?;
+    let devices: DeviceState =
+        serde_json::from_slice(&checked(DEVICES)?).map_err(|e| corrupt(DEVICES, e.to_string()))?;
+    if vcpus.len() != manifest.shape.vcpus as usize {
+        return Err(corrupt(
+            VCPUS,
+            format!(
+                "{} vCPUs, the manifest says {}",
+                vcpus.len(),
+                manifest.shape.vcpus
+            ),
+        ));
+    }
+    if index.len() % 16 != 0 || (index.len() / 16) as u64 != manifest.pages {
+        return Err(corrupt(PAGES, "wrong size for the number of pages".into()));
+    }
+    let pages: Vec<(u64, u64)> = index
+        .chunks_exact(16)
+        .map(|e| {
+            let (mut a, mut b) = ([0u8; 8], [0u8; 8]);
+            a.copy_from_slice(&e[..8]);
+            b.copy_from_slice(&e[8..]);
+            (u64::from_le_bytes(a), u64::from_le_bytes(b))
+        })
+        .collect();
+    check_layout(&manifest, &pages).map_err(|why| corrupt(MANIFEST, why))?;
+    let path = dir.join(MEMORY);
+    let memory = File::open(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => SnapshotError::Missing {
+            dir: dir.to_owned(),
+            file: MEMORY,
+        },
+        _ => SnapshotError::Io {
+            what: "cannot open",
+            path: path.clone(),
+            source: e,
+        },
+    })?;
+    let len = memory
+        .metadata()
+        .map_err(io_err("cannot read", &path))?
+        .len();
+    if len != manifest.memory_bytes {
+        return Err(corrupt(
+            MEMORY,
+            format!("{len} bytes, the manifest says {}", manifest.memory_bytes),
+        ));
+    }
+    let loaded = Loaded {
+        dir: dir.to_owned(),
+        manifest,
+        memory,
+        pages,
+        vcpus,
+        devices,
+    };
+    if verify == Verify::Full {
+        loaded.verify_pages()?;
+    }
+    Ok(loaded)
+}
+
+/// Regions sorted, non-overlapping, page-aligned, inside the file; pages sorted and inside
+/// regions.
+fn check_layout(m: &Manifest, pages: &[(u64, u64)]) -> Result<(), String> {
+    let mut end = 0u64;
+    let mut file_end = 0u64;
+    for r in &m.regions {
+        if r.gpa % PAGE != 0 || r.size % PAGE != 0 || r.size == 0 || r.file_offset % PAGE != 0 {
+            return Err(format!(
+                "region {:#x}+{:#x} is not page-aligned",
+                r.gpa, r.size
+            ));
+        }
+        if r.gpa < end || r.file_offset < file_end {
+            return Err(format!("region {:#x} overlaps the one before", r.gpa));
+        }
+        end = r.gpa.checked_add(r.size).ok_or("region beyond 2^64")?;
+        file_end = r
+            .file_offset
+            .checked_add(r.size)
+            .ok_or("file beyond 2^64")?;
+        if !matches!(r.kind.as_str(), "boot" | "ram" | "hotplug") {
+            return Err(format!("region {:#x}: unknown kind {:?}", r.gpa, r.kind));
+        }
+        if crate::memory::Backing::from_name(&r.backing).is_none() {
+            return Err(format!(
+                "region {:#x}: unknown backing {:?}",
+                r.gpa, r.backing
+            ));
+        }
+    }
+    if file_end > m.memory_bytes {
+        return Err("regions lie beyond memory.img".into());
+    }
+    let mut prev: Option<u64> = None;
+    let mut ri = 0usize;
+    for &(gpa, _) in pages {
+        if gpa % PAGE != 0 || prev.is_some_and(|p| gpa <= p) {
+            return Err(format!("page {gpa:#x} out of order in the index"));
+        }
+        prev = Some(gpa);
+        while ri < m.regions.len() && m.regions[ri].gpa + m.regions[ri].size <= gpa {
+            ri += 1;
+        }
+        if ri >= m.regions.len() || gpa < m.regions[ri].gpa {
+            return Err(format!("page {gpa:#x} lies in no region"));
+        }
+    }
+    Ok(())
+}
+
+impl Loaded {
+    /// Where page `gpa` lies in `memory.img`.
+    pub fn file_offset(&self, gpa: u64) -> Option<u64> {
+        let rs = &self.manifest.regions;
+        let i = rs.partition_point(|r| r.gpa <= gpa).checked_sub(1)?;
+        let r = &rs[i];
+        (gpa < r.gpa + r.size).then(|| r.file_offset + (gpa - r.gpa))
+    }
+
+    /// Reads every page held and compares it with its checksum.
+    pub fn verify_pages(&self) -> Result<(), SnapshotError> {
+        let started = Instant::now();
+        let mut buf = vec![0u8; PAGE as usize];
+        for &(gpa, sum) in &self.pages {
+            let off = self
+                .file_offset(gpa)
+                .ok_or_else(|| SnapshotError::Corrupt {
+                    dir: self.dir.clone(),
+                    file: PAGES,
+                    why: format!("page {gpa:#x} lies in no region"),
+                })?;
+            self.memory
+                .read_exact_at(&mut buf, off)
+                .map_err(io_err("cannot read", &self.dir.join(MEMORY)))?;
+            if checksum(&buf) != sum {
+                return Err(SnapshotError::Corrupt {
+                    dir: self.dir.clone(),
+                    file: MEMORY,
+                    why: format!("page {gpa:#x} does not match its checksum"),
+                });
+            }
+        }
+        tracing::info!(
+            pages = self.pages.len(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "restore: every page of the snapshot checked"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_sees_every_word() {
+        let a = vec![7u8; 4096];
+        let base = checksum(&a);
+        for i in [0usize, 1, 8, 4095] {
+            let mut b = a.clone();
+            b[i] ^= 1;
+            assert_ne!(checksum(&b), base, "byte {i}");
+        }
+        assert_ne!(checksum(&[]), checksum(&[0]));
+        assert_ne!(checksum(&[0; 8]), checksum(&[0; 16]));
+    }
+}
