@@ -1464,6 +1464,52 @@ mod tests {
     }
 
     #[test]
+    fn compaction_keeps_what_a_held_guard_reached_until_the_grace_period() {
+        let slots = Chunks::<Node<u64, StdArc<()>>>::SLOTS;
+        // Background reclamation on: nothing but the guard holds the old nodes back.
+        let d = Domain::new();
+        let token = StdArc::new(());
+        let n = slots as u64 + 100;
+        let t = BonsaiTree::from_sorted(&d, (0..n).map(|i| (i, token.clone())));
+        assert!(t.chunk_bytes() > 0);
+        let keep = slots as u64 / 4 - 1;
+        let reader = d.register();
+        let guard = reader.read();
+        let held: Vec<&StdArc<()>> = (0..keep).map(|i| t.get(&i, &guard).unwrap()).collect();
+        // One transaction shrinks the tree below a quarter chunk: the update retires the
+        // removed nodes, and compaction copies the rest out of the chunks and retires them all.
+        t.update(|txn| (keep..n).for_each(|i| _ = txn.remove(&i)));
+        assert_eq!(t.len(), keep as usize);
+        // A fresh lookup sees the copy, complete: every kept key, none in chunk memory.
+        for i in 0..keep {
+            let v = t
+                .get(&i, &guard)
+                .expect("a kept key is missing after compaction");
+            assert!(!ptr::eq(v, held[i as usize]), "key {i} not copied");
+        }
+        // Nothing the guard could reach is dropped or unmapped while it lives. The old version
+        // (n nodes, in the removal's batch and the compaction's, each batch far more than the
+        // path copies the removal made) and the copy (keep nodes) all hold a token.
+        let tokens = StdArc::strong_count(&token);
+        assert!(tokens >= 1 + n as usize + keep as usize, "{tokens} tokens");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(
+            StdArc::strong_count(&token),
+            tokens,
+            "reclaimed under a read guard"
+        );
+        assert!(t.chunk_bytes() > 0, "chunks unmapped under a read guard");
+        assert!(held.iter().all(|v| StdArc::ptr_eq(v, &token)));
+        drop(guard);
+        drop(reader);
+        d.barrier();
+        assert_eq!(StdArc::strong_count(&token), 1 + keep as usize);
+        assert_eq!(t.chunk_bytes(), 0);
+        assert_eq!(t.live_nodes(), t.len());
+        t.check_invariants().unwrap();
+    }
+
+    #[test]
     fn big_trees_take_node_memory_from_chunks_and_give_it_back() {
         const CHUNK: usize = crate::chunks::CHUNK;
         let slots = Chunks::<Node<u64, StdArc<()>>>::SLOTS;

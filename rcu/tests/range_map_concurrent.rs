@@ -97,16 +97,23 @@ enum Churn {
     Waves { size: u64, min: u64 },
 }
 
-/// Runs the readers and writers against `map` for `dur`. Panics on any miss or bad value.
+/// Maps every slot whole. Callers do this before any reader starts: the stable addresses are
+/// guaranteed only from then on.
+fn fill_slots<M: ConcurrentRangeMap<Probe>>(map: &M) {
+    for k in 0..SLOTS {
+        map.insert(slot_range(k), Probe::whole(k)).unwrap();
+    }
+}
+
+/// Runs the readers and writers against `map` (its slots filled, see [`fill_slots`]) for
+/// `dur`. Panics on any miss or bad value.
 fn stress<M: ConcurrentRangeMap<Probe> + 'static>(
     domain: &Domain,
     map: Arc<M>,
     dur: Duration,
     churn: Churn,
 ) -> Report {
-    for k in 0..SLOTS {
-        map.insert(slot_range(k), Probe::whole(k)).unwrap();
-    }
+    assert_eq!(map.len(), SLOTS as usize, "fill_slots first");
     let stop = Arc::new(AtomicBool::new(false));
     let lookups = Arc::new(AtomicU64::new(0));
     let splits = Arc::new(AtomicU64::new(0));
@@ -248,6 +255,7 @@ fn stress<M: ConcurrentRangeMap<Probe> + 'static>(
 fn bonsai_split_never_leaves_a_hole_and_memory_returns_to_baseline() {
     let domain = Domain::new();
     let map = Arc::new(RangeMap::<Probe>::new(&domain));
+    fill_slots(&*map);
     let dur = duration(false);
     let start = Instant::now();
     let report = stress(&domain, map.clone(), dur, Churn::Random);
@@ -272,6 +280,7 @@ fn baselines_split_never_leaves_a_hole() {
     let domain = Domain::new();
     for name in IMPLEMENTATIONS.iter().filter(|n| **n != "bonsai") {
         let map = Arc::new(AnyRangeMap::<Probe>::new(name, &domain).unwrap());
+        fill_slots(&*map);
         let report = stress(&domain, map, duration(true), Churn::Random);
         eprintln!(
             "{name}: {} lookups, {} splits",
@@ -290,6 +299,8 @@ fn bonsai_chunks_come_and_go_under_readers() {
     const CHUNK: usize = 2 << 20;
     let domain = Domain::new();
     let map = Arc::new(RangeMap::<Probe>::new(&domain));
+    // Before the holder starts: its first round looks up slots the map must already hold.
+    fill_slots(&*map);
     let stop = Arc::new(AtomicBool::new(false));
     // Samples the mapped chunk bytes: the peak, and how often it fell (chunks unmapped).
     let sampler = {
@@ -320,7 +331,9 @@ fn bonsai_chunks_come_and_go_under_readers() {
                     .map(|k| {
                         let addr = stable_addr(k, rounds + k);
                         map.get(addr, &guard)
-                            .unwrap_or_else(|| panic!("transient hole at {addr:#x}"))
+                            .unwrap_or_else(|| {
+                                panic!("transient hole at {addr:#x} (slot {k}, round {rounds})")
+                            })
                             .1
                     })
                     .collect();
