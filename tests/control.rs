@@ -1,7 +1,7 @@
 //! End-to-end tests of the control socket: `vmm run --api-sock` driven by a real socket client
 //! (and by `vmm ctl`), with the guest's `hotplug` workload following the mailbox.
 
-#![allow(dead_code)] // helpers used by tests added in later steps
+#![allow(dead_code)] // not every helper of `support` is used here
 
 mod support;
 

@@ -1,9 +1,10 @@
 //! vCPU threads: the run loop, exit decoding and the diagnosis of a guest that went wrong.
 //!
 //! The loop is `loop { check stop; vcpu.run(); handle_exit(..) }`. `KVM_RUN` is one clearly
-//! delimited call ([`run_once`]) and exit handling is the pure function [`handle_exit`], so
-//! the RCU work can wrap the former in `reader.offline(|| ..)` and make each handled exit one
-//! read-side critical section.
+//! delimited call ([`run_once`]), made with the thread's RCU reader offline
+//! (`reader.offline_while`); each handled exit is one read-side critical section, so an exit
+//! is the vCPU's quiescent state. Exit handling is the pure function [`handle_exit`], which
+//! decides every exit; faults KVM did not locate go to the resolver (`crate::efault`).
 #![deny(unsafe_code)]
 
 use std::fmt;

@@ -782,12 +782,9 @@ fn hugetlb_check(size: u64) -> Result<(), ControlError> {
     Ok(())
 }
 
-/// The process's resident set, from `/proc/self/statm`.
+/// The process's resident set (`/proc/self/statm`).
 pub fn host_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * PAGE)
+    crate::memory::host::rss_bytes()
 }
 
 /// Compares the tree with the memslots KVM was given and the host mappings: every region has

@@ -369,6 +369,14 @@ impl HostSpace {
     }
 }
 
+/// The process's resident set size in bytes (from `/proc/self/statm`), 0 if unreadable.
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
 /// Times a plain anonymous `mmap` of `len` bytes (`MAP_NORESERVE`, untouched) and its
 /// `munmap`: the baseline a region update is compared with (`vmm stress`).
 pub fn time_anon_mmap(len: u64) -> io::Result<std::time::Duration> {

@@ -1,9 +1,10 @@
-//! Guest RAM: the plan of guest-physical ranges for a given size, and the vm-memory regions
-//! that back them.
+//! Guest memory: the plan of guest-physical RAM ranges for a given size, the address space
+//! that maps regions onto host memory and KVM memslots (`address_space`), and fault servicing.
 //!
-//! RAM is anonymous `mmap(MAP_NORESERVE)` memory (vm-memory's `MmapRegion::new`), so it costs
-//! nothing until touched and is already zero. The boot area `[0, BOOT_AREA_END)` is its own
-//! region (memslot 0) so that later work can back it eagerly while the rest is demand-paged.
+//! Guest-physical space is mirrored by one `PROT_NONE` host reservation (`host`); a region is
+//! `mmap(MAP_FIXED)` memory over part of it (anonymous, memfd or hugetlb), which costs nothing
+//! until touched and is already zero. The boot area `[0, BOOT_AREA_END)` is its own region,
+//! populated eagerly; the rest of RAM is demand-paged (`docs/memory.md`).
 #![deny(unsafe_code)]
 
 pub mod address_space;

@@ -233,13 +233,7 @@ impl Rng {
     }
 }
 
-/// The process's resident set size in bytes (from `/proc/self/statm`), 0 if unreadable.
-pub fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * PAGE)
-}
+pub use crate::memory::host::rss_bytes;
 
 /// Bytes resident in host virtual memory `[start, end)`, summed over the mappings of
 /// `/proc/self/smaps` that intersect it (each counted in proportion to the overlap when it
