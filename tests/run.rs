@@ -267,30 +267,7 @@ fn verbose_reports_boot_times() {
 
 /// A minimal static ELF: `code` loaded and entered at 0x100000.
 fn tiny_elf(code: &[u8]) -> Vec<u8> {
-    let load = 0x10_0000u64;
-    let mut b = vec![0u8; 64 + 56];
-    b[0..4].copy_from_slice(b"\x7fELF");
-    b[4] = 2; // ELF64
-    b[5] = 1; // little-endian
-    b[6] = 1;
-    b[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    b[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
-    b[20..24].copy_from_slice(&1u32.to_le_bytes());
-    b[24..32].copy_from_slice(&load.to_le_bytes()); // entry
-    b[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
-    b[52..54].copy_from_slice(&64u16.to_le_bytes());
-    b[54..56].copy_from_slice(&56u16.to_le_bytes());
-    b[56..58].copy_from_slice(&1u16.to_le_bytes());
-    let ph = 64;
-    b[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    b[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes()); // R+X
-    b[ph + 8..ph + 16].copy_from_slice(&120u64.to_le_bytes()); // offset
-    b[ph + 16..ph + 24].copy_from_slice(&load.to_le_bytes());
-    b[ph + 24..ph + 32].copy_from_slice(&load.to_le_bytes());
-    b[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    b[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    b.extend_from_slice(code);
-    b
+    support::elf(0x10_0000, &[(0x10_0000, code)])
 }
 
 fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {

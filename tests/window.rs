@@ -53,8 +53,8 @@ impl Vm {
         Vm { child, sock }
     }
 
-    /// `vmm ctl OP ARGS...`; panics unless it succeeds. Returns stdout.
-    fn ctl(&self, args: &[&str]) -> String {
+    /// Runs `vmm ctl OP ARGS...`: (exit status, stdout, stderr).
+    fn ctl_run(&self, args: &[&str]) -> (Option<i32>, String, String) {
         let o = Command::new(env!("CARGO_BIN_EXE_vmm"))
             .arg("ctl")
             .arg("--api-sock")
@@ -62,32 +62,25 @@ impl Vm {
             .args(args)
             .output()
             .unwrap();
-        let out = String::from_utf8_lossy(&o.stdout).into_owned();
-        assert!(
-            o.status.success(),
-            "vmm ctl {args:?}: {out} {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
+
+    /// `vmm ctl OP ARGS...`; panics unless it succeeds. Returns stdout.
+    fn ctl(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.ctl_run(args);
+        assert_eq!(code, Some(0), "vmm ctl {args:?}: {out} {err}");
         out
     }
 
     /// `vmm ctl OP ARGS...` that must fail; returns stdout and stderr.
     fn ctl_fails(&self, args: &[&str]) -> String {
-        let o = Command::new(env!("CARGO_BIN_EXE_vmm"))
-            .arg("ctl")
-            .arg("--api-sock")
-            .arg(&self.sock)
-            .args(args)
-            .output()
-            .unwrap();
-        let text =
-            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
-        assert_eq!(
-            o.status.code(),
-            Some(1),
-            "vmm ctl {args:?} should fail: {text}"
-        );
-        text
+        let (code, out, err) = self.ctl_run(args);
+        assert_eq!(code, Some(1), "vmm ctl {args:?} should fail: {out}{err}");
+        out + &err
     }
 
     /// Sends one raw request line and returns the reply line.
@@ -181,14 +174,7 @@ fn unmapped_memory_is_never_seen_again_after_the_reply() {
 fn maps_outside_the_window_are_refused() {
     require_kvm!();
     let vm = Vm::start("outside", &["--hotplug-window", "1G"]);
-    let o = Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args(["ctl", "--api-sock", vm.sock.to_str().unwrap()])
-        .args(["map", "--gpa", "0x140000000", "--size", "4M"])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{text}");
+    let text = vm.ctl_fails(&["map", "--gpa", "0x140000000", "--size", "4M"]);
     assert!(
         text.contains("outside the hot-plug window [0x100000000, 0x140000000)"),
         "{text}"

@@ -94,3 +94,38 @@ macro_rules! require_hugetlb {
         }
     };
 }
+
+/// A static ELF with one `PT_LOAD` (RWX) per `(address, code)` segment, entered at `entry`.
+pub fn elf(entry: u64, segments: &[(u64, &[u8])]) -> Vec<u8> {
+    let header = 64 + 56 * segments.len();
+    let mut b = vec![0u8; 64];
+    b[0..4].copy_from_slice(b"\x7fELF");
+    b[4] = 2; // ELF64
+    b[5] = 1; // little-endian
+    b[6] = 1;
+    b[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    b[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+    b[20..24].copy_from_slice(&1u32.to_le_bytes());
+    b[24..32].copy_from_slice(&entry.to_le_bytes());
+    b[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+    b[52..54].copy_from_slice(&64u16.to_le_bytes());
+    b[54..56].copy_from_slice(&56u16.to_le_bytes());
+    b[56..58].copy_from_slice(&(segments.len() as u16).to_le_bytes());
+    let mut offset = header as u64;
+    for (addr, code) in segments {
+        let mut ph = [0u8; 56];
+        ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        ph[4..8].copy_from_slice(&7u32.to_le_bytes()); // RWX
+        ph[8..16].copy_from_slice(&offset.to_le_bytes());
+        ph[16..24].copy_from_slice(&addr.to_le_bytes());
+        ph[24..32].copy_from_slice(&addr.to_le_bytes());
+        ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+        ph[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes());
+        b.extend_from_slice(&ph);
+        offset += code.len() as u64;
+    }
+    for (_, code) in segments {
+        b.extend_from_slice(code);
+    }
+    b
+}
