@@ -706,11 +706,11 @@ impl PauseCtl {
     /// Called by vCPU `index` at the top of its loop when a pause is requested: completes a
     /// pending access, hands over its state and waits until resumed. Returns true if the run
     /// must end.
-    fn hold(&self, index: usize, vcpu: &mut Vcpu, shared: &VcpuShared) -> bool {
-        let saved = crate::kvm::complete_pending_io(&mut vcpu.fd)
+    fn hold(&self, index: usize, fd: &mut VcpuFd, shared: &VcpuShared) -> bool {
+        let saved = crate::kvm::complete_pending_io(fd)
             .map_err(|e| format!("completing the pending access failed: {e}"))
             .and_then(|()| {
-                crate::kvm::state::VcpuState::save(&vcpu.fd, &shared.msr_indices)
+                crate::kvm::state::VcpuState::save(fd, &shared.msr_indices)
                     .map_err(|e| e.to_string())
             });
         let mut g = self.lock();
@@ -847,13 +847,14 @@ type Stall = Option<(u32, std::time::Instant)>;
 /// few times, then ends the vCPU with a diagnosis that names the instruction and the address.
 /// `Err` carries the fatal outcome when the instruction could not even be examined.
 fn resolve_fault(
-    vcpu: &Vcpu,
+    resolver: &crate::efault::Resolver,
+    fd: &VcpuFd,
     mem: &GuardedSpace<'_, '_>,
     stalled: &mut Stall,
     cause: &'static str,
 ) -> Result<VcpuEmulation, VcpuEmulation> {
     let fatal = |message: String| VcpuEmulation::Fatal(FatalExit::Unresolved { cause, message });
-    match vcpu.resolver.resolve(&vcpu.fd, mem) {
+    match resolver.resolve(fd, mem) {
         Ok(r) if r.populated > 0 || r.emulated => {
             *stalled = None;
             mem.space
@@ -892,12 +893,13 @@ pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> Vcpu
     }
     shared.pause.register(vcpu.index);
     let _registered = Registered(&shared.pause, vcpu.index);
-    let _kick = KickGuard::register(&mut vcpu.fd);
+    // From here on the vCPU is reached through its kick registration, which borrows it: the
+    // registration cannot outlive the vCPU's `kvm_run` mapping (it would not compile).
+    let mut fd = KickGuard::register(&mut vcpu.fd);
     if vcpu.resolver.sync_regs {
         // Every exit then brings the registers along (read by `efault` without an ioctl).
-        vcpu.fd.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
-        vcpu.fd
-            .set_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
+        fd.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+        fd.set_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
     }
     let index = vcpu.index;
     // This thread is an RCU reader of the address space: offline while inside the guest, online
@@ -909,19 +911,19 @@ pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> Vcpu
         // Pairs with the Release store in `Vm::stop_all`, made before the kick signal: either
         // we see `stop` here, or the signal's `immediate_exit` makes the next KVM_RUN return.
         if shared.stop.load(Ordering::Acquire) {
-            let rip = vcpu.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+            let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
             return VcpuOutcome::Kicked { rip };
         }
         if shared.pause.requested.load(Ordering::Acquire) {
             let pause = &shared.pause;
-            if reader.offline_while(|| pause.hold(index, &mut vcpu, shared))
+            if reader.offline_while(|| pause.hold(index, &mut fd, shared))
                 && !shared.stop.load(Ordering::Acquire)
             {
                 return VcpuOutcome::SnapshotStopped;
             }
             continue;
         }
-        let exit = reader.offline_while(|| run_once(&mut vcpu.fd));
+        let exit = reader.offline_while(|| run_once(&mut fd));
         shared.exits.count(&exit);
         let guard = reader.read();
         let mem = GuardedSpace {
@@ -930,7 +932,7 @@ pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> Vcpu
         };
         let event = match exit {
             Ok(VcpuExit::InternalError) => {
-                let (suberror, data) = kvm::internal_error_info(&mut vcpu.fd);
+                let (suberror, data) = kvm::internal_error_info(&mut fd);
                 if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
                     // KVM's emulator (which runs CPL-0 code on some hosts) could not fetch or
                     // access a page that is not populated yet: like a bare EFAULT.
@@ -955,7 +957,7 @@ pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> Vcpu
         };
         let emulation = match handle_exit(event, index, &shared.devices, &mem) {
             VcpuEmulation::Resolve(cause, data) => {
-                match resolve_fault(&vcpu, &mem, &mut stalled, cause) {
+                match resolve_fault(&vcpu.resolver, &fd, &mem, &mut stalled, cause) {
                     Ok(e) => e,
                     Err(VcpuEmulation::Fatal(FatalExit::Unresolved { cause, message }))
                         if !data.is_empty() =>
@@ -973,14 +975,14 @@ pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> Vcpu
         drop(guard);
         match emulation {
             VcpuEmulation::Handled => {}
-            VcpuEmulation::Interrupted => vcpu.fd.set_kvm_immediate_exit(0),
+            VcpuEmulation::Interrupted => fd.set_kvm_immediate_exit(0),
             VcpuEmulation::Parked => return VcpuOutcome::Parked,
             VcpuEmulation::Stopped(status) => return VcpuOutcome::Exited(status),
             VcpuEmulation::Fatal(exit) => {
                 return VcpuOutcome::Fatal(Diagnosis {
                     vcpu: index,
                     exit,
-                    regs: RegsSnapshot::read(&vcpu.fd),
+                    regs: RegsSnapshot::read(&fd),
                 })
             }
             // `resolve_fault` never asks to resolve again; were it to, stop with what is known.
@@ -991,7 +993,7 @@ pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> Vcpu
                         cause,
                         message: "the fault could not be resolved".into(),
                     },
-                    regs: RegsSnapshot::read(&vcpu.fd),
+                    regs: RegsSnapshot::read(&fd),
                 })
             }
         }

@@ -211,25 +211,40 @@ pub fn install_kick_handler() -> Result<(), KvmError> {
     register_signal_handler(kick_signal(), kick_handler).map_err(KvmError::Signal)
 }
 
-/// While alive, the kick signal sets this thread's vCPU's `immediate_exit`.
-pub struct KickGuard {
+/// While alive, the kick signal sets this thread's vCPU's `immediate_exit`. The guard borrows
+/// the vCPU (and gives it back through `Deref`), so the vCPU, whose `kvm_run` mapping the
+/// signal handler writes, cannot be dropped or moved while it is registered.
+pub struct KickGuard<'a> {
+    vcpu: &'a mut VcpuFd,
     _not_send: std::marker::PhantomData<*const ()>,
 }
 
-impl KickGuard {
-    /// Registers `vcpu`'s `kvm_run` for the calling thread.
-    ///
-    /// The guard must be dropped before `vcpu` (declare it after the vCPU it guards).
-    pub fn register(vcpu: &mut VcpuFd) -> Self {
+impl<'a> KickGuard<'a> {
+    /// Registers `vcpu`'s `kvm_run` for the calling thread, for as long as the guard lives.
+    pub fn register(vcpu: &'a mut VcpuFd) -> Self {
         let run: *mut kvm_run = vcpu.get_kvm_run();
         KVM_RUN.with(|c| c.set(run));
         KickGuard {
+            vcpu,
             _not_send: std::marker::PhantomData,
         }
     }
 }
 
-impl Drop for KickGuard {
+impl std::ops::Deref for KickGuard<'_> {
+    type Target = VcpuFd;
+    fn deref(&self) -> &VcpuFd {
+        self.vcpu
+    }
+}
+
+impl std::ops::DerefMut for KickGuard<'_> {
+    fn deref_mut(&mut self) -> &mut VcpuFd {
+        self.vcpu
+    }
+}
+
+impl Drop for KickGuard<'_> {
     fn drop(&mut self) {
         KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
     }
