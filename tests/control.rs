@@ -864,7 +864,14 @@ fn injected_failures_roll_back_at_every_step() {
     let vm = Vm::start_env(
         "inject",
         // Memslot steps exist only with a memslot per region.
-        &["--workload", "hotplug", "--timeout", "120", "--memslots", "per-region"],
+        &[
+            "--workload",
+            "hotplug",
+            "--timeout",
+            "120",
+            "--memslots",
+            "per-region",
+        ],
         &[("VMM_FAULT_INJECT", "on")],
     );
     let mut c = vm.client();
@@ -946,7 +953,14 @@ fn teardown_failures_free_the_memory_and_a_refused_memslot_delete_is_undone() {
     let vm = Vm::start_env(
         "teardown",
         // A refused memslot delete exists only with a memslot per region.
-        &["--workload", "hotplug", "--timeout", "120", "--memslots", "per-region"],
+        &[
+            "--workload",
+            "hotplug",
+            "--timeout",
+            "120",
+            "--memslots",
+            "per-region",
+        ],
         &[("VMM_FAULT_INJECT", "on")],
     );
     let mut c = vm.client();
