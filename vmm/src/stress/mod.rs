@@ -636,7 +636,7 @@ pub struct Group {
 impl Group {
     fn label(&self) -> String {
         let (mode, fa, aspace, vcpus, churn, pattern) = &self.key;
-        let fa = if fa != "1" {
+        let fa = if fa != "1" && fa != "-" {
             format!(" fa{fa}")
         } else {
             String::new()
@@ -742,7 +742,7 @@ pub fn markdown(groups: &[Group]) -> String {
     );
     for g in groups {
         let (mode, fa, aspace, vcpus, churn, pattern) = &g.key;
-        let mode = if fa != "1" {
+        let mode = if fa != "1" && fa != "-" {
             format!("{mode} (fault-around {fa})")
         } else {
             mode.clone()
