@@ -1,6 +1,6 @@
 //! The churn thread of `vmm stress`: an RCU writer that maps, unmaps, splits and protects
 //! regions the guest never touches, at a given rate, through the same `AddressSpace`
-//! operations the control socket uses (so with DESIGN's ordering rules: publish before the
+//! operations the control socket uses (so with the address space's ordering rules: publish before the
 //! memslot, grace period before `munmap`).
 //!
 //! It keeps its own list of what it mapped. When the run is over (`VmHandle::stop`) it unmaps

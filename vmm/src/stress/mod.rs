@@ -894,6 +894,14 @@ pub fn markdown(groups: &[Group]) -> String {
         match (a, b) {
             (Some(a), Some(b)) if b > 0.0 => {
                 let r = a / b;
+                if goal == 0.0 {
+                    // Reported, no goal.
+                    let _ = std::fmt::Write::write_fmt(
+                        &mut s,
+                        format_args!("| {name} | {r:.2} | (report) | |\n"),
+                    );
+                    continue;
+                }
                 let met = if strict { r > goal } else { r >= goal };
                 let _ = std::fmt::Write::write_fmt(
                     &mut s,

@@ -1,4 +1,4 @@
-//! What `vmm stress` reports: the JSON object of INTERFACE.md (plus extensions), built from
+//! What `vmm stress` reports: the JSON object of the stable interface (plus extensions), built from
 //! the runs' reports, and the human summary.
 #![deny(unsafe_code)]
 
@@ -184,7 +184,8 @@ fn anon() -> String {
     "anon".to_owned()
 }
 
-/// The `--json` object. The first fields, in order, are INTERFACE.md's; the rest extend it.
+/// The `--json` object. The first fields, in order, are the stable interface's (docs/bench.md);
+/// the rest extend it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct StressReport {
     /// vCPUs.
