@@ -330,9 +330,12 @@ fn window_mode_changes_no_memslot_under_churn() {
                 mode,
                 "--memslots",
                 memslots,
-                // One page per exit: a run long enough for every kind of churn operation.
+                // One page per exit, and runs repeated for half a second: long enough for
+                // every kind of churn operation even in `kernel` mode on a busy host.
                 "--fault-around",
                 "1",
+                "--duration",
+                "0.5",
             ]);
             let what = format!("{mode} {memslots}: {v}");
             assert_eq!(v["memslots"], memslots, "{what}");
