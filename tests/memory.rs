@@ -52,6 +52,8 @@ fn touch_is_clean_in_every_mode_and_address_space() {
                 mode,
                 "--address-space",
                 aspace,
+                "--fault-around",
+                "1",
             ]);
             let pages = number_before(&line, "pages (");
             assert!(pages > 10_000, "{line}");
@@ -86,7 +88,7 @@ fn touch_on_one_vcpu_and_with_fault_around() {
 }
 
 /// Runs `race` or `xadd` and returns the summary line.
-fn shared_pages(workload: &str, mode: &str, pages: &str) -> String {
+fn shared_pages(workload: &str, mode: &str, pages: &str, fault_around: &str) -> String {
     let o = run(&[
         "run",
         "--workload",
@@ -99,6 +101,8 @@ fn shared_pages(workload: &str, mode: &str, pages: &str) -> String {
         pages,
         "--fault-mode",
         mode,
+        "--fault-around",
+        fault_around,
     ]);
     let err = stderr(&o);
     let line = err
@@ -117,7 +121,7 @@ fn shared_pages(workload: &str, mode: &str, pages: &str) -> String {
 fn vcpus_racing_on_the_same_pages_populate_each_once() {
     require_kvm!();
     for mode in ["vcpu", "handler"] {
-        let line = shared_pages("race", mode, "2048");
+        let line = shared_pages("race", mode, "2048", "1");
         assert!(line.contains("verify ok (0 errors)"), "{line}");
         assert_eq!(number_before(&line, "pages ("), 2048, "{line}");
         assert_eq!(
@@ -125,6 +129,12 @@ fn vcpus_racing_on_the_same_pages_populate_each_once() {
             2048,
             "each page populated once: {line}"
         );
+        // Adaptive windows of both vCPUs overlap: populated once each all the same (the last
+        // window may run past the pages touched, up to 512 pages).
+        let line = shared_pages("race", mode, "2048", "adaptive");
+        assert!(line.contains("verify ok (0 errors)"), "{line}");
+        let populated = number_before(&line, "pages populated");
+        assert!((2048..=2048 + 512).contains(&populated), "{line}");
     }
 }
 
@@ -147,6 +157,9 @@ fn locked_first_touches_lose_no_updates_when_re_executed() {
         "64M",
         "--pages",
         "4096",
+        // One page per fault: every xadd is a first touch.
+        "--fault-around",
+        "1",
     ]);
     let err = stderr(&o);
     let line = err
@@ -215,11 +228,46 @@ fn hugetlb_ram_needs_a_2m_multiple() {
 fn memfd_ram_in_every_mode() {
     require_kvm!();
     for mode in ["vcpu", "handler", "kernel"] {
-        let line = touch(&["--ram-backing", "memfd", "--fault-mode", mode]);
+        let line = touch(&[
+            "--ram-backing",
+            "memfd",
+            "--fault-mode",
+            mode,
+            "--fault-around",
+            "1",
+        ]);
         let pages = number_before(&line, "pages (");
         assert!(pages > 10_000, "{line}");
         if mode != "kernel" {
             assert_eq!(number_before(&line, "faults serviced"), pages, "{line}");
         }
     }
+}
+
+/// `--pattern` for `vmm run --workload touch`: every pattern verifies every page it wrote;
+/// `stride:16` writes every 16th page, and the adaptive window (the default) follows it with
+/// few faults and populates about only the pages written.
+#[test]
+fn touch_patterns_verify() {
+    require_kvm!();
+    let line = touch(&["--pages", "4096", "--pattern", "stride:16"]);
+    assert_eq!(number_before(&line, "pages ("), 2 * 256, "{line}");
+    let faults = number_before(&line, "faults serviced");
+    assert!(faults * 4 <= 512, "{line}");
+    let populated = number_before(&line, "pages populated");
+    assert!((512..=512 + 64).contains(&populated), "{line}");
+    for pattern in ["sequential", "reverse", "random", "hotcold", "stride:3"] {
+        for fa in ["adaptive", "1", "64"] {
+            touch(&[
+                "--pages",
+                "2048",
+                "--pattern",
+                pattern,
+                "--fault-around",
+                fa,
+            ]);
+        }
+    }
+    let o = run(&["run", "--workload", "touch", "--pattern", "stride:0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }

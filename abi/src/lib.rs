@@ -204,6 +204,25 @@ pub const fn pattern_word(addr: u64) -> u64 {
     (addr.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (addr >> 12).rotate_left(40)) | 1
 }
 
+/// Access patterns of the `touch` workload: `params[3]` of [`workload::TOUCH`], with
+/// `params[4]` its argument and `params[5]` a seed. Every pattern writes each page it visits and
+/// then verifies every page it wrote; `VcpuResult::pages` counts distinct pages written.
+pub mod pattern {
+    /// Pages 0, 1, 2, … of the vCPU's slice (the default).
+    pub const SEQUENTIAL: u64 = 0;
+    /// The last page of the slice first, then down to page 0.
+    pub const REVERSE: u64 = 1;
+    /// Pages 0, N, 2N, … (`params[4]` = N ≥ 1): every N-th page only.
+    pub const STRIDE: u64 = 2;
+    /// Every page of the slice once, in the order of a random permutation (a Feistel network
+    /// over the page indices, keyed by the seed and the vCPU).
+    pub const RANDOM: u64 = 3;
+    /// As many accesses as pages; 90 % of them go to the first 10 % of the slice (the hot
+    /// pages, visited over and over in a random order), the other 10 % to distinct cold pages
+    /// (in a random order).
+    pub const HOTCOLD: u64 = 4;
+}
+
 /// `BootInfo::magic`: "VMMBOOT1" little-endian.
 pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"VMMBOOT1");
 /// `BootInfo::version`.

@@ -139,8 +139,135 @@ fn ram_page(info: &BootInfo, mut n: u64) -> Option<u64> {
     None
 }
 
-/// `touch`: write a per-page pattern over this vCPU's slice of RAM (each write the page's
-/// first touch), timing each with rdtsc into the histogram, then read everything back.
+/// The splitmix64 finalizer: a cheap, well-mixed hash of `x`.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// A random permutation of `[0, n)` without any table: a 4-round Feistel network over the
+/// smallest even number of bits that covers `n`, walked until it lands below `n` (cycle
+/// walking keeps it a bijection; at most 4x the domain, so under 4 steps on average).
+#[derive(Clone, Copy)]
+struct Permutation {
+    n: u64,
+    half: u32,
+    keys: [u64; 4],
+}
+
+impl Permutation {
+    fn new(n: u64, seed: u64) -> Self {
+        let bits = 64 - n.max(2).wrapping_sub(1).leading_zeros();
+        let mut keys = [0; 4];
+        let mut k = seed;
+        for key in &mut keys {
+            k = mix(k.wrapping_add(0x9e37_79b9_7f4a_7c15));
+            *key = k;
+        }
+        Permutation {
+            n,
+            half: bits.div_ceil(2),
+            keys,
+        }
+    }
+
+    fn feistel(&self, x: u64) -> u64 {
+        let mask = (1u64 << self.half) - 1;
+        let (mut l, mut r) = (x >> self.half, x & mask);
+        for k in self.keys {
+            let t = l ^ (mix(r ^ k) & mask);
+            l = r;
+            r = t;
+        }
+        (l << self.half) | r
+    }
+
+    /// The `i`-th element (`i < n`).
+    fn at(&self, i: u64) -> u64 {
+        let mut x = self.feistel(i);
+        while x >= self.n {
+            x = self.feistel(x);
+        }
+        x
+    }
+}
+
+/// The order in which `touch` visits the `n` pages of a vCPU's slice (`abi::pattern`).
+struct Order {
+    kind: u64,
+    n: u64,
+    stride: u64,
+    /// `random`: the whole slice; `hotcold`: the hot pages.
+    perm: Permutation,
+    /// `hotcold`: pages `[0, hot)` are hot.
+    hot: u64,
+    /// `hotcold`: the cold pages `[hot, n)`.
+    cold: Permutation,
+}
+
+impl Order {
+    fn new(kind: u64, n: u64, arg: u64, seed: u64) -> Self {
+        let hot = (n / 10).max(1).min(n);
+        Order {
+            kind,
+            n,
+            stride: arg.max(1),
+            perm: Permutation::new(
+                if kind == abi::pattern::HOTCOLD {
+                    hot
+                } else {
+                    n
+                },
+                seed,
+            ),
+            hot,
+            cold: Permutation::new(n - hot, seed ^ 0x5555_5555),
+        }
+    }
+
+    /// Accesses in one pass.
+    fn accesses(&self) -> u64 {
+        match self.kind {
+            abi::pattern::STRIDE => self.n.div_ceil(self.stride),
+            _ => self.n,
+        }
+    }
+
+    /// Distinct pages one pass writes.
+    fn distinct(&self) -> u64 {
+        match self.kind {
+            abi::pattern::STRIDE => self.accesses(),
+            abi::pattern::HOTCOLD if self.n > 0 => self.hot + self.n / 10,
+            _ => self.n,
+        }
+    }
+
+    /// Access `j`: the page index in the slice, and whether this is the page's first visit
+    /// in the pass.
+    fn at(&self, j: u64) -> (u64, bool) {
+        match self.kind {
+            abi::pattern::REVERSE => (self.n - 1 - j, true),
+            abi::pattern::STRIDE => (j * self.stride, true),
+            abi::pattern::RANDOM => (self.perm.at(j), true),
+            abi::pattern::HOTCOLD => {
+                // Every 10th access goes to a new cold page; the others cycle over the hot
+                // pages (in a random order), so 90 % of accesses land on 10 % of the pages.
+                if j % 10 == 9 {
+                    (self.hot + self.cold.at(j / 10), true)
+                } else {
+                    let k = j - j / 10;
+                    (self.perm.at(k % self.hot), k < self.hot)
+                }
+            }
+            _ => (j, true),
+        }
+    }
+}
+
+/// `touch`: write a per-page pattern over this vCPU's slice of RAM in the order of
+/// `--pattern` (each page's first write its first touch), timing each write with rdtsc into
+/// the histogram (first visits only), then read back every page written.
 fn touch(vcpu: u64, info: &BootInfo) -> ! {
     let ram_pages: u64 = info.mem_regions[..info.nr_mem_regions as usize]
         .iter()
@@ -153,12 +280,24 @@ fn touch(vcpu: u64, info: &BootInfo) -> ! {
         p => p.min(ram_pages / nr),
     };
     let rounds = info.params[2].max(1);
+    let kind = info.params[3];
+    if kind > abi::pattern::HOTCOLD {
+        puts(b"guest: unknown touch pattern\n");
+        exit(2)
+    }
+    let order = Order::new(
+        kind,
+        per,
+        info.params[4],
+        mix(info.params[5] ^ (vcpu << 32)),
+    );
     let hist = abi::hist_addr(vcpu) as *mut u32;
     let first = vcpu * per;
     let mut cycles = 0u64;
     let mut errors = 0u64;
     for round in 0..rounds {
-        for i in 0..per {
+        for j in 0..order.accesses() {
+            let (i, first_visit) = order.at(j);
             let Some(page) = ram_page(info, first + i) else {
                 break;
             };
@@ -171,15 +310,22 @@ fn touch(vcpu: u64, info: &BootInfo) -> ! {
             let dt = rdtsc().wrapping_sub(t0);
             if round == 0 {
                 cycles += dt;
-                let b = abi::hist_bucket(dt);
-                // SAFETY: this vCPU's histogram in the boot area, written by it alone.
-                unsafe {
-                    let p = hist.add(b);
-                    core::ptr::write_volatile(p, core::ptr::read_volatile(p) + 1);
+                if first_visit {
+                    let b = abi::hist_bucket(dt);
+                    // SAFETY: this vCPU's histogram in the boot area, written by it alone.
+                    unsafe {
+                        let p = hist.add(b);
+                        core::ptr::write_volatile(p, core::ptr::read_volatile(p) + 1);
+                    }
                 }
             }
         }
-        for i in 0..per {
+        // Every page written, once each (a page's first visit).
+        for j in 0..order.accesses() {
+            let (i, first_visit) = order.at(j);
+            if !first_visit {
+                continue;
+            }
             let Some(page) = ram_page(info, first + i) else {
                 break;
             };
@@ -190,7 +336,7 @@ fn touch(vcpu: u64, info: &BootInfo) -> ! {
             }
         }
     }
-    report(vcpu, info.nr_vcpus, per, errors, cycles)
+    report(vcpu, info.nr_vcpus, order.distinct(), errors, cycles)
 }
 
 static ARRIVED: AtomicU32 = AtomicU32::new(0);

@@ -97,10 +97,23 @@ struct RunArgs {
     #[arg(long, value_enum, default_value_t = FaultMode::Vcpu)]
     fault_mode: FaultMode,
 
-    /// Pages populated per fault: an aligned window around the faulting page (a power of two,
-    /// 1 to 512; never beyond the region, never over a present page).
-    #[arg(long, value_name = "PAGES", default_value_t = 1, value_parser = parse_fault_around)]
-    fault_around: u64,
+    /// Pages populated per first-touch fault (vcpu and handler modes): adaptive (a window
+    /// per faulting thread that grows from 1 to 512 pages while first touches are sequential
+    /// or strided and shrinks when they are not), or a fixed aligned window of PAGES (a power
+    /// of two, 1 to 512). Never beyond the region, never over a present page.
+    #[arg(long, value_name = "PAGES|adaptive", default_value = "adaptive", value_parser = parse_fault_around)]
+    fault_around: memory::FaultAround,
+
+    /// The order in which `--workload touch` visits each vCPU's pages: sequential, reverse,
+    /// stride:N (every N-th page), random (a random permutation), hotcold (90 % of accesses
+    /// to 10 % of the pages).
+    #[arg(long, value_name = "PATTERN", default_value = "sequential", value_parser = Pattern::parse)]
+    pattern: Pattern,
+
+    /// Ask for transparent huge pages on guest RAM (madvise MADV_HUGEPAGE): the host kernel's
+    /// own best case in `--fault-mode kernel`. Anonymous RAM only.
+    #[arg(long)]
+    thp: bool,
 
     /// Address-space implementation: bonsai (RCU balanced tree), rwlock (RwLock<BTreeMap>),
     /// cow (copy-on-write map published with arc-swap).
@@ -319,17 +332,66 @@ impl AddressSpace {
     }
 }
 
-fn parse_fault_around(s: &str) -> Result<u64, String> {
-    let v: u64 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of pages"))?;
-    if v == 0 || v > memory::address_space::MAX_FAULT_AROUND || !v.is_power_of_two() {
-        return Err(format!(
-            "{v}: the fault-around window must be a power of two from 1 to {}",
-            memory::address_space::MAX_FAULT_AROUND
-        ));
+fn parse_fault_around(s: &str) -> Result<memory::FaultAround, String> {
+    memory::FaultAround::parse(s)
+}
+
+/// `--pattern`: how the `touch` workload orders its first touches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    /// Page 0, 1, 2, …
+    Sequential,
+    /// The last page first.
+    Reverse,
+    /// Every N-th page.
+    Stride(u64),
+    /// A random permutation.
+    Random,
+    /// 90 % of accesses to 10 % of the pages.
+    Hotcold,
+}
+
+impl Pattern {
+    fn parse(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "sequential" => Pattern::Sequential,
+            "reverse" => Pattern::Reverse,
+            "random" => Pattern::Random,
+            "hotcold" => Pattern::Hotcold,
+            _ => match s.strip_prefix("stride:").map(str::parse::<u64>) {
+                Some(Ok(n)) if (1..=1 << 20).contains(&n) => Pattern::Stride(n),
+                _ => {
+                    return Err(format!(
+                        "{s:?}: expected sequential, reverse, stride:N (N from 1 to 1048576), \
+                         random or hotcold"
+                    ))
+                }
+            },
+        })
     }
-    Ok(v)
+
+    /// The name as given on the command line.
+    pub fn name(self) -> String {
+        match self {
+            Pattern::Sequential => "sequential".into(),
+            Pattern::Reverse => "reverse".into(),
+            Pattern::Stride(n) => format!("stride:{n}"),
+            Pattern::Random => "random".into(),
+            Pattern::Hotcold => "hotcold".into(),
+        }
+    }
+
+    /// `params[3..6]` of the `touch` workload: pattern id, argument, seed.
+    pub fn params(self, seed: u64) -> [u64; 3] {
+        use abi::pattern as p;
+        match self {
+            Pattern::Sequential => [p::SEQUENTIAL, 0, seed],
+            Pattern::Reverse => [p::REVERSE, 0, seed],
+            Pattern::Stride(n) => [p::STRIDE, n, seed],
+            Pattern::Random => [p::RANDOM, 0, seed],
+            Pattern::Hotcold => [p::HOTCOLD, 0, seed],
+        }
+    }
 }
 
 fn init_logging(verbose: u8) {
@@ -371,6 +433,10 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
         );
         return EXIT_FAILURE;
     };
+    if args.thp && args.ram_backing == RamBacking::Hugetlb {
+        eprintln!("vmm: --thp is for anonymous or memfd RAM; hugetlb RAM is on huge pages already");
+        return EXIT_USAGE;
+    }
     if args.ram_backing == RamBacking::Hugetlb && args.mem % (2 << 20) != 0 {
         eprintln!(
             "vmm: --ram-backing hugetlb needs --mem to be a multiple of 2M (got {} bytes)",
@@ -433,11 +499,21 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
         mem_bytes: shape.as_ref().map_or(args.mem, |s| s.mem_bytes),
         kernel: args.kernel,
         workload: shape.as_ref().map_or(workload, |s| s.workload),
-        params: vec![u64::from(args.exit_status), args.pages, args.passes],
+        params: {
+            // params[2]: `touch` rounds (0 = 1) or `pattern` passes. The access pattern comes
+            // after it, for `touch` only: `pattern` keeps params[3..] for the words a restore
+            // changes (`abi::pattern_params`).
+            let mut p = vec![u64::from(args.exit_status), args.pages, args.passes];
+            if shape.is_none() && workload != abi::workload::PATTERN {
+                p.extend(args.pattern.params(1));
+            }
+            p
+        },
         timeout: (!args.timeout.is_zero()).then_some(args.timeout),
         process_start,
         fault_mode: args.fault_mode.into(),
         fault_around: args.fault_around,
+        thp: args.thp,
         address_space: shape
             .as_ref()
             .map_or(args.address_space.name(), |s| s.address_space.as_str())
@@ -610,7 +686,9 @@ mod tests {
         assert_eq!(a.mem, 256 << 20);
         assert_eq!(a.workload, Workload::Hello);
         assert_eq!(a.fault_mode, FaultMode::Vcpu);
-        assert_eq!(a.fault_around, 1);
+        assert_eq!(a.fault_around, memory::FaultAround::Adaptive);
+        assert_eq!(a.pattern, Pattern::Sequential);
+        assert!(!a.thp);
         assert_eq!(a.address_space, AddressSpace::Bonsai);
         assert_eq!(a.timeout, Duration::from_secs(60));
     }
@@ -652,8 +730,35 @@ mod tests {
             &["vmm", "run", "--mem", "lots"],
             &["vmm", "run", "--workload", "dance"],
             &["vmm", "run", "--fault-around", "0"],
+            &["vmm", "run", "--fault-around", "3"],
+            &["vmm", "run", "--fault-around", "1024"],
+            &["vmm", "run", "--fault-around", "adaptivе"],
+            &["vmm", "run", "--pattern", "stride:0"],
+            &["vmm", "run", "--pattern", "stride:"],
+            &["vmm", "run", "--pattern", "zigzag"],
         ] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+        let Command::Run(a) = Cli::try_parse_from([
+            "vmm",
+            "run",
+            "--fault-around",
+            "16",
+            "--pattern",
+            "stride:16",
+            "--thp",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not run")
+        };
+        assert_eq!(a.fault_around, memory::FaultAround::Fixed(16));
+        assert_eq!(a.pattern, Pattern::Stride(16));
+        assert_eq!(a.pattern.name(), "stride:16");
+        assert!(a.thp);
+        for p in ["sequential", "reverse", "random", "hotcold", "stride:2"] {
+            assert_eq!(Pattern::parse(p).unwrap().name(), p);
         }
     }
 }

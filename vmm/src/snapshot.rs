@@ -174,7 +174,7 @@ pub struct Shape {
     pub memslots: String,
     /// `--hotplug-window` (0: none).
     pub hotplug_window: u64,
-    /// `--fault-around` in effect.
+    /// `--fault-around` in effect: pages, or 0 for `adaptive`.
     pub fault_around: u64,
 }
 

@@ -51,7 +51,9 @@ pub struct RunConfig {
     /// How first touches are serviced.
     pub fault_mode: FaultMode,
     /// Pages populated per fault.
-    pub fault_around: u64,
+    pub fault_around: memory::FaultAround,
+    /// `madvise(MADV_HUGEPAGE)` on guest RAM (`--thp`).
+    pub thp: bool,
     /// `bonsai` | `rwlock` | `cow`.
     pub address_space: String,
     /// What backs guest RAM (the boot area is always anonymous).
@@ -435,6 +437,14 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
             .map(r.start.0, r.size_bytes, backing, false, kind)
             .map_err(MemoryError::from)?;
     }
+    if cfg.thp {
+        for r in ranges.iter().filter(|r| r.kind != abi::mem_kind::BOOT) {
+            space
+                .host()
+                .advise_hugepage(r.start.0, r.size_bytes)
+                .map_err(|e| VmError::Populate(format!("--thp: madvise(MADV_HUGEPAGE): {e}")))?;
+        }
+    }
     if let Some(r) = &cfg.restore {
         restore_regions(&space, r, &ranges)?;
     }
@@ -462,7 +472,7 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         entry = format_args!("{:#x}", image.entry),
         regions = space.len(),
         fault_mode = fault_mode.name(),
-        fault_around = cfg.fault_around,
+        fault_around = %cfg.fault_around.name(),
         address_space = space.implementation(),
         memslots = space.memslot_mode().name(),
         hotplug_window = ?space.hotplug_window(),
@@ -496,7 +506,10 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
             ram_backing: cfg.ram_backing.name().to_owned(),
             memslots: cfg.memslots.name().to_owned(),
             hotplug_window: cfg.hotplug_window,
-            fault_around: cfg.fault_around,
+            fault_around: match cfg.fault_around {
+                memory::FaultAround::Fixed(n) => n,
+                memory::FaultAround::Adaptive => 0,
+            },
         },
     });
     if let Some(r) = &cfg.restore {

@@ -416,10 +416,13 @@ pub struct AddressSpace {
     pub(crate) residency: Residency,
     pub(crate) uffd: Option<Uffd>,
     pub(crate) fault_mode: FaultMode,
-    /// Pages populated per fault (a power of two, at least 1).
-    pub(crate) fault_around: u64,
-    /// Zeroes to populate write faults from (`fault_around` pages).
+    /// Pages populated per fault: a fixed window or the adaptive one.
+    pub(crate) fault_around: FaultAround,
+    /// Zeroes to populate write faults from ([`MAX_FAULT_AROUND`] pages, one huge page).
     pub(crate) zeroes: Box<[u8]>,
+    /// `VMM_UFFD_ALWAYS_WAKE=1`: the handler thread's behaviour before issue 16 (wake after
+    /// every fault, read the userfaultfd until `EAGAIN`), kept to measure the difference.
+    pub(crate) always_wake: bool,
     limits: Limits,
     memslots: MemslotMode,
     /// The hot-plug window and its memslot (window mode).
@@ -448,8 +451,8 @@ pub struct AsConfig {
     pub implementation: String,
     /// Fault mode.
     pub fault_mode: FaultMode,
-    /// Fault-around window in pages (1 = no fault-around).
-    pub fault_around: u64,
+    /// Fault-around window: fixed (1 = no fault-around) or adaptive.
+    pub fault_around: FaultAround,
     /// Guest-physical space mirrored on the host (bytes).
     pub space_bytes: u64,
     /// Limits on run-time mapping.
@@ -463,19 +466,55 @@ pub struct AsConfig {
 /// The largest fault-around window.
 pub const MAX_FAULT_AROUND: u64 = 512;
 
+/// How many pages a first-touch fault populates (`--fault-around`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultAround {
+    /// The aligned window of this many pages (a power of two, 1 to [`MAX_FAULT_AROUND`])
+    /// around the faulting page.
+    Fixed(u64),
+    /// A window per faulting thread and access stream that grows on sequential and strided
+    /// first touches and shrinks on mispredictions (see [`super::window`]).
+    Adaptive,
+}
+
+impl FaultAround {
+    /// `adaptive`, or the number of pages.
+    pub fn name(self) -> String {
+        match self {
+            FaultAround::Fixed(n) => n.to_string(),
+            FaultAround::Adaptive => "adaptive".to_owned(),
+        }
+    }
+
+    /// Parses `adaptive` or a power of two from 1 to [`MAX_FAULT_AROUND`].
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s == "adaptive" {
+            return Ok(FaultAround::Adaptive);
+        }
+        let v: u64 = s
+            .parse()
+            .map_err(|_| format!("{s:?} is neither `adaptive` nor a number of pages"))?;
+        if v == 0 || v > MAX_FAULT_AROUND || !v.is_power_of_two() {
+            return Err(format!(
+                "{v}: the fault-around window must be `adaptive` or a power of two from 1 to \
+                 {MAX_FAULT_AROUND}"
+            ));
+        }
+        Ok(FaultAround::Fixed(v))
+    }
+}
+
 impl AddressSpace {
     /// A new, empty address space.
     pub fn new(domain: &Domain, cfg: &AsConfig, slots: Box<dyn Memslots>) -> Result<Self, AsError> {
         let map = AnyRangeMap::new(&cfg.implementation, domain)
             .map_err(|e| AsError::Invalid(e.to_string()))?;
-        if cfg.fault_around == 0
-            || cfg.fault_around > MAX_FAULT_AROUND
-            || !cfg.fault_around.is_power_of_two()
-        {
-            return Err(AsError::Invalid(format!(
-                "--fault-around {}: must be a power of two from 1 to {MAX_FAULT_AROUND}",
-                cfg.fault_around
-            )));
+        if let FaultAround::Fixed(n) = cfg.fault_around {
+            if n == 0 || n > MAX_FAULT_AROUND || !n.is_power_of_two() {
+                return Err(AsError::Invalid(format!(
+                    "--fault-around {n}: must be a power of two from 1 to {MAX_FAULT_AROUND}"
+                )));
+            }
         }
         let host = HostSpace::reserve(cfg.space_bytes).map_err(|source| AsError::Host {
             what: "reserving host address space for guest memory",
@@ -500,13 +539,14 @@ impl AddressSpace {
             uffd,
             fault_mode: cfg.fault_mode,
             fault_around: cfg.fault_around,
-            // Enough for a fault-around run or one 2 MiB huge page (untouched: it costs address
-            // space, not memory).
+            // Enough for the largest fault-around run or one 2 MiB huge page (untouched: it
+            // costs address space, not memory).
             zeroes: vec![
                 0u8;
-                (cfg.fault_around * PAGE).max(Backing::Hugetlb.align_bytes()) as usize
+                (MAX_FAULT_AROUND * PAGE).max(Backing::Hugetlb.align_bytes()) as usize
             ]
             .into_boxed_slice(),
+            always_wake: std::env::var_os("VMM_UFFD_ALWAYS_WAKE").is_some_and(|v| v == "1"),
             slots,
             limits: cfg.limits,
             memslots: cfg.memslots,
@@ -1339,7 +1379,7 @@ mod tests {
         let cfg = AsConfig {
             implementation: implementation.into(),
             fault_mode: mode,
-            fault_around: 4,
+            fault_around: FaultAround::Fixed(4),
             space_bytes: 1 << 30,
             limits: Limits {
                 max_regions: 5,
@@ -1358,7 +1398,7 @@ mod tests {
         let cfg = AsConfig {
             implementation: "bonsai".into(),
             fault_mode: mode,
-            fault_around: 4,
+            fault_around: FaultAround::Fixed(4),
             space_bytes: 1 << 30,
             limits: Limits {
                 max_regions: 100,
@@ -1467,7 +1507,7 @@ mod tests {
             let cfg = AsConfig {
                 implementation: imp.into(),
                 fault_mode: FaultMode::Vcpu,
-                fault_around: 1,
+                fault_around: FaultAround::Fixed(1),
                 space_bytes: 1 << 30,
                 limits: Limits {
                     max_regions: 1000,
@@ -1510,7 +1550,7 @@ mod tests {
         let cfg = AsConfig {
             implementation: "bonsai".into(),
             fault_mode: FaultMode::Kernel,
-            fault_around: 1,
+            fault_around: FaultAround::Fixed(1),
             space_bytes: 1 << 30,
             limits: Limits {
                 max_regions: 1,
@@ -1595,6 +1635,132 @@ mod tests {
                 assert!(s.list().is_empty());
                 assert!(slots.installed.lock().unwrap().is_empty());
             }
+        }
+    }
+
+    /// The adaptive window in the real fault path (userfaultfd, SIGBUS mode): a sequential
+    /// scan takes a few faults and populates exactly what it touches, never the next region;
+    /// a strided scan populates only its pages; a read-only region's pages are populated for
+    /// reading only; a hugetlb region takes one fault per huge page.
+    #[test]
+    fn adaptive_window_in_the_fault_path() {
+        let slots = Arc::new(FakeSlots::default());
+        let cfg = AsConfig {
+            implementation: "bonsai".into(),
+            fault_mode: FaultMode::Vcpu,
+            fault_around: FaultAround::Adaptive,
+            space_bytes: 1 << 30,
+            limits: Limits {
+                max_regions: 8,
+                max_bytes: 256 << 20,
+            },
+            memslots: MemslotMode::PerRegion,
+            hotplug_window: 0..0,
+        };
+        let s = AddressSpace::new(&Domain::new(), &cfg, Box::new(slots)).unwrap();
+        for gpa in [16 * MB, 18 * MB, 20 * MB] {
+            s.map(gpa, 2 * MB, Backing::Anon, false, RegionKind::Hotplug)
+                .unwrap();
+        }
+        s.map(22 * MB, 2 * MB, Backing::Anon, true, RegionKind::Hotplug)
+            .unwrap();
+        let mut reader = s.domain().register();
+        let resident = |gpa: u64| {
+            s.list()
+                .iter()
+                .find(|r| r.gpa == gpa)
+                .map_or(0, |r| r.resident_pages)
+        };
+        {
+            let g = reader.read();
+            // Sequential over the whole first region (512 pages).
+            for page in 0..512u64 {
+                let gpa = 16 * MB + page * PAGE;
+                s.complete_mmio(&g, gpa, Access::Write(&[1])).unwrap();
+            }
+        }
+        let c = s.counters.snapshot();
+        assert!(c.faults <= 12, "{c:?}");
+        assert_eq!(c.pages_populated, 512, "{c:?}");
+        assert_eq!(resident(18 * MB), 0, "never into the next region");
+        {
+            let g = reader.read();
+            // Every 16th page of the second region.
+            for page in (0..512u64).step_by(16) {
+                s.complete_mmio(&g, 18 * MB + page * PAGE, Access::Write(&[2]))
+                    .unwrap();
+            }
+        }
+        let c2 = s.counters.snapshot();
+        assert!(c2.faults - c.faults <= 8, "{c2:?}");
+        assert_eq!(resident(18 * MB), 32, "only the strided pages");
+        // A random order in the third region: one page per fault.
+        {
+            let g = reader.read();
+            let mut x = 12345u64;
+            for _ in 0..64 {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let page = (x >> 33) % 512;
+                s.complete_mmio(&g, 20 * MB + page * PAGE, Access::Write(&[3]))
+                    .unwrap();
+            }
+        }
+        let c3 = s.counters.snapshot();
+        let (faults, populated) = (
+            c3.faults - c2.faults,
+            c3.pages_populated - c2.pages_populated,
+        );
+        assert!(populated <= faults + 4, "about one page per fault: {c3:?}");
+        assert!(resident(20 * MB) <= 64 + 4);
+        // The read-only region: writes are refused before anything is populated; reads
+        // sequentially fetch windows of zero pages.
+        {
+            let g = reader.read();
+            assert_eq!(
+                s.fault_page(&g, 22 * MB, true).unwrap(),
+                PageState::ReadOnly
+            );
+            assert_eq!(resident(22 * MB), 0);
+            for page in 0..512u64 {
+                let mut b = [7u8; 1];
+                s.complete_mmio(&g, 22 * MB + page * PAGE, Access::Read(&mut b))
+                    .unwrap();
+                assert_eq!(b, [0]);
+            }
+        }
+        assert_eq!(resident(22 * MB), 512);
+        let c4 = s.counters.snapshot();
+        assert!(c4.faults - c3.faults <= 12, "{c4:?}");
+        reader.quiescent_state();
+        // hugetlb: one fault per 2 MiB page, whatever the window.
+        if super::super::host::free_huge_pages() >= 2 {
+            s.map(
+                64 * MB,
+                4 * MB,
+                Backing::Hugetlb,
+                false,
+                RegionKind::Hotplug,
+            )
+            .unwrap();
+            {
+                let g = reader.read();
+                for page in 0..1024u64 {
+                    s.complete_mmio(&g, 64 * MB + page * PAGE, Access::Write(&[4]))
+                        .unwrap();
+                }
+            }
+            let c5 = s.counters.snapshot();
+            assert_eq!(c5.faults - c4.faults, 2, "{c5:?}");
+            assert_eq!(c5.pages_populated - c4.pages_populated, 1024, "{c5:?}");
+            reader.quiescent_state();
+        } else {
+            assert!(
+                std::env::var_os("VMM_REQUIRE_HUGETLB").is_none(),
+                "VMM_REQUIRE_HUGETLB is set but fewer than 2 huge pages are free"
+            );
+            eprintln!("skipped the hugetlb part: fewer than 2 free 2 MiB huge pages");
         }
     }
 

@@ -11,10 +11,11 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use rcu::{ConcurrentRangeMap, ReadGuard};
 
-use super::address_space::{AddressSpace, PAGE};
+use super::address_space::{AddressSpace, FaultAround, MAX_FAULT_AROUND, PAGE};
 use super::host::Backing;
 use super::region::Region;
 use super::uffd::Populated;
+use super::window;
 
 /// An access the guest made that KVM handed to the VMM to complete (an MMIO exit).
 #[derive(Debug)]
@@ -47,6 +48,26 @@ pub enum PageState {
     Hole,
     /// A write to a read-only region.
     ReadOnly,
+}
+
+/// What [`AddressSpace::ensure_present`] did about the faulting page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ensured {
+    /// Known present (or not demand-paged, or no userfaultfd): nothing done.
+    Present,
+    /// It was missing: a fault serviced. `woken`: this call's populate covered the faulting
+    /// page itself, which in handler mode also woke the thread sleeping on it; otherwise
+    /// another thread populated it first (`EEXIST`).
+    Serviced {
+        /// The faulting page was populated (and woken) by this call.
+        woken: bool,
+    },
+}
+
+impl Ensured {
+    fn serviced(self) -> bool {
+        matches!(self, Ensured::Serviced { .. })
+    }
 }
 
 /// Populating guest memory failed: the host is out of memory or the userfaultfd broke.
@@ -127,7 +148,7 @@ impl AddressSpace {
                 self.counters.readonly_writes.fetch_add(1, Relaxed);
                 return Ok(Serviced::ReadOnly);
             }
-            if self.ensure_present(region, gpa, write)? {
+            if self.ensure_present(region, gpa, write)?.serviced() {
                 region.counters.faults.fetch_add(1, Relaxed);
                 self.counters.faults.fetch_add(1, Relaxed);
             }
@@ -155,7 +176,7 @@ impl AddressSpace {
             if write && region.readonly {
                 return Ok(PageState::ReadOnly);
             }
-            if self.ensure_present(region, gpa, write)? {
+            if self.ensure_present(region, gpa, write)?.serviced() {
                 region.counters.faults.fetch_add(1, Relaxed);
                 self.counters.faults.fetch_add(1, Relaxed);
                 Ok(PageState::Populated)
@@ -172,11 +193,11 @@ impl AddressSpace {
         guard: &ReadGuard<'_>,
         gpa: u64,
         write: bool,
-    ) -> Option<(Backing, Result<(), FaultError>)> {
+    ) -> Option<(Backing, Result<Ensured, FaultError>)> {
         self.map.lookup(guard, gpa, |hit| {
             let (_, region) = hit?;
-            let populated = self.ensure_present(region, gpa, write).map(|serviced| {
-                if serviced {
+            let populated = self.ensure_present(region, gpa, write).inspect(|e| {
+                if e.serviced() {
                     region.counters.faults.fetch_add(1, Relaxed);
                     self.counters.faults.fetch_add(1, Relaxed);
                 }
@@ -185,28 +206,60 @@ impl AddressSpace {
         })
     }
 
-    /// Makes the page of `gpa` present: with userfaultfd, populates the aligned fault-around
-    /// window's missing pages (never beyond the region, never over a present page). Returns
-    /// whether the page was missing (a fault serviced).
-    fn ensure_present(&self, region: &Region, gpa: u64, write: bool) -> Result<bool, FaultError> {
+    /// Makes the page of `gpa` present: with userfaultfd, populates the fault-around
+    /// window's missing pages (never beyond the region, never over a present page, never
+    /// for writing in a read-only region): the aligned window of a fixed size, or what this
+    /// thread's access stream predicts (adaptive, [`window`]). In a hugetlb region, the whole
+    /// huge page (the window does not apply).
+    fn ensure_present(
+        &self,
+        region: &Region,
+        gpa: u64,
+        write: bool,
+    ) -> Result<Ensured, FaultError> {
         let pfn = gpa / PAGE;
         if !region.demand_paged || self.residency.is_present(pfn) {
-            return Ok(false);
+            return Ok(Ensured::Present);
         }
         let Some(uffd) = &self.uffd else {
-            return Ok(false);
+            return Ok(Ensured::Present);
         };
         if region.backing == Backing::Hugetlb {
             let n = self.populate_huge_page(uffd, gpa)?;
             region.counters.pages_populated.fetch_add(n, Relaxed);
-            return Ok(true);
+            return Ok(Ensured::Serviced { woken: n > 0 });
         }
-        let win = self.fault_around;
-        let first = (pfn & !(win - 1)).max(region.gpa / PAGE);
-        let end = ((pfn | (win - 1)) + 1).min(region.end() / PAGE);
-        let n = self.populate_pages(uffd, first, end, write)?;
+        // Pages of a read-only region map the zero page (a read): never a private copy.
+        let write = write && !region.readonly;
+        let (lo, hi) = (region.gpa / PAGE, region.end() / PAGE);
+        let (n, woken) = match self.fault_around {
+            FaultAround::Fixed(win) => {
+                let first = (pfn & !(win - 1)).max(lo);
+                let end = ((pfn | (win - 1)) + 1).min(hi);
+                self.populate_pages(uffd, first, end, write, pfn)?
+            }
+            FaultAround::Adaptive => {
+                let fetch =
+                    window::with_streams(self as *const Self as usize, |s| s.fault(pfn, lo, hi));
+                match fetch.contiguous() {
+                    Some((first, end)) => self.populate_pages(uffd, first, end, write, pfn)?,
+                    None => {
+                        // A stride: each page on its own (populating the gaps would cost a
+                        // page each, for pages the guest skips).
+                        let (mut n, mut woken) = (0, false);
+                        for i in 0..fetch.count {
+                            let p = fetch.page(i);
+                            let (k, w) = self.populate_pages(uffd, p, p + 1, write, pfn)?;
+                            n += k;
+                            woken |= w;
+                        }
+                        (n, woken)
+                    }
+                }
+            }
+        };
         region.counters.pages_populated.fetch_add(n, Relaxed);
-        Ok(true)
+        Ok(Ensured::Serviced { woken })
     }
 
     /// Populates the 2 MiB huge page of `gpa` (hugetlb backing: userfaultfd works in whole huge
@@ -249,7 +302,7 @@ impl AddressSpace {
                 self.counters.pages_populated.fetch_add(n, Relaxed);
                 Ok(n)
             }
-            Ok(Populated::AlreadyPresent { .. }) => {
+            Ok(Populated::AlreadyPresent { .. } | Populated::Partial { .. }) => {
                 self.residency.set_range(first, n);
                 self.counters.populate_races.fetch_add(1, Relaxed);
                 Ok(0)
@@ -276,16 +329,19 @@ impl AddressSpace {
     }
 
     /// Populates every page of `[first, end)` (page numbers) not known present, in runs of at
-    /// most `fault_around` pages, with zeroes; returns how many this call populated.
+    /// most [`MAX_FAULT_AROUND`] pages, with zeroes; returns how many this call populated, and
+    /// whether page `target` was among them.
     fn populate_pages(
         &self,
         uffd: &super::uffd::Uffd,
         first: u64,
         end: u64,
         write: bool,
-    ) -> Result<u64, FaultError> {
-        let max_run = self.fault_around;
+        target: u64,
+    ) -> Result<(u64, bool), FaultError> {
+        let max_run = MAX_FAULT_AROUND;
         let mut populated = 0;
+        let mut woken = false;
         let mut p = first;
         while let Some(start) = self.residency.next_missing(p, end) {
             let run_end = self.residency.next_present(start, end).min(start + max_run);
@@ -328,6 +384,7 @@ impl AddressSpace {
                             src.served.fetch_add(n, Relaxed);
                         }
                         populated += n;
+                        woken |= (s..sub_end).contains(&target);
                         s = sub_end;
                     }
                     Ok(Populated::AlreadyPresent { bytes }) => {
@@ -339,8 +396,18 @@ impl AddressSpace {
                             src.served.fetch_add(n, Relaxed);
                         }
                         populated += n;
+                        woken |= (s..s + n).contains(&target);
                         self.counters.populate_races.fetch_add(1, Relaxed);
                         s += n + 1;
+                    }
+                    Ok(Populated::Partial { bytes }) => {
+                        // `bytes` were populated; retry the rest (a present page next is then
+                        // `EEXIST`, above).
+                        let n = (bytes / PAGE).max(1).min(run_end - s);
+                        self.residency.set_range(s, n);
+                        populated += n;
+                        woken |= (s..s + n).contains(&target);
+                        s += n;
                     }
                     Err(source) => {
                         return Err(FaultError {
@@ -353,7 +420,7 @@ impl AddressSpace {
             p = run_end;
         }
         self.counters.pages_populated.fetch_add(populated, Relaxed);
-        Ok(populated)
+        Ok((populated, woken))
     }
 
     /// Populates `[gpa, gpa + len)` ahead of any guest access (writer side, e.g. before the
@@ -368,7 +435,8 @@ impl AddressSpace {
             self.populate_huge_pages(uffd, part)?;
         }
         let end = (gpa + len).div_ceil(PAGE);
-        self.populate_pages(uffd, gpa / PAGE, end, true).map(|_| ())
+        self.populate_pages(uffd, gpa / PAGE, end, true, u64::MAX)
+            .map(|_| ())
     }
 
     /// Populates the pages of `[gpa, gpa + len)` (clamped to `region`) that the VMM has not
@@ -396,7 +464,7 @@ impl AddressSpace {
         let n = if region.backing == Backing::Hugetlb {
             self.populate_huge_pages(uffd, first * PAGE..end * PAGE)?
         } else {
-            self.populate_pages(uffd, first, end, write)?
+            self.populate_pages(uffd, first, end, write, u64::MAX)?.0
         };
         region.counters.pages_populated.fetch_add(n, Relaxed);
         Ok(())
@@ -431,18 +499,24 @@ impl AddressSpace {
                 }
             }
         }
-        // Wake the sleeper whatever happened: a successful copy wakes only the pages it
-        // populated, so a page another thread populated first, a region that went away under
-        // the fault (it is being unmapped), or a failed populate would otherwise leave the
-        // faulting thread asleep in the kernel for good. Woken, it retries the access. The
-        // span is the region's page: a whole huge page in a hugetlb region.
-        if let Some(u) = &self.uffd {
-            let span = hit
-                .as_ref()
-                .map_or(PAGE, |(backing, _)| backing.align_bytes());
-            let _ = u.wake(host_addr & !(span - 1), span);
+        // A copy or zero-page ioctl without DONTWAKE (handler mode) wakes the threads sleeping
+        // on the pages it populated, so when this call populated the faulting page, the
+        // sleeper is awake already and a `UFFDIO_WAKE` would be a wasted ioctl. Wake it
+        // ourselves only where nothing else did: a page another thread populated first (or
+        // known present), a region that went away under the fault (it is being unmapped), or
+        // a failed populate; otherwise the faulting thread would sleep in the kernel for good.
+        // Woken, it retries the access. The span is the region's page: a whole huge page in a
+        // hugetlb region. (`VMM_UFFD_ALWAYS_WAKE=1` wakes after every fault, as before.)
+        let woken = matches!(&hit, Some((_, Ok(Ensured::Serviced { woken: true }))));
+        if self.always_wake || !woken {
+            if let Some(u) = &self.uffd {
+                let span = hit
+                    .as_ref()
+                    .map_or(PAGE, |(backing, _)| backing.align_bytes());
+                let _ = u.wake(host_addr & !(span - 1), span);
+            }
         }
-        hit.map_or(Ok(()), |(_, populated)| populated)
+        hit.map_or(Ok(()), |(_, populated)| populated.map(|_| ()))
     }
 
     fn read_present(&self, gpa: u64, dst: &mut [u8]) {
@@ -489,17 +563,42 @@ pub fn handler_loop(space: &AddressSpace, stop: &std::sync::atomic::AtomicBool) 
             }
         }
         let guard = reader.read();
-        loop {
-            match uffd.read_fault() {
-                Ok(Some(f)) => {
-                    if let Err(e) = space.handle_userfault(&guard, f.host_addr, f.write) {
-                        tracing::error!(error = %e, "servicing a userfault failed");
+        let serve = |f: &super::uffd::PageFault| {
+            if let Err(e) = space.handle_userfault(&guard, f.host_addr, f.write) {
+                tracing::error!(error = %e, "servicing a userfault failed");
+            }
+        };
+        if space.always_wake {
+            // As before issue 16: one event per read, until the read says `EAGAIN`.
+            loop {
+                match uffd.read_fault() {
+                    Ok(Some(f)) => serve(&f),
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading the userfaultfd failed");
+                        break;
                     }
                 }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::error!(error = %e, "reading the userfaultfd failed");
-                    break;
+            }
+        } else {
+            // Every pending event in one read; a short read means the queue is empty, so go
+            // back to `poll` rather than read again for an `EAGAIN`.
+            let mut batch = [super::uffd::PageFault {
+                host_addr: 0,
+                write: false,
+            }; super::uffd::READ_BATCH];
+            loop {
+                match uffd.read_faults(&mut batch) {
+                    Ok((kept, events)) => {
+                        batch[..kept].iter().for_each(serve);
+                        if events < super::uffd::READ_BATCH {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading the userfaultfd failed");
+                        break;
+                    }
                 }
             }
         }

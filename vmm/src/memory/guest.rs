@@ -461,7 +461,7 @@ pub(crate) mod tests {
         let cfg = AsConfig {
             implementation: implementation.into(),
             fault_mode: mode,
-            fault_around: 4,
+            fault_around: crate::memory::address_space::FaultAround::Fixed(4),
             space_bytes: 1 << 30,
             limits: Limits {
                 max_regions: 8,

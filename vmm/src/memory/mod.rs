@@ -21,9 +21,10 @@ pub mod residency;
 pub mod snapshot;
 #[allow(unsafe_code)]
 pub mod uffd;
+pub mod window;
 
 pub use address_space::{
-    AddressSpace, AsConfig, AsError, FaultMode, Limits, MemslotMode, Memslots,
+    AddressSpace, AsConfig, AsError, FaultAround, FaultMode, Limits, MemslotMode, Memslots,
 };
 pub use fault::{Access, FaultError, PageState, Serviced};
 pub use guest::GuardedMemory;

@@ -101,6 +101,13 @@ pub enum Populated {
         /// Bytes populated by this call before the present page.
         bytes: u64,
     },
+    /// The kernel populated (and, in handler mode, woke) the first `bytes` and stopped
+    /// (`EAGAIN` with progress: it met a present page, or the mapping changed); the rest is
+    /// for the caller to retry.
+    Partial {
+        /// Bytes populated by this call.
+        bytes: u64,
+    },
 }
 
 /// A page fault read from a handler-mode userfaultfd.
@@ -304,7 +311,57 @@ impl Uffd {
     }
 }
 
+/// Most events [`Uffd::read_faults`] reads at once.
+pub const READ_BATCH: usize = 16;
+
 impl Uffd {
+    /// Reads the pending events with one `read` (at most [`READ_BATCH`]; handler mode, the
+    /// descriptor is non-blocking: poll it first), keeping the page faults in `out`. Returns
+    /// (page faults kept, events read): fewer events than [`READ_BATCH`] means the queue was
+    /// empty, so the caller need not read again (and be answered `EAGAIN`).
+    pub fn read_faults(&self, out: &mut [PageFault; READ_BATCH]) -> io::Result<(usize, usize)> {
+        let mut msgs = [const { std::mem::MaybeUninit::<UffdMsg>::uninit() }; READ_BATCH];
+        let size = std::mem::size_of::<UffdMsg>();
+        // SAFETY: reads at most `READ_BATCH * size_of::<UffdMsg>()` bytes into `msgs`, an
+        // array of exactly that many bytes (MaybeUninit<T> has T's layout).
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                msgs.as_mut_ptr().cast(),
+                READ_BATCH * size,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock => Ok((0, 0)),
+                _ => Err(e),
+            };
+        }
+        let n = n as usize;
+        if n % size != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "short uffd_msg",
+            ));
+        }
+        let events = n / size;
+        let mut kept = 0;
+        for m in &msgs[..events] {
+            // SAFETY: the kernel filled the first `events` whole messages (checked above);
+            // every bit pattern is a valid `UffdMsg` (plain integers).
+            let msg = unsafe { m.assume_init_read() };
+            if msg.event == UFFD_EVENT_PAGEFAULT {
+                out[kept] = PageFault {
+                    host_addr: msg.address,
+                    write: msg.flags & UFFD_PAGEFAULT_FLAG_WRITE != 0,
+                };
+                kept += 1;
+            }
+        }
+        Ok((kept, events))
+    }
+
     /// Waits up to `timeout_ms` for an event; returns whether one is ready.
     pub fn poll(&self, timeout_ms: i32) -> io::Result<bool> {
         let mut pfd = libc::pollfd {
@@ -336,6 +393,9 @@ fn populated(ret: libc::c_int, done: i64) -> io::Result<Populated> {
         return Ok(Populated::Done);
     }
     let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EAGAIN) && done > 0 {
+        return Ok(Populated::Partial { bytes: done as u64 });
+    }
     if e.raw_os_error() == Some(libc::EEXIST) {
         // The kernel reports the bytes done before the present page as a non-negative
         // count, or -EEXIST when it was the first page.

@@ -56,9 +56,20 @@ pub struct StressArgs {
     #[arg(long, value_enum, default_value_t = crate::FaultMode::Vcpu)]
     pub fault_mode: crate::FaultMode,
 
-    /// Pages populated per fault (a power of two, 1 to 512).
-    #[arg(long, value_name = "PAGES", default_value_t = 1, value_parser = crate::parse_fault_around)]
-    pub fault_around: u64,
+    /// Pages populated per fault: adaptive (grows on sequential and strided first touches,
+    /// shrinks otherwise), or a fixed aligned window (a power of two, 1 to 512).
+    #[arg(long, value_name = "PAGES|adaptive", default_value = "adaptive", value_parser = crate::parse_fault_around)]
+    pub fault_around: memory::FaultAround,
+
+    /// The order of each vCPU's first touches: sequential, reverse, stride:N (every N-th
+    /// page), random (a random permutation), hotcold (90 % of accesses to 10 % of the pages).
+    #[arg(long, value_name = "PATTERN", default_value = "sequential", value_parser = crate::Pattern::parse)]
+    pub pattern: crate::Pattern,
+
+    /// Ask for transparent huge pages on guest RAM (madvise MADV_HUGEPAGE; anon or memfd RAM):
+    /// with --fault-mode kernel, the host kernel's own best case.
+    #[arg(long)]
+    pub thp: bool,
 
     /// What backs guest RAM: anon, memfd, or hugetlb (2 MiB huge pages, populated whole).
     #[arg(long, value_enum, default_value_t = crate::RamBacking::Anon)]
@@ -108,7 +119,7 @@ pub struct StressArgs {
     #[arg(long, value_name = "FILE.jsonl")]
     pub summarize: Option<PathBuf>,
 
-    /// Seed of the churn thread's random choices.
+    /// Seed of the churn thread's random choices and of the random and hotcold patterns.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
 
@@ -277,6 +288,12 @@ pub fn cmd_stress(args: StressArgs, process_start: Instant) -> u8 {
             }
         };
     }
+    if args.thp && args.ram_backing == crate::RamBacking::Hugetlb {
+        eprintln!(
+            "vmm stress: --thp is for anonymous or memfd RAM; hugetlb RAM is on huge pages already"
+        );
+        return 2;
+    }
     let started = Instant::now();
     let mut agg = Aggregate::new(StressReport {
         vcpus: args.vcpus,
@@ -285,7 +302,11 @@ pub fn cmd_stress(args: StressArgs, process_start: Instant) -> u8 {
         ram_backing: memory::Backing::from(args.ram_backing).name().to_owned(),
         memslots: memory::MemslotMode::from(args.memslots).name().to_owned(),
         address_space: args.address_space.name().to_owned(),
-        fault_around: args.fault_around,
+        fault_around: args.fault_around.into(),
+        pattern: args.pattern.name(),
+        thp: args.thp,
+        uffd_always_wake: args.fault_mode == crate::FaultMode::Handler
+            && std::env::var_os("VMM_UFFD_ALWAYS_WAKE").is_some_and(|v| v == "1"),
         churn_rate: args.churn,
         regions: args.regions,
         ..Default::default()
@@ -325,9 +346,10 @@ pub fn cmd_stress(args: StressArgs, process_start: Instant) -> u8 {
     }
     if let Some(path) = &args.plot {
         let subtitle = format!(
-            "{} vCPUs x {} pages, {} mode, fault-around {}, {}, {} regions, churn {}/s; {} run(s)",
+            "{} vCPUs x {} pages, {}, {} mode, fault-around {}, {}, {} regions, churn {}/s; {} run(s)",
             report.vcpus,
             args.pages,
+            report.pattern,
             report.fault_mode,
             report.fault_around,
             report.address_space,
@@ -459,11 +481,15 @@ fn run_once(
         mem_bytes: mem,
         kernel: None,
         workload: abi::workload::TOUCH,
-        params: vec![0, args.pages, 1],
+        params: {
+            let [pattern, arg, seed] = args.pattern.params(args.seed);
+            vec![0, args.pages, 1, pattern, arg, seed]
+        },
         timeout: (!args.timeout.is_zero()).then_some(args.timeout),
         process_start,
         fault_mode: args.fault_mode.into(),
         fault_around: args.fault_around,
+        thp: args.thp,
         address_space: args.address_space.name().to_owned(),
         ram_backing: args.ram_backing.into(),
         memslots: args.memslots.into(),
@@ -570,7 +596,7 @@ fn summarize(path: &std::path::Path, plot: Option<&std::path::Path>) -> Result<(
                 value: g.median(|r| r.faults_per_sec),
                 mark: Some(g.best(|r| r.faults_per_sec)),
                 group: match g.key.0.as_str() {
-                    "vcpu" if g.key.1 > 1 => 3,
+                    "vcpu" if g.key.1 != "1" => 3,
                     "vcpu" => 0,
                     "handler" => 1,
                     _ => 2,
@@ -594,8 +620,9 @@ fn summarize(path: &std::path::Path, plot: Option<&std::path::Path>) -> Result<(
     Ok(())
 }
 
-/// (fault mode, fault-around, address space, vCPUs, churn rate).
-type Key = (String, u64, String, u32, u64);
+/// (fault mode, `+thp` appended with `--thp`; fault-around; address space; vCPUs; churn
+/// rate; pattern).
+type Key = (String, String, String, u32, u64, String);
 
 /// Repeats of one configuration.
 pub struct Group {
@@ -605,13 +632,18 @@ pub struct Group {
 
 impl Group {
     fn label(&self) -> String {
-        let (mode, fa, aspace, vcpus, churn) = &self.key;
-        let fa = if *fa > 1 {
+        let (mode, fa, aspace, vcpus, churn, pattern) = &self.key;
+        let fa = if fa != "1" && fa != "-" {
             format!(" fa{fa}")
         } else {
             String::new()
         };
-        format!("{mode}{fa} {aspace} {vcpus}v churn {churn}")
+        let pattern = if pattern != "sequential" {
+            format!(" {pattern}")
+        } else {
+            String::new()
+        };
+        format!("{mode}{fa}{pattern} {aspace} {vcpus}v churn {churn}")
     }
 
     fn values(&self, f: impl Fn(&StressReport) -> f64) -> Vec<f64> {
@@ -637,12 +669,25 @@ impl Group {
 fn group(reports: &[StressReport]) -> Vec<Group> {
     let mut out: Vec<Group> = Vec::new();
     for r in reports {
+        let mut mode = r.fault_mode.clone();
+        if r.thp {
+            mode.push_str("+thp");
+        }
+        if r.uffd_always_wake && mode == "handler" {
+            mode.push_str("-always-wake");
+        }
         let key: Key = (
-            r.fault_mode.clone(),
-            r.fault_around,
+            mode,
+            // The kernel's faults know no fault-around of ours.
+            if r.fault_mode == "kernel" {
+                "-".to_owned()
+            } else {
+                r.fault_around.to_string()
+            },
             r.address_space.clone(),
             r.vcpus,
             r.churn_rate,
+            r.pattern.clone(),
         );
         match out.iter_mut().find(|g| g.key == key) {
             Some(g) => g.reports.push(r.clone()),
@@ -658,10 +703,22 @@ fn group(reports: &[StressReport]) -> Vec<Group> {
 fn find<'a>(
     groups: &'a [Group],
     mode: &str,
-    fa: u64,
+    fa: &str,
     aspace: &str,
     vcpus: u32,
     churn: u64,
+) -> Option<&'a Group> {
+    find_pattern(groups, mode, fa, aspace, vcpus, churn, "sequential")
+}
+
+fn find_pattern<'a>(
+    groups: &'a [Group],
+    mode: &str,
+    fa: &str,
+    aspace: &str,
+    vcpus: u32,
+    churn: u64,
+    pattern: &str,
 ) -> Option<&'a Group> {
     groups.iter().find(|g| {
         g.key.0 == mode
@@ -669,25 +726,33 @@ fn find<'a>(
             && g.key.2 == aspace
             && g.key.3 == vcpus
             && g.key.4 == churn
+            && g.key.5 == pattern
     })
 }
 
 /// The Markdown table and the target ratios.
 pub fn markdown(groups: &[Group]) -> String {
     let mut s = String::new();
-    s.push_str("| fault mode | address space | vCPUs | churn ops/s | runs | faults/s best | faults/s median | p50 | p99 | p99.9 | exits/page | churn ops/s done | grace periods | GP p99 | verify errors |\n");
-    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str("| fault mode | pattern | address space | vCPUs | churn ops/s | runs | faults/s best | faults/s median | p50 | p99 | p99.9 | exits/page | overfetch | churn ops/s done | grace periods | GP p99 | verify errors |\n");
+    s.push_str(
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
     for g in groups {
-        let (mode, fa, aspace, vcpus, churn) = &g.key;
-        let mode = if *fa > 1 {
+        let (mode, fa, aspace, vcpus, churn, pattern) = &g.key;
+        let mode = if fa != "1" && fa != "-" {
             format!("{mode} (fault-around {fa})")
         } else {
             mode.clone()
         };
+        let overfetch = if g.reports.iter().all(|r| r.overfetch.is_some()) {
+            format!("{:.3}", g.median(|r| r.overfetch.unwrap_or(0.0)))
+        } else {
+            "n/a".to_owned()
+        };
         let _ = std::fmt::Write::write_fmt(
             &mut s,
             format_args!(
-                "| {mode} | {aspace} | {vcpus} | {churn} | {} | {:.0} | {:.0} | {} | {} | {} | {:.2} | {:.0} | {:.0} | {} | {} |\n",
+                "| {mode} | {pattern} | {aspace} | {vcpus} | {churn} | {} | {:.0} | {:.0} | {} | {} | {} | {:.2} | {overfetch} | {:.0} | {:.0} | {} | {} |\n",
                 g.reports.len(),
                 g.best(|r| r.faults_per_sec),
                 g.median(|r| r.faults_per_sec),
@@ -707,39 +772,116 @@ pub fn markdown(groups: &[Group]) -> String {
     let fps = |g: Option<&Group>| g.map(|g| g.median(|r| r.faults_per_sec));
     // (what, numerator, denominator, goal, strictly greater)
     type Target<'a> = (&'a str, Option<f64>, Option<f64>, f64, bool);
-    let targets: [Target; 5] = [
+    let best_fixed = |pattern: &str| {
+        ["16", "64", "512"]
+            .iter()
+            .filter_map(|fa| fps(find_pattern(groups, "vcpu", fa, "bonsai", 2, 0, pattern)))
+            .reduce(f64::max)
+    };
+    let adaptive = |pattern: &str| {
+        fps(find_pattern(
+            groups, "vcpu", "adaptive", "bonsai", 2, 0, pattern,
+        ))
+    };
+    let fa1 = |pattern: &str| fps(find_pattern(groups, "vcpu", "1", "bonsai", 2, 0, pattern));
+    let handler = |fa: &str| fps(find(groups, "handler", fa, "bonsai", 2, 0));
+    let handler_old = |fa: &str| fps(find(groups, "handler-always-wake", fa, "bonsai", 2, 0));
+    let targets: [Target; 14] = [
+        (
+            "sequential: adaptive / best fixed of 16, 64, 512 (vcpu)",
+            adaptive("sequential"),
+            best_fixed("sequential"),
+            1.0,
+            false,
+        ),
+        (
+            "sequential: adaptive (vcpu) / `kernel` (4 KiB pages)",
+            adaptive("sequential"),
+            fps(find(groups, "kernel", "-", "bonsai", 2, 0)),
+            3.0,
+            false,
+        ),
+        (
+            "sequential: adaptive (vcpu) / `kernel` + THP (report)",
+            adaptive("sequential"),
+            fps(find(groups, "kernel+thp", "-", "bonsai", 2, 0)),
+            0.0,
+            false,
+        ),
+        (
+            "hotcold: adaptive / fault-around 1 (vcpu, report)",
+            adaptive("hotcold"),
+            fa1("hotcold"),
+            0.0,
+            false,
+        ),
+        (
+            "random: adaptive / fault-around 1 (vcpu)",
+            adaptive("random"),
+            fa1("random"),
+            0.95,
+            false,
+        ),
+        (
+            "stride:2: adaptive / fault-around 1 (vcpu)",
+            adaptive("stride:2"),
+            fa1("stride:2"),
+            1.5,
+            false,
+        ),
+        (
+            "stride:16: adaptive / fault-around 1 (vcpu)",
+            adaptive("stride:16"),
+            fa1("stride:16"),
+            1.5,
+            false,
+        ),
+        (
+            "handler, fault-around 1: no redundant wake / always wake",
+            handler("1"),
+            handler_old("1"),
+            1.0,
+            false,
+        ),
+        (
+            "handler, adaptive: no redundant wake / always wake",
+            handler("adaptive"),
+            handler_old("adaptive"),
+            1.0,
+            false,
+        ),
         (
             "`vcpu` / `kernel` (bonsai, no churn)",
-            fps(find(groups, "vcpu", 1, "bonsai", 2, 0)),
-            fps(find(groups, "kernel", 1, "bonsai", 2, 0)),
+            fps(find(groups, "vcpu", "1", "bonsai", 2, 0)),
+            fps(find(groups, "kernel", "-", "bonsai", 2, 0)),
             0.8,
             false,
         ),
         (
             "`vcpu` / `handler` (bonsai, no churn)",
-            fps(find(groups, "vcpu", 1, "bonsai", 2, 0)),
-            fps(find(groups, "handler", 1, "bonsai", 2, 0)),
+            fps(find(groups, "vcpu", "1", "bonsai", 2, 0)),
+            fps(find(groups, "handler", "1", "bonsai", 2, 0)),
             2.5,
             false,
         ),
         (
             "`vcpu --fault-around 16` / `kernel` (bonsai, no churn)",
-            fps(find(groups, "vcpu", 16, "bonsai", 2, 0)),
-            fps(find(groups, "kernel", 1, "bonsai", 2, 0)),
+            fps(find(groups, "vcpu", "16", "bonsai", 2, 0)),
+            fps(find(groups, "kernel", "-", "bonsai", 2, 0)),
             1.2,
             false,
         ),
         (
             "`bonsai` churn 1000 / `bonsai` no churn (vcpu)",
-            fps(find(groups, "vcpu", 1, "bonsai", 2, 1000)),
-            fps(find(groups, "vcpu", 1, "bonsai", 2, 0)),
+            fps(find(groups, "vcpu", "1", "bonsai", 2, 1000)),
+            fps(find(groups, "vcpu", "1", "bonsai", 2, 0)),
             0.95,
             false,
         ),
         (
             "`bonsai` churn 10000 / `rwlock` churn 10000 (vcpu)",
-            fps(find(groups, "vcpu", 1, "bonsai", 2, 10000)),
-            fps(find(groups, "vcpu", 1, "rwlock", 2, 10000)),
+            fps(find(groups, "vcpu", "1", "bonsai", 2, 10000)),
+            fps(find(groups, "vcpu", "1", "rwlock", 2, 10000)),
             1.0,
             true,
         ),
@@ -749,6 +891,14 @@ pub fn markdown(groups: &[Group]) -> String {
         match (a, b) {
             (Some(a), Some(b)) if b > 0.0 => {
                 let r = a / b;
+                if goal == 0.0 {
+                    // Reported, no goal.
+                    let _ = std::fmt::Write::write_fmt(
+                        &mut s,
+                        format_args!("| {name} | {r:.2} | (report) | |\n"),
+                    );
+                    continue;
+                }
                 let met = if strict { r > goal } else { r >= goal };
                 let _ = std::fmt::Write::write_fmt(
                     &mut s,
@@ -809,7 +959,8 @@ mod tests {
         let mk = |mode: &str, fa: u64, aspace: &str, churn: u64, fps: f64| StressReport {
             vcpus: 2,
             fault_mode: mode.into(),
-            fault_around: fa,
+            fault_around: report::FaultAroundField::Pages(fa),
+            pattern: "sequential".into(),
             address_space: aspace.into(),
             churn_rate: churn,
             faults_per_sec: fps,
@@ -829,7 +980,7 @@ mod tests {
         assert_eq!(g[0].best(|r| r.faults_per_sec), 300.0);
         let md = markdown(&g);
         assert!(
-            md.contains("| vcpu | bonsai | 2 | 0 | 3 | 300 | 200 |"),
+            md.contains("| vcpu | sequential | bonsai | 2 | 0 | 3 | 300 | 200 |"),
             "{md}"
         );
         assert!(

@@ -142,6 +142,44 @@ pub struct RssSummary {
     pub churn_residual_bytes: u64,
 }
 
+/// `fault_around` in the JSON object: a number of pages (a fixed window), or `"adaptive"`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum FaultAroundField {
+    /// A fixed window of this many pages.
+    Pages(u64),
+    /// `"adaptive"`.
+    Named(String),
+}
+
+impl Default for FaultAroundField {
+    fn default() -> Self {
+        FaultAroundField::Pages(1)
+    }
+}
+
+impl From<crate::memory::FaultAround> for FaultAroundField {
+    fn from(f: crate::memory::FaultAround) -> Self {
+        match f {
+            crate::memory::FaultAround::Fixed(n) => FaultAroundField::Pages(n),
+            crate::memory::FaultAround::Adaptive => FaultAroundField::Named("adaptive".into()),
+        }
+    }
+}
+
+impl fmt::Display for FaultAroundField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FaultAroundField::Pages(n) => write!(f, "{n}"),
+            FaultAroundField::Named(s) => f.write_str(s),
+        }
+    }
+}
+
+fn sequential() -> String {
+    "sequential".to_owned()
+}
+
 fn anon() -> String {
     "anon".to_owned()
 }
@@ -156,8 +194,8 @@ pub struct StressReport {
     pub fault_mode: String,
     /// The address-space implementation.
     pub address_space: String,
-    /// Fault-around window in pages.
-    pub fault_around: u64,
+    /// Fault-around window: pages, or `"adaptive"`.
+    pub fault_around: FaultAroundField,
     /// Pages first-touched, over all runs.
     pub pages: u64,
     /// Faults the VMM serviced (`vcpu`/`handler`); in `kernel` mode, first touches.
@@ -221,6 +259,22 @@ pub struct StressReport {
     /// window mode.
     #[serde(default)]
     pub kvm_memslot_changes: u64,
+    /// `--pattern`: the order of the guest's first touches (absent in reports from before the
+    /// flag: sequential).
+    #[serde(default = "sequential")]
+    pub pattern: String,
+    /// `pages_populated / pages`: how many pages the VMM populated per page the guest
+    /// touched (1.0: nothing fetched in vain); `null` in `kernel` mode, where the VMM does
+    /// not populate.
+    #[serde(default)]
+    pub overfetch: Option<f64>,
+    /// `--thp`: guest RAM advised for transparent huge pages.
+    #[serde(default)]
+    pub thp: bool,
+    /// `handler` mode with `VMM_UFFD_ALWAYS_WAKE=1`: the handler thread as before issue 16
+    /// (a `UFFDIO_WAKE` after every fault, reads until `EAGAIN`), for comparison.
+    #[serde(default)]
+    pub uffd_always_wake: bool,
 }
 
 fn per_region() -> String {
@@ -414,6 +468,8 @@ impl Aggregate {
             p50: b.p50,
             p99: b.p99,
         };
+        r.overfetch = (r.fault_mode != "kernel" && r.pages > 0)
+            .then(|| r.pages_populated as f64 / r.pages as f64);
         let pages = r.churn.populated_bytes / 4096;
         if pages > 0 {
             r.churn.populate_ns_per_page = self.populate_ns as f64 / pages as f64;
@@ -455,8 +511,10 @@ impl fmt::Display for StressReport {
         };
         writeln!(
             f,
-            "vmm stress: {} vCPUs, fault mode {mode}, fault-around {}, address space {}, {} RAM, {} extra regions, churn {} ops/s: {} run{} in {:.2} s",
+            "vmm stress: {} vCPUs, pattern {}, fault mode {mode}{}, fault-around {}, address space {}, {} RAM, {} extra regions, churn {} ops/s: {} run{} in {:.2} s",
             r.vcpus,
+            r.pattern,
+            if r.thp { " (THP)" } else { "" },
             r.fault_around,
             r.address_space,
             if r.ram_backing.is_empty() { "anon" } else { &r.ram_backing },
@@ -468,10 +526,12 @@ impl fmt::Display for StressReport {
         )?;
         writeln!(
             f,
-            "  first touches  {} pages in {:.3} s of touching: {:.0} faults/s ({} faults serviced by the VMM, {} pages populated, {} populate races)",
+            "  first touches  {} pages in {:.3} s of touching: {:.0} faults/s ({} faults serviced by the VMM, {} pages populated, overfetch {}, {} populate races)",
             r.pages, r.seconds, r.faults_per_sec,
             if r.fault_mode == "kernel" { 0 } else { r.faults },
-            r.pages_populated, r.populate_races
+            r.pages_populated,
+            r.overfetch.map_or_else(|| "n/a".to_owned(), |o| format!("{o:.3}")),
+            r.populate_races
         )?;
         let l = &r.fault_latency_ns;
         writeln!(
