@@ -344,3 +344,45 @@ fn partial_lines_are_flushed_when_every_vcpu_parks() {
     assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
     assert_eq!(stdout(&o), "x\nx\nx\n");
 }
+
+/// `vmm run --json`: one JSON object on the last line of stdout, after the guest's console,
+/// with the exit status, the outcome and diagnosis, exits and faults, and the touch summary.
+#[test]
+fn run_json_summarises_the_run_on_the_last_line() {
+    require_kvm!();
+    let o = run(&["run", "--vcpus", "2", "--workload", "touch", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    let out = stdout(&o);
+    let last = out.lines().last().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["status"], 0, "{v}");
+    assert_eq!(v["outcome"], "exited", "{v}");
+    assert!(v["diagnosis"].is_null(), "{v}");
+    assert!(v["touch"]["pages"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["touch"]["verify_errors"], 0, "{v}");
+    assert_eq!(v["touch"]["vcpus_done"], 2, "{v}");
+    assert!(
+        v["faults"]["pages_populated"].as_u64().unwrap() >= v["touch"]["pages"].as_u64().unwrap(),
+        "{v}"
+    );
+    assert!(v["exits"]["total"].as_u64().unwrap() > 0, "{v}");
+
+    let o = run(&[
+        "run",
+        "--vcpus",
+        "1",
+        "--workload",
+        "triple-fault",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["status"], 1, "{v}");
+    assert_eq!(v["outcome"], "fatal", "{v}");
+    assert!(
+        v["diagnosis"].as_str().unwrap().contains("triple-faulted"),
+        "{v}"
+    );
+}

@@ -176,6 +176,11 @@ struct RunArgs {
     #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = size::parse_timeout)]
     timeout: Duration,
 
+    /// Print one JSON summary object on the last line of stdout (after the guest's console):
+    /// exit status, outcome and diagnosis, exits by reason, faults, and the touch summary.
+    #[arg(long)]
+    json: bool,
+
     /// The KVM device.
     #[arg(
         long,
@@ -539,6 +544,7 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
     };
     let pattern = cfg.workload == abi::workload::PATTERN;
     let restored = cfg.restore.is_some();
+    let json_summary = args.json;
     let hotplug = cfg.workload == abi::workload::HOTPLUG;
     let touch = matches!(
         args.workload,
@@ -594,6 +600,7 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
         );
     }
     let mut touch_failed = false;
+    let mut touch_json = serde_json::Value::Null;
     if let (Some(at), Some((served, left))) = (report.resumed_at, report.restore_pages) {
         eprintln!(
             "restore: vCPUs resumed {:.2} ms after process start; {served} pages served from the snapshot, {left} never touched",
@@ -626,8 +633,44 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
         let s = summary::TouchSummary::new(&report, label);
         eprintln!("{s}");
         touch_failed = s.verify_errors > 0 || s.vcpus_done < report.results.len();
+        touch_json = serde_json::json!({
+            "workload": label, "vcpus_done": s.vcpus_done, "pages": s.pages,
+            "verify_errors": s.verify_errors, "faults": s.faults,
+            "pages_populated": s.pages_populated, "populate_races": s.populate_races,
+            "latency_ns": s.latency_ns.map(|[p50, p99, p999, max]| serde_json::json!(
+                {"p50": p50, "p99": p99, "p999": p999, "max": max})),
+        });
     }
-    match report.outcome {
+    // `--json`: one object on the last line of stdout, after the guest's console.
+    let summary_json = json_summary.then(|| {
+        let (outcome, diagnosis) = match &report.outcome {
+            RunOutcome::Exited(_) => ("exited", None),
+            RunOutcome::AllParked => ("all_parked", None),
+            RunOutcome::SnapshotStopped => ("snapshot_stopped", None),
+            RunOutcome::Fatal(d) => ("fatal", Some(d.to_string())),
+            RunOutcome::TimedOut { .. } => ("timed_out", None),
+            RunOutcome::SetupFailed { message, .. } => ("setup_failed", Some(message.clone())),
+        };
+        let e = report.exits;
+        serde_json::json!({
+            "outcome": outcome,
+            "diagnosis": diagnosis,
+            "fault_mode": report.fault_mode.name(),
+            "exits": {"total": e.total(), "io": e.io, "mmio": e.mmio,
+                      "memory_fault": e.memory_fault, "efault": e.efault,
+                      "interrupted": e.interrupted, "other": e.other},
+            "faults": {"serviced": c.faults, "unannotated": c.unannotated_faults,
+                       "pages_populated": c.pages_populated,
+                       "populate_races": c.populate_races,
+                       "open_bus_reads": c.open_bus_reads,
+                       "open_bus_writes": c.open_bus_writes,
+                       "readonly_writes": c.readonly_writes},
+            "touch": touch_json,
+            "first_line_ms": report.first_line.map(ms),
+            "total_ms": ms(report.total),
+        })
+    });
+    let status = match report.outcome {
         RunOutcome::Exited(0) if touch_failed => EXIT_FAILURE,
         RunOutcome::SnapshotStopped if touch_failed => EXIT_FAILURE,
         RunOutcome::SnapshotStopped => {
@@ -663,7 +706,12 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
             eprintln!("vmm: vcpu {vcpu}: setup failed: {message}");
             EXIT_FAILURE
         }
+    };
+    if let Some(mut j) = summary_json {
+        j["status"] = status.into();
+        println!("{j}");
     }
+    status
 }
 
 #[cfg(test)]
