@@ -83,13 +83,7 @@ impl Vm {
 
     /// `vmm ctl ARGS...` (with `--json` for a JSON reply).
     fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_vmm"))
-            .arg("ctl")
-            .arg("--api-sock")
-            .arg(&self.sock)
-            .args(args)
-            .output()
-            .unwrap()
+        support::ctl(&self.sock, args)
     }
 
     /// `vmm ctl ARGS...`, which must succeed; returns stdout.

@@ -55,13 +55,7 @@ impl Vm {
 
     /// Runs `vmm ctl OP ARGS...`: (exit status, stdout, stderr).
     fn ctl_run(&self, args: &[&str]) -> (Option<i32>, String, String) {
-        let o = Command::new(env!("CARGO_BIN_EXE_vmm"))
-            .arg("ctl")
-            .arg("--api-sock")
-            .arg(&self.sock)
-            .args(args)
-            .output()
-            .unwrap();
+        let o = support::ctl(&self.sock, args);
         (
             o.status.code(),
             String::from_utf8_lossy(&o.stdout).into_owned(),

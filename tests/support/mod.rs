@@ -47,6 +47,17 @@ pub fn run(args: &[&str]) -> Output {
         .expect("cannot run the vmm binary")
 }
 
+/// `vmm ctl --api-sock SOCK ARGS...`.
+pub fn ctl(sock: &Path, args: &[&str]) -> Output {
+    vmm()
+        .arg("ctl")
+        .arg("--api-sock")
+        .arg(sock)
+        .args(args)
+        .output()
+        .expect("cannot run the vmm binary")
+}
+
 /// stdout as text.
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
