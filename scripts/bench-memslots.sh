@@ -7,6 +7,7 @@
 #   bench-memslots.jsonl   every run's `vmm stress --json` object, one per line
 #   bench-memslots.md      medians per configuration and the target ratios
 #
+# One page per exit (--fault-around 1), so that churn competes with a steady fault stream.
 # Knobs (environment): BENCH_PAGES (pages per vCPU, default 32768), BENCH_REPEATS (default 3),
 # BENCH_OUT (default docs), VMM (the vmm binary; default: built with cargo, release).
 # Repeats are the outer loop, so that drift of the host spreads over every configuration.
@@ -26,7 +27,7 @@ results="$OUT/bench-memslots.jsonl"
 
 run() {
     printf '\r%-100s' "repeat $rep: $*" >&2
-    "$VMM" stress --json --pages "$PAGES" --seed "$rep" "$@" >>"$results"
+    "$VMM" stress --json --pages "$PAGES" --fault-around 1 --seed "$rep" "$@" >>"$results"
 }
 
 for rep in $(seq 1 "$REPEATS"); do
@@ -67,7 +68,7 @@ def get(r, path):
 lines = [
     "# Memslot windows vs a memslot per region (`scripts/bench-memslots.sh`)",
     "",
-    f"{pages} pages per vCPU, `vcpu` fault mode, medians of {repeats} runs (one run for the "
+    f"{pages} pages per vCPU, `vcpu` fault mode, `--fault-around 1`, medians of {repeats} runs (one run for the "
     "1,000,000-region rows). Op latencies are p50 (ns) of the operation alone; "
     "`mmap` is a plain anonymous `mmap` + `munmap` of the same sizes timed by the churn "
     "thread in the same run.",
