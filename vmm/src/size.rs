@@ -4,6 +4,26 @@
 
 use std::time::Duration;
 
+/// A byte count with the largest exact binary suffix, as flags take it (`256M`, `1G`, `12345`).
+pub fn fmt_size(bytes: u64) -> String {
+    for (shift, suffix) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        if bytes != 0 && bytes % (1 << shift) == 0 {
+            return format!("{}{suffix}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
+/// A byte count in the largest exact binary unit, for people (`64 MiB`, `4 KiB`, `100 B`).
+pub fn fmt_units(b: u64) -> String {
+    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if b >= 1 << shift && b % (1 << shift) == 0 {
+            return format!("{} {unit}", b >> shift);
+        }
+    }
+    format!("{b} B")
+}
+
 /// Bytes, human-readable and rounded (`1.5 MiB`).
 pub fn fmt_bytes(b: u64) -> String {
     match b {

@@ -922,15 +922,7 @@ fn merge(ranges: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
     out
 }
 
-/// `64 MiB`, `4 KiB`, `3 GiB`, or bytes.
-pub fn fmt_size(b: u64) -> String {
-    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
-        if b >= 1 << shift && b % (1 << shift) == 0 {
-            return format!("{} {unit}", b >> shift);
-        }
-    }
-    format!("{b} B")
-}
+pub use crate::size::fmt_units as fmt_size;
 
 /// The run-time regions as the mailbox lists them.
 fn mailbox_list_of(space: &AddressSpace) -> Vec<MailboxRegion> {

@@ -36,7 +36,7 @@ use super::residency::Residency;
 use super::uffd::{Uffd, UffdMode};
 
 /// Page size.
-pub const PAGE: u64 = 4096;
+pub const PAGE: u64 = abi::layout::PAGE_SIZE;
 
 /// A region as the range map stores it: shared between the map, readers and the writer.
 #[derive(Clone, Debug)]

@@ -388,7 +388,7 @@ pub fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4096)
+        .map_or(0, |pages| pages * abi::layout::PAGE_SIZE)
 }
 
 /// Times a plain anonymous `mmap` of `len` bytes (`MAP_NORESERVE`, untouched) and its

@@ -155,15 +155,7 @@ pub fn boot_view(
         .map_err(|e| MemoryError::View(e.to_string()))
 }
 
-/// Formats a byte count with the largest exact binary suffix (`256M`, `1G`, `12345`).
-pub fn fmt_size(bytes: u64) -> String {
-    for (shift, suffix) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
-        if bytes != 0 && bytes % (1 << shift) == 0 {
-            return format!("{}{suffix}", bytes >> shift);
-        }
-    }
-    bytes.to_string()
-}
+pub use crate::size::fmt_size;
 
 #[cfg(test)]
 mod tests {

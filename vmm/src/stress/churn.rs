@@ -15,10 +15,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::memory::address_space::PAGE;
 use crate::memory::{AddressSpace, Backing, FaultMode, RegionKind};
 
-/// Page size.
-const PAGE: u64 = 4096;
 /// Each churn region lives in its own slot of this size (so regions never collide).
 pub const SLOT_BYTES: u64 = 64 * PAGE;
 /// Pages of the largest churn region.
