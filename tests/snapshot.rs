@@ -5,13 +5,11 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-use support::{stderr, stdout, vmm};
+use support::{stderr, stdout, SocketVm};
 
 fn tmp(name: &str) -> PathBuf {
     let p = std::env::temp_dir().join(format!("vmm-snapshot-{}-{name}", std::process::id()));
@@ -20,109 +18,17 @@ fn tmp(name: &str) -> PathBuf {
     p
 }
 
-/// A running `vmm run --api-sock` whose serial output is collected.
-struct Vm {
-    child: Child,
-    sock: PathBuf,
-    out: Arc<Mutex<String>>,
+/// A VM driven through its control socket, at a socket named after `name`.
+type Vm = SocketVm;
+
+fn start(name: &str, args: &[&str]) -> Vm {
+    SocketVm::start(tmp(&format!("{name}.sock")), args, &[])
 }
 
-impl Vm {
-    fn start(name: &str, args: &[&str]) -> Vm {
-        let sock = tmp(&format!("{name}.sock"));
-        let mut all = vec![
-            "run",
-            "--timeout",
-            "120",
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ];
-        all.extend_from_slice(args);
-        let mut child = vmm()
-            .args(&all)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = Arc::new(Mutex::new(String::new()));
-        let (o, pipe) = (Arc::clone(&out), child.stdout.take().unwrap());
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let mut o = o.lock().unwrap();
-                o.push_str(&line);
-                o.push('\n');
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !sock.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "the control socket never appeared"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Vm { child, sock, out }
-    }
-
-    /// Waits until the serial console shows `n` lines containing `what`.
-    fn wait_for(&self, what: &str, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let seen = self.out.lock().unwrap().matches(what).count();
-            if seen >= n {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{n} x {what:?} never appeared: {}",
-                self.out.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// `vmm ctl ARGS...` (with `--json` for a JSON reply).
-    fn ctl(&self, args: &[&str]) -> Output {
-        support::ctl(&self.sock, args)
-    }
-
-    /// `vmm ctl ARGS...`, which must succeed; returns stdout.
-    fn ctl_ok(&self, args: &[&str]) -> String {
-        let o = self.ctl(args);
-        assert!(
-            o.status.success(),
-            "vmm ctl {args:?}: {} {}",
-            stdout(&o),
-            stderr(&o)
-        );
-        stdout(&o)
-    }
-
-    /// Verify passes the guest has reported so far.
-    fn passes(&self) -> u64 {
-        let v: serde_json::Value =
-            serde_json::from_str(&self.ctl_ok(&["--json", "stats"])).unwrap();
-        v["result"]["guest"]["passes"].as_u64().unwrap_or(0)
-    }
-
-    /// Waits for the process; returns (status, stderr).
-    fn wait(mut self) -> (Option<i32>, String) {
-        let o = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
-            .wait_with_output()
-            .unwrap();
-        (
-            o.status.code(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.sock);
-    }
+/// Verify passes the guest has reported so far.
+fn passes(vm: &Vm) -> u64 {
+    let v: serde_json::Value = serde_json::from_str(&vm.ctl_ok(&["--json", "stats"])).unwrap();
+    v["result"]["guest"]["passes"].as_u64().unwrap_or(0)
 }
 
 const PATTERN: &[&str] = &[
@@ -139,7 +45,7 @@ const PATTERN: &[&str] = &[
 /// Runs the `pattern` guest until it is ready and has verified a few passes, snapshots it
 /// into `dir` with `--stop`; the run must end with status 0.
 fn make_snapshot(name: &str, dir: &Path) {
-    let vm = Vm::start(name, PATTERN);
+    let vm = start(name, PATTERN);
     vm.wait_for("ready", 2);
     let reply = vm.ctl_ok(&["snapshot", "--dir", dir.to_str().unwrap(), "--stop"]);
     assert!(reply.contains("the VM stopped"), "{reply}");
@@ -173,14 +79,14 @@ fn a_running_guest_is_snapshotted_and_restored_in_every_mode() {
     require_kvm!();
     let snap = tmp("mid-run");
     let last = tmp("mid-run-last");
-    let vm = Vm::start("mid-run", PATTERN);
+    let vm = start("mid-run", PATTERN);
     vm.wait_for("ready", 2);
-    let before = vm.passes();
+    let before = passes(&vm);
     // Without --stop the guest goes on after the snapshot.
     let reply = vm.ctl_ok(&["snapshot", "--dir", snap.to_str().unwrap()]);
     assert!(reply.contains("2 vCPUs"), "{reply}");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while vm.passes() <= before + 2 {
+    while passes(&vm) <= before + 2 {
         assert!(
             Instant::now() < deadline,
             "the guest stopped after the snapshot"
@@ -231,46 +137,10 @@ fn a_restored_guest_can_be_snapshotted_again() {
     let second = tmp("chain-2");
     make_snapshot("chain", &first);
     // Restore lazily, snapshot again before the guest touched everything, restore that.
-    let sock = tmp("chain-2.sock");
-    let mut child = vmm()
-        .args([
-            "run",
-            "--restore",
-            first.to_str().unwrap(),
-            "--api-sock",
-            sock.to_str().unwrap(),
-            "--timeout",
-            "120",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the control socket never appeared"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let o = Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args([
-            "ctl",
-            "--api-sock",
-            sock.to_str().unwrap(),
-            "snapshot",
-            "--stop",
-            "--dir",
-        ])
-        .arg(&second)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert_eq!(status.code(), Some(0), "{err}");
+    let vm = start("chain-2", &["--restore", first.to_str().unwrap()]);
+    vm.ctl_ok(&["snapshot", "--stop", "--dir", second.to_str().unwrap()]);
+    let (status, err) = vm.wait();
+    assert_eq!(status, Some(0), "{err}");
     let o = restore(&second, &["--passes", "2"]);
     assert_restored_clean(&o, "snapshot of a restored VM");
     for d in [first, second] {
@@ -282,7 +152,7 @@ fn a_restored_guest_can_be_snapshotted_again() {
 fn hot_plugged_split_and_read_only_regions_come_back() {
     require_kvm!();
     let snap = tmp("regions");
-    let vm = Vm::start(
+    let vm = start(
         "regions",
         &["--workload", "hotplug", "--vcpus", "2", "--mem", "32M"],
     );
@@ -322,7 +192,7 @@ fn hot_plugged_split_and_read_only_regions_come_back() {
     let manifest = std::fs::read_to_string(snap.join("manifest.json")).unwrap();
     assert_eq!(manifest.matches("\"hotplug\"").count(), 3, "{manifest}");
 
-    let vm = Vm::start("regions-restored", &["--restore", snap.to_str().unwrap()]);
+    let vm = start("regions-restored", &["--restore", snap.to_str().unwrap()]);
     let after = vm.ctl_ok(&["--json", "list"]);
     let regions = |s: &str| -> Vec<(String, String, bool)> {
         let v: serde_json::Value = serde_json::from_str(s).unwrap();
@@ -486,7 +356,7 @@ fn an_existing_directory_is_refused_without_force() {
     let dir = tmp("exists");
     std::fs::create_dir(&dir).unwrap();
     std::fs::write(dir.join("keep"), b"x").unwrap();
-    let vm = Vm::start("exists", PATTERN);
+    let vm = start("exists", PATTERN);
     vm.wait_for("ready", 2);
     let o = vm.ctl(&["snapshot", "--dir", dir.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));

@@ -4,15 +4,12 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use support::vmm;
+use support::SocketVm;
 
-struct Vm {
-    child: Child,
-    sock: std::path::PathBuf,
-}
+/// A `hotplug` guest on 2 vCPUs driven through its control socket.
+struct Vm(SocketVm);
 
 impl Vm {
     fn start(name: &str, extra: &[&str]) -> Vm {
@@ -22,40 +19,14 @@ impl Vm {
     fn start_env(name: &str, extra: &[&str], env: &[(&str, &str)]) -> Vm {
         let sock =
             std::env::temp_dir().join(format!("vmm-window-{}-{name}.sock", std::process::id()));
-        let _ = std::fs::remove_file(&sock);
-        let mut args = vec![
-            "run",
-            "--workload",
-            "hotplug",
-            "--vcpus",
-            "2",
-            "--timeout",
-            "120",
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ];
+        let mut args = vec!["--workload", "hotplug", "--vcpus", "2"];
         args.extend_from_slice(extra);
-        let child = vmm()
-            .args(&args)
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "the control socket never appeared"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Vm { child, sock }
+        Vm(SocketVm::start(sock, &args, env))
     }
 
     /// Runs `vmm ctl OP ARGS...`: (exit status, stdout, stderr).
     fn ctl_run(&self, args: &[&str]) -> (Option<i32>, String, String) {
-        let o = support::ctl(&self.sock, args);
+        let o = self.0.ctl(args);
         (
             o.status.code(),
             String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -80,7 +51,7 @@ impl Vm {
     /// Sends one raw request line and returns the reply line.
     fn raw(&self, line: &str) -> String {
         use std::io::{BufRead, BufReader, Write};
-        let mut s = std::os::unix::net::UnixStream::connect(&self.sock).unwrap();
+        let mut s = std::os::unix::net::UnixStream::connect(&self.0.sock).unwrap();
         s.write_all(format!("{line}\n").as_bytes()).unwrap();
         let mut reply = String::new();
         BufReader::new(s).read_line(&mut reply).unwrap();
@@ -88,23 +59,9 @@ impl Vm {
     }
 
     /// Stops the guest; returns (exit status, stderr).
-    fn stop(mut self) -> (Option<i32>, String) {
+    fn stop(self) -> (Option<i32>, String) {
         self.ctl(&["stop"]);
-        let o = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
-            .wait_with_output()
-            .unwrap();
-        (
-            o.status.code(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.sock);
+        self.0.wait()
     }
 }
 

@@ -140,3 +140,109 @@ pub fn elf(entry: u64, segments: &[(u64, &[u8])]) -> Vec<u8> {
     }
     b
 }
+
+/// A running `vmm run --api-sock SOCK ...` whose serial output is collected, for the tests
+/// that drive a VM through its control socket. Killed (and its socket removed) when dropped.
+pub struct SocketVm {
+    child: std::process::Child,
+    /// The control socket.
+    pub sock: std::path::PathBuf,
+    out: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl SocketVm {
+    /// Starts `vmm run --timeout 120 --api-sock SOCK ARGS...` with `env` set, and waits for the
+    /// socket to appear.
+    pub fn start(sock: std::path::PathBuf, args: &[&str], env: &[(&str, &str)]) -> SocketVm {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        use std::time::{Duration, Instant};
+        let _ = std::fs::remove_file(&sock);
+        let mut all = vec![
+            "run",
+            "--timeout",
+            "120",
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        let mut child = vmm()
+            .args(&all)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot run the vmm binary");
+        let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (o, pipe) = (std::sync::Arc::clone(&out), child.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut o = o.lock().unwrap();
+                o.push_str(&line);
+                o.push('\n');
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sock.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the control socket never appeared"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        SocketVm { child, sock, out }
+    }
+
+    /// Waits until the serial console shows `n` lines containing `what`.
+    pub fn wait_for(&self, what: &str, n: usize) {
+        use std::time::{Duration, Instant};
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let seen = self.out.lock().unwrap().matches(what).count();
+            if seen >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{n} x {what:?} never appeared: {}",
+                self.out.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `vmm ctl ARGS...` against this VM.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        ctl(&self.sock, args)
+    }
+
+    /// `vmm ctl ARGS...`, which must succeed; returns stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let o = self.ctl(args);
+        assert!(
+            o.status.success(),
+            "vmm ctl {args:?}: {} {}",
+            stdout(&o),
+            stderr(&o)
+        );
+        stdout(&o)
+    }
+
+    /// Waits for the process to end; returns (exit status, stderr).
+    pub fn wait(mut self) -> (Option<i32>, String) {
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            std::io::Read::read_to_string(&mut e, &mut err).unwrap();
+        }
+        let status = self.child.wait().unwrap();
+        (status.code(), err)
+    }
+}
+
+impl Drop for SocketVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
+    }
+}
