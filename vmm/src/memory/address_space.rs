@@ -780,48 +780,10 @@ impl AddressSpace {
             self.ensure_window(&mut w)?;
         }
         let demand_paged = self.uffd.is_some() && kind != RegionKind::Boot;
-        // 1. Host memory (read-only on the host in window mode: the guest sees it through
-        //    the window memslot, so the host protection is what stops its writes).
-        let mapped = crate::inject::hit(crate::inject::Step::Mmap)
-            .and_then(|()| self.host.map(gpa, size, backing))
-            .and_then(|_| {
-                if windowed && readonly {
-                    self.host.protect(gpa, size, true).inspect_err(|_| {
-                        let _ = self.host.release(gpa, size);
-                    })
-                } else {
-                    Ok(())
-                }
-            });
-        if let Err(source) = mapped {
+        // 1-2. Host memory and its userfaultfd registration.
+        if let Err(e) = self.back(gpa, size, backing, windowed && readonly, demand_paged) {
             free_own(&mut w);
-            if backing == Backing::Hugetlb && source.raw_os_error() == Some(libc::ENOMEM) {
-                // The huge pages were taken between the caller's check and our reservation.
-                return Err(AsError::Limit(format!(
-                    "not enough free 2 MiB huge pages for {size:#x} bytes of hugetlb memory \
-                     (reserve some with `echo N > /proc/sys/vm/nr_hugepages`)"
-                )));
-            }
-            return Err(AsError::Host {
-                what: "mapping host memory",
-                source,
-            });
-        }
-        let host_addr = self.host.host_addr(gpa);
-        // 2. userfaultfd registration.
-        if demand_paged {
-            if let Some(u) = &self.uffd {
-                let registered = crate::inject::hit(crate::inject::Step::Uffd)
-                    .and_then(|()| u.register(host_addr, size));
-                if let Err(source) = registered {
-                    let _ = self.host.release(gpa, size);
-                    free_own(&mut w);
-                    return Err(AsError::Host {
-                        what: "registering guest memory with userfaultfd",
-                        source,
-                    });
-                }
-            }
+            return Err(e);
         }
         let region = RegionRef(Arc::new(Region::new(
             gpa,
@@ -877,6 +839,56 @@ impl AddressSpace {
         Ok(self.info(gpa, size, Some(slot), backing, kind, readonly, 0))
     }
 
+    /// Backs `[gpa, gpa + size)` with fresh host memory (read-only on the host if
+    /// `host_readonly`: in the window the guest sees it through the window memslot, so the
+    /// host protection is what stops its writes) and registers it with userfaultfd if
+    /// `demand_paged`. On a failure nothing stays mapped, and the error says which step failed.
+    fn back(
+        &self,
+        gpa: u64,
+        size: u64,
+        backing: Backing,
+        host_readonly: bool,
+        demand_paged: bool,
+    ) -> Result<(), AsError> {
+        let mapped = crate::inject::hit(crate::inject::Step::Mmap)
+            .and_then(|()| self.host.map(gpa, size, backing))
+            .and_then(|_| {
+                if host_readonly {
+                    self.host.protect(gpa, size, true).inspect_err(|_| {
+                        let _ = self.host.release(gpa, size);
+                    })
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(source) = mapped {
+            if backing == Backing::Hugetlb && source.raw_os_error() == Some(libc::ENOMEM) {
+                // The huge pages were taken between the caller's check and our reservation.
+                return Err(AsError::Limit(format!(
+                    "not enough free 2 MiB huge pages for {size:#x} bytes of hugetlb memory \
+                     (reserve some with `echo N > /proc/sys/vm/nr_hugepages`)"
+                )));
+            }
+            return Err(AsError::Host {
+                what: "mapping host memory",
+                source,
+            });
+        }
+        if let (true, Some(u)) = (demand_paged, &self.uffd) {
+            let registered = crate::inject::hit(crate::inject::Step::Uffd)
+                .and_then(|()| u.register(self.host.host_addr(gpa), size));
+            if let Err(source) = registered {
+                let _ = self.host.release(gpa, size);
+                return Err(AsError::Host {
+                    what: "registering guest memory with userfaultfd",
+                    source,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Maps many writable run-time regions of `backing` at once (`(gpa, size)` each, sorted,
     /// not overlapping one another), published in one update: for set-up (`vmm stress
     /// --regions`), where a copy-on-write map would otherwise copy itself once per region. All
@@ -922,21 +934,9 @@ impl AddressSpace {
                     existing: *s..p.end,
                 });
             }
-            let mapped = self
-                .host
-                .map(gpa, size, backing)
-                .map(|_| ())
-                .and_then(|()| match (&self.uffd, demand_paged) {
-                    (Some(u), true) => u.register(self.host.host_addr(gpa), size),
-                    _ => Ok(()),
-                });
-            if let Err(source) = mapped {
-                let _ = self.host.release(gpa, size);
+            if let Err(e) = self.back(gpa, size, backing, false, demand_paged) {
                 undo(&done);
-                return Err(AsError::Host {
-                    what: "mapping host memory",
-                    source,
-                });
+                return Err(e);
             }
             done.push((gpa, size));
             let region = Region::new(gpa, size, backing, false, kind, demand_paged);
