@@ -265,20 +265,27 @@ impl Order {
     }
 }
 
-/// `touch`: write a per-page pattern over this vCPU's slice of RAM in the order of
-/// `--pattern` (each page's first write its first touch), timing each write with rdtsc into
-/// the histogram (first visits only), then read back every page written.
-fn touch(vcpu: u64, info: &BootInfo) -> ! {
+/// Pages of RAM in each vCPU's slice: `asked` (0: all RAM, split evenly), at most an even
+/// share.
+fn pages_per_vcpu(info: &BootInfo, asked: u64) -> u64 {
     let ram_pages: u64 = info.mem_regions[..info.nr_mem_regions as usize]
         .iter()
         .filter(|r| r.kind == abi::mem_kind::RAM)
         .map(|r| r.size_bytes / abi::layout::PAGE_SIZE)
         .sum();
+    let share = ram_pages / u64::from(info.nr_vcpus);
+    match asked {
+        0 => share,
+        p => p.min(share),
+    }
+}
+
+/// `touch`: write a per-page pattern over this vCPU's slice of RAM in the order of
+/// `--pattern` (each page's first write its first touch), timing each write with rdtsc into
+/// the histogram (first visits only), then read back every page written.
+fn touch(vcpu: u64, info: &BootInfo) -> ! {
     let nr = u64::from(info.nr_vcpus);
-    let per = match info.params[1] {
-        0 => ram_pages / nr,
-        p => p.min(ram_pages / nr),
-    };
+    let per = pages_per_vcpu(info, info.params[1]);
     let rounds = info.params[2].max(1);
     let kind = info.params[3];
     if kind > abi::pattern::HOTCOLD {
@@ -641,16 +648,7 @@ fn boot_param(boot_info: *const BootInfo, i: usize) -> u64 {
 /// ready, then verify the slice in passes until told to stop (see `abi::workload::PATTERN`).
 fn pattern_workload(vcpu: u64, info: &BootInfo, boot_info: *const BootInfo) -> ! {
     use abi::pattern_params as pp;
-    let ram_pages: u64 = info.mem_regions[..info.nr_mem_regions as usize]
-        .iter()
-        .filter(|r| r.kind == abi::mem_kind::RAM)
-        .map(|r| r.size_bytes / abi::layout::PAGE_SIZE)
-        .sum();
-    let nr = u64::from(info.nr_vcpus);
-    let per = match info.params[pp::PAGES] {
-        0 => ram_pages / nr,
-        p => p.min(ram_pages / nr),
-    };
+    let per = pages_per_vcpu(info, info.params[pp::PAGES]);
     let first = vcpu * per;
     let words = abi::layout::PAGE_SIZE / 8;
     for i in 0..per {
