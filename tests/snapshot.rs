@@ -392,3 +392,183 @@ fn an_existing_directory_is_refused_without_force() {
     assert_restored_clean(&o, "forced snapshot");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The `"restore"` object of `vmm run --json`'s summary line (the last line of stdout).
+fn restore_json(o: &Output) -> serde_json::Value {
+    let out = stdout(o);
+    let line = out.lines().last().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("no JSON summary ({e}): {out}\n{}", stderr(o)));
+    v["restore"].clone()
+}
+
+#[test]
+fn a_recorded_working_set_is_prefetched_and_no_page_is_served_twice() {
+    require_kvm!();
+    let snap = tmp("ws");
+    make_snapshot("ws", &snap);
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(snap.join("manifest.json")).unwrap())
+            .unwrap();
+    let held = manifest["pages"].as_u64().unwrap();
+    // Restore without prefetch: the guest verifies 500 pages per vCPU, and the order of its
+    // first touches is recorded (one page per fault: exactly what it read, plus any page of
+    // RAM its own code touches).
+    let o = restore(
+        &snap,
+        &[
+            "--pages",
+            "500",
+            "--passes",
+            "1",
+            "--fault-around",
+            "1",
+            "--json",
+        ],
+    );
+    assert_restored_clean(&o, "recording");
+    let r = restore_json(&o);
+    assert_eq!(r["pages_touched"], 1000, "{r}");
+    let recorded = r["ws_recorded_pages"].as_u64().unwrap();
+    assert!((1000..1016).contains(&recorded), "{r}");
+    assert!(r["ws_resident_ms"].as_f64().unwrap() > r["resumed_ms"].as_f64().unwrap());
+    assert!(
+        stderr(&o).contains("working set recorded"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(snap.join("ws.bin").exists());
+    // Lazily restored pages: served + still held at the end, the same in every run.
+    let lazy = r["pages_served"].as_u64().unwrap() + r["pages_never_touched"].as_u64().unwrap();
+    assert!(lazy > 0 && lazy <= held, "{r}");
+    for mode in ["vcpu", "handler", "kernel"] {
+        let o = restore(
+            &snap,
+            &[
+                "--restore-mode",
+                mode,
+                "--prefetch",
+                "ws",
+                "--pages",
+                "500",
+                "--passes",
+                "2",
+                "--json",
+            ],
+        );
+        assert_restored_clean(&o, mode);
+        let r = restore_json(&o);
+        assert!(r["prefetched_pages"].as_u64().is_some(), "{mode}: {r}");
+        assert!(
+            r["ws_recorded_pages"].is_null(),
+            "a prefetching run records nothing"
+        );
+        if mode != "kernel" {
+            // Every page populated came from the snapshot once: served + still held = held.
+            let served = r["pages_served"].as_u64().unwrap();
+            assert_eq!(
+                served + r["pages_never_touched"].as_u64().unwrap(),
+                lazy,
+                "{r}"
+            );
+            assert_eq!(
+                r["pages_populated"].as_u64().unwrap(),
+                served,
+                "{mode}: {r}"
+            );
+            assert!(served >= 1000, "{mode}: {r}");
+        }
+    }
+    // The working set file is checked like the rest of the snapshot.
+    let ws = snap.join("ws.bin");
+    let good = std::fs::read(&ws).unwrap();
+    let mut bad = good.clone();
+    bad[20] ^= 1;
+    std::fs::write(&ws, &bad).unwrap();
+    let o = restore(&snap, &["--prefetch", "ws", "--passes", "1"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("ws.bin: checksum mismatch"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stdout(&o).is_empty(), "the guest ran: {}", stdout(&o));
+    std::fs::remove_file(&ws).unwrap();
+    let o = restore(&snap, &["--prefetch", "ws", "--passes", "1"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no working set recorded"),
+        "{}",
+        stderr(&o)
+    );
+    let o = restore(&snap, &["--prefetch", "ws", "--restore-mode", "eager"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(snap);
+}
+
+#[test]
+fn snapshots_taken_while_another_client_hot_plugs_restore_clean() {
+    require_kvm!();
+    let snaps: Vec<PathBuf> = (0..3).map(|i| tmp(&format!("busy-{i}"))).collect();
+    let vm = start(
+        "busy",
+        &["--workload", "hotplug", "--vcpus", "2", "--mem", "32M"],
+    );
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let changes = std::thread::scope(|sc| {
+        let churn = sc.spawn(|| {
+            // Map, split, protect and unmap 2 MiB regions in eight slots, round and round.
+            let mut n = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                let gpa = 0x1_0000_0000u64 + (n % 8) * (4 << 20);
+                let at = format!("{gpa:#x}");
+                vm.ctl_ok(&["map", "--gpa", &at, "--size", "2M"]);
+                vm.ctl_ok(&[
+                    "unmap",
+                    "--gpa",
+                    &format!("{:#x}", gpa + (1 << 20)),
+                    "--size",
+                    "4K",
+                ]);
+                vm.ctl_ok(&["protect", "--gpa", &at, "--size", "1M", "--readonly"]);
+                // The previous round's pieces go: two slots are live at most.
+                if n > 0 {
+                    let prev = 0x1_0000_0000u64 + ((n - 1) % 8) * (4 << 20);
+                    vm.ctl_ok(&["unmap", "--gpa", &format!("{prev:#x}"), "--size", "2M"]);
+                }
+                n += 1;
+            }
+            n
+        });
+        for (i, d) in snaps.iter().enumerate() {
+            std::thread::sleep(Duration::from_millis(150 + 100 * i as u64));
+            let reply = vm.ctl_ok(&["snapshot", "--dir", d.to_str().unwrap()]);
+            assert!(reply.contains("vCPUs paused"), "{reply}");
+        }
+        done.store(true, std::sync::atomic::Ordering::Release);
+        churn.join().unwrap()
+    });
+    assert!(
+        changes >= 3,
+        "the other client made {changes} rounds of changes"
+    );
+    vm.ctl_ok(&["check"]);
+    vm.ctl_ok(&["stop"]);
+    let (status, err) = vm.wait();
+    assert_eq!(status, Some(0), "{err}");
+    for (i, d) in snaps.iter().enumerate() {
+        // Each snapshot holds a consistent layout: it restores, `check` agrees with KVM and
+        // the host mappings, and the guest goes on over it and stops clean.
+        let vm = start(
+            &format!("busy-restored-{i}"),
+            &["--restore", d.to_str().unwrap()],
+        );
+        let check = vm.ctl_ok(&["check"]);
+        assert!(check.contains("consistent"), "{check}");
+        vm.ctl_ok(&["stop"]);
+        let (status, err) = vm.wait();
+        assert_eq!(status, Some(0), "snapshot {i}: {err}");
+        assert!(err.contains("verify ok (0 errors)"), "snapshot {i}: {err}");
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

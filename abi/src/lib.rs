@@ -133,6 +133,10 @@ pub mod ports {
     /// microseconds (at most 10 ms), so that a guest with nothing to do leaves the host CPU
     /// to others (there is no timer interrupt to `hlt` for).
     pub const IDLE: u16 = 0xf6;
+    /// The mark port: a write records when the writing vCPU reached a point the VMM reports
+    /// on (the `pattern` workload marks the end of its first pass after a restore, when its
+    /// working set is resident).
+    pub const MARK: u16 = 0xf7;
 }
 
 /// Workload ids, as stored in [`BootInfo::workload`].
@@ -181,8 +185,11 @@ pub mod workload {
     /// slot after each (`pages`, `verify_errors`, `reserved[1]` passes). It stops after
     /// `params[PATTERN_PASSES]` passes (0: never), or at the mailbox's STOP flag; the last vCPU
     /// to stop exits 0 if no vCPU found a wrong word, 1 otherwise. After each pass it re-reads
-    /// `params[PATTERN_RESUME_GEN]`: when the VMM changed it (a restore from a snapshot), the
-    /// vCPU runs `params[PATTERN_RESUME_PASSES]` more passes (0: forever) from there.
+    /// `params[PATTERN_RESUME_GEN]` (and before every page): when the VMM changed it (a restore
+    /// from a snapshot), the vCPU drops the pass it was in and runs `params[PATTERN_RESUME_PASSES]`
+    /// passes (0: forever) over the first `params[PATTERN_RESUME_PAGES]` pages of its slice (0:
+    /// all), timing the first read of each page in the first of them into its touch-latency
+    /// histogram, and writes 1 to [`crate::ports::MARK`] when that first pass is done.
     pub const PATTERN: u32 = 11;
 }
 
@@ -196,6 +203,9 @@ pub mod pattern_params {
     pub const RESUME_GEN: usize = 3;
     /// Passes to run after a restore (0: until stopped).
     pub const RESUME_PASSES: usize = 4;
+    /// Pages of its slice each vCPU verifies after a restore (0: all it wrote): the restored
+    /// guest's working set.
+    pub const RESUME_PAGES: usize = 5;
 }
 
 /// The word the `pattern` workload keeps at guest-physical address `addr` (8-aligned): a

@@ -679,18 +679,42 @@ fn pattern_workload(vcpu: u64, info: &BootInfo, boot_info: *const BootInfo) -> !
     // A fresh boot leaves the word 0; every restore makes it larger.
     let mut resume_gen = 0;
     let mut remaining = info.params[pp::PASSES];
+    // Pages verified per pass: all written, or after a restore the working set it asks for.
+    let mut limit = per;
+    // The first pass after a restore times each page's first read and ends with a mark.
+    let mut timing = false;
+    let hist = abi::hist_addr(vcpu) as *mut u32;
     let (mut errors, mut passes) = (0u64, 0u64);
-    loop {
-        for i in 0..per {
+    'passes: loop {
+        for i in 0..limit {
             let Some(page) = ram_page(info, first + i) else {
                 break;
             };
+            if boot_param(boot_info, pp::RESUME_GEN) != resume_gen {
+                // Restored from a snapshot: drop this pass; the VMM says what to run from here.
+                resume_gen = boot_param(boot_info, pp::RESUME_GEN);
+                remaining = boot_param(boot_info, pp::RESUME_PASSES);
+                limit = match boot_param(boot_info, pp::RESUME_PAGES) {
+                    0 => per,
+                    n => n.min(per),
+                };
+                timing = true;
+                continue 'passes;
+            }
             for w in 0..words {
                 let addr = page + w * 8;
+                let t0 = if timing && w == 0 { rdtsc() } else { 0 };
                 // SAFETY: as above.
-                if unsafe { core::ptr::read_volatile(addr as *const u64) }
-                    != abi::pattern_word(addr)
-                {
+                let v = unsafe { core::ptr::read_volatile(addr as *const u64) };
+                if timing && w == 0 {
+                    let b = abi::hist_bucket(rdtsc().wrapping_sub(t0));
+                    // SAFETY: this vCPU's histogram in the boot area, written by it alone.
+                    unsafe {
+                        let p = hist.add(b);
+                        core::ptr::write_volatile(p, core::ptr::read_volatile(p) + 1);
+                    }
+                }
+                if v != abi::pattern_word(addr) {
                     errors += 1;
                 }
             }
@@ -701,12 +725,14 @@ fn pattern_workload(vcpu: u64, info: &BootInfo, boot_info: *const BootInfo) -> !
             core::ptr::write_volatile(result.add(2), errors);
             core::ptr::write_volatile(result.add(5), passes);
         }
-        let g = boot_param(boot_info, pp::RESUME_GEN);
-        if g != resume_gen {
-            // Restored from a snapshot: the VMM says how many passes to run from here.
-            resume_gen = g;
-            remaining = boot_param(boot_info, pp::RESUME_PASSES);
-        } else if remaining > 0 {
+        if timing {
+            timing = false;
+            // SAFETY: see `outb`.
+            unsafe {
+                asm!("out dx, al", in("dx") ports::MARK, in("al") 1u8, options(nomem, nostack))
+            };
+        }
+        if remaining > 0 {
             remaining -= 1;
             if remaining == 0 {
                 break;

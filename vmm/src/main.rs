@@ -137,7 +137,8 @@ struct RunArgs {
     hotplug_window: u64,
 
     /// Pages each vCPU touches with `--workload touch` or `pattern` (0: all RAM, split
-    /// evenly).
+    /// evenly). With --restore of a `pattern` guest: the pages of its slice each vCPU verifies
+    /// after resuming, its working set (0: every page it wrote).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pages: u64,
 
@@ -209,6 +210,19 @@ struct RunArgs {
     /// read ahead).
     #[arg(long, value_enum, default_value_t = RestoreVerify::Full, requires = "restore")]
     restore_verify: RestoreVerify,
+
+    /// With --restore: ws replays the working set a previous restore of the same snapshot
+    /// recorded (its ws.bin), on a thread of its own ahead of the guest; none serves first
+    /// touches only, and records the order they came in (vcpu and handler modes) into ws.bin.
+    #[arg(long, value_enum, default_value_t = Prefetch::None, requires = "restore")]
+    prefetch: Prefetch,
+}
+
+/// `--prefetch`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Prefetch {
+    None,
+    Ws,
 }
 
 /// `--restore-mode`.
@@ -456,8 +470,19 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
                 RestoreVerify::Full => snapshot::Verify::Full,
                 RestoreVerify::Meta => snapshot::Verify::Meta,
             };
-            match snapshot::load(dir, verify) {
-                Ok(s) => Some(vm::Restore {
+            if args.prefetch == Prefetch::Ws && args.restore_mode == RestoreModeArg::Eager {
+                eprintln!("vmm: --prefetch ws is for the lazy restore modes (vcpu, handler, kernel): eager copies everything in before the guest runs");
+                return EXIT_USAGE;
+            }
+            let loaded = snapshot::load(dir, verify).and_then(|s| {
+                let prefetch = match args.prefetch {
+                    Prefetch::Ws => Some(snapshot::read_working_set(&s)?),
+                    Prefetch::None => None,
+                };
+                Ok((s, prefetch))
+            });
+            match loaded {
+                Ok((s, prefetch)) => Some(vm::Restore {
                     snapshot: s,
                     mode: match args.restore_mode {
                         RestoreModeArg::Vcpu => vm::RestoreMode::Vcpu,
@@ -466,6 +491,8 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
                         RestoreModeArg::Eager => vm::RestoreMode::Eager,
                     },
                     passes: args.passes,
+                    pages: args.pages,
+                    prefetch,
                 }),
                 Err(e) => {
                     eprintln!("vmm: --restore: {e}");
@@ -545,6 +572,7 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
     let pattern = cfg.workload == abi::workload::PATTERN;
     let restored = cfg.restore.is_some();
     let json_summary = args.json;
+    let ws_pages = args.pages;
     let hotplug = cfg.workload == abi::workload::HOTPLUG;
     let touch = matches!(
         args.workload,
@@ -601,16 +629,11 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
     }
     let mut touch_failed = false;
     let mut touch_json = serde_json::Value::Null;
-    if let (Some(at), Some((served, left))) = (report.resumed_at, report.restore_pages) {
-        eprintln!(
-            "restore: vCPUs resumed {:.2} ms after process start; {served} pages served from the snapshot, {left} never touched",
-            ms(at)
-        );
-    } else if let Some(at) = report.resumed_at {
-        eprintln!(
-            "restore: vCPUs resumed {:.2} ms after process start",
-            ms(at)
-        );
+    let mut restore_json = serde_json::Value::Null;
+    if let Some(at) = report.resumed_at {
+        let r = summary::RestoreSummary::new(&report, at, ws_pages);
+        eprintln!("{r}");
+        restore_json = r.json();
     }
     if pattern {
         let passes: u64 = report.results.iter().map(|r| r.reserved[1]).sum();
@@ -666,6 +689,7 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
                        "open_bus_writes": c.open_bus_writes,
                        "readonly_writes": c.readonly_writes},
             "touch": touch_json,
+            "restore": restore_json,
             "first_line_ms": report.first_line.map(ms),
             "total_ms": ms(report.total),
         })

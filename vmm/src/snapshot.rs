@@ -350,13 +350,18 @@ fn write_memory(
                     .copy_out(r.gpa + p * PAGE, bytes)
                     .map_err(io_err("cannot read guest memory for", &path))?;
             } else {
-                let d = source.and_then(|s| s.data(pfn, n)).ok_or_else(|| {
-                    SnapshotError::Vm(format!(
-                        "page {:#x} of the snapshot this VM was restored from is unreadable",
-                        pfn * PAGE
-                    ))
-                })?;
-                bytes.copy_from_slice(d);
+                source
+                    .ok_or_else(|| "no snapshot".to_owned())
+                    .and_then(|s| {
+                        s.with_data(pfn, n, |d| bytes.copy_from_slice(d))
+                            .map_err(|e| e.to_string())
+                    })
+                    .map_err(|e| {
+                        SnapshotError::Vm(format!(
+                            "page {:#x} of the snapshot this VM was restored from is unreadable: {e}",
+                            pfn * PAGE
+                        ))
+                    })?;
             }
             f.write_all_at(bytes, offset + p * PAGE)
                 .map_err(io_err("cannot write", &path))?;
@@ -703,6 +708,105 @@ impl Loaded {
         );
         Ok(())
     }
+}
+
+/// The working-set file a restore records next to the snapshot: the runs of pages served from
+/// the snapshot, in the order the guest first touched them (`--prefetch ws` replays it).
+pub const WORKING_SET: &str = "ws.bin";
+
+/// `ws.bin` starts with these 8 bytes; then the number of runs, the runs (`gpa`, pages: two
+/// little-endian `u64`s each), and the checksum of everything before it.
+const WS_MAGIC: &[u8; 8] = b"VMMWS\0\0\x01";
+
+/// Writes the working set `runs` into `dir/ws.bin`, atomically (a temporary file renamed over
+/// it), replacing the one there.
+pub fn write_working_set(dir: &Path, runs: &[(u64, u64)]) -> Result<(), SnapshotError> {
+    let mut bytes = Vec::with_capacity(24 + runs.len() * 16);
+    bytes.extend_from_slice(WS_MAGIC);
+    bytes.extend_from_slice(&(runs.len() as u64).to_le_bytes());
+    for &(gpa, n) in runs {
+        bytes.extend_from_slice(&gpa.to_le_bytes());
+        bytes.extend_from_slice(&n.to_le_bytes());
+    }
+    let sum = checksum(&bytes);
+    bytes.extend_from_slice(&sum.to_le_bytes());
+    let tmp = dir.join(format!(".{WORKING_SET}.tmp-{}", std::process::id()));
+    let path = dir.join(WORKING_SET);
+    let written = File::create(&tmp)
+        .and_then(|f| {
+            f.write_all_at(&bytes, 0)?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(SnapshotError::Io {
+            what: "cannot write",
+            path,
+            source: e,
+        });
+    }
+    Ok(())
+}
+
+/// Reads `dir/ws.bin`: the runs, each checked to lie inside a region of the snapshot.
+pub fn read_working_set(snap: &Loaded) -> Result<Vec<(u64, u64)>, SnapshotError> {
+    let dir = &snap.dir;
+    let path = dir.join(WORKING_SET);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(SnapshotError::Vm(format!(
+                "{}: no working set recorded ({WORKING_SET} is missing): restore once with \
+                 --prefetch none, and let the guest run, to record one",
+                dir.display()
+            )))
+        }
+        Err(e) => return Err(io_err("cannot read", &path)(e)),
+    };
+    let corrupt = |why: String| SnapshotError::Corrupt {
+        dir: dir.clone(),
+        file: WORKING_SET,
+        why,
+    };
+    let word = |at: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&bytes[at..at + 8]);
+        u64::from_le_bytes(w)
+    };
+    if bytes.len() < 24 || &bytes[..8] != WS_MAGIC {
+        return Err(corrupt("not a working-set file".into()));
+    }
+    let n = word(8);
+    if n.checked_mul(16).and_then(|b| b.checked_add(24)) != Some(bytes.len() as u64) {
+        return Err(corrupt(format!("{} bytes for {n} runs", bytes.len())));
+    }
+    let end = bytes.len() - 8;
+    if checksum(&bytes[..end]) != word(end) {
+        return Err(corrupt("checksum mismatch".into()));
+    }
+    let regions = &snap.manifest.regions;
+    (0..n as usize)
+        .map(|i| {
+            let (gpa, pages) = (word(16 + 16 * i), word(24 + 16 * i));
+            let inside = gpa % PAGE == 0
+                && pages > 0
+                && pages
+                    .checked_mul(PAGE)
+                    .and_then(|b| gpa.checked_add(b))
+                    .is_some_and(|e| {
+                        let k = regions.partition_point(|r| r.gpa <= gpa);
+                        k > 0 && e <= regions[k - 1].gpa + regions[k - 1].size
+                    });
+            if inside {
+                Ok((gpa, pages))
+            } else {
+                Err(corrupt(format!(
+                    "run {i} ({gpa:#x}, {pages} pages) lies outside the snapshot's regions"
+                )))
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

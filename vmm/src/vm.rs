@@ -112,6 +112,11 @@ pub struct Restore {
     pub mode: RestoreMode,
     /// Verify passes the `pattern` guest runs after resuming (0: until stopped).
     pub passes: u64,
+    /// Pages of its slice each `pattern` vCPU verifies after resuming (0: all it wrote).
+    pub pages: u64,
+    /// `--prefetch ws`: the recorded working set, replayed ahead of the guest. `None`: record
+    /// the order of first touches instead (lazy modes), into the snapshot's `ws.bin`.
+    pub prefetch: Option<Vec<(u64, u64)>>,
 }
 
 impl std::fmt::Debug for Restore {
@@ -221,6 +226,16 @@ pub struct RunReport {
     pub resumed_at: Option<Duration>,
     /// After a restore: pages served from the snapshot, and pages it still held at the end.
     pub restore_pages: Option<(u64, u64)>,
+    /// Per vCPU, process start to its first write to the mark port (the `pattern` guest's
+    /// first pass after a restore done: its working set resident).
+    pub marks: Vec<Option<Duration>>,
+    /// `--prefetch ws`: pages the prefetcher populated, and process start to its end.
+    pub prefetched: Option<(u64, Duration)>,
+    /// After a lazy restore without prefetch: the working set recorded (runs, pages), or why
+    /// it could not be written.
+    pub ws_recorded: Option<Result<(u64, u64), String>>,
+    /// The process's resident memory at the end of the run, before teardown.
+    pub rss_bytes: u64,
 }
 
 /// What a companion thread gets: the running VM's address space (devices such as the hot-plug
@@ -594,6 +609,24 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         }
     }
     drop(tx);
+    // `--prefetch ws`: the recorded working set, replayed ahead of the vCPUs.
+    let prefetch_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prefetcher = cfg
+        .restore
+        .as_ref()
+        .and_then(|r| r.prefetch.clone())
+        .and_then(|runs| {
+            let (space, stop) = (Arc::clone(&space), Arc::clone(&prefetch_stop));
+            let start = cfg.process_start;
+            std::thread::Builder::new()
+                .name("prefetch".into())
+                .spawn(move || {
+                    let r = space.prefetch(&runs, &stop);
+                    (r, start.elapsed())
+                })
+                .inspect_err(|e| tracing::error!(error = %e, "cannot start the prefetch thread"))
+                .ok()
+        });
     let resumed_at = cfg.restore.as_ref().map(|r| {
         let t = cfg.process_start.elapsed();
         tracing::info!(
@@ -659,6 +692,22 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         }
     }
     shared.devices.serial.flush_partial();
+    prefetch_stop.store(true, Ordering::Release);
+    let prefetched = prefetcher.and_then(|h| match h.join() {
+        Ok((Ok(pages), at)) => Some((pages, at)),
+        Ok((Err(e), _)) => {
+            tracing::error!(error = %e, "prefetching the working set failed");
+            None
+        }
+        Err(_) => None,
+    });
+    let marks = shared
+        .devices
+        .marks()
+        .into_iter()
+        .map(|m| m.map(|t| t.saturating_duration_since(cfg.process_start)))
+        .collect();
+    let rss_bytes = memory::host::rss_bytes();
     if let Some((stop, h)) = handler {
         stop.store(true, Ordering::Release);
         let _ = h.join();
@@ -684,6 +733,19 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
     let restore_pages = space
         .source()
         .map(|src| (src.served.load(Ordering::Relaxed), src.remaining()));
+    // A lazy restore without prefetch records the order of first touches for the next one.
+    let ws_recorded = match (&cfg.restore, space.source()) {
+        (Some(r), Some(src)) if r.prefetch.is_none() && r.mode != RestoreMode::Eager => {
+            let runs = src.working_set();
+            let pages = runs.iter().map(|r| r.1).sum();
+            Some(
+                crate::snapshot::write_working_set(&r.snapshot.dir, &runs)
+                    .map(|()| (runs.len() as u64, pages))
+                    .map_err(|e| e.to_string()),
+            )
+        }
+        _ => None,
+    };
 
     let outcome = match decided {
         Some(RunOutcome::TimedOut { after, .. }) => RunOutcome::TimedOut {
@@ -738,6 +800,10 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         memslot_changes_after_setup,
         resumed_at,
         restore_pages,
+        marks,
+        prefetched,
+        ws_recorded,
+        rss_bytes,
     })
 }
 
@@ -831,6 +897,7 @@ fn restore_memory(
             regions,
             &lazy,
             space.host().size_bytes(),
+            r.prefetch.is_none() && matches!(r.mode, RestoreMode::Vcpu | RestoreMode::Handler),
         )
         .map_err(|e| err(format!("cannot map memory.img: {e}")))?;
         space.set_source(source).map_err(err)?;
@@ -866,8 +933,14 @@ fn restore_memory(
         .map_err(|e| err(format!("cannot read the boot info: {e}")))?;
     guest_mem
         .write_obj(r.passes, word(pp::RESUME_PASSES))
+        .and_then(|()| guest_mem.write_obj(r.pages, word(pp::RESUME_PAGES)))
         .and_then(|()| guest_mem.write_obj(generation.wrapping_add(1).max(1), word(pp::RESUME_GEN)))
         .map_err(|e| err(format!("cannot write the boot info: {e}")))?;
+    // Touch latencies from here on are the restored guest's.
+    let hist_bytes = vec![0u8; abi::HIST_BUCKETS * 4 * abi::layout::MAX_VCPUS as usize];
+    guest_mem
+        .write_slice(&hist_bytes, GuestAddress(abi::layout::HISTOGRAMS))
+        .map_err(|e| err(format!("cannot clear the latency histograms: {e}")))?;
     Ok(())
 }
 

@@ -26,6 +26,8 @@ pub enum PioOutcome {
 pub struct Devices {
     /// COM1.
     pub serial: SerialConsole,
+    /// The mark port: when each vCPU first wrote it.
+    marks: std::sync::Mutex<Vec<Option<std::time::Instant>>>,
 }
 
 impl Devices {
@@ -33,7 +35,13 @@ impl Devices {
     pub fn new(nr_vcpus: usize, sink: Box<dyn std::io::Write + Send>) -> Self {
         Devices {
             serial: SerialConsole::new(nr_vcpus, sink),
+            marks: std::sync::Mutex::new(vec![None; nr_vcpus]),
         }
+    }
+
+    /// When each vCPU first wrote the mark port (`None`: never).
+    pub fn marks(&self) -> Vec<Option<std::time::Instant>> {
+        self.marks.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
     /// vCPU `vcpu` writes `data` to `port`. For the UART, `data` may hold many bytes: a string
@@ -54,6 +62,14 @@ impl Devices {
                     .rev()
                     .fold(0u64, |v, &b| (v << 8) | u64::from(b));
                 std::thread::sleep(std::time::Duration::from_micros(us.min(10_000)));
+                PioOutcome::Handled
+            }
+            ports::MARK => {
+                if let Ok(mut m) = self.marks.lock() {
+                    if let Some(slot @ None) = m.get_mut(vcpu) {
+                        *slot = Some(std::time::Instant::now());
+                    }
+                }
                 PioOutcome::Handled
             }
             _ => PioOutcome::Unknown,

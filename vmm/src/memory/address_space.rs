@@ -1926,4 +1926,154 @@ mod tests {
         s.protect(16 * MB, 4 * MB, false).unwrap();
         assert!(s.list().iter().all(|r| !r.readonly));
     }
+
+    /// A snapshot data file for the region [16M, 20M): page `i` filled with byte `i + 1`,
+    /// every page held except those in `holes`.
+    fn snapshot_source(holes: &[u64], record: bool) -> super::super::snapshot::Source {
+        use std::io::Write;
+        let pages = 4 * MB / PAGE;
+        let mut f = tempfile_in_tmp();
+        for i in 0..pages {
+            f.write_all(&vec![(i + 1) as u8; PAGE as usize]).unwrap();
+        }
+        let held: Vec<u64> = (0..pages)
+            .filter(|i| !holes.contains(i))
+            .map(|i| 16 * MB + i * PAGE)
+            .collect();
+        super::super::snapshot::Source::open(
+            f,
+            4 * MB,
+            vec![super::super::snapshot::SourceRegion {
+                gpa: 16 * MB,
+                size: 4 * MB,
+                file_offset: 0,
+            }],
+            &held,
+            1 << 30,
+            record,
+        )
+        .unwrap()
+    }
+
+    fn tempfile_in_tmp() -> std::fs::File {
+        let path = std::env::temp_dir().join(format!(
+            "vmm-source-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
+    }
+
+    fn read_byte(s: &AddressSpace, gpa: u64) -> u8 {
+        let reader = s.domain().register();
+        let g = reader.read();
+        let mut b = [0u8];
+        s.complete_mmio(&g, gpa, Access::Read(&mut b)).unwrap();
+        b[0]
+    }
+
+    #[test]
+    fn prefetch_never_overwrites_a_written_page_nor_serves_one_twice() {
+        for mode in [FaultMode::Vcpu, FaultMode::Handler] {
+            let (s, _) = space(mode, "bonsai");
+            s.map(16 * MB, 4 * MB, Backing::Anon, false, RegionKind::Hotplug)
+                .unwrap();
+            // Page 9 is a hole in the snapshot: zero-fill on demand, never prefetched.
+            s.set_source(snapshot_source(&[9], true)).unwrap();
+            let held = s.source().unwrap().remaining();
+            assert_eq!(held, 4 * MB / PAGE - 1);
+            // The guest writes page 5 first (its fault-around window, pages 4..8, comes
+            // from the snapshot), then the working set is prefetched over it.
+            {
+                let reader = s.domain().register();
+                let g = reader.read();
+                s.complete_mmio(&g, 16 * MB + 5 * PAGE, Access::Write(&[0xab]))
+                    .unwrap();
+            }
+            let stop = AtomicBool::new(false);
+            let got = s.prefetch(&[(16 * MB, 16), (16 * MB + 100 * PAGE, 2)], &stop);
+            // Pages 0..16 but 4..8 (present) and 9 (not held), and 100..102.
+            assert_eq!(got.unwrap(), 16 - 4 - 1 + 2, "{mode:?}");
+            assert_eq!(read_byte(&s, 16 * MB + 5 * PAGE), 0xab, "written page kept");
+            assert_eq!(
+                read_byte(&s, 16 * MB + 5 * PAGE + 1),
+                6,
+                "rest of it from the snapshot"
+            );
+            for i in [0u64, 3, 8, 10, 15, 100, 101] {
+                assert_eq!(read_byte(&s, 16 * MB + i * PAGE), (i + 1) as u8, "page {i}");
+            }
+            assert_eq!(read_byte(&s, 16 * MB + 9 * PAGE), 0, "a hole reads zero");
+            let src = s.source().unwrap();
+            let served = src.served.load(Relaxed);
+            assert_eq!(served, 4 + 11 + 2, "{mode:?}");
+            assert_eq!(served + src.remaining(), held);
+            // Recorded in the order served: the write's window first.
+            let ws = src.working_set();
+            assert_eq!(ws.first(), Some(&(16 * MB + 4 * PAGE, 4)), "{ws:?}");
+            assert_eq!(ws.iter().map(|r| r.1).sum::<u64>(), served);
+        }
+    }
+
+    #[test]
+    fn prefetch_races_with_faulting_threads_and_every_page_is_served_once() {
+        let (s, _) = space(FaultMode::Vcpu, "bonsai");
+        s.map(16 * MB, 4 * MB, Backing::Anon, false, RegionKind::Hotplug)
+            .unwrap();
+        s.set_source(snapshot_source(&[], true)).unwrap();
+        let pages = 4 * MB / PAGE;
+        // The working set: every page, backwards in runs of 3, against readers going forwards
+        // and in a stride.
+        let runs: Vec<(u64, u64)> = (0..pages)
+            .rev()
+            .step_by(3)
+            .map(|i| (16 * MB + i.saturating_sub(2) * PAGE, i.min(2) + 1))
+            .collect();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            sc.spawn(|| s.prefetch(&runs, &stop).unwrap());
+            for t in 0..3u64 {
+                let s = &s;
+                sc.spawn(move || {
+                    let reader = s.domain().register();
+                    for k in 0..pages {
+                        let i = (k * (2 * t + 1) + t) % pages;
+                        let g = reader.read();
+                        s.fault_page(&g, 16 * MB + i * PAGE, t == 1).unwrap();
+                    }
+                });
+            }
+        });
+        let src = s.source().unwrap();
+        assert_eq!(
+            src.served.load(Relaxed),
+            pages,
+            "every page served exactly once"
+        );
+        assert_eq!(src.remaining(), 0);
+        let ws = src.working_set();
+        assert_eq!(ws.iter().map(|r| r.1).sum::<u64>(), pages);
+        let mut seen = vec![false; pages as usize];
+        for (gpa, n) in ws {
+            for p in (gpa - 16 * MB) / PAGE..(gpa - 16 * MB) / PAGE + n {
+                assert!(!seen[p as usize], "page {p} served twice");
+                seen[p as usize] = true;
+            }
+        }
+        for i in 0..pages {
+            assert_eq!(
+                read_byte(&s, 16 * MB + i * PAGE + 7),
+                (i + 1) as u8,
+                "page {i}"
+            );
+        }
+    }
 }

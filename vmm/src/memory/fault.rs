@@ -273,28 +273,34 @@ impl AddressSpace {
             return Ok(0);
         }
         // From the snapshot being restored, if it holds any of the huge page's 4 KiB pages.
-        let from_source = self
+        let from_source = match self
             .source
             .get()
             .filter(|src| (first..first + n).any(|p| src.has(p)))
-            .map(|src| {
+        {
+            Some(src) => {
                 let mut buf = vec![0u8; huge as usize];
-                for p in first..first + n {
-                    if let Some(d) = src.has(p).then(|| src.data(p, 1)).flatten() {
-                        let at = ((p - first) * PAGE) as usize;
-                        buf[at..at + PAGE as usize].copy_from_slice(d);
-                    }
+                for p in (first..first + n).filter(|&p| src.has(p)) {
+                    let at = ((p - first) * PAGE) as usize;
+                    src.with_data(p, 1, |d| buf[at..at + PAGE as usize].copy_from_slice(d))
+                        .map_err(|source| FaultError {
+                            gpa: p * PAGE,
+                            source,
+                        })?;
                 }
-                (src, buf)
-            });
+                Some((src, buf))
+            }
+            None => None,
+        };
         let data = match &from_source {
             Some((_, buf)) => &buf[..],
             None => &self.zeroes[..huge as usize],
         };
         let r = uffd.copy(self.host.host_addr(start), data);
         if let (Some((src, _)), Ok(_)) = (&from_source, &r) {
-            let k = src.forget(first, n);
-            src.served.fetch_add(k, Relaxed);
+            let held = (first..first + n).filter(|&p| src.has(p)).count() as u64;
+            src.forget(first, n);
+            src.served.fetch_add(held, Relaxed);
         }
         match r {
             Ok(Populated::Done) => {
@@ -365,13 +371,9 @@ impl AddressSpace {
                 // Write faults get private zeroed pages at once (no copy-on-write fault
                 // later); read faults map the shared zero page.
                 let r = match from {
-                    Some(src) => match src.data(s, sub_end - s) {
-                        Some(d) => uffd.copy(host, d),
-                        None => Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            "the snapshot's data file does not hold this page",
-                        )),
-                    },
+                    Some(src) => src
+                        .with_data(s, sub_end - s, |d| uffd.copy(host, d))
+                        .and_then(|r| r),
                     None if write => uffd.copy(host, &self.zeroes[..bytes as usize]),
                     None => uffd.zeropage(host, bytes),
                 };
@@ -380,8 +382,7 @@ impl AddressSpace {
                         let n = sub_end - s;
                         self.residency.set_range(s, n);
                         if let Some(src) = from {
-                            src.forget(s, n);
-                            src.served.fetch_add(n, Relaxed);
+                            src.served_run(s, n, 0);
                         }
                         populated += n;
                         woken |= (s..sub_end).contains(&target);
@@ -392,8 +393,7 @@ impl AddressSpace {
                         let n = bytes / PAGE;
                         self.residency.set_range(s, n + 1);
                         if let Some(src) = from {
-                            src.forget(s, n + 1);
-                            src.served.fetch_add(n, Relaxed);
+                            src.served_run(s, n, 1);
                         }
                         populated += n;
                         woken |= (s..s + n).contains(&target);
@@ -405,6 +405,9 @@ impl AddressSpace {
                         // `EEXIST`, above).
                         let n = (bytes / PAGE).max(1).min(run_end - s);
                         self.residency.set_range(s, n);
+                        if let Some(src) = from {
+                            src.served_run(s, (bytes / PAGE).min(n), 0);
+                        }
                         populated += n;
                         woken |= (s..s + n).contains(&target);
                         s += n;
@@ -536,6 +539,79 @@ impl AddressSpace {
         unsafe {
             self.host.write(gpa, src)
         }
+    }
+}
+
+impl AddressSpace {
+    /// Replays a recorded working set (`runs` of `(gpa, pages)`, in order) ahead of the guest,
+    /// on the calling thread (`--prefetch ws`): pages the snapshot being restored still holds
+    /// are populated from it, in the same calls the fault path uses, so a page is never
+    /// populated twice (the residency bitmap and `UFFDIO_COPY`'s `EEXIST` decide the races) and
+    /// a page the guest has written is never overwritten. Pages the snapshot does not hold, or
+    /// no longer holds, are left to the guest's first touch. Without userfaultfd (`kernel`
+    /// restore mode) the runs are read in from the page cache (`MADV_POPULATE_READ`). Stops
+    /// early when `stop` is set. Returns the pages populated (read in, without userfaultfd).
+    pub fn prefetch(
+        &self,
+        runs: &[(u64, u64)],
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<u64, FaultError> {
+        let Some(src) = self.source.get() else {
+            let mut read = 0;
+            if self.uffd.is_none() {
+                for &(gpa, n) in runs {
+                    if stop.load(std::sync::atomic::Ordering::Acquire) {
+                        break;
+                    }
+                    self.host
+                        .populate_read(gpa, n * PAGE)
+                        .map_err(|source| FaultError { gpa, source })?;
+                    read += n;
+                }
+            }
+            return Ok(read);
+        };
+        let Some(uffd) = &self.uffd else {
+            return Ok(0);
+        };
+        let mut reader = self.domain().register();
+        let mut populated = 0;
+        for &(gpa, n) in runs {
+            if stop.load(std::sync::atomic::Ordering::Acquire) {
+                break;
+            }
+            let guard = reader.read();
+            populated += self.map.lookup(&guard, gpa, |hit| {
+                let Some((_, region)) = hit.filter(|(_, r)| r.demand_paged) else {
+                    return Ok(0);
+                };
+                let end = gpa.saturating_add(n * PAGE).min(region.end());
+                if region.backing == Backing::Hugetlb {
+                    let k = self.populate_huge_pages(uffd, gpa..end)?;
+                    region.counters.pages_populated.fetch_add(k, Relaxed);
+                    return Ok(k);
+                }
+                let (mut p, end) = (gpa / PAGE, end / PAGE);
+                let mut k = 0;
+                while p < end {
+                    if !src.has(p) {
+                        p += 1;
+                        continue;
+                    }
+                    let mut e = p + 1;
+                    while e < end && src.has(e) {
+                        e += 1;
+                    }
+                    k += self.populate_pages(uffd, p, e, true, u64::MAX)?.0;
+                    p = e;
+                }
+                region.counters.pages_populated.fetch_add(k, Relaxed);
+                Ok::<u64, FaultError>(k)
+            })?;
+            drop(guard);
+            reader.quiescent_state();
+        }
+        Ok(populated)
     }
 }
 

@@ -302,6 +302,21 @@ impl HostSpace {
         Ok(())
     }
 
+    /// Populates `[gpa, gpa + len)` for reading, as reads would (`madvise(MADV_POPULATE_READ)`):
+    /// a file mapping's pages come in from the page cache, mapped read-only (a later write
+    /// copies the page). `--restore-mode kernel --prefetch ws`. Never on userfaultfd-registered
+    /// memory (the call would wait on the VMM's own fault servicing).
+    pub fn populate_read(&self, gpa: u64, len: u64) -> io::Result<()> {
+        self.check(gpa, len)?;
+        let addr = self.host_addr(gpa) as *mut libc::c_void;
+        // SAFETY: the range lies inside our reservation (checked); populating for reading maps
+        // the pages a read would map and changes neither contents nor rights.
+        if unsafe { libc::madvise(addr, len as usize, libc::MADV_POPULATE_READ) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Frees a shared backing's (memfd, hugetlb) pages of `[gpa, gpa + len)` in its file
     /// (`MADV_REMOVE`), so that they go now rather than with the file's last mapping. A
     /// private mapping has no file: nothing to do there (the kernel says EINVAL).

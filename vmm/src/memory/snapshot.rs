@@ -70,27 +70,24 @@ pub struct SourceRegion {
     pub file_offset: u64,
 }
 
-/// Snapshot data that first touches are served from: the data file mapped read-only, where
-/// each region's pages lie at `file_offset + (gpa - region.gpa)`, and a bitmap of the pages
-/// the snapshot holds. A page's bit is cleared once it has been served, or when its range is
-/// released (so memory mapped again there starts from zero).
+/// Snapshot data that first touches are served from: the data file, where each region's
+/// pages lie at `file_offset + (gpa - region.gpa)`, read with `pread` into a per-thread buffer
+/// (no mapping of it: its pages never count in the VMM's RSS, and a file truncated under the VM
+/// makes a read fail, not the VMM crash), and a bitmap of the pages the snapshot holds. A page's
+/// bit is cleared once it has been served, or when its range is released (so memory mapped
+/// again there starts from zero).
 pub struct Source {
-    base: *const u8,
-    len: usize,
+    file: File,
+    len: u64,
     regions: Vec<SourceRegion>,
     pages: Residency,
     /// Pages still to be served.
     remaining: AtomicU64,
     /// Pages served from the snapshot.
     pub served: AtomicU64,
-    _file: File,
+    /// The order pages were served in, when recording a working set.
+    log: Option<WsLog>,
 }
-
-// SAFETY: the mapping is read-only and lives as long as the `Source`; every access goes
-// through `&self` and only reads it (the bitmap and counters are atomics).
-unsafe impl Send for Source {}
-// SAFETY: as above.
-unsafe impl Sync for Source {}
 
 impl std::fmt::Debug for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -101,63 +98,58 @@ impl std::fmt::Debug for Source {
     }
 }
 
-impl Drop for Source {
-    fn drop(&mut self) {
-        if self.len > 0 {
-            // SAFETY: `base..base+len` is the mapping made in `open`, unmapped once here.
-            unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
-        }
-    }
-}
-
 impl Source {
-    /// Maps `file` (the data file, `len` bytes) read-only; `regions` sorted by address;
-    /// `pages`: the guest-physical addresses the snapshot holds; `space_bytes`: guest-physical
-    /// space. Every page must lie inside a region and inside the file.
+    /// Serves from `file` (the data file, `len` bytes); `regions` sorted by address; `pages`:
+    /// the guest-physical addresses the snapshot holds; `space_bytes`: guest-physical space.
+    /// Every page must lie inside a region and inside the file. With `record`, the runs of
+    /// pages served are logged in order ([`Source::working_set`]).
     pub fn open(
         file: File,
         len: u64,
         regions: Vec<SourceRegion>,
         pages: &[u64],
         space_bytes: u64,
+        record: bool,
     ) -> io::Result<Self> {
         let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
-        let base = if len == 0 {
-            std::ptr::null()
-        } else {
-            // SAFETY: a new read-only private mapping of the file; the kernel picks the place.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len as usize,
-                    libc::PROT_READ,
-                    libc::MAP_PRIVATE,
-                    file.as_raw_fd(),
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                return Err(io::Error::last_os_error());
-            }
-            p as *const u8
-        };
         let s = Source {
-            base,
-            len: len as usize,
+            file,
+            len,
             regions,
             pages: Residency::new(space_bytes),
             remaining: AtomicU64::new(0),
             served: AtomicU64::new(0),
-            _file: file,
+            log: record.then(|| WsLog::new(pages.len())),
         };
-        for &gpa in pages {
-            match s.offset_of(gpa) {
-                Some(off) if off + PAGE <= len => {}
-                _ => return Err(bad(format!("page {gpa:#x} lies outside the data file"))),
+        let mut held = 0;
+        let mut i = 0;
+        while i < pages.len() {
+            // Runs of adjacent pages at once: setting bits one by one costs milliseconds at
+            // gigabytes of snapshot.
+            let mut j = i + 1;
+            while j < pages.len() && pages[j] == pages[j - 1] + PAGE {
+                j += 1;
             }
-            s.remaining
-                .fetch_add(s.pages.set_range(gpa / PAGE, 1), Relaxed);
+            for &gpa in [pages[i], pages[j - 1]].iter() {
+                match s.offset_of(gpa) {
+                    Some(off) if off + PAGE <= len => {}
+                    _ => return Err(bad(format!("page {gpa:#x} lies outside the data file"))),
+                }
+            }
+            let (first, n) = (pages[i] / PAGE, (j - i) as u64);
+            if s.offset_of(pages[j - 1]) != s.offset_of(pages[i]).map(|o| o + (n - 1) * PAGE) {
+                // The run crosses regions: check each page.
+                for &gpa in &pages[i..j] {
+                    match s.offset_of(gpa) {
+                        Some(off) if off + PAGE <= len => {}
+                        _ => return Err(bad(format!("page {gpa:#x} lies outside the data file"))),
+                    }
+                }
+            }
+            held += s.pages.set_range(first, n);
+            i = j;
         }
+        s.remaining.store(held, Relaxed);
         Ok(s)
     }
 
@@ -178,19 +170,31 @@ impl Source {
         self.remaining.load(Relaxed)
     }
 
-    /// The snapshot's data for pages `[pfn, pfn + n)` (all held by the snapshot and in one
-    /// region, so contiguous in the file).
-    pub fn data(&self, pfn: u64, n: u64) -> Option<&[u8]> {
-        let off = self.offset_of(pfn * PAGE)?;
-        let last = self.offset_of((pfn + n - 1) * PAGE)?;
-        if last != off + (n - 1) * PAGE || last + PAGE > self.len as u64 {
-            return None;
+    /// Calls `f` with the snapshot's data for pages `[pfn, pfn + n)` (all held by the
+    /// snapshot and in one region, so contiguous in the file), read into this thread's buffer.
+    pub fn with_data<R>(&self, pfn: u64, n: u64, f: impl FnOnce(&[u8]) -> R) -> io::Result<R> {
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        // SAFETY: `off..off + n pages` lies inside the read-only mapping (checked above),
-        // which lives as long as `self`; the snapshot's files are not changed while a VM
-        // restored from them runs (docs/snapshot.md).
-        Some(unsafe {
-            std::slice::from_raw_parts(self.base.add(off as usize), (n * PAGE) as usize)
+        let bad = || {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the snapshot's data file does not hold this page",
+            )
+        };
+        let off = self.offset_of(pfn * PAGE).ok_or_else(bad)?;
+        let last = self.offset_of((pfn + n - 1) * PAGE).ok_or_else(bad)?;
+        if last != off + (n - 1) * PAGE || last + PAGE > self.len {
+            return Err(bad());
+        }
+        BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            let bytes = (n * PAGE) as usize;
+            if b.len() < bytes {
+                b.resize(bytes, 0);
+            }
+            self.file.read_exact_at(&mut b[..bytes], off)?;
+            Ok(f(&b[..bytes]))
         })
     }
 
@@ -199,6 +203,69 @@ impl Source {
         let k = self.pages.clear_range(pfn, n);
         self.remaining.fetch_sub(k, Relaxed);
         k
+    }
+
+    /// Pages `[pfn, pfn + n)` were just populated from the snapshot: forgets them, counts
+    /// them and, when recording, logs the run. `extra` more pages after them are forgotten
+    /// but not counted (found already present).
+    pub fn served_run(&self, pfn: u64, n: u64, extra: u64) {
+        self.forget(pfn, n + extra);
+        if n == 0 {
+            return;
+        }
+        self.served.fetch_add(n, Relaxed);
+        if let Some(log) = &self.log {
+            log.push(pfn, n);
+        }
+    }
+
+    /// The runs of pages served so far, in the order they were served, as `(gpa, pages)`
+    /// (empty when not recording).
+    pub fn working_set(&self) -> Vec<(u64, u64)> {
+        self.log.as_ref().map_or_else(Vec::new, WsLog::runs)
+    }
+}
+
+/// An append-only log of served runs, written by any fault-servicing thread without a lock:
+/// one `fetch_add` for the slot, one store. Its capacity is the snapshot's page count, which
+/// bounds the runs (each serves at least one page, once).
+struct WsLog {
+    entries: Box<[AtomicU64]>,
+    len: std::sync::atomic::AtomicUsize,
+}
+
+impl WsLog {
+    /// Pages per entry at most (16 bits of the packed entry).
+    const MAX_RUN: u64 = 0xffff;
+
+    fn new(capacity: usize) -> Self {
+        WsLog {
+            entries: (0..capacity).map(|_| AtomicU64::new(0)).collect(),
+            len: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    fn push(&self, mut pfn: u64, mut n: u64) {
+        while n > 0 {
+            let k = n.min(Self::MAX_RUN);
+            let i = self.len.fetch_add(1, Relaxed);
+            if let Some(e) = self.entries.get(i) {
+                e.store(pfn << 16 | k, Relaxed);
+            }
+            pfn += k;
+            n -= k;
+        }
+    }
+
+    fn runs(&self) -> Vec<(u64, u64)> {
+        let n = self.len.load(Relaxed).min(self.entries.len());
+        self.entries[..n]
+            .iter()
+            .map(|e| e.load(Relaxed))
+            // A slot claimed but not stored yet (read while faults are still served).
+            .filter(|&v| v != 0)
+            .map(|v| ((v >> 16) * PAGE, v & Self::MAX_RUN))
+            .collect()
     }
 }
 
