@@ -481,6 +481,10 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
                 };
                 Ok((s, prefetch))
             });
+            tracing::debug!(
+                ms = process_start.elapsed().as_secs_f64() * 1e3,
+                "set-up: snapshot loaded and checked"
+            );
             match loaded {
                 Ok((s, prefetch)) => Some(vm::Restore {
                     snapshot: s,

@@ -467,11 +467,33 @@ pub struct Loaded {
     /// `memory.img`, open.
     pub memory: File,
     /// The index: (gpa, checksum) of every page held, by address.
-    pub pages: Vec<(u64, u64)>,
+    pub pages: PageIndex,
     /// vCPU states.
     pub vcpus: Vec<VcpuState>,
     /// Devices.
     pub devices: DeviceState,
+}
+
+/// The page index (`pages.bin`) as read: `(gpa, checksum)` entries of 16 bytes, decoded as they
+/// are walked (a copy of gigabytes' worth of entries would cost the restore milliseconds).
+#[derive(Debug)]
+pub struct PageIndex(Vec<u8>);
+
+impl PageIndex {
+    /// Pages in the index.
+    pub fn count(&self) -> usize {
+        self.0.len() / 16
+    }
+
+    /// `(gpa, checksum)` of every page, by address.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.0.chunks_exact(16).map(|e| {
+            let (mut a, mut b) = ([0u8; 8], [0u8; 8]);
+            a.copy_from_slice(&e[..8]);
+            b.copy_from_slice(&e[8..]);
+            (u64::from_le_bytes(a), u64::from_le_bytes(b))
+        })
+    }
 }
 
 fn read_file(dir: &Path, name: &'static str) -> Result<Vec<u8>, SnapshotError> {
@@ -573,15 +595,7 @@ pub fn load(dir: &Path, verify: Verify) -> Result<Loaded, SnapshotError> {
     if index.len() % 16 != 0 || (index.len() / 16) as u64 != manifest.pages {
         return Err(corrupt(PAGES, "wrong size for the number of pages".into()));
     }
-    let pages: Vec<(u64, u64)> = index
-        .chunks_exact(16)
-        .map(|e| {
-            let (mut a, mut b) = ([0u8; 8], [0u8; 8]);
-            a.copy_from_slice(&e[..8]);
-            b.copy_from_slice(&e[8..]);
-            (u64::from_le_bytes(a), u64::from_le_bytes(b))
-        })
-        .collect();
+    let pages = PageIndex(index);
     check_layout(&manifest, &pages).map_err(|why| corrupt(MANIFEST, why))?;
     let path = dir.join(MEMORY);
     let memory = File::open(&path).map_err(|e| match e.kind() {
@@ -621,7 +635,7 @@ pub fn load(dir: &Path, verify: Verify) -> Result<Loaded, SnapshotError> {
 
 /// Regions sorted, non-overlapping, page-aligned, inside the file; pages sorted and inside
 /// regions.
-fn check_layout(m: &Manifest, pages: &[(u64, u64)]) -> Result<(), String> {
+fn check_layout(m: &Manifest, pages: &PageIndex) -> Result<(), String> {
     let mut end = 0u64;
     let mut file_end = 0u64;
     for r in &m.regions {
@@ -654,7 +668,7 @@ fn check_layout(m: &Manifest, pages: &[(u64, u64)]) -> Result<(), String> {
     }
     let mut prev: Option<u64> = None;
     let mut ri = 0usize;
-    for &(gpa, _) in pages {
+    for (gpa, _) in pages.iter() {
         if gpa % PAGE != 0 || prev.is_some_and(|p| gpa <= p) {
             return Err(format!("page {gpa:#x} out of order in the index"));
         }
@@ -682,7 +696,7 @@ impl Loaded {
     pub fn verify_pages(&self) -> Result<(), SnapshotError> {
         let started = Instant::now();
         let mut buf = vec![0u8; PAGE as usize];
-        for &(gpa, sum) in &self.pages {
+        for (gpa, sum) in self.pages.iter() {
             let off = self
                 .file_offset(gpa)
                 .ok_or_else(|| SnapshotError::Corrupt {
@@ -702,7 +716,7 @@ impl Loaded {
             }
         }
         tracing::info!(
-            pages = self.pages.len(),
+            pages = self.pages.count(),
             ms = started.elapsed().as_secs_f64() * 1e3,
             "restore: every page of the snapshot checked"
         );

@@ -460,6 +460,13 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
                 .map_err(|e| VmError::Populate(format!("--thp: madvise(MADV_HUGEPAGE): {e}")))?;
         }
     }
+    let phase = |what: &str| {
+        tracing::debug!(
+            ms = cfg.process_start.elapsed().as_secs_f64() * 1e3,
+            "set-up: {what}"
+        )
+    };
+    phase("address space and RAM mapped");
     if let Some(r) = &cfg.restore {
         restore_regions(&space, r, &ranges)?;
     }
@@ -482,6 +489,7 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         }
         Some(r) => restore_memory(&space, &guest_mem, r)?,
     }
+    phase("guest memory written or restored");
     tracing::debug!(
         one_gig_pages = one_gig,
         entry = format_args!("{:#x}", image.entry),
@@ -854,7 +862,7 @@ fn restore_memory(
     };
     let boot_end = abi::layout::BOOT_AREA_END;
     let mut buf = vec![0u8; memory::address_space::PAGE as usize];
-    for &(gpa, _) in snap.pages.iter().take_while(|(g, _)| *g < boot_end) {
+    for (gpa, _) in snap.pages.iter().take_while(|(g, _)| *g < boot_end) {
         let off = snap
             .file_offset(gpa)
             .ok_or_else(|| err(format!("page {gpa:#x} lies in no region")))?;
@@ -864,12 +872,7 @@ fn restore_memory(
             .write_slice(&buf, GuestAddress(gpa))
             .map_err(|e| err(format!("cannot write page {gpa:#x}: {e}")))?;
     }
-    let lazy: Vec<u64> = snap
-        .pages
-        .iter()
-        .map(|&(g, _)| g)
-        .filter(|&g| g >= boot_end)
-        .collect();
+    let lazy = || snap.pages.iter().map(|(g, _)| g).filter(|&g| g >= boot_end);
     let file = snap
         .memory
         .try_clone()
@@ -895,7 +898,7 @@ fn restore_memory(
             file,
             snap.manifest.memory_bytes,
             regions,
-            &lazy,
+            lazy(),
             space.host().size_bytes(),
             r.prefetch.is_none() && matches!(r.mode, RestoreMode::Vcpu | RestoreMode::Handler),
         )
@@ -903,20 +906,26 @@ fn restore_memory(
         space.set_source(source).map_err(err)?;
         if r.mode == RestoreMode::Eager {
             let started = Instant::now();
-            let mut i = 0;
-            while i < lazy.len() {
-                let mut j = i + 1;
-                while j < lazy.len() && lazy[j] == lazy[j - 1] + memory::address_space::PAGE {
-                    j += 1;
+            const PAGE: u64 = memory::address_space::PAGE;
+            // Runs of adjacent pages, each copied in with one call.
+            let mut run: Option<(u64, u64)> = None;
+            let mut pages = 0u64;
+            for g in lazy().map(Some).chain([None]) {
+                match (run, g) {
+                    (Some((start, end)), Some(g)) if g == end => run = Some((start, g + PAGE)),
+                    _ => {
+                        if let Some((start, end)) = run {
+                            space
+                                .populate_range(start, end - start)
+                                .map_err(|e| err(format!("cannot copy guest memory in: {e}")))?;
+                        }
+                        run = g.map(|g| (g, g + PAGE));
+                        pages += u64::from(g.is_some());
+                    }
                 }
-                let len = lazy[j - 1] + memory::address_space::PAGE - lazy[i];
-                space
-                    .populate_range(lazy[i], len)
-                    .map_err(|e| err(format!("cannot copy guest memory in: {e}")))?;
-                i = j;
             }
             tracing::info!(
-                pages = lazy.len(),
+                pages,
                 ms = started.elapsed().as_secs_f64() * 1e3,
                 "restore: every page copied in (eager)"
             );

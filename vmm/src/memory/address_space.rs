@@ -1948,7 +1948,7 @@ mod tests {
                 size: 4 * MB,
                 file_offset: 0,
             }],
-            &held,
+            held.into_iter(),
             1 << 30,
             record,
         )

@@ -100,54 +100,65 @@ impl std::fmt::Debug for Source {
 
 impl Source {
     /// Serves from `file` (the data file, `len` bytes); `regions` sorted by address; `pages`:
-    /// the guest-physical addresses the snapshot holds; `space_bytes`: guest-physical space.
+    /// the guest-physical addresses the snapshot holds, ascending; `space_bytes`:
+    /// guest-physical space.
     /// Every page must lie inside a region and inside the file. With `record`, the runs of
     /// pages served are logged in order ([`Source::working_set`]).
     pub fn open(
         file: File,
         len: u64,
         regions: Vec<SourceRegion>,
-        pages: &[u64],
+        pages: impl Iterator<Item = u64>,
         space_bytes: u64,
         record: bool,
     ) -> io::Result<Self> {
         let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
-        let s = Source {
+        let mut s = Source {
             file,
             len,
             regions,
             pages: Residency::new(space_bytes),
             remaining: AtomicU64::new(0),
             served: AtomicU64::new(0),
-            log: record.then(|| WsLog::new(pages.len())),
+            log: None,
         };
+        let check = |s: &Source, gpa: u64| match s.offset_of(gpa) {
+            Some(off) if off + PAGE <= len => Ok(()),
+            _ => Err(bad(format!("page {gpa:#x} lies outside the data file"))),
+        };
+        // Runs of adjacent pages at once: setting bits one by one costs milliseconds at
+        // gigabytes of snapshot. A run whose ends lie in one region, at the right distance in
+        // the file, lies in the file throughout.
         let mut held = 0;
-        let mut i = 0;
-        while i < pages.len() {
-            // Runs of adjacent pages at once: setting bits one by one costs milliseconds at
-            // gigabytes of snapshot.
-            let mut j = i + 1;
-            while j < pages.len() && pages[j] == pages[j - 1] + PAGE {
-                j += 1;
-            }
-            for &gpa in [pages[i], pages[j - 1]].iter() {
-                match s.offset_of(gpa) {
-                    Some(off) if off + PAGE <= len => {}
-                    _ => return Err(bad(format!("page {gpa:#x} lies outside the data file"))),
+        let mut run: Option<(u64, u64)> = None;
+        let mut set_run = |s: &Source, (first, end): (u64, u64)| -> io::Result<()> {
+            check(s, first)?;
+            check(s, end - PAGE)?;
+            let n = (end - first) / PAGE;
+            if s.offset_of(end - PAGE) != s.offset_of(first).map(|o| o + (n - 1) * PAGE) {
+                for gpa in (first..end).step_by(PAGE as usize) {
+                    check(s, gpa)?;
                 }
             }
-            let (first, n) = (pages[i] / PAGE, (j - i) as u64);
-            if s.offset_of(pages[j - 1]) != s.offset_of(pages[i]).map(|o| o + (n - 1) * PAGE) {
-                // The run crosses regions: check each page.
-                for &gpa in &pages[i..j] {
-                    match s.offset_of(gpa) {
-                        Some(off) if off + PAGE <= len => {}
-                        _ => return Err(bad(format!("page {gpa:#x} lies outside the data file"))),
+            held += s.pages.set_range(first / PAGE, n);
+            Ok(())
+        };
+        for gpa in pages {
+            match run {
+                Some((first, end)) if gpa == end => run = Some((first, end + PAGE)),
+                _ => {
+                    if let Some(r) = run {
+                        set_run(&s, r)?;
                     }
+                    run = Some((gpa, gpa + PAGE));
                 }
             }
-            held += s.pages.set_range(first, n);
-            i = j;
+        }
+        if let Some(r) = run {
+            set_run(&s, r)?;
+        }
+        if record {
+            s.log = Some(WsLog::new(held as usize));
         }
         s.remaining.store(held, Relaxed);
         Ok(s)
@@ -239,8 +250,11 @@ impl WsLog {
     const MAX_RUN: u64 = 0xffff;
 
     fn new(capacity: usize) -> Self {
+        let zeroed = Box::<[AtomicU64]>::new_zeroed_slice(capacity);
         WsLog {
-            entries: (0..capacity).map(|_| AtomicU64::new(0)).collect(),
+            // SAFETY: all-zero bytes are a valid `AtomicU64` (it has the in-memory
+            // representation of a `u64`). Allocated zeroed, the slots cost no page until used.
+            entries: unsafe { zeroed.assume_init() },
             len: std::sync::atomic::AtomicUsize::new(0),
         }
     }
