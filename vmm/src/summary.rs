@@ -135,6 +135,8 @@ pub struct RestoreSummary {
     pub ws_recorded: Option<Result<(u64, u64), String>>,
     /// The process's RSS at the end of the run.
     pub rss_bytes: u64,
+    /// The process's RSS when the vCPUs resumed.
+    pub rss_at_resume_bytes: u64,
 }
 
 impl RestoreSummary {
@@ -172,6 +174,7 @@ impl RestoreSummary {
             prefetched: r.prefetched.map(|(p, at)| (p, ms(at))),
             ws_recorded: r.ws_recorded.clone(),
             rss_bytes: r.rss_bytes,
+            rss_at_resume_bytes: r.rss_at_start_bytes,
         }
     }
 
@@ -191,6 +194,7 @@ impl RestoreSummary {
             "ws_recorded_runs": self.ws_recorded.as_ref().and_then(|w| w.as_ref().ok()).map(|w| w.0),
             "ws_recorded_pages": self.ws_recorded.as_ref().and_then(|w| w.as_ref().ok()).map(|w| w.1),
             "rss_bytes": self.rss_bytes,
+            "rss_at_resume_bytes": self.rss_at_resume_bytes,
         })
     }
 }
@@ -223,9 +227,10 @@ impl fmt::Display for RestoreSummary {
         }
         write!(
             f,
-            "; {} pages populated; RSS {:.1} MiB",
+            "; {} pages populated; RSS {:.1} MiB ({:.1} MiB when the vCPUs resumed)",
             self.pages_populated,
-            self.rss_bytes as f64 / (1u64 << 20) as f64
+            self.rss_bytes as f64 / (1u64 << 20) as f64,
+            self.rss_at_resume_bytes as f64 / (1u64 << 20) as f64
         )?;
         match &self.ws_recorded {
             Some(Ok((runs, pages))) => {

@@ -236,6 +236,9 @@ pub struct RunReport {
     pub ws_recorded: Option<Result<(u64, u64), String>>,
     /// The process's resident memory at the end of the run, before teardown.
     pub rss_bytes: u64,
+    /// The process's resident memory when the vCPUs were started (after a restore: before the
+    /// guest touched anything).
+    pub rss_at_start_bytes: u64,
 }
 
 /// What a companion thread gets: the running VM's address space (devices such as the hot-plug
@@ -617,6 +620,7 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         }
     }
     drop(tx);
+    let rss_at_start_bytes = memory::host::rss_bytes();
     // `--prefetch ws`: the recorded working set, replayed ahead of the vCPUs.
     let prefetch_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let prefetcher = cfg
@@ -812,6 +816,7 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         prefetched,
         ws_recorded,
         rss_bytes,
+        rss_at_start_bytes,
     })
 }
 

@@ -16,6 +16,7 @@
 
 pub mod churn;
 pub mod report;
+pub mod restore_report;
 pub mod svg;
 
 use std::io::{IsTerminal, Write};
@@ -572,6 +573,28 @@ fn run_once(
 fn summarize(path: &std::path::Path, plot: Option<&std::path::Path>) -> Result<(), String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("--summarize {}: cannot read it: {e}", path.display()))?;
+    if text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .is_some_and(restore_report::is_row)
+    {
+        let rows = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                serde_json::from_str(l).map_err(|e| {
+                    format!(
+                        "--summarize {}: line {}: not a restore-benchmark row: {e}",
+                        path.display(),
+                        i + 1
+                    )
+                })
+            })
+            .collect::<Result<Vec<restore_report::Row>, String>>()?;
+        print!("{}", restore_report::summarize(&rows, plot)?);
+        return Ok(());
+    }
     let mut reports = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
