@@ -231,10 +231,44 @@ impl Source {
     }
 
     /// The runs of pages served so far, in the order they were served, as `(gpa, pages)`
-    /// (empty when not recording).
+    /// (empty when not recording), coalesced: within each window of [`WS_REORDER`] runs
+    /// served one after the other, runs are sorted by address and adjacent ones merged. The
+    /// order survives at that grain, and vCPUs that each stream through their own memory, a
+    /// page per fault, interleaved, give a few long runs instead of one per page (which a
+    /// prefetcher would copy a page per call, and a restore would read before the guest runs).
     pub fn working_set(&self) -> Vec<(u64, u64)> {
-        self.log.as_ref().map_or_else(Vec::new, WsLog::runs)
+        let runs = self.log.as_ref().map_or_else(Vec::new, WsLog::runs);
+        coalesce(&runs, WS_REORDER)
     }
+}
+
+/// Runs served in a row that [`Source::working_set`] sorts and merges as one window.
+pub const WS_REORDER: usize = 1024;
+
+/// Within each window of `window` runs, sorts `runs` by address and merges adjacent or
+/// overlapping ones.
+pub fn coalesce(runs: &[(u64, u64)], window: usize) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for chunk in runs.chunks(window.max(1)) {
+        let mut c = chunk.to_vec();
+        c.sort_unstable();
+        let mut cur: Option<(u64, u64)> = None;
+        for (gpa, n) in c {
+            let end = gpa + n * PAGE;
+            cur = match cur {
+                Some((s, e)) if gpa <= e => Some((s, e.max(end))),
+                Some((s, e)) => {
+                    out.push((s, (e - s) / PAGE));
+                    Some((gpa, end))
+                }
+                None => Some((gpa, end)),
+            };
+        }
+        if let Some((s, e)) = cur {
+            out.push((s, (e - s) / PAGE));
+        }
+    }
+    out
 }
 
 /// An append-only log of served runs, written by any fault-servicing thread without a lock:
@@ -350,5 +384,30 @@ impl AddressSpace {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interleaved_streams_coalesce_within_a_window() {
+        // Two vCPUs streaming through their own pages, a page per fault, interleaved.
+        let runs: Vec<(u64, u64)> = (0..8)
+            .flat_map(|i| [(i * PAGE, 1), ((100 + i) * PAGE, 1)])
+            .collect();
+        assert_eq!(coalesce(&runs, 16), vec![(0, 8), (100 * PAGE, 8)]);
+        // The window keeps the coarse order: the second half comes after the first.
+        assert_eq!(
+            coalesce(&runs, 8),
+            vec![(0, 4), (100 * PAGE, 4), (4 * PAGE, 4), (104 * PAGE, 4)]
+        );
+        // Overlaps and duplicates merge; gaps stay.
+        assert_eq!(
+            coalesce(&[(0, 4), (2 * PAGE, 4), (10 * PAGE, 1)], 8),
+            vec![(0, 6), (10 * PAGE, 1)]
+        );
+        assert!(coalesce(&[], 8).is_empty());
     }
 }
