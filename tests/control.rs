@@ -142,6 +142,7 @@ impl Client {
     fn connect(path: &Path) -> Client {
         let s = connect(path);
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        support::read_greeting(&s);
         Client {
             r: BufReader::new(s.try_clone().unwrap()),
             w: s,
@@ -1146,6 +1147,7 @@ fn clients_holding_a_partial_line_are_dropped_after_the_idle_timeout() {
     let mut silent = vm.client();
     silent.ok(json!({"op": "list"}));
     let mut partial = connect(&vm.sock);
+    support::read_greeting(&partial);
     partial.write_all(br#"{"id":1,"op":"li"#).unwrap();
     let t0 = Instant::now();
     let mut trickle = connect(&vm.sock);
