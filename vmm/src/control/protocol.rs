@@ -480,9 +480,31 @@ fn parse_request(obj: Map<String, Value>) -> Result<Request, ControlError> {
         }
         None => return Err(ControlError::invalid("missing field \"op\"")),
     };
+    // `inject` is parsed like any op (and refused later unless fault injection is on), but
+    // not advertised.
+    if !OPS.contains(&op.as_str()) && op != "inject" {
+        return Err(ControlError::invalid(format!(
+            "unknown op {op:?}; expected one of {}",
+            OPS.join(", ")
+        )));
+    }
     Request::deserialize(Value::Object(obj))
         .map_err(|e| ControlError::invalid(format!("op {op:?}: {e}")))
 }
+
+/// The ops every server serves, as the greeting lists them.
+pub const OPS: [&str; 10] = [
+    "map",
+    "unmap",
+    "protect",
+    "list",
+    "stats",
+    "check",
+    "stop",
+    "snapshot",
+    "subscribe",
+    "unsubscribe",
+];
 
 /// A response line: `{"id":..,"ok":true,"result":..}` or `{"id":..,"ok":false,"error":..}`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -552,21 +574,7 @@ pub struct GreetingBody {
 impl Greeting {
     /// This VMM's greeting; `inject` is listed only when fault injection is enabled.
     pub fn new(inject: bool) -> Self {
-        let mut capabilities: Vec<String> = [
-            "map",
-            "unmap",
-            "protect",
-            "list",
-            "stats",
-            "check",
-            "stop",
-            "snapshot",
-            "subscribe",
-            "unsubscribe",
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
+        let mut capabilities: Vec<String> = OPS.into_iter().map(str::to_owned).collect();
         if inject {
             capabilities.push("inject".into());
         }
@@ -823,7 +831,16 @@ mod tests {
         }
         // The messages name what is wrong.
         let msg = |l: &str| req(l).unwrap_err().message;
-        assert!(msg(r#"{"id":7,"op":"dance"}"#).contains("dance"));
+        let m = msg(r#"{"id":7,"op":"dance"}"#);
+        assert!(
+            m.contains("unknown op \"dance\"") && !m.contains("inject"),
+            "{m}"
+        );
+        // Every op the greeting lists parses (given its fields).
+        for op in OPS {
+            let m = msg(&format!(r#"{{"id":7,"op":"{op}","bogus":1}}"#));
+            assert!(m.contains("bogus"), "{op}: {m}");
+        }
         assert!(msg(r#"{"id":7,"op":"list","gpa":"0"}"#).contains("gpa"));
         assert!(msg(r#"{"id":7,"op":"map","gpa":"0x1g","size":"4K"}"#).contains("0x1g"));
         assert!(
