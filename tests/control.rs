@@ -142,6 +142,7 @@ impl Client {
     fn connect(path: &Path) -> Client {
         let s = connect(path);
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        support::read_greeting(&s);
         Client {
             r: BufReader::new(s.try_clone().unwrap()),
             w: s,
@@ -1146,6 +1147,7 @@ fn clients_holding_a_partial_line_are_dropped_after_the_idle_timeout() {
     let mut silent = vm.client();
     silent.ok(json!({"op": "list"}));
     let mut partial = connect(&vm.sock);
+    support::read_greeting(&partial);
     partial.write_all(br#"{"id":1,"op":"li"#).unwrap();
     let t0 = Instant::now();
     let mut trickle = connect(&vm.sock);
@@ -1407,4 +1409,340 @@ fn ctl_refuses_a_server_of_another_user() {
         "the request was sent: {said}{}",
         support::stderr(&fake)
     );
+}
+
+/// Reads one line from `c` and parses it as an event line.
+fn read_event(c: &mut Client) -> Value {
+    let v = c.read_reply();
+    assert!(v["event"].is_string(), "not an event line: {v}");
+    v
+}
+
+/// The greeting comes first, before the client sends anything, and lists what is served.
+#[test]
+fn every_connection_is_greeted_first() {
+    require_kvm!();
+    let vm = Vm::start("greet", &["--workload", "spin", "--timeout", "60"]);
+    let s = connect(&vm.sock);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let g = support::read_greeting(&s);
+    let caps = g["greeting"]["capabilities"].as_array().unwrap();
+    assert!(
+        !caps.contains(&json!("inject")),
+        "inject without VMM_FAULT_INJECT: {g}"
+    );
+    // Then the usual request and reply.
+    let mut c = Client {
+        r: BufReader::new(s.try_clone().unwrap()),
+        w: s,
+        next_id: 1,
+    };
+    c.ok(json!({"op": "list"}));
+    drop(vm);
+    // With fault injection enabled, `inject` is served and listed.
+    let vm = Vm::start_env(
+        "greet-inject",
+        &["--workload", "spin", "--timeout", "60"],
+        &[("VMM_FAULT_INJECT", "on")],
+    );
+    let s = connect(&vm.sock);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let g = support::read_greeting(&s);
+    let caps = g["greeting"]["capabilities"].as_array().unwrap();
+    assert!(caps.contains(&json!("inject")), "{g}");
+}
+
+/// A server that answers the first connection on `path` with `first` (nothing if empty),
+/// then reports how many bytes the client sent before closing.
+fn fake_server(path: &Path, first: &'static str) -> std::thread::JoinHandle<usize> {
+    let _ = std::fs::remove_file(path);
+    let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        if first.is_empty() {
+            // Say nothing, and close after a moment.
+            std::thread::sleep(Duration::from_millis(200));
+            return 0;
+        }
+        s.write_all(first.as_bytes()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut got = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut got);
+        got.len()
+    })
+}
+
+/// `vmm ctl` sends nothing to a server that does not greet, greets with another protocol, or
+/// does not serve the op, and says why.
+#[test]
+fn ctl_refuses_a_server_that_does_not_greet_or_speaks_another_protocol() {
+    let path = sock_path("fake-greet");
+    let sock = path.to_str().unwrap();
+    let version = env!("CARGO_PKG_VERSION");
+    let other = Box::leak(
+        format!(
+            "{{\"greeting\":{{\"name\":\"vmm\",\"version\":\"{version}\",\"protocol\":2,\
+             \"capabilities\":[\"map\",\"list\"]}}}}\n"
+        )
+        .into_boxed_str(),
+    );
+    let no_events = Box::leak(
+        format!(
+            "{{\"greeting\":{{\"name\":\"vmm\",\"version\":\"{version}\",\"protocol\":1,\
+             \"capabilities\":[\"map\",\"list\"]}}}}\n"
+        )
+        .into_boxed_str(),
+    );
+    for (first, args, says) in [
+        (
+            "{\"id\":1,\"ok\":true,\"result\":{\"stopping\":true}}\n",
+            &["stop"][..],
+            "did not greet like a vmm control socket",
+        ),
+        (&*other, &["list"][..], "speaks control protocol 2"),
+        (&*no_events, &["events"][..], "does not serve \"subscribe\""),
+        ("", &["list"][..], "without a greeting"),
+    ] {
+        let server = fake_server(&path, first);
+        let mut all = vec!["ctl", "--api-sock", sock];
+        all.extend_from_slice(args);
+        let o = support::run(&all);
+        let err = support::stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert_eq!(server.join().unwrap(), 0, "{args:?}: the request was sent");
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Subscribers receive the events of other clients' changes, in order, each kind they asked
+/// for and no other; clients that did not subscribe never see an event line; `vmm ctl events`
+/// prints them until the guest exits, then exits 0.
+#[test]
+fn subscribers_see_other_clients_changes_in_order() {
+    require_kvm!();
+    let vm = Vm::start("events", &["--workload", "hotplug", "--timeout", "120"]);
+    let mut all = vm.client();
+    let r = all.ok(json!({"op": "subscribe"}));
+    assert_eq!(
+        r,
+        json!({"subscribed": ["mapped", "unmapped", "protected", "guest_exited"]})
+    );
+    let mut only_unmapped = vm.client();
+    let r = only_unmapped.ok(json!({"op": "subscribe", "events": ["unmapped"]}));
+    assert_eq!(r, json!({"subscribed": ["unmapped"]}));
+    only_unmapped.err(json!({"op": "subscribe", "events": ["weather"]}), "invalid");
+    let mut quiet = vm.client();
+    quiet.ok(json!({"op": "list"}));
+    // `vmm ctl events`, raw and human, as other processes.
+    let sock = vm.sock.to_str().unwrap();
+    let spawn_ctl = |args: &[&str]| {
+        support::vmm()
+            .args(["ctl", "--api-sock", sock])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let ctl_json = spawn_ctl(&["--json", "events", "--kinds", "mapped,guest_exited"]);
+    let ctl_human = spawn_ctl(&["subscribe"]);
+    let t0 = Instant::now();
+    while quiet.ok(json!({"op": "stats"}))["control"]["subscribers"] != json!(4) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "vmm ctl events did not subscribe"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Another client changes things.
+    let mut c = vm.client();
+    c.ok(map(4 * GIB, "8M"));
+    c.ok(
+        json!({"op": "protect", "gpa": format!("{:#x}", 4 * GIB + 2 * MIB), "size": "2M",
+                "readonly": true}),
+    );
+    c.ok(unmap(4 * GIB + 4 * MIB, 2 * MIB));
+    c.ok(json!({"op": "map", "gpa": "0x140000000", "size": "2M", "backing": "memfd"}));
+    c.ok(unmap(4 * GIB, 8 * MIB));
+    c.err(unmap(4 * GIB, 8 * MIB), "not_found");
+    // Everything, in order.
+    let e: Vec<Value> = (0..5).map(|_| read_event(&mut all)).collect();
+    let kinds: Vec<&str> = e.iter().map(|v| v["event"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["mapped", "protected", "unmapped", "mapped", "unmapped"],
+        "{e:?}"
+    );
+    let seqs: Vec<u64> = e.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert_eq!(e[0]["gpa"], json!("0x100000000"), "{}", e[0]);
+    assert_eq!(e[0]["size"], json!(8 * MIB));
+    assert_eq!(e[0]["end"], json!("0x100800000"));
+    assert_eq!(e[0]["kind"], json!("hotplug"));
+    assert_eq!(e[0]["backing"], json!("anon"));
+    assert_eq!(e[1]["gpa"], json!("0x100200000"), "{}", e[1]);
+    assert_eq!(e[1]["readonly"], json!(true));
+    assert_eq!(e[1]["changed"][0]["readonly"], json!(true));
+    assert_eq!(e[2]["gpa"], json!("0x100400000"), "{}", e[2]);
+    assert_eq!(e[2]["size"], json!(2 * MIB));
+    assert_eq!(e[2]["removed"].as_array().unwrap().len(), 1);
+    assert_eq!(e[3]["gpa"], json!("0x140000000"));
+    assert_eq!(e[3]["backing"], json!("memfd"));
+    assert_eq!(e[4]["gpa"], json!("0x100000000"));
+    // The pieces left by the split and the protect.
+    assert_eq!(e[4]["removed"].as_array().unwrap().len(), 3, "{}", e[4]);
+    // Only the kinds asked for, with the same numbers.
+    let u: Vec<Value> = (0..2).map(|_| read_event(&mut only_unmapped)).collect();
+    assert_eq!(u[0]["event"], json!("unmapped"));
+    assert_eq!(
+        (u[0]["seq"].clone(), u[1]["seq"].clone()),
+        (e[2]["seq"].clone(), e[4]["seq"].clone())
+    );
+    // A subscriber's own requests are answered as usual, events or not.
+    all.ok(unmap(5 * GIB, 2 * MIB));
+    let last = read_event(&mut all);
+    assert_eq!(last["event"], json!("unmapped"), "{last}");
+    assert_eq!(read_event(&mut only_unmapped), last);
+    // No event line ever reaches a client that did not subscribe: its next line is the reply.
+    quiet.ok(json!({"op": "list"}));
+    quiet
+        .w
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut extra = String::new();
+    let r = quiet.r.read_line(&mut extra);
+    assert!(
+        r.is_err() && extra.is_empty(),
+        "a non-subscriber got {extra:?}"
+    );
+    quiet
+        .w
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    // Unsubscribed: no more events.
+    let r = only_unmapped.ok(json!({"op": "unsubscribe"}));
+    assert_eq!(r, json!({"subscribed": []}));
+    // The guest's end reaches the subscribers, then the connection closes.
+    quiet.ok(json!({"op": "stop"}));
+    let end = read_event(&mut all);
+    assert_eq!(end["event"], json!("guest_exited"), "{end}");
+    assert_eq!(end["guest"]["verify_errors"], json!(0), "{end}");
+    let mut rest = String::new();
+    assert_eq!(
+        all.r.read_line(&mut rest).unwrap(),
+        0,
+        "closed after: {rest}"
+    );
+    let mut rest = String::new();
+    assert_eq!(only_unmapped.r.read_line(&mut rest).unwrap(), 0, "{rest}");
+    let o = vm.wait();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let j = wait_with_timeout(ctl_json, Duration::from_secs(10));
+    assert_eq!(j.status.code(), Some(0), "{}", support::stderr(&j));
+    let lines: Vec<Value> = support::stdout(&j)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = lines.iter().map(|v| v["event"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["mapped", "mapped", "guest_exited"], "{lines:?}");
+    assert_eq!(lines[0], e[0]);
+    let h = wait_with_timeout(ctl_human, Duration::from_secs(10));
+    assert_eq!(h.status.code(), Some(0), "{}", support::stderr(&h));
+    let out = support::stdout(&h);
+    assert_eq!(out.lines().count(), 7, "{out}");
+    assert!(
+        out.starts_with("mapped [0x100000000, 0x100800000) 8 MiB anon slot 0 read-write\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("protected [0x100200000, 0x100400000) 2 MiB read-only"),
+        "{out}"
+    );
+    assert!(out.contains("guest exited: "), "{out}");
+}
+
+/// A subscriber that never reads does not hold up the requests of others, nor the events of
+/// a subscriber that does read; its queue overflows (counted), and it is dropped like any
+/// client that stops reading.
+#[test]
+fn a_subscriber_that_never_reads_stalls_no_one() {
+    require_kvm!();
+    let vm = Vm::start("slow-sub", &["--workload", "spin", "--timeout", "120"]);
+    let mut slow = connect(&vm.sock);
+    support::read_greeting(&slow);
+    slow.write_all(b"{\"id\":1,\"op\":\"subscribe\"}\n")
+        .unwrap();
+    // A subscriber that reads everything, on its own thread.
+    let mut reader = vm.client();
+    reader.ok(json!({"op": "subscribe", "events": ["mapped", "unmapped"]}));
+    const ROUNDS: u64 = 1000;
+    let counter = std::thread::spawn(move || {
+        let (mut seen, mut dropped, mut last) = (0u64, 0u64, 0u64);
+        while seen + dropped < 2 * ROUNDS {
+            let v = read_event(&mut reader);
+            match v["event"].as_str().unwrap() {
+                "events_dropped" => dropped += v["count"].as_u64().unwrap(),
+                _ => {
+                    let seq = v["seq"].as_u64().unwrap();
+                    assert!(seq > last, "out of order: {seq} after {last}");
+                    last = seq;
+                    seen += 1;
+                }
+            }
+        }
+        (seen, dropped)
+    });
+    let mut c = vm.client();
+    let mut slowest = Duration::ZERO;
+    let t0 = Instant::now();
+    for _ in 0..ROUNDS {
+        for req in [map(4 * GIB, "4K"), unmap(4 * GIB, 4096)] {
+            let t = Instant::now();
+            c.ok(req);
+            slowest = slowest.max(t.elapsed());
+        }
+    }
+    let took = t0.elapsed();
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a request took {slowest:?} while a subscriber did not read"
+    );
+    let (seen, dropped) = counter.join().unwrap();
+    eprintln!(
+        "{} requests in {took:?}; the reading subscriber got {seen} events, {dropped} dropped",
+        2 * ROUNDS
+    );
+    assert_eq!(seen + dropped, 2 * ROUNDS);
+    let s = c.ok(json!({"op": "stats"}));
+    assert!(
+        s["control"]["events_dropped"].as_u64().unwrap() > 0,
+        "the silent subscriber's queue never overflowed: {s}"
+    );
+    // It goes like any client that stops reading its lines (the 5 s write timeout).
+    let t0 = Instant::now();
+    while c.ok(json!({"op": "stats"}))["control"]["subscribers"] != json!(1) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the silent subscriber stayed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Its thread ended: reading what it was sent ends at the close.
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut slow, &mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("{\"id\":1,\"ok\":true"),
+        "{}",
+        &text[..text.len().min(200)]
+    );
+    c.assert_consistent();
 }

@@ -52,6 +52,7 @@ impl Vm {
     fn raw(&self, line: &str) -> String {
         use std::io::{BufRead, BufReader, Write};
         let mut s = std::os::unix::net::UnixStream::connect(&self.0.sock).unwrap();
+        support::read_greeting(&s);
         s.write_all(format!("{line}\n").as_bytes()).unwrap();
         let mut reply = String::new();
         BufReader::new(s).read_line(&mut reply).unwrap();

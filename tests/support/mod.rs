@@ -246,3 +246,48 @@ impl Drop for SocketVm {
         let _ = std::fs::remove_file(&self.sock);
     }
 }
+
+/// Reads the greeting a control socket sends first and checks it (one JSON line with the
+/// protocol version and capabilities). Reads byte by byte, so that nothing after the greeting
+/// is taken from the socket. Returns the greeting.
+pub fn read_greeting(mut s: &std::os::unix::net::UnixStream) -> serde_json::Value {
+    use std::io::Read;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while b[0] != b'\n' {
+        assert_eq!(
+            s.read(&mut b).expect("the greeting"),
+            1,
+            "the connection closed before the greeting: {}",
+            String::from_utf8_lossy(&line)
+        );
+        line.push(b[0]);
+    }
+    let v: serde_json::Value = serde_json::from_slice(&line)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&line)));
+    let g = &v["greeting"];
+    assert_eq!(g["name"], "vmm", "{v}");
+    assert_eq!(g["protocol"], 1, "{v}");
+    assert_eq!(g["version"], env!("CARGO_PKG_VERSION"), "{v}");
+    let caps: Vec<&str> = g["capabilities"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no capabilities: {v}"))
+        .iter()
+        .filter_map(|c| c.as_str())
+        .collect();
+    for op in [
+        "map",
+        "unmap",
+        "protect",
+        "list",
+        "stats",
+        "check",
+        "stop",
+        "snapshot",
+        "subscribe",
+        "events",
+    ] {
+        assert!(caps.contains(&op), "{op} missing from the greeting: {v}");
+    }
+    v
+}

@@ -1,9 +1,12 @@
-//! `vmm ctl`: sends one request to a running VMM's control socket and prints the reply.
+//! `vmm ctl`: sends one request to a running VMM's control socket and prints the reply, or
+//! (`vmm ctl events`) subscribes and prints events as they come.
 //!
 //! Before sending anything it checks who serves the socket (`SO_PEERCRED`): the server must
 //! run as the same user as `vmm ctl`, or as root. Another user who could replace the socket
 //! file (through a directory they can write) would otherwise receive the request and could
-//! answer it with a fake success.
+//! answer it with a fake success. Then it reads the server's greeting and checks that it
+//! speaks [`PROTOCOL`] and serves the op. Requests and replies are the serde types the server
+//! uses ([`Request`], [`Response`], the result types of the parent module).
 #![deny(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -12,15 +15,23 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use super::fmt_size;
-use super::protocol::parse_addr;
+use super::protocol::{
+    parse_addr, Event, EventKind, Greeting, Request, RequestLine, Response, WireName, PROTOCOL,
+};
 use super::server::{our_uid, peer_uid, trusted_owner};
+use super::{Check, Listing, Protected, RegionView, SnapshotView, Stats, Subscribed, Unmapped};
+use crate::memory::Backing;
 use crate::size::parse_size;
 
 /// How long to wait for a reply (an unmap waits for a grace period and frees memory).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long to wait for the greeting (a server whose client slots are all busy may take up
+/// to 10 s to make room first).
+const GREETING_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// `vmm ctl` arguments.
 #[derive(Args, Debug)]
@@ -29,13 +40,17 @@ pub struct CtlArgs {
     #[arg(long, value_name = "PATH", env = "VMM_API_SOCK", alias = "api-socket")]
     pub api_sock: PathBuf,
 
-    /// Print the raw JSON reply line instead of a human summary.
+    /// Print the raw JSON reply line (or event lines) instead of a human summary.
     #[arg(long, global = true)]
     pub json: bool,
 
     /// The request.
     #[command(subcommand)]
     pub op: CtlOp,
+}
+
+fn parse_backing(s: &str) -> Result<Backing, String> {
+    Backing::from_wire_name(s).ok_or_else(|| format!("{s:?}: expected anon, memfd or hugetlb"))
 }
 
 /// One request.
@@ -51,8 +66,8 @@ pub enum CtlOp {
         size: u64,
         /// What backs it: anon, memfd, or hugetlb (needs free 2 MiB huge pages; 2 MiB-aligned
         /// ranges; populated a whole huge page per fault).
-        #[arg(long, default_value = "anon", value_parser = ["anon", "memfd", "hugetlb"])]
-        backing: String,
+        #[arg(long, default_value = "anon", value_parser = parse_backing)]
+        backing: Backing,
         /// Map it read-only to the guest.
         #[arg(long)]
         readonly: bool,
@@ -107,93 +122,218 @@ pub enum CtlOp {
         #[arg(long)]
         force: bool,
     },
+    /// Subscribe, and print each event (a region mapped, unmapped or protected; the guest's
+    /// end) as it happens, until the VM's run ends (exit 0) or Ctrl-C.
+    #[command(alias = "subscribe")]
+    Events {
+        /// Only these kinds, comma-separated (default: all).
+        #[arg(long, value_delimiter = ',', value_name = "KINDS")]
+        kinds: Vec<EventKind>,
+    },
 }
 
 impl CtlOp {
-    /// The request line (without newline).
-    pub fn request(&self) -> String {
-        let v = match self {
+    /// The request this op sends.
+    pub fn request(&self) -> Request {
+        match self {
             CtlOp::Map {
                 gpa,
                 size,
                 backing,
                 readonly,
-            } => json!({"id": 1, "op": "map", "gpa": format!("{gpa:#x}"), "size": size,
-                        "backing": backing, "readonly": readonly}),
-            CtlOp::Unmap { gpa, size } => {
-                json!({"id": 1, "op": "unmap", "gpa": format!("{gpa:#x}"), "size": size})
-            }
+            } => Request::Map {
+                gpa: *gpa,
+                size: *size,
+                backing: *backing,
+                readonly: *readonly,
+            },
+            CtlOp::Unmap { gpa, size } => Request::Unmap {
+                gpa: *gpa,
+                size: *size,
+            },
             CtlOp::Protect {
                 gpa,
                 size,
                 readonly,
                 ..
-            } => json!({"id": 1, "op": "protect", "gpa": format!("{gpa:#x}"), "size": size,
-                        "readonly": readonly}),
-            CtlOp::List => json!({"id": 1, "op": "list"}),
-            CtlOp::Stats => json!({"id": 1, "op": "stats"}),
-            CtlOp::Stop => json!({"id": 1, "op": "stop"}),
-            CtlOp::Check => json!({"id": 1, "op": "check"}),
+            } => Request::Protect {
+                gpa: *gpa,
+                size: *size,
+                readonly: *readonly,
+            },
+            CtlOp::List => Request::List {},
+            CtlOp::Stats => Request::Stats {},
+            CtlOp::Stop => Request::Stop {},
+            CtlOp::Check => Request::Check {},
             CtlOp::Snapshot { dir, stop, force } => {
                 // The server resolves relative paths against its own directory: send ours.
                 let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
-                json!({"id": 1, "op": "snapshot", "dir": dir.to_string_lossy(), "stop": stop,
-                       "force": force})
+                Request::Snapshot {
+                    dir: dir.to_string_lossy().into_owned(),
+                    stop: *stop,
+                    force: *force,
+                }
             }
-        };
-        v.to_string()
+            CtlOp::Events { kinds } => Request::Subscribe {
+                events: (!kinds.is_empty()).then(|| kinds.clone()),
+            },
+        }
     }
 }
 
 /// Runs `vmm ctl`; returns the exit status.
 pub fn run(args: &CtlArgs) -> u8 {
-    let line = args.op.request();
-    let reply = match exchange(args, &line) {
+    let request = args.op.request();
+    let mut conn = match Conn::open(args, request.op()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmm ctl: {e}");
+            return 1;
+        }
+    };
+    let reply = match conn.exchange(&request) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("vmm ctl: {e}");
             return 1;
         }
     };
-    let v: Value = match serde_json::from_str(&reply) {
+    let v: Response<Value> = match serde_json::from_str(&reply) {
         Ok(v) => v,
         Err(e) => {
-            eprintln!("vmm ctl: the VMM sent a reply that is not JSON ({e}): {reply}");
+            eprintln!("vmm ctl: the VMM sent a reply that is not a response line ({e}): {reply}");
             return 1;
         }
     };
-    let ok = v["ok"] == Value::Bool(true);
-    // `check` succeeds as a request even when it finds problems; the exit status says which.
-    let inconsistent = args.op == CtlOp::Check && v["result"]["consistent"] != Value::Bool(true);
+    let op = request.op();
+    let result = match (v.ok, v.result, v.error) {
+        (true, Some(result), _) => result,
+        (_, _, error) => {
+            let (code, message) =
+                error.map_or(("?", "?".to_owned()), |e| (e.code.name(), e.message));
+            if args.json {
+                println!("{}", reply.trim_end());
+            } else {
+                eprintln!("vmm ctl: {op} failed ({code}): {message}");
+            }
+            return 1;
+        }
+    };
+    if let CtlOp::Events { .. } = args.op {
+        return events(args, conn, &result);
+    }
+    let summary = match human(&args.op, result) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "vmm ctl: the VMM's reply to {op} is not what this vmm ctl expects ({e}): {reply}"
+            );
+            return 1;
+        }
+    };
     if args.json {
         println!("{}", reply.trim_end());
-    } else if ok {
-        print!("{}", human(&args.op, &v["result"]));
     } else {
+        print!("{}", summary.text);
+    }
+    // `check` succeeds as a request even when it finds problems; the exit status says which.
+    u8::from(!summary.ok)
+}
+
+/// `vmm ctl events` after the `subscribe` reply: prints event lines until the connection
+/// closes.
+fn events(args: &CtlArgs, mut conn: Conn, result: &Value) -> u8 {
+    if let Ok(s) = serde_json::from_value::<Subscribed>(result.clone()) {
+        let kinds: Vec<String> = s
+            .subscribed
+            .iter()
+            .map(|k| {
+                serde_json::to_value(k)
+                    .map_or_else(|_| "?".into(), |v| v.as_str().unwrap_or("?").to_owned())
+            })
+            .collect();
         eprintln!(
-            "vmm ctl: {} failed ({}): {}",
-            op_name(&args.op),
-            v["error"]["code"].as_str().unwrap_or("?"),
-            v["error"]["message"].as_str().unwrap_or("?")
+            "vmm ctl: subscribed to {}; waiting for events (Ctrl-C to stop)",
+            kinds.join(", ")
         );
     }
-    if ok && !inconsistent {
-        0
-    } else {
-        1
+    let _ = conn.stream.set_read_timeout(None);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match conn.reader.read_line(&mut line) {
+            Ok(0) => return 0,
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("vmm ctl: reading events: {e}");
+                return 1;
+            }
+        }
+        let text = line.trim_end();
+        if text.is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Event>(text) {
+            Ok(ev) => {
+                if args.json {
+                    println!("{text}");
+                } else {
+                    println!("{}", human_event(&ev));
+                }
+            }
+            Err(_) => {
+                // Not an event: the server's notice before it closes (evicted, idle).
+                match serde_json::from_str::<Response<Value>>(text) {
+                    Ok(Response { error: Some(e), .. }) => {
+                        eprintln!(
+                            "vmm ctl: the VMM ended the subscription ({}): {}",
+                            e.code.name(),
+                            e.message
+                        );
+                    }
+                    _ => eprintln!("vmm ctl: not an event line: {text}"),
+                }
+                return 1;
+            }
+        }
     }
 }
 
-fn op_name(op: &CtlOp) -> &'static str {
-    match op {
-        CtlOp::Map { .. } => "map",
-        CtlOp::Unmap { .. } => "unmap",
-        CtlOp::Protect { .. } => "protect",
-        CtlOp::List => "list",
-        CtlOp::Stats => "stats",
-        CtlOp::Stop => "stop",
-        CtlOp::Check => "check",
-        CtlOp::Snapshot { .. } => "snapshot",
+/// One event as a line of text.
+pub fn human_event(ev: &Event) -> String {
+    match ev {
+        Event::Mapped { region, .. } => format!("mapped {}", region_line(region)),
+        Event::Unmapped {
+            gpa,
+            size,
+            end,
+            removed,
+            ..
+        } => format!(
+            "unmapped [{gpa:#x}, {end:#x}) {}: {} region piece(s) removed",
+            fmt_size(*size),
+            removed.len()
+        ),
+        Event::Protected {
+            gpa,
+            size,
+            end,
+            readonly,
+            changed,
+            ..
+        } => format!(
+            "protected [{gpa:#x}, {end:#x}) {} {}: {} region piece(s) changed",
+            fmt_size(*size),
+            if *readonly { "read-only" } else { "read-write" },
+            changed.len()
+        ),
+        Event::GuestExited { guest, .. } => format!(
+            "guest exited: {} pages touched, {} verify errors, {} vCPUs done",
+            guest.pages_touched, guest.verify_errors, guest.vcpus_done
+        ),
+        Event::EventsDropped { count } => {
+            format!("{count} events dropped (this client read them too slowly)")
+        }
     }
 }
 
@@ -220,83 +360,199 @@ pub fn server_trusted(peer: u32, ours: u32) -> bool {
     trusted_owner(peer, ours)
 }
 
-fn exchange(args: &CtlArgs, line: &str) -> Result<String, String> {
-    let path = args.api_sock.display();
-    let mut s = connect(&args.api_sock).map_err(|e| {
-        format!("cannot connect to {path}: {e}; is `vmm run --api-sock {path}` running?")
-    })?;
-    let ours = our_uid();
-    match peer_uid(&s) {
-        Ok(p) if server_trusted(p, ours) => {}
-        Ok(p) => {
-            return Err(format!(
-                "{path} is served by a process of uid {p}, not by you (uid {ours}) or root; \
-                 refusing to send the request (another user may have replaced the socket: \
-                 check who can write to its directory)"
-            ))
+/// A connection whose greeting was read and checked.
+struct Conn {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+    path: String,
+    /// The server refused the connection instead of greeting (another user, no free slot):
+    /// its reply line, which answers the request.
+    refused: Option<String>,
+}
+
+impl Conn {
+    /// Connects, checks who serves the socket, reads the greeting and checks that the server
+    /// speaks [`PROTOCOL`] and serves `op`.
+    fn open(args: &CtlArgs, op: &str) -> Result<Conn, String> {
+        let path = args.api_sock.display().to_string();
+        let s = connect(&args.api_sock).map_err(|e| {
+            format!("cannot connect to {path}: {e}; is `vmm run --api-sock {path}` running?")
+        })?;
+        let ours = our_uid();
+        match peer_uid(&s) {
+            Ok(p) if server_trusted(p, ours) => {}
+            Ok(p) => {
+                return Err(format!(
+                    "{path} is served by a process of uid {p}, not by you (uid {ours}) or root; \
+                     refusing to send the request (another user may have replaced the socket: \
+                     check who can write to its directory)"
+                ))
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cannot tell who serves {path} (SO_PEERCRED: {e}); refusing to send the request"
+                ))
+            }
         }
-        Err(e) => {
-            return Err(format!(
-                "cannot tell who serves {path} (SO_PEERCRED: {e}); refusing to send the request"
-            ))
+        let _ = s.set_read_timeout(Some(GREETING_TIMEOUT));
+        let reader = BufReader::new(
+            s.try_clone()
+                .map_err(|e| format!("cannot use the connection to {path}: {e}"))?,
+        );
+        let mut conn = Conn {
+            stream: s,
+            reader,
+            path,
+            refused: None,
+        };
+        let first = conn.read_line().map_err(|e| match e {
+            None => format!(
+                "{} closed the connection without a greeting; is it a vmm control socket?",
+                conn.path
+            ),
+            Some(e) => format!(
+                "{} sent no greeting ({e}, waited {} s); is it a vmm control socket?",
+                conn.path,
+                GREETING_TIMEOUT.as_secs()
+            ),
+        })?;
+        match check_greeting(&first, op) {
+            Ok(()) => {}
+            Err(GreetingError::Refused) => conn.refused = Some(first),
+            Err(GreetingError::Bad(why)) => {
+                return Err(format!(
+                    "{}: {why}; refusing to send the request",
+                    conn.path
+                ))
+            }
+        }
+        Ok(conn)
+    }
+
+    /// Reads one line: `Err(None)` at end of stream.
+    fn read_line(&mut self) -> Result<String, Option<std::io::Error>> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Err(None),
+            Ok(_) => Ok(line),
+            Err(e) => Err(Some(e)),
         }
     }
-    let _ = s.set_read_timeout(Some(REPLY_TIMEOUT));
-    let sent = s.write_all(format!("{line}\n").as_bytes());
-    let mut reply = String::new();
-    let read = BufReader::new(&s).read_line(&mut reply);
-    // A server that refuses the connection (too many clients, another user) may have replied
-    // and closed it before the request was written: its reply says why.
-    match (sent, read) {
-        (_, Ok(_)) if !reply.is_empty() => Ok(reply),
-        (Err(e), _) => Err(format!("cannot send the request to {path}: {e}")),
-        (Ok(()), Err(e)) => Err(format!("no reply from {path}: {e}")),
-        (Ok(()), Ok(_)) => Err(format!("{path} closed the connection without replying")),
+
+    /// Sends `request` and returns the reply line.
+    fn exchange(&mut self, request: &Request) -> Result<String, String> {
+        if let Some(r) = self.refused.take() {
+            return Ok(r);
+        }
+        let line = serde_json::to_string(&RequestLine { id: 1, request })
+            .map_err(|e| format!("cannot encode the request: {e}"))?;
+        let path = self.path.clone();
+        let _ = self.stream.set_read_timeout(Some(REPLY_TIMEOUT));
+        let sent = self.stream.write_all(format!("{line}\n").as_bytes());
+        let read = self.read_line();
+        // A server that drops the connection (it is stopping, or evicted us) may have said
+        // why before the request was written: that line says so.
+        match (sent, read) {
+            (_, Ok(reply)) => Ok(reply),
+            (Err(e), _) => Err(format!("cannot send the request to {path}: {e}")),
+            (Ok(()), Err(Some(e))) => Err(format!("no reply from {path}: {e}")),
+            (Ok(()), Err(None)) => Err(format!("{path} closed the connection without replying")),
+        }
     }
 }
 
-fn s(v: &Value) -> &str {
-    v.as_str().unwrap_or("?")
+/// Why a first line is not the greeting wanted.
+#[derive(Debug, PartialEq, Eq)]
+enum GreetingError {
+    /// A response line instead (the server refused the connection): it answers the request.
+    Refused,
+    /// Not a greeting, another protocol, or the op is not served.
+    Bad(String),
 }
 
-fn n(v: &Value) -> u64 {
-    v.as_u64().unwrap_or(0)
+/// Checks the server's first line: a greeting of [`PROTOCOL`] whose capabilities include `op`.
+fn check_greeting(line: &str, op: &str) -> Result<(), GreetingError> {
+    let text = line.trim_end();
+    let g = match serde_json::from_str::<Greeting>(text) {
+        Ok(g) => g.greeting,
+        Err(_) => {
+            return match serde_json::from_str::<Response<Value>>(text) {
+                Ok(r) if !r.ok && r.error.is_some() => Err(GreetingError::Refused),
+                _ => Err(GreetingError::Bad(format!(
+                    "the server did not greet like a vmm control socket (its first line: {})",
+                    text.chars().take(200).collect::<String>()
+                ))),
+            }
+        }
+    };
+    if g.protocol != PROTOCOL {
+        return Err(GreetingError::Bad(format!(
+            "the server ({} {}) speaks control protocol {}; this vmm ctl ({}) speaks protocol \
+             {PROTOCOL}: use the vmm ctl of the VMM's version",
+            g.name,
+            g.version,
+            g.protocol,
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
+    if !g.capabilities.iter().any(|c| c == op) {
+        return Err(GreetingError::Bad(format!(
+            "the server ({} {}) does not serve {op:?} (it serves {})",
+            g.name,
+            g.version,
+            g.capabilities.join(", ")
+        )));
+    }
+    Ok(())
 }
 
-fn region_line(r: &Value) -> String {
+fn region_line(r: &RegionView) -> String {
     format!(
-        "[{}, {}) {} {} slot {} {}{}",
-        s(&r["gpa"]),
-        s(&r["end"]),
-        fmt_size(n(&r["size"])),
-        s(&r["backing"]),
-        r["slot"].as_u64().map_or("-".into(), |x| x.to_string()),
-        if r["readonly"] == Value::Bool(true) {
+        "[{:#x}, {:#x}) {} {} slot {} {}{}",
+        r.gpa,
+        r.end,
+        fmt_size(r.size),
+        r.backing.name(),
+        r.slot.map_or("-".into(), |x| x.to_string()),
+        if r.readonly {
             "read-only"
         } else {
             "read-write"
         },
-        match n(&r["resident_pages"]) {
+        match r.resident_pages {
             0 => String::new(),
-            p => format!(", {p} pages resident, {} faults", n(&r["faults"])),
+            p => format!(", {p} pages resident, {} faults", r.faults),
         }
     )
 }
 
-/// The human summary of a successful reply.
-pub fn human(op: &CtlOp, r: &Value) -> String {
+/// The human summary of a successful reply, and whether `vmm ctl` succeeds (a `check` that
+/// found problems does not).
+pub struct Summary {
+    /// The text.
+    pub text: String,
+    /// Exit 0.
+    pub ok: bool,
+}
+
+fn decode<T: DeserializeOwned>(v: Value) -> Result<T, String> {
+    serde_json::from_value(v).map_err(|e| e.to_string())
+}
+
+/// The human summary of the result `r` of a successful `op`.
+pub fn human(op: &CtlOp, r: Value) -> Result<Summary, String> {
     let mut out = String::new();
-    let empty = Vec::new();
+    let mut ok = true;
     match op {
-        CtlOp::Map { .. } => out += &format!("mapped {}\n", region_line(r)),
+        CtlOp::Map { .. } => out += &format!("mapped {}\n", region_line(&decode(r)?)),
         CtlOp::Unmap { .. } => {
-            for p in r["removed"].as_array().unwrap_or(&empty) {
-                out += &format!("unmapped {}\n", region_line(p));
+            for p in decode::<Unmapped>(r)?.removed {
+                out += &format!("unmapped {}\n", region_line(&p));
             }
         }
         CtlOp::Protect { .. } => {
-            for p in r["changed"].as_array().unwrap_or(&empty) {
-                out += &format!("now {}\n", region_line(p));
+            for p in decode::<Protected>(r)?.changed {
+                out += &format!("now {}\n", region_line(&p));
             }
         }
         CtlOp::List => {
@@ -304,119 +560,106 @@ pub fn human(op: &CtlOp, r: &Value) -> String {
                 "{:<14} {:<14} {:>10} {:>5} {:<8} {:<8} {:<3} {:>9} {:>8}\n",
                 "GPA", "END", "SIZE", "SLOT", "BACKING", "KIND", "RO", "RESIDENT", "FAULTS"
             );
-            for p in r["regions"].as_array().unwrap_or(&empty) {
+            for p in decode::<Listing>(r)?.regions {
                 out += &format!(
                     "{:<14} {:<14} {:>10} {:>5} {:<8} {:<8} {:<3} {:>9} {:>8}\n",
-                    s(&p["gpa"]),
-                    s(&p["end"]),
-                    fmt_size(n(&p["size"])),
-                    p["slot"].as_u64().map_or("-".into(), |x| x.to_string()),
-                    s(&p["backing"]),
-                    s(&p["kind"]),
-                    if p["readonly"] == Value::Bool(true) {
-                        "yes"
-                    } else {
-                        "no"
-                    },
-                    n(&p["resident_pages"]),
-                    n(&p["faults"]),
+                    format!("{:#x}", p.gpa),
+                    format!("{:#x}", p.end),
+                    fmt_size(p.size),
+                    p.slot.map_or("-".into(), |x| x.to_string()),
+                    p.backing.name(),
+                    p.kind.name(),
+                    if p.readonly { "yes" } else { "no" },
+                    p.resident_pages,
+                    p.faults,
                 );
             }
         }
         CtlOp::Stats => {
-            let t = &r["totals"];
-            let e = &r["exits"];
-            let g = &r["guest"];
-            let rcu = &r["rcu"];
+            let r: Stats = decode(r)?;
+            let (t, e, g, rcu, c) = (&r.totals, &r.exits, &r.guest, &r.rcu, &r.control);
             out += &format!(
                 "regions: {} ({} hot-plugged, {}), {} pages resident; host RSS {}\n",
-                n(&t["regions"]),
-                n(&t["hotplug_regions"]),
-                fmt_size(n(&t["hotplug_bytes"])),
-                n(&t["resident_pages"]),
-                fmt_size(n(&r["host_rss_bytes"]) & !0xfff),
+                t.regions,
+                t.hotplug_regions,
+                fmt_size(t.hotplug_bytes),
+                t.resident_pages,
+                fmt_size(r.host_rss_bytes & !0xfff),
             );
-            for p in r["regions"].as_array().unwrap_or(&empty) {
+            for p in &r.regions {
                 out += &format!("  {}\n", region_line(p));
             }
             out += &format!(
                 "faults: {} serviced, {} pages populated ({} fault mode, {} address space)\n",
-                n(&t["faults"]),
-                n(&t["pages_populated"]),
-                s(&r["fault_mode"]),
-                s(&r["address_space"])
+                t.faults,
+                t.pages_populated,
+                r.fault_mode.name(),
+                r.address_space
             );
             out += &format!(
                 "open bus: {} reads, {} writes; read-only writes dropped: {}\n",
-                n(&t["open_bus_reads"]),
-                n(&t["open_bus_writes"]),
-                n(&t["readonly_writes"])
+                t.open_bus_reads, t.open_bus_writes, t.readonly_writes
             );
             out += &format!(
                 "exits: {} (io {}, mmio {}, memory-fault {}, efault {}, interrupted {}, other {})\n",
-                n(&e["total"]),
-                n(&e["io"]),
-                n(&e["mmio"]),
-                n(&e["memory_fault"]),
-                n(&e["efault"]),
-                n(&e["interrupted"]),
-                n(&e["other"])
+                e.total, e.io, e.mmio, e.memory_fault, e.efault, e.interrupted, e.other
             );
             out += &format!(
                 "grace periods: {} (p50 {} ns, p99 {} ns, max {} ns)\n",
-                n(&rcu["grace_periods"]),
-                n(&rcu["grace_period_ns"]["p50"]),
-                n(&rcu["grace_period_ns"]["p99"]),
-                n(&rcu["grace_period_ns"]["max"])
+                rcu.grace_periods,
+                rcu.grace_period_ns.p50,
+                rcu.grace_period_ns.p99,
+                rcu.grace_period_ns.max
             );
             out += &format!(
                 "guest: {} pages touched, {} verify errors, {} vanished, {} passes, mailbox generation {} (seen {})\n",
-                n(&g["pages_touched"]),
-                n(&g["verify_errors"]),
-                n(&g["vanished"]),
-                n(&g["passes"]),
-                n(&r["generation"]),
-                n(&g["generation_seen"])
+                g.pages_touched, g.verify_errors, g.vanished, g.passes, r.generation, g.generation_seen
             );
-            let c = &r["control"];
             out += &format!(
-                "control clients: {} connected (at most {}), {} dropped idle, {} evicted to make room\n",
-                n(&c["clients"]),
-                n(&c["max_clients"]),
-                n(&c["clients_dropped_idle"]),
-                n(&c["clients_evicted"])
+                "control clients: {} connected (at most {}), {} dropped idle, {} evicted to make room; {} subscribed to events, {} events dropped\n",
+                c.clients,
+                c.max_clients,
+                c.clients_dropped_idle,
+                c.clients_evicted,
+                c.subscribers,
+                c.events_dropped
             );
         }
         CtlOp::Stop => out += "the guest was asked to stop\n",
         CtlOp::Snapshot { .. } => {
+            let r: SnapshotView = decode(r)?;
             out += &format!(
                 "snapshot {}: {} pages ({} bytes) of guest memory, {} regions, {} vCPUs; vCPUs paused {:.1} ms{}\n",
-                s(&r["dir"]),
-                n(&r["pages"]),
-                n(&r["memory_bytes"]),
-                n(&r["regions"]),
-                n(&r["vcpus"]),
-                r["paused_ms"].as_f64().unwrap_or(0.0),
-                if r["stopped"] == Value::Bool(true) { "; the VM stopped" } else { "" }
+                r.dir,
+                r.pages,
+                r.memory_bytes,
+                r.regions,
+                r.vcpus,
+                r.paused_ms,
+                if r.stopped { "; the VM stopped" } else { "" }
             );
         }
         CtlOp::Check => {
-            if r["consistent"] == Value::Bool(true) {
+            let r: Check = decode(r)?;
+            ok = r.consistent;
+            if r.consistent {
                 out += &format!(
                     "consistent: {} regions, {} memslots, {} served by exits\n",
-                    n(&r["regions"]),
-                    n(&r["memslots"]),
-                    n(&r["exit_served"])
+                    r.regions, r.memslots, r.exit_served
                 );
             } else {
                 out += "INCONSISTENT:\n";
-                for p in r["problems"].as_array().unwrap_or(&empty) {
-                    out += &format!("  {}\n", s(p));
+                for p in &r.problems {
+                    out += &format!("  {p}\n");
                 }
             }
         }
+        CtlOp::Events { .. } => {
+            let r: Subscribed = decode(r)?;
+            out += &format!("subscribed to {} event kinds\n", r.subscribed.len());
+        }
     }
-    out
+    Ok(Summary { text: out, ok })
 }
 
 #[cfg(test)]
@@ -431,5 +674,62 @@ mod tests {
         assert!(!server_trusted(65534, 1000));
         assert!(!server_trusted(65534, 0));
         assert!(!server_trusted(1000, 0));
+    }
+
+    #[test]
+    fn greetings_are_checked() {
+        let line = Greeting::new(false).line();
+        assert_eq!(check_greeting(&line, "map"), Ok(()));
+        assert_eq!(check_greeting(&format!("{line}\n"), "subscribe"), Ok(()));
+        let Err(GreetingError::Bad(why)) = check_greeting(&line, "inject") else {
+            panic!("inject is not served without VMM_FAULT_INJECT");
+        };
+        assert!(why.contains("does not serve \"inject\""), "{why}");
+        let mut g = Greeting::new(false);
+        g.greeting.protocol = 2;
+        let Err(GreetingError::Bad(why)) = check_greeting(&g.line(), "map") else {
+            panic!("protocol 2 accepted");
+        };
+        assert!(why.contains("speaks control protocol 2"), "{why}");
+        let refusal = r#"{"id":null,"ok":false,"error":{"code":"denied","message":"no"}}"#;
+        assert_eq!(check_greeting(refusal, "map"), Err(GreetingError::Refused));
+        for bad in [
+            r#"{"id":1,"ok":true,"result":{"stopping":true}}"#,
+            "hello",
+            "",
+        ] {
+            let Err(GreetingError::Bad(why)) = check_greeting(bad, "stop") else {
+                panic!("{bad:?} accepted as a greeting");
+            };
+            assert!(why.contains("did not greet"), "{why}");
+        }
+    }
+
+    #[test]
+    fn requests_of_every_op() {
+        let map = CtlOp::Map {
+            gpa: 1 << 32,
+            size: 2 << 20,
+            backing: Backing::Memfd,
+            readonly: true,
+        };
+        assert_eq!(
+            serde_json::to_string(&RequestLine {
+                id: 1,
+                request: &map.request()
+            })
+            .unwrap(),
+            r#"{"id":1,"op":"map","gpa":"0x100000000","size":2097152,"backing":"memfd","readonly":true}"#
+        );
+        assert_eq!(CtlOp::Events { kinds: vec![] }.request().op(), "subscribe");
+        assert_eq!(
+            CtlOp::Events {
+                kinds: vec![EventKind::Mapped]
+            }
+            .request(),
+            Request::Subscribe {
+                events: Some(vec![EventKind::Mapped])
+            }
+        );
     }
 }

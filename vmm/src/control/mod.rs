@@ -1,14 +1,19 @@
 //! The control socket: `vmm run --api-sock PATH` serves JSON-lines requests that hot-plug
 //! guest memory; `vmm ctl` is the client.
 //!
-//! Layers (Firecracker-style thin API): [`protocol`] turns a line into a [`Request`];
-//! [`Vmm::execute`] validates it against the control limits, calls the address space and
-//! updates the guest's mailbox, returning a typed [`Reply`] or a [`ControlError`] whose code
-//! goes on the wire; [`server`] moves lines between sockets and `execute` and never touches
-//! the address space.
+//! Layers (Firecracker-style thin API): [`protocol`] turns a line into a [`Request`] (and
+//! holds the greeting and event types); [`Vmm::execute`] has the address space validate the
+//! request (one validation layer: [`AddressSpace::validate_map`] and the checks of `unmap`
+//! and `protect`), applies the control server's own limits (`--max-regions`,
+//! `--max-hotplug-mem`, free huge pages), calls the address space, updates the guest's mailbox
+//! and publishes the event, returning a typed [`Reply`] or a [`ControlError`] whose code goes
+//! on the wire; [`server`] moves lines between sockets and `execute`, greets clients and
+//! delivers events ([`events`]), and never touches the address space. The reply types here and
+//! in [`protocol`] are the ones `vmm ctl` ([`client`]) reads.
 #![deny(unsafe_code)]
 
 pub mod client;
+pub mod events;
 pub mod protocol;
 pub mod server;
 
@@ -17,14 +22,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::devices::mailbox::{Mailbox, MailboxRegion};
 use crate::inject;
 use crate::memory::address_space::{RegionInfo, PAGE};
-use crate::memory::{AddressSpace, AsError, Backing, RegionKind};
+use crate::memory::{AddressSpace, AsError, Backing, FaultMode, RegionKind};
 use crate::vcpu::VcpuShared;
 use crate::vm::VmHandle;
+use protocol::{addr, named, Event, EventKind, WireName};
 pub use protocol::{Code, ControlError, Request};
 
 /// The default `--client-idle-timeout`.
@@ -81,21 +87,25 @@ impl From<AsError> for ControlError {
     }
 }
 
-/// A region as replies show it.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+/// A region as replies and events show it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RegionView {
-    /// First address (hex).
-    pub gpa: String,
+    /// First address (`0x` hex on the wire).
+    #[serde(with = "addr")]
+    pub gpa: u64,
     /// Size in bytes.
     pub size: u64,
-    /// End address, exclusive (hex).
-    pub end: String,
+    /// End address, exclusive (`0x` hex on the wire).
+    #[serde(with = "addr")]
+    pub end: u64,
     /// KVM memslot (null while the region is served by exits).
     pub slot: Option<u32>,
     /// anon | memfd | hugetlb.
-    pub backing: &'static str,
+    #[serde(with = "named")]
+    pub backing: Backing,
     /// boot | ram | hotplug.
-    pub kind: &'static str,
+    #[serde(with = "named")]
+    pub kind: RegionKind,
     /// Read-only to the guest.
     pub readonly: bool,
     /// Pages populated.
@@ -107,17 +117,25 @@ pub struct RegionView {
 impl From<&RegionInfo> for RegionView {
     fn from(r: &RegionInfo) -> Self {
         RegionView {
-            gpa: protocol::hex(r.gpa),
+            gpa: r.gpa,
             size: r.size_bytes,
-            end: protocol::hex(r.gpa + r.size_bytes),
+            end: r.gpa + r.size_bytes,
             slot: r.slot,
-            backing: r.backing,
-            kind: r.kind,
+            // `RegionInfo` carries the enums' own names (`Backing::name`, `RegionKind::name`),
+            // so these always match; an unknown kind would be treated as boot memory, which
+            // nothing at run time may change.
+            backing: Backing::from_wire_name(r.backing).unwrap_or(Backing::Anon),
+            kind: RegionKind::from_wire_name(r.kind).unwrap_or(RegionKind::Boot),
             readonly: r.readonly,
             resident_pages: r.resident_pages,
             faults: r.faults,
         }
     }
+}
+
+/// Every region of `space`, as replies show them.
+fn views(space: &AddressSpace) -> Vec<RegionView> {
+    space.list().iter().map(RegionView::from).collect()
 }
 
 /// What a successful request returns.
@@ -126,45 +144,111 @@ impl From<&RegionInfo> for RegionView {
 pub enum Reply {
     /// `map`: the new region.
     Mapped(RegionView),
-    /// `unmap`: the pieces removed.
-    Unmapped {
-        /// Removed pieces.
-        removed: Vec<RegionView>,
-    },
-    /// `protect`: the pieces whose protection changed.
-    Protected {
-        /// Changed pieces.
-        changed: Vec<RegionView>,
-    },
+    /// `unmap`.
+    Unmapped(Unmapped),
+    /// `protect`.
+    Protected(Protected),
     /// `list`.
-    List {
-        /// Every region, boot and RAM included, by address.
-        regions: Vec<RegionView>,
-        /// The mailbox generation the guest sees.
-        generation: u64,
-    },
+    List(Listing),
     /// `stats`.
     Stats(Box<Stats>),
     /// `stop`.
-    Stopping {
-        /// Always true.
-        stopping: bool,
-    },
+    Stopping(Stopping),
     /// `inject`.
-    Injecting {
-        /// The step, or "off".
-        step: &'static str,
-        /// Which call fails.
-        nth: u64,
-    },
+    Injecting(Injecting),
     /// `check`.
     Check(Check),
     /// `snapshot`.
-    Snapshot(crate::snapshot::Written),
+    Snapshot(SnapshotView),
+    /// `subscribe` and `unsubscribe`.
+    Subscribed(Subscribed),
+}
+
+/// `unmap`: the pieces removed.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Unmapped {
+    /// Removed pieces.
+    pub removed: Vec<RegionView>,
+}
+
+/// `protect`: the pieces whose protection changed.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Protected {
+    /// Changed pieces.
+    pub changed: Vec<RegionView>,
+}
+
+/// `list`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Listing {
+    /// Every region, boot and RAM included, by address.
+    pub regions: Vec<RegionView>,
+    /// The mailbox generation the guest sees.
+    pub generation: u64,
+}
+
+/// `stop`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Stopping {
+    /// Always true.
+    pub stopping: bool,
+}
+
+/// `inject`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Injecting {
+    /// The step, or "off".
+    #[serde(with = "protocol::inject_step")]
+    pub step: Option<inject::Step>,
+    /// Which call fails.
+    pub nth: u64,
+}
+
+/// `subscribe` and `unsubscribe`: the event kinds this connection receives from now on.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Subscribed {
+    /// The kinds (empty after `unsubscribe`).
+    pub subscribed: Vec<EventKind>,
+}
+
+/// `snapshot`: what was written.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotView {
+    /// The directory.
+    pub dir: String,
+    /// Pages written.
+    pub pages: u64,
+    /// Bytes of guest memory written.
+    pub memory_bytes: u64,
+    /// Regions.
+    pub regions: usize,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// Time the vCPUs were paused, in ms.
+    pub paused_ms: f64,
+    /// MSRs KVM refused to read.
+    pub msrs_not_saved: Vec<String>,
+    /// Whether the VM was stopped after it.
+    pub stopped: bool,
+}
+
+impl From<crate::snapshot::Written> for SnapshotView {
+    fn from(w: crate::snapshot::Written) -> Self {
+        SnapshotView {
+            dir: w.dir,
+            pages: w.pages,
+            memory_bytes: w.memory_bytes,
+            regions: w.regions,
+            vcpus: w.vcpus,
+            paused_ms: w.paused_ms,
+            msrs_not_saved: w.msrs_not_saved,
+            stopped: w.stopped,
+        }
+    }
 }
 
 /// `stats`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Stats {
     /// Hot-plugged regions (boot and RAM are in `totals` only).
     pub regions: Vec<RegionView>,
@@ -181,15 +265,16 @@ pub struct Stats {
     /// The VMM process's resident memory.
     pub host_rss_bytes: u64,
     /// vcpu | handler | kernel.
-    pub fault_mode: &'static str,
-    /// bonsai | rwlock | cow.
-    pub address_space: &'static str,
+    #[serde(with = "named")]
+    pub fault_mode: FaultMode,
+    /// bonsai | rwlock | cow (the range map's own name).
+    pub address_space: String,
     /// The control server's clients.
     pub control: ControlStats,
 }
 
 /// The control server's clients, in `stats`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ControlStats {
     /// Connected now (the one asking included).
     pub clients: u64,
@@ -199,10 +284,16 @@ pub struct ControlStats {
     pub clients_dropped_idle: u64,
     /// Disconnected to make room for a new client when every slot was taken.
     pub clients_evicted: u64,
+    /// Connected clients that subscribed to events.
+    #[serde(default)]
+    pub subscribers: usize,
+    /// Events not sent to a subscriber because its queue was full.
+    #[serde(default)]
+    pub events_dropped: u64,
 }
 
 /// Address-space totals.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Totals {
     /// All regions.
     pub regions: usize,
@@ -237,7 +328,7 @@ pub struct Totals {
 }
 
 /// VM exits.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Exits {
     /// All.
     pub total: u64,
@@ -256,7 +347,7 @@ pub struct Exits {
 }
 
 /// RCU figures.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct RcuStats {
     /// Grace periods completed.
     pub grace_periods: u64,
@@ -271,7 +362,7 @@ pub struct RcuStats {
 }
 
 /// Latency percentiles.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Latency {
     /// Median.
     pub p50: u64,
@@ -284,7 +375,7 @@ pub struct Latency {
 }
 
 /// The `hotplug` workload's counters (summed over vCPUs).
-#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct GuestProgress {
     /// vCPUs that have finished.
     pub vcpus_done: u64,
@@ -306,7 +397,7 @@ pub struct GuestProgress {
 }
 
 /// `check`: the address space against what KVM and the host have.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Check {
     /// No problem found.
     pub consistent: bool,
@@ -333,6 +424,7 @@ pub struct Vmm {
     ops: Mutex<()>,
     inject: bool,
     clients: ClientCounters,
+    events: events::Hub,
 }
 
 impl Vmm {
@@ -350,6 +442,7 @@ impl Vmm {
             ops: Mutex::new(()),
             inject,
             clients: ClientCounters::default(),
+            events: events::Hub::default(),
         };
         Ok(vmm)
     }
@@ -362,6 +455,26 @@ impl Vmm {
     /// The client counters the server keeps.
     pub fn clients(&self) -> &ClientCounters {
         &self.clients
+    }
+
+    /// The event subscribers.
+    pub fn events(&self) -> &events::Hub {
+        &self.events
+    }
+
+    /// Whether the test-only `inject` op is served.
+    pub fn inject_enabled(&self) -> bool {
+        self.inject
+    }
+
+    /// Tells subscribers that every vCPU has ended.
+    pub fn publish_guest_exited(&self) {
+        let guest = self.guest_progress();
+        self.events
+            .publish(EventKind::GuestExited, |seq| Event::GuestExited {
+                seq,
+                guest,
+            });
     }
 
     /// Runs one request.
@@ -380,9 +493,16 @@ impl Vmm {
                 let update = self.mailbox.begin();
                 let r = self.space.unmap(gpa, size);
                 let _ = update.publish(&self.mailbox_list());
-                Ok(Reply::Unmapped {
-                    removed: r?.iter().map(RegionView::from).collect(),
-                })
+                let removed: Vec<RegionView> = r?.iter().map(RegionView::from).collect();
+                self.events
+                    .publish(EventKind::Unmapped, |seq| Event::Unmapped {
+                        seq,
+                        gpa,
+                        size,
+                        end: gpa + size,
+                        removed: removed.clone(),
+                    });
+                Ok(Reply::Unmapped(Unmapped { removed }))
             }
             Request::Protect {
                 gpa,
@@ -394,22 +514,33 @@ impl Vmm {
                 let update = self.mailbox.begin();
                 let r = self.space.protect(gpa, size, readonly);
                 let _ = update.publish(&self.mailbox_list());
-                Ok(Reply::Protected {
-                    changed: r?.iter().map(RegionView::from).collect(),
-                })
+                let changed: Vec<RegionView> = r?.iter().map(RegionView::from).collect();
+                self.events
+                    .publish(EventKind::Protected, |seq| Event::Protected {
+                        seq,
+                        gpa,
+                        size,
+                        end: gpa + size,
+                        readonly,
+                        changed: changed.clone(),
+                    });
+                Ok(Reply::Protected(Protected { changed }))
             }
-            Request::List => Ok(Reply::List {
-                regions: self.space.list().iter().map(RegionView::from).collect(),
+            Request::List {} => Ok(Reply::List(Listing {
+                regions: views(&self.space),
                 generation: self.mailbox.generation(),
-            }),
-            Request::Stats => Ok(Reply::Stats(Box::new(self.stats()))),
-            Request::Check => Ok(Reply::Check(self.check())),
-            Request::Stop => {
+            })),
+            Request::Stats {} => Ok(Reply::Stats(Box::new(self.stats()))),
+            Request::Check {} => Ok(Reply::Check(self.check())),
+            Request::Stop {} => {
                 self.mailbox.request_stop().map_err(|e| {
                     ControlError::new(Code::Internal, format!("cannot write the mailbox: {e}"))
                 })?;
-                Ok(Reply::Stopping { stopping: true })
+                Ok(Reply::Stopping(Stopping { stopping: true }))
             }
+            Request::Subscribe { .. } | Request::Unsubscribe {} => Err(ControlError::invalid(
+                "subscribe and unsubscribe are answered by the connection's server thread",
+            )),
             Request::Snapshot { dir, stop, force } => self.snapshot(&dir, stop, force),
             Request::Inject { step, nth } => {
                 if !self.inject {
@@ -422,10 +553,7 @@ impl Vmm {
                 if let Some(s) = step {
                     inject::arm(s, nth);
                 }
-                Ok(Reply::Injecting {
-                    step: step.map_or("off", inject::Step::name),
-                    nth,
-                })
+                Ok(Reply::Injecting(Injecting { step, nth }))
             }
         }
     }
@@ -462,7 +590,7 @@ impl Vmm {
         let stopped = stop && written.is_ok();
         paused.resume(stopped);
         let (pages, memory_bytes) = written.map_err(to_ctl)?;
-        Ok(Reply::Snapshot(snapshot::Written {
+        Ok(Reply::Snapshot(SnapshotView {
             dir: dir.to_owned(),
             pages,
             memory_bytes,
@@ -496,19 +624,14 @@ impl Vmm {
         readonly: bool,
     ) -> Result<Reply, ControlError> {
         let _op = self.lock_ops();
-        let align = backing.align_bytes();
-        if size == 0 || gpa % align != 0 || size % align != 0 {
-            return Err(ControlError::invalid(format!(
-                "gpa {gpa:#x} and size {size:#x} must be non-zero multiples of {align:#x} for {} backing",
-                backing.name()
-            )));
-        }
-        let end = gpa.checked_add(size).ok_or_else(|| {
-            ControlError::invalid(format!("gpa {gpa:#x} + size {size:#x} overflows"))
-        })?;
-        reserved_check(gpa, end, &self.space.list())?;
-        let list = self.space.list();
-        let hot: Vec<_> = list.iter().filter(|r| r.kind == "hotplug").collect();
+        // Alignment, range, reserved ranges, the hot-plug window, overlap: the address
+        // space's checks, before the control server's own limits.
+        self.space
+            .validate_map(gpa, size, backing, RegionKind::Hotplug)?;
+        let hot: Vec<_> = views(&self.space)
+            .into_iter()
+            .filter(|r| r.kind == RegionKind::Hotplug)
+            .collect();
         if hot.len() >= self.cfg.max_regions {
             return Err(ControlError::new(
                 Code::Limit,
@@ -518,7 +641,7 @@ impl Vmm {
                 ),
             ));
         }
-        let bytes: u64 = hot.iter().map(|r| r.size_bytes).sum();
+        let bytes: u64 = hot.iter().map(|r| r.size).sum();
         if bytes.saturating_add(size) > self.cfg.max_hotplug_bytes {
             return Err(ControlError::new(
                 Code::Limit,
@@ -538,7 +661,12 @@ impl Vmm {
             .space
             .map(gpa, size, backing, readonly, RegionKind::Hotplug)?;
         let _ = self.mailbox.begin().publish(&self.mailbox_list());
-        Ok(Reply::Mapped(RegionView::from(&info)))
+        let region = RegionView::from(&info);
+        self.events.publish(EventKind::Mapped, |seq| Event::Mapped {
+            seq,
+            region: region.clone(),
+        });
+        Ok(Reply::Mapped(region))
     }
 
     /// Refuses an unmap/protect whose splits would take the hot-plugged regions over the
@@ -550,19 +678,14 @@ impl Vmm {
         let Some(end) = gpa.checked_add(size) else {
             return Ok(());
         };
-        let hot: Vec<_> = self
-            .space
-            .list()
+        let hot: Vec<_> = views(&self.space)
             .into_iter()
-            .filter(|r| r.kind == "hotplug")
+            .filter(|r| r.kind == RegionKind::Hotplug)
             .collect();
         let mut after = hot.len();
-        for r in hot
-            .iter()
-            .filter(|r| r.gpa < end && gpa < r.gpa + r.size_bytes)
-        {
+        for r in hot.iter().filter(|r| r.gpa < end && gpa < r.end) {
             let left = r.gpa < gpa;
-            let right = r.gpa + r.size_bytes > end;
+            let right = r.end > end;
             // unmap: the region goes, its outside parts stay; protect: its inside part too.
             after = after - 1 + usize::from(left) + usize::from(right) + usize::from(protect);
         }
@@ -614,18 +737,21 @@ impl Vmm {
     }
 
     fn stats(&self) -> Stats {
-        let list = self.space.list();
+        let list = views(&self.space);
         let c = self.space.counters.snapshot();
         let e = self.shared.exits.snapshot();
         let r = self.space.domain().stats();
-        let hot: Vec<_> = list.iter().filter(|r| r.kind == "hotplug").collect();
+        let hot: Vec<RegionView> = list
+            .iter()
+            .filter(|r| r.kind == RegionKind::Hotplug)
+            .cloned()
+            .collect();
         let l = &r.grace_period_latency;
         Stats {
-            regions: hot.iter().map(|r| RegionView::from(*r)).collect(),
             totals: Totals {
                 regions: list.len(),
                 hotplug_regions: hot.len(),
-                hotplug_bytes: hot.iter().map(|r| r.size_bytes).sum(),
+                hotplug_bytes: hot.iter().map(|r| r.size).sum(),
                 resident_pages: list.iter().map(|r| r.resident_pages).sum(),
                 faults: c.faults,
                 pages_populated: c.pages_populated,
@@ -639,6 +765,7 @@ impl Vmm {
                 protects: c.protects,
                 teardown_errors: c.teardown_errors,
             },
+            regions: hot,
             exits: Exits {
                 total: e.total(),
                 io: e.io,
@@ -663,13 +790,15 @@ impl Vmm {
             guest: self.guest_progress(),
             generation: self.mailbox.generation(),
             host_rss_bytes: host_rss_bytes(),
-            fault_mode: self.space.fault_mode().name(),
-            address_space: self.space.implementation(),
+            fault_mode: self.space.fault_mode(),
+            address_space: self.space.implementation().to_owned(),
             control: ControlStats {
                 clients: self.clients.connected.load(Ordering::Relaxed),
                 max_clients: self.cfg.max_clients,
                 clients_dropped_idle: self.clients.dropped_idle.load(Ordering::Relaxed),
                 clients_evicted: self.clients.evicted.load(Ordering::Relaxed),
+                subscribers: self.events.subscribers(),
+                events_dropped: self.events.dropped(),
             },
         }
     }
@@ -736,34 +865,6 @@ impl std::fmt::Display for HotplugSummary {
             }
         )
     }
-}
-
-/// Boot RAM, the boot area and the 32-bit device hole cannot be mapped over.
-fn reserved_check(gpa: u64, end: u64, list: &[RegionInfo]) -> Result<(), ControlError> {
-    use abi::layout::{HOLE_END, HOLE_START};
-    if let Some(r) = list
-        .iter()
-        .find(|r| r.kind != "hotplug" && r.gpa < end && gpa < r.gpa + r.size_bytes)
-    {
-        return Err(ControlError::new(
-            Code::Reserved,
-            format!(
-                "[{gpa:#x}, {end:#x}) overlaps {} memory [{:#x}, {:#x}), which cannot be changed at run time",
-                r.kind,
-                r.gpa,
-                r.gpa + r.size_bytes
-            ),
-        ));
-    }
-    if gpa < HOLE_END && HOLE_START < end {
-        return Err(ControlError::new(
-            Code::Reserved,
-            format!(
-                "[{gpa:#x}, {end:#x}) overlaps the device hole [{HOLE_START:#x}, {HOLE_END:#x})"
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// hugetlb needs free 2 MiB pages on the host (a clear error beats a SIGBUS on first touch).
@@ -926,13 +1027,12 @@ pub use crate::size::fmt_units as fmt_size;
 
 /// The run-time regions as the mailbox lists them.
 fn mailbox_list_of(space: &AddressSpace) -> Vec<MailboxRegion> {
-    space
-        .list()
+    views(space)
         .into_iter()
-        .filter(|r| r.kind == "hotplug")
+        .filter(|r| r.kind == RegionKind::Hotplug)
         .map(|r| MailboxRegion {
             gpa: r.gpa,
-            size_bytes: r.size_bytes,
+            size_bytes: r.size,
             readonly: r.readonly,
         })
         .collect()
@@ -975,31 +1075,31 @@ mod tests {
     }
 
     #[test]
-    fn reserved_ranges() {
-        let ram = RegionInfo {
+    fn region_views_carry_the_enums() {
+        let info = RegionInfo {
             gpa: 0x80_0000,
             size_bytes: 0x80_0000,
             slot: Some(1),
-            backing: "anon",
-            kind: "ram",
+            backing: Backing::Memfd.name(),
+            kind: RegionKind::Ram.name(),
             readonly: false,
             resident_pages: 0,
             faults: 0,
         };
-        let list = [ram];
+        let v = RegionView::from(&info);
         assert_eq!(
-            reserved_check(0x90_0000, 0x90_1000, &list)
-                .unwrap_err()
-                .code,
-            Code::Reserved
+            (v.kind, v.backing, v.end),
+            (RegionKind::Ram, Backing::Memfd, 0x100_0000)
         );
+        let line = serde_json::to_string(&v).unwrap();
         assert_eq!(
-            reserved_check(0xd000_0000, 0xd000_1000, &list)
-                .unwrap_err()
-                .code,
-            Code::Reserved
+            line,
+            r#"{"gpa":"0x800000","size":8388608,"end":"0x1000000","slot":1,"backing":"memfd","kind":"ram","readonly":false,"resident_pages":0,"faults":0}"#
         );
-        assert!(reserved_check(1 << 32, (1 << 32) + 4096, &list).is_ok());
+        assert_eq!(serde_json::from_str::<RegionView>(&line).unwrap(), v);
+        for k in [RegionKind::Boot, RegionKind::Ram, RegionKind::Hotplug] {
+            assert_eq!(RegionKind::from_wire_name(k.name()), Some(k));
+        }
     }
 
     #[test]

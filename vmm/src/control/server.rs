@@ -12,7 +12,10 @@
 //!   the path is left alone and refused. The socket is removed when the server stops (if it
 //!   is still ours).
 //! - Each peer's uid (`SO_PEERCRED`) must be the VMM's effective uid; others get one
-//!   `denied` reply and are disconnected.
+//!   `denied` reply and are disconnected. Every other connection is greeted at once with one
+//!   line ([`Greeting`]: version, protocol, capabilities), before anything else it receives.
+//! - A client that sent `subscribe` also receives event lines ([`super::events`]), written by
+//!   its own thread between replies, so a slow subscriber never holds up anyone else.
 //! - A client thread reads lines of at most 64 KiB, answers each in order, and never lets one
 //!   client block another except while an address-space change runs (those are serialised by
 //!   the address space). A line over the limit gets a `limit` reply and is skipped; a client
@@ -42,8 +45,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::protocol::{self, Code, ControlError, MAX_LINE_BYTES};
-use super::Vmm;
+use super::events::{self, Subscriber};
+use super::protocol::{self, Code, ControlError, Greeting, Request, MAX_LINE_BYTES};
+use super::{Reply, Subscribed, Vmm};
 
 /// How often blocked threads look at the stop flag.
 const POLL: Duration = Duration::from_millis(100);
@@ -380,14 +384,22 @@ pub fn our_uid() -> u32 {
 
 /// Waits until `fd` is readable or `timeout` passes.
 fn wait_readable(fd: &impl AsRawFd, timeout: Duration) -> bool {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
+    wait_either(fd, None::<&UnixStream>, timeout).0
+}
+
+/// Waits until `a` or `b` (if any) is readable (or hung up), or `timeout` passes; says which.
+fn wait_either(a: &impl AsRawFd, b: Option<&impl AsRawFd>, timeout: Duration) -> (bool, bool) {
+    let fd = |f: Option<libc::c_int>| libc::pollfd {
+        fd: f.unwrap_or(-1),
         events: libc::POLLIN,
         revents: 0,
     };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let r = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as libc::c_int) };
-    r > 0
+    let mut p = [fd(Some(a.as_raw_fd())), fd(b.map(AsRawFd::as_raw_fd))];
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: two valid pollfds (a negative fd is ignored) for the duration of the call.
+    let r = unsafe { libc::poll(p.as_mut_ptr(), 2, ms) };
+    let ready = |p: &libc::pollfd| r > 0 && p.revents != 0;
+    (ready(&p[0]), ready(&p[1]))
 }
 
 fn send(mut stream: &UnixStream, line: &str) -> io::Result<()> {
@@ -409,6 +421,8 @@ struct Slot {
     busy: AtomicBool,
     /// The client is to go, to make room for a new one (after the reply under way, if any).
     evict: AtomicBool,
+    /// The client subscribed to events (it goes last when room is made).
+    subscribed: AtomicBool,
 }
 
 /// A client's slot and thread.
@@ -424,19 +438,21 @@ struct Candidate {
     leaving: bool,
     /// A request of it is being answered.
     busy: bool,
+    /// It subscribed to events (and so may well send nothing for a long time).
+    subscribed: bool,
     /// When it last sent a complete request line (or connected).
     last_request_ns: u64,
 }
 
 /// Which client makes room for a new one: of those not already leaving, one with no request
-/// under way if there is one, and of those the one that has gone longest without a complete
-/// request (the first connected, on a tie).
+/// under way if there is one, then one that has not subscribed to events, and of those the
+/// one that has gone longest without a complete request (the first connected, on a tie).
 fn pick_victim(clients: &[Candidate]) -> Option<usize> {
     clients
         .iter()
         .enumerate()
         .filter(|(_, c)| !c.leaving)
-        .min_by_key(|(_, c)| (c.busy, c.last_request_ns))
+        .min_by_key(|(_, c)| (c.busy, c.subscribed, c.last_request_ns))
         .map(|(i, _)| i)
 }
 
@@ -452,6 +468,7 @@ pub fn serve(listener: Listener, vmm: &Arc<Vmm>, stop: &AtomicBool) {
     let stop_clients = Arc::new(AtomicBool::new(false));
     let mut clients: Vec<Running> = Vec::new();
     let uid = our_uid();
+    let greeting = Greeting::new(vmm.inject_enabled()).line();
     let _ = listener.inner.set_nonblocking(true);
     tracing::info!(path = %listener.path.display(), "control socket ready");
     while !stop.load(Ordering::Acquire) {
@@ -486,6 +503,10 @@ pub fn serve(listener: Listener, vmm: &Arc<Vmm>, stop: &AtomicBool) {
                 continue;
             }
         }
+        // The greeting comes first, at once: a fresh connection's buffer has room for it.
+        if send(&stream, &greeting).is_err() {
+            continue;
+        }
         if clients.len() >= max_clients && !make_room(&mut clients, vmm, stop) {
             let e = ControlError::new(
                 Code::Limit,
@@ -509,6 +530,7 @@ pub fn serve(listener: Listener, vmm: &Arc<Vmm>, stop: &AtomicBool) {
             last_request_ns: AtomicU64::new(ns_since(epoch)),
             busy: AtomicBool::new(false),
             evict: AtomicBool::new(false),
+            subscribed: AtomicBool::new(false),
         });
         vmm.clients().connected.fetch_add(1, Ordering::Relaxed);
         let (vmm2, slot2, stop2) = (
@@ -532,6 +554,8 @@ pub fn serve(listener: Listener, vmm: &Arc<Vmm>, stop: &AtomicBool) {
             }
         }
     }
+    // Every vCPU has ended: tell the subscribers (their threads send it before they go).
+    vmm.publish_guest_exited();
     stop_clients.store(true, Ordering::Release);
     for c in clients {
         let _ = c.thread.join();
@@ -549,6 +573,7 @@ fn make_room(clients: &mut Vec<Running>, vmm: &Vmm, stop: &AtomicBool) -> bool {
         .map(|c| Candidate {
             leaving: c.slot.evict.load(Ordering::Acquire),
             busy: c.slot.busy.load(Ordering::Acquire),
+            subscribed: c.slot.subscribed.load(Ordering::Acquire),
             last_request_ns: c.slot.last_request_ns.load(Ordering::Acquire),
         })
         .collect();
@@ -598,8 +623,53 @@ fn evicted(stream: &UnixStream, vmm: &Vmm) {
     );
 }
 
-/// Reads request lines from one client and answers each, in order.
-fn client_loop(mut stream: &UnixStream, vmm: &Vmm, slot: &Slot, epoch: Instant, stop: &AtomicBool) {
+/// What one connection holds beyond its socket.
+#[derive(Default)]
+struct Conn {
+    /// Its event queue, once it subscribed.
+    sub: Option<Arc<Subscriber>>,
+}
+
+impl Conn {
+    /// Writes the events queued for this connection, if any.
+    fn flush_events(&self, stream: &UnixStream) -> io::Result<()> {
+        let Some(sub) = &self.sub else {
+            return Ok(());
+        };
+        let lines = sub.take();
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut buf = String::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+        for l in &lines {
+            buf.push_str(l);
+            buf.push('\n');
+        }
+        let mut w = stream;
+        w.write_all(buf.as_bytes())
+    }
+}
+
+/// Reads request lines from one client and answers each, in order; between replies, writes
+/// the events queued for it.
+fn client_loop(stream: &UnixStream, vmm: &Vmm, slot: &Slot, epoch: Instant, stop: &AtomicBool) {
+    let mut conn = Conn::default();
+    serve_client(stream, vmm, slot, epoch, stop, &mut conn);
+    // The run is over (or the client is going): what was queued still goes out, briefly.
+    if stop.load(Ordering::Acquire) {
+        let _ = stream.set_write_timeout(Some(NOTICE_TIMEOUT));
+        let _ = conn.flush_events(stream);
+    }
+}
+
+fn serve_client(
+    mut stream: &UnixStream,
+    vmm: &Vmm,
+    slot: &Slot,
+    epoch: Instant,
+    stop: &AtomicBool,
+    conn: &mut Conn,
+) {
     let idle_timeout = vmm.config().client_idle_timeout;
     let _ = stream.set_read_timeout(Some(POLL));
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
@@ -612,25 +682,33 @@ fn client_loop(mut stream: &UnixStream, vmm: &Vmm, slot: &Slot, epoch: Instant, 
         if slot.evict.load(Ordering::Acquire) {
             return evicted(stream, vmm);
         }
-        let n = match stream.read(&mut chunk) {
-            Ok(0) => {
-                if slot.evict.load(Ordering::Acquire) {
-                    evicted(stream, vmm);
+        let (readable, _) = wait_either(stream, conn.sub.as_ref().map(|s| s.wake()), POLL);
+        if conn.flush_events(stream).is_err() {
+            return;
+        }
+        let n = if !readable {
+            0
+        } else {
+            match stream.read(&mut chunk) {
+                Ok(0) => {
+                    if slot.evict.load(Ordering::Acquire) {
+                        evicted(stream, vmm);
+                    }
+                    return; // EOF: a partial line is dropped unanswered
                 }
-                return; // EOF: a partial line is dropped unanswered
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    0
+                }
+                Err(_) => return,
             }
-            Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                0
-            }
-            Err(_) => return,
         };
         let mut data = &chunk[..n];
         while !data.is_empty() {
@@ -675,10 +753,11 @@ fn client_loop(mut stream: &UnixStream, vmm: &Vmm, slot: &Slot, epoch: Instant, 
             slot.last_request_ns
                 .store(ns_since(epoch), Ordering::Release);
             slot.busy.store(true, Ordering::Release);
-            let reply = answer(vmm, line);
+            let reply = answer(vmm, line, conn);
+            slot.subscribed.store(conn.sub.is_some(), Ordering::Release);
             let sent = send(stream, &reply);
             slot.busy.store(false, Ordering::Release);
-            if sent.is_err() {
+            if sent.is_err() || conn.flush_events(stream).is_err() {
                 return;
             }
             if slot.evict.load(Ordering::Acquire) {
@@ -707,19 +786,41 @@ fn client_loop(mut stream: &UnixStream, vmm: &Vmm, slot: &Slot, epoch: Instant, 
     }
 }
 
-/// The reply line for one request line.
-pub fn answer(vmm: &Vmm, line: &[u8]) -> String {
+/// `subscribe` and `unsubscribe`: this connection's share of the event hub.
+fn subscription(vmm: &Vmm, req: &Request, conn: &mut Conn) -> Result<Reply, ControlError> {
+    let bits = match req {
+        Request::Subscribe { events } => events::kind_bits(events.as_deref()),
+        _ => 0,
+    };
+    match (&conn.sub, bits) {
+        (_, 0) => conn.sub = None,
+        (Some(s), _) => s.set_kinds(bits),
+        (None, _) => {
+            conn.sub = Some(vmm.events().subscribe(bits).map_err(|e| {
+                ControlError::new(Code::Internal, format!("cannot subscribe: {e}"))
+            })?);
+        }
+    }
+    Ok(Reply::Subscribed(Subscribed {
+        subscribed: events::kinds_of(bits),
+    }))
+}
+
+/// The reply line for one request line of the connection `conn`.
+fn answer(vmm: &Vmm, line: &[u8], conn: &mut Conn) -> String {
     let parsed = protocol::parse_line(line);
     let result = parsed.request.and_then(|req| {
         // A panic in a handler would be a bug; it must still not take the VMM down.
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vmm.execute(req))).unwrap_or_else(
-            |_| {
-                Err(ControlError::new(
-                    Code::Internal,
-                    "the request handler panicked (a VMM bug); please report it",
-                ))
-            },
-        )
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match req {
+            Request::Subscribe { .. } | Request::Unsubscribe {} => subscription(vmm, &req, conn),
+            req => vmm.execute(req),
+        }))
+        .unwrap_or_else(|_| {
+            Err(ControlError::new(
+                Code::Internal,
+                "the request handler panicked (a VMM bug); please report it",
+            ))
+        })
     });
     match result {
         Ok(reply) => protocol::ok_line(&parsed.id, &reply),
@@ -777,6 +878,7 @@ mod tests {
         let c = |leaving, busy, last_request_ns| Candidate {
             leaving,
             busy,
+            subscribed: false,
             last_request_ns,
         };
         assert_eq!(pick_victim(&[]), None);
@@ -799,6 +901,13 @@ mod tests {
             pick_victim(&[c(false, false, 3), c(false, false, 3)]),
             Some(0)
         );
+        // Subscribers go after every other idle client.
+        let sub = Candidate {
+            subscribed: true,
+            ..c(false, false, 1)
+        };
+        assert_eq!(pick_victim(&[sub, c(false, false, 9)]), Some(1));
+        assert_eq!(pick_victim(&[sub, c(false, true, 0)]), Some(0));
     }
 
     fn dir(name: &str, mode: u32) -> PathBuf {

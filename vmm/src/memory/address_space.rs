@@ -162,6 +162,18 @@ pub enum AsError {
         /// What is there.
         what: &'static str,
     },
+    /// The range overlaps the 32-bit device hole.
+    #[error(
+        "[{gpa:#x}, {end:#x}) overlaps the device hole [{}, {})",
+        fmt_hex(abi::layout::HOLE_START),
+        fmt_hex(abi::layout::HOLE_END)
+    )]
+    DeviceHole {
+        /// Start asked for.
+        gpa: u64,
+        /// End asked for.
+        end: u64,
+    },
     /// The host refused (mmap, userfaultfd, memslot); everything was rolled back.
     #[error("{what} failed: {source} (nothing was changed)")]
     Host {
@@ -180,7 +192,7 @@ impl AsError {
             AsError::Overlap { .. } => "overlap",
             AsError::NotFound { .. } => "not_found",
             AsError::Limit(_) => "limit",
-            AsError::Reserved { .. } => "reserved",
+            AsError::Reserved { .. } | AsError::DeviceHole { .. } => "reserved",
             AsError::Host { .. } => "internal",
         }
     }
@@ -727,6 +739,52 @@ impl AddressSpace {
         Ok(gpa..end)
     }
 
+    /// Where a map of `[gpa, gpa + size)` may go, checked without changing anything (the
+    /// checks [`Self::map`] makes first, and in the same order): alignment to the backing's
+    /// page size and range; for a run-time region, no boot memory, boot RAM or device hole
+    /// (`reserved`) and inside the hot-plug window in window mode; no overlap. Callers with
+    /// limits of their own (the control server) validate here before applying them.
+    pub fn validate_map(
+        &self,
+        gpa: u64,
+        size: u64,
+        backing: Backing,
+        kind: RegionKind,
+    ) -> Result<(), AsError> {
+        let range = self.validate(gpa, size, backing.align_bytes())?;
+        self.check_map(&self.writer(), kind, &range).map(|_| ())
+    }
+
+    /// The checks of a map after [`Self::validate`]; returns whether the region goes in the
+    /// hot-plug window.
+    fn check_map(
+        &self,
+        w: &WriterState,
+        kind: RegionKind,
+        range: &Range<u64>,
+    ) -> Result<bool, AsError> {
+        let overlapping = w.overlapping(range);
+        if kind == RegionKind::Hotplug {
+            only_hotplug(&overlapping, range)?;
+            use abi::layout::{HOLE_END, HOLE_START};
+            if range.start < HOLE_END && HOLE_START < range.end {
+                return Err(AsError::DeviceHole {
+                    gpa: range.start,
+                    end: range.end,
+                });
+            }
+        }
+        let windowed = self.windowed(kind, range)?;
+        if let Some((s, p)) = overlapping.first() {
+            return Err(AsError::Overlap {
+                gpa: range.start,
+                end: range.end,
+                existing: *s..p.end,
+            });
+        }
+        Ok(windowed)
+    }
+
     /// Maps `[gpa, gpa + size)` with fresh zero memory. Boot-time regions (`kind` Boot/Ram)
     /// bypass the run-time limits.
     pub fn map(
@@ -738,15 +796,8 @@ impl AddressSpace {
         kind: RegionKind,
     ) -> Result<RegionInfo, AsError> {
         let range = self.validate(gpa, size, backing.align_bytes())?;
-        let windowed = self.windowed(kind, &range)?;
         let mut w = self.writer();
-        if let Some((s, p)) = w.overlapping(&range).first() {
-            return Err(AsError::Overlap {
-                gpa,
-                end: range.end,
-                existing: *s..p.end,
-            });
-        }
+        let windowed = self.check_map(&w, kind, &range)?;
         if kind == RegionKind::Hotplug {
             let hotplugged = w.hotplug_regions;
             if hotplugged >= self.limits.max_regions {
@@ -1762,6 +1813,58 @@ mod tests {
             );
             eprintln!("skipped the hugetlb part: fewer than 2 free 2 MiB huge pages");
         }
+    }
+
+    #[test]
+    fn run_time_maps_keep_off_boot_memory_and_the_device_hole() {
+        let slots = Arc::new(FakeSlots::default());
+        let cfg = AsConfig {
+            implementation: "bonsai".into(),
+            fault_mode: FaultMode::Kernel,
+            fault_around: FaultAround::Fixed(1),
+            space_bytes: 8 << 30,
+            limits: Limits {
+                max_regions: 5,
+                max_bytes: 256 << 20,
+            },
+            memslots: MemslotMode::PerRegion,
+            hotplug_window: 0..0,
+        };
+        let s = AddressSpace::new(&Domain::new(), &cfg, Box::new(slots)).unwrap();
+        s.map(0, 8 * MB, Backing::Anon, false, RegionKind::Boot)
+            .unwrap();
+        s.map(8 * MB, 8 * MB, Backing::Anon, false, RegionKind::Ram)
+            .unwrap();
+        let hot = |gpa, size| s.validate_map(gpa, size, Backing::Anon, RegionKind::Hotplug);
+        for (gpa, what) in [(0, "boot"), (12 * MB, "ram"), (15 * MB, "ram")] {
+            let e = hot(gpa, 2 * MB).unwrap_err();
+            assert_eq!(e.code(), "reserved", "{e}");
+            assert!(e.to_string().contains(what), "{e}");
+        }
+        let e = hot(0xbfff_f000, 2 * PAGE).unwrap_err();
+        assert_eq!(e.code(), "reserved");
+        assert!(
+            e.to_string()
+                .contains("device hole [0xc0000000, 0x100000000)"),
+            "{e}"
+        );
+        assert_eq!(hot(0xd000_0000, PAGE).unwrap_err().code(), "reserved");
+        assert_eq!(hot(16 * MB + 1, PAGE).unwrap_err().code(), "invalid");
+        assert_eq!(hot(16 * MB, 0).unwrap_err().code(), "invalid");
+        assert_eq!(hot(8 << 30, PAGE).unwrap_err().code(), "invalid");
+        assert_eq!(
+            s.validate_map(16 * MB, MB, Backing::Hugetlb, RegionKind::Hotplug)
+                .unwrap_err()
+                .code(),
+            "invalid"
+        );
+        hot(1 << 32, 4 * MB).unwrap();
+        s.map(1 << 32, 4 * MB, Backing::Anon, false, RegionKind::Hotplug)
+            .unwrap();
+        assert_eq!(hot((1 << 32) + MB, PAGE).unwrap_err().code(), "overlap");
+        // Boot-time regions are laid out by the VMM itself and may go anywhere free.
+        s.validate_map(0xc000_0000, PAGE, Backing::Anon, RegionKind::Ram)
+            .unwrap();
     }
 
     #[test]
