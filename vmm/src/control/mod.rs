@@ -985,9 +985,38 @@ fn check(space: &AddressSpace) -> Check {
                     .collect::<Vec<_>>()
                     .join(" ")
             };
+            let (mut have_r, mut have_w) = (mapped("r"), mapped("rw"));
+            // Armed holes (vcpu fault mode, window mode): the hot-plug window outside its
+            // regions stays mapped read-write, registered with userfaultfd, and must hold no
+            // page: a guest access there is a fault the VMM completes as open bus.
+            if let Some(w) = window.as_ref().filter(|_| space.armed()) {
+                let holes = subtract(&[(base + w.start, base + w.end)], &want_readable);
+                let armed = userfaultfd_ranges(base, limit);
+                match armed {
+                    Ok(armed) if contains(&armed, &holes) && contains(&have_w, &holes) => {}
+                    Ok(_) => problems.push(format!(
+                        "holes of the hot-plug window {} are not all read-write and registered with userfaultfd",
+                        fmt(&holes)
+                    )),
+                    Err(e) => problems.push(format!("cannot read /proc/self/smaps: {e}")),
+                }
+                for &(a, b) in &holes {
+                    match crate::memory::snapshot::count_populated(a, (b - a) / 4096) {
+                        Ok(0) => {}
+                        Ok(n) => problems.push(format!(
+                            "{n} pages are populated in the hole [{:#x}, {:#x}) of the hot-plug window",
+                            a - base,
+                            b - base
+                        )),
+                        Err(e) => problems.push(format!("cannot read /proc/self/pagemap: {e}")),
+                    }
+                }
+                have_r = subtract(&have_r, &holes);
+                have_w = subtract(&have_w, &holes);
+            }
             for (what, have, want) in [
-                ("readable", mapped("r"), &want_readable),
-                ("writable", mapped("rw"), &want_writable),
+                ("readable", have_r, &want_readable),
+                ("writable", have_w, &want_writable),
             ] {
                 if have != *want {
                     problems.push(format!(
@@ -1008,6 +1037,58 @@ fn check(space: &AddressSpace) -> Check {
         exit_served,
         injected: inject::injected(),
     }
+}
+
+/// The parts of the sorted, disjoint ranges `a` outside the sorted, disjoint ranges `b`.
+fn subtract(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(mut s, e) in a {
+        for &(bs, be) in b {
+            if be <= s || bs >= e {
+                continue;
+            }
+            if bs > s {
+                out.push((s, bs));
+            }
+            s = s.max(be);
+        }
+        if s < e {
+            out.push((s, e));
+        }
+    }
+    out
+}
+
+/// Whether the sorted, disjoint ranges `outer` cover every range of `inner`.
+fn contains(outer: &[(u64, u64)], inner: &[(u64, u64)]) -> bool {
+    subtract(inner, &merge(outer.iter().copied())).is_empty()
+}
+
+/// The process's mappings in `[base, limit)` registered with userfaultfd for missing pages
+/// (`um` in their `VmFlags`, /proc/self/smaps), merged.
+fn userfaultfd_ranges(base: u64, limit: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    let mut out = Vec::new();
+    let mut cur: Option<(u64, u64)> = None;
+    for l in smaps.lines() {
+        if let Some(flags) = l.strip_prefix("VmFlags:") {
+            if let Some((a, b)) = cur.take() {
+                if flags.split_whitespace().any(|f| f == "um") && a < limit && base < b {
+                    out.push((a.max(base), b.min(limit)));
+                }
+            }
+            continue;
+        }
+        let Some((range, _)) = l.split_once(' ') else {
+            continue;
+        };
+        if let Some((a, b)) = range.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                cur = Some((a, b));
+            }
+        }
+    }
+    Ok(merge(out.into_iter()))
 }
 
 fn merge(ranges: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {

@@ -21,6 +21,8 @@
 //! Every failure rolls back: the tree, the memslots and the host mappings stay consistent.
 #![deny(unsafe_code)]
 
+mod backing;
+use backing::Teardown;
 use std::collections::BTreeMap;
 use std::io;
 use std::ops::Range;
@@ -445,6 +447,9 @@ pub struct AddressSpace {
     /// The snapshot being restored, which first touches are served from (set before any
     /// vCPU runs).
     pub(crate) source: std::sync::OnceLock<super::snapshot::Source>,
+    /// A teardown could not put a range of the hot-plug window back to an armed hole: holes are
+    /// no longer all armed, and regions there are mapped in full ([`AddressSpace::armed`]).
+    window_disarmed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for AddressSpace {
@@ -570,6 +575,7 @@ impl AddressSpace {
             }),
             counters: AsCounters::default(),
             source: std::sync::OnceLock::new(),
+            window_disarmed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -612,13 +618,42 @@ impl AddressSpace {
         if w.window_open {
             return Ok(());
         }
-        self.install_slot(*slot, r.start, r.end - r.start, false)
-            .map_err(|source| AsError::Host {
+        if self.armed() {
+            self.arm(r.start, r.end - r.start)
+                .map_err(|source| AsError::Host {
+                    what: "arming the hot-plug window (read-write, registered with userfaultfd)",
+                    source,
+                })?;
+        }
+        if let Err(source) = self.install_slot(*slot, r.start, r.end - r.start, false) {
+            self.unarm_window(r.start, r.end - r.start);
+            return Err(AsError::Host {
                 what: "installing the hot-plug window's KVM memslot",
                 source,
-            })?;
+            });
+        }
         w.window_open = true;
         Ok(())
+    }
+
+    /// Whether holes in the hot-plug window stay mapped read-write and registered with
+    /// userfaultfd (armed) instead of going back to `PROT_NONE`: in window mode, with faults
+    /// served on the vCPU threads (userfaultfd in `SIGBUS` mode). A guest access to an armed
+    /// hole is a missing-page fault that no thread waits on: `KVM_RUN` fails with `EFAULT`, the
+    /// VMM finds no region and completes the access as open bus, exactly as for `PROT_NONE`.
+    /// Nothing else can populate such a page (every populate goes through a published
+    /// region), so an anonymous read-write region needs no host call to map, and one `madvise`
+    /// to unmap: no `mmap`, no userfaultfd (un)registration, no write hold of the process's
+    /// `mmap_lock` that would stall every vCPU's own faults. With a handler thread a fault in a
+    /// hole would wait for it forever, and without userfaultfd it would be filled with zeroes
+    /// by the host kernel: those modes keep holes `PROT_NONE`.
+    pub fn armed(&self) -> bool {
+        self.window.is_some()
+            && self
+                .uffd
+                .as_ref()
+                .is_some_and(|u| u.mode() == UffdMode::Sigbus)
+            && !self.window_disarmed.load(Relaxed)
     }
 
     /// How regions are laid onto memslots.
@@ -831,8 +866,14 @@ impl AddressSpace {
             self.ensure_window(&mut w)?;
         }
         let demand_paged = self.uffd.is_some() && kind != RegionKind::Boot;
+        let how = Teardown {
+            demand_paged,
+            backing,
+            readonly: windowed && readonly,
+            armed: windowed && self.armed(),
+        };
         // 1-2. Host memory and its userfaultfd registration.
-        if let Err(e) = self.back(gpa, size, backing, windowed && readonly, demand_paged) {
+        if let Err(e) = self.back(gpa, size, backing, how.readonly, demand_paged, how.armed) {
             free_own(&mut w);
             return Err(e);
         }
@@ -846,7 +887,7 @@ impl AddressSpace {
         )));
         // 3. Publish: from here on a guest access finds the region.
         if let Err(e) = self.map.insert(range.clone(), region.clone()) {
-            self.teardown(gpa, size, demand_paged);
+            self.teardown(gpa, size, how);
             free_own(&mut w);
             return Err(match e {
                 RangeError::Overlap { existing, .. } => AsError::Overlap {
@@ -864,7 +905,7 @@ impl AddressSpace {
                 let _ = self.map.remove(range);
                 // No thread may still be servicing a fault in it when its memory goes.
                 self.domain.synchronize();
-                self.teardown(gpa, size, demand_paged);
+                self.teardown(gpa, size, how);
                 free_own(&mut w);
                 return Err(AsError::Host {
                     what: "installing the KVM memslot",
@@ -888,56 +929,6 @@ impl AddressSpace {
         }
         self.counters.maps.fetch_add(1, Relaxed);
         Ok(self.info(gpa, size, Some(slot), backing, kind, readonly, 0))
-    }
-
-    /// Backs `[gpa, gpa + size)` with fresh host memory (read-only on the host if
-    /// `host_readonly`: in the window the guest sees it through the window memslot, so the
-    /// host protection is what stops its writes) and registers it with userfaultfd if
-    /// `demand_paged`. On a failure nothing stays mapped, and the error says which step failed.
-    fn back(
-        &self,
-        gpa: u64,
-        size: u64,
-        backing: Backing,
-        host_readonly: bool,
-        demand_paged: bool,
-    ) -> Result<(), AsError> {
-        let mapped = crate::inject::hit(crate::inject::Step::Mmap)
-            .and_then(|()| self.host.map(gpa, size, backing))
-            .and_then(|_| {
-                if host_readonly {
-                    self.host.protect(gpa, size, true).inspect_err(|_| {
-                        let _ = self.host.release(gpa, size);
-                    })
-                } else {
-                    Ok(())
-                }
-            });
-        if let Err(source) = mapped {
-            if backing == Backing::Hugetlb && source.raw_os_error() == Some(libc::ENOMEM) {
-                // The huge pages were taken between the caller's check and our reservation.
-                return Err(AsError::Limit(format!(
-                    "not enough free 2 MiB huge pages for {size:#x} bytes of hugetlb memory \
-                     (reserve some with `echo N > /proc/sys/vm/nr_hugepages`)"
-                )));
-            }
-            return Err(AsError::Host {
-                what: "mapping host memory",
-                source,
-            });
-        }
-        if let (true, Some(u)) = (demand_paged, &self.uffd) {
-            let registered = crate::inject::hit(crate::inject::Step::Uffd)
-                .and_then(|()| u.register(self.host.host_addr(gpa), size));
-            if let Err(source) = registered {
-                let _ = self.host.release(gpa, size);
-                return Err(AsError::Host {
-                    what: "registering guest memory with userfaultfd",
-                    source,
-                });
-            }
-        }
-        Ok(())
     }
 
     /// Maps many writable run-time regions of `backing` at once (`(gpa, size)` each, sorted,
@@ -969,9 +960,15 @@ impl AddressSpace {
         }
         let demand_paged = self.uffd.is_some();
         let mut done: Vec<(u64, u64)> = Vec::with_capacity(regions.len());
+        let how = Teardown {
+            demand_paged,
+            backing,
+            readonly: false,
+            armed: self.armed(),
+        };
         let undo = |done: &[(u64, u64)]| {
             for &(gpa, size) in done {
-                self.teardown(gpa, size, demand_paged);
+                self.teardown(gpa, size, how);
             }
         };
         let mut values = Vec::with_capacity(regions.len());
@@ -985,7 +982,7 @@ impl AddressSpace {
                     existing: *s..p.end,
                 });
             }
-            if let Err(e) = self.back(gpa, size, backing, false, demand_paged) {
+            if let Err(e) = self.back(gpa, size, backing, false, demand_paged, how.armed) {
                 undo(&done);
                 return Err(e);
             }
@@ -1035,39 +1032,6 @@ impl AddressSpace {
             readonly,
             resident_pages: self.residency.count_range(gpa / PAGE, size / PAGE),
             faults,
-        }
-    }
-
-    fn teardown(&self, gpa: u64, size: u64, demand_paged: bool) {
-        // Nothing here can be undone (the range is already out of the tree and of KVM), so a
-        // failure is logged, counted and recovered from as far as it can be.
-        if demand_paged {
-            if let Some(u) = &self.uffd {
-                let unregistered = crate::inject::hit(crate::inject::Step::UffdUnregister)
-                    .and_then(|()| u.unregister(self.host.host_addr(gpa), size));
-                if let Err(error) = unregistered {
-                    // Harmless: replacing the mapping below drops its registration with it.
-                    self.counters.teardown_errors.fetch_add(1, Relaxed);
-                    tracing::warn!(gpa, size, %error, "unregistering unmapped guest memory from userfaultfd failed; releasing the memory drops the registration anyway");
-                }
-            }
-        }
-        let released = crate::inject::hit(crate::inject::Step::Release)
-            .and_then(|()| self.host.release(gpa, size));
-        if let Err(error) = released {
-            self.counters.teardown_errors.fetch_add(1, Relaxed);
-            match self.host.discard(gpa, size) {
-                Ok(()) => {
-                    tracing::warn!(gpa, size, %error, "releasing unmapped guest memory failed; its pages were discarded and the range made inaccessible instead")
-                }
-                Err(e) => {
-                    tracing::error!(gpa, size, %error, discard_error = %e, "releasing unmapped guest memory failed, and discarding its pages too: they stay allocated until the range is mapped again")
-                }
-            }
-        }
-        self.residency.clear_range(gpa / PAGE, size / PAGE);
-        if let Some(src) = self.source.get() {
-            src.forget(gpa / PAGE, size / PAGE);
         }
     }
 
@@ -1135,7 +1099,16 @@ impl AddressSpace {
                 region.readonly,
                 faults,
             );
-            self.teardown(r.start, len, region.demand_paged);
+            let windowed = self.window.as_ref().is_some_and(|(w, _)| {
+                w.start <= r.start && r.end <= w.end && region.kind == RegionKind::Hotplug
+            }) && self.memslots == MemslotMode::Window;
+            let how = Teardown {
+                demand_paged: region.demand_paged,
+                backing: region.backing,
+                readonly: windowed && region.readonly,
+                armed: windowed && self.armed(),
+            };
+            self.teardown(r.start, len, how);
             w.mapped_bytes = w.mapped_bytes.saturating_sub(len);
             out.push(info);
         }
@@ -1524,9 +1497,16 @@ mod tests {
                 assert_eq!(s.fault_page(&g, 64 * MB, false).unwrap(), PageState::Hole);
             }
             drop(reader);
-            // Split: the middle goes back to the reservation, both sides stay.
+            // Split: the middle goes back to being a hole, both sides stay. Holes are armed
+            // (read-write, registered with userfaultfd, empty) in vcpu mode, PROT_NONE else.
+            let hole = if mode == FaultMode::Vcpu {
+                "rw-p"
+            } else {
+                "---p"
+            };
+            assert_eq!(s.armed(), mode == FaultMode::Vcpu);
             s.unmap(18 * MB, MB).unwrap();
-            assert_eq!(host(18 * MB), "---p");
+            assert_eq!(host(18 * MB), hole);
             assert_eq!(host(19 * MB), "rw-p");
             let ranges: Vec<_> = s
                 .list()
@@ -1545,7 +1525,10 @@ mod tests {
             assert_eq!(host(17 * MB), "rw-p");
             s.unmap(16 * MB, 4 * MB).unwrap();
             assert!(s.list().is_empty());
-            assert_eq!(host(16 * MB), "---p");
+            assert_eq!(host(16 * MB), hole);
+            let populated =
+                crate::memory::snapshot::count_populated(s.host_addr(16 * MB), 4 * MB / PAGE);
+            assert_eq!(populated.unwrap(), 0, "{mode:?}: unmapped pages are freed");
             assert_eq!(window().len(), 1, "{mode:?}: only the window");
             assert_eq!(s.counters.snapshot().memslot_changes, 1, "{mode:?}");
         }
@@ -1581,11 +1564,19 @@ mod tests {
                 "overlap"
             );
             assert_eq!(s.len(), 100, "{imp}");
+            // Rolled back to a hole: armed in vcpu mode (read-write, empty), nothing published.
             assert_eq!(
                 host_prot(s.host_addr(32 * MB)),
-                "---p",
+                "rw-p",
                 "{imp}: rolled back"
             );
+            let reader = s.domain().register();
+            assert_eq!(
+                s.fault_page(&reader.read(), 32 * MB, false).unwrap(),
+                PageState::Hole,
+                "{imp}"
+            );
+            drop(reader);
             s.unmap(16 * MB, 100 * PAGE).unwrap();
             assert_eq!(s.len(), 0);
             assert_eq!(
@@ -2184,6 +2175,72 @@ mod tests {
                 (i + 1) as u8,
                 "page {i}"
             );
+        }
+    }
+
+    #[test]
+    fn armed_holes_hold_no_page_and_a_region_mapped_again_starts_from_zero() {
+        let (s, _) = window_space(FaultMode::Vcpu);
+        assert!(s.armed());
+        let host = |gpa: u64| host_prot(s.host_addr(gpa));
+        // A reader per access: the thread must be offline when it unmaps.
+        let read = |gpa: u64| {
+            let reader = s.domain().register();
+            let mut b = [0u8];
+            let served = s
+                .complete_mmio(&reader.read(), gpa, Access::Read(&mut b))
+                .unwrap();
+            (served, b[0])
+        };
+        let write = |gpa: u64, v: u8| {
+            let reader = s.domain().register();
+            let served = s
+                .complete_mmio(&reader.read(), gpa, Access::Write(&[v]))
+                .unwrap();
+            served
+        };
+        for backing in [Backing::Anon, Backing::Memfd] {
+            s.map(16 * MB, 4 * MB, backing, false, RegionKind::Hotplug)
+                .unwrap();
+            // The rest of the window is an armed hole: mapped, but open bus and empty.
+            assert_eq!(host(64 * MB), "rw-p");
+            assert_eq!(read(64 * MB), (Serviced::OpenBus, 0xff));
+            assert_eq!(write(64 * MB, 9), Serviced::OpenBus);
+            assert_eq!(
+                crate::memory::snapshot::count_populated(s.host_addr(64 * MB), 1).unwrap(),
+                0,
+                "an open-bus access populates nothing"
+            );
+            assert_eq!(write(17 * MB, 0xab), Serviced::Ram);
+            assert_eq!(read(17 * MB), (Serviced::Ram, 0xab));
+            s.protect(18 * MB, MB, true).unwrap();
+            assert_eq!(
+                host(18 * MB),
+                if backing == Backing::Anon {
+                    "r--p"
+                } else {
+                    "r--s"
+                }
+            );
+            s.unmap(16 * MB, 4 * MB).unwrap();
+            assert_eq!(host(17 * MB), "rw-p", "{backing:?}: back to an armed hole");
+            assert_eq!(
+                host(18 * MB),
+                "rw-p",
+                "{backing:?}: read-only region unmapped"
+            );
+            assert_eq!(
+                crate::memory::snapshot::count_populated(s.host_addr(16 * MB), 4 * MB / PAGE)
+                    .unwrap(),
+                0,
+                "{backing:?}: freed"
+            );
+            assert_eq!(read(17 * MB), (Serviced::OpenBus, 0xff));
+            // Mapped again: fresh zero memory, never the old page.
+            s.map(16 * MB, 4 * MB, Backing::Anon, false, RegionKind::Hotplug)
+                .unwrap();
+            assert_eq!(read(17 * MB), (Serviced::Ram, 0), "{backing:?}");
+            s.unmap(16 * MB, 4 * MB).unwrap();
         }
     }
 }

@@ -171,9 +171,15 @@ impl HostSpace {
         }
     }
 
-    /// Backs `[gpa, gpa + len)` with fresh, zero, lazily allocated memory. Returns the memfd
-    /// for shared backings.
-    pub fn map(&self, gpa: u64, len: u64, backing: Backing) -> io::Result<Option<OwnedFd>> {
+    /// Backs `[gpa, gpa + len)` with fresh, zero, lazily allocated memory, replacing whatever
+    /// was mapped there (`MAP_FIXED`). Returns the memfd for shared backings.
+    ///
+    /// # Safety
+    ///
+    /// No thread may be using the range: it is not published (no guest access and no VMM
+    /// thread can reach it through the address space), or a grace period has passed since it
+    /// was unpublished; no Rust reference into it exists.
+    pub unsafe fn map(&self, gpa: u64, len: u64, backing: Backing) -> io::Result<Option<OwnedFd>> {
         self.check(gpa, len)?;
         let rw = libc::PROT_READ | libc::PROT_WRITE;
         let addr = self.host_addr(gpa);
@@ -248,13 +254,17 @@ impl HostSpace {
         Ok(())
     }
 
-    /// Gives `[gpa, gpa + len)` back to the reservation: its pages are freed. Only after a
-    /// grace period, when no thread can still be touching them.
+    /// Gives `[gpa, gpa + len)` back to the reservation: its pages are freed.
     ///
     /// A shared backing (memfd, hugetlb) is a file that other pieces of the same region may
     /// still map: replacing the mapping alone would leave its pages allocated in the file
     /// until the last piece goes, so they are punched out of it first (`MADV_REMOVE`).
-    pub fn release(&self, gpa: u64, len: u64) -> io::Result<()> {
+    ///
+    /// # Safety
+    ///
+    /// As for [`map`](Self::map): only after a grace period, when no thread can still be
+    /// touching the range.
+    pub unsafe fn release(&self, gpa: u64, len: u64) -> io::Result<()> {
         self.check(gpa, len)?;
         self.punch_out(gpa, len)?;
         mmap_fixed(
@@ -266,11 +276,41 @@ impl HostSpace {
         )
     }
 
+    /// Frees the pages of `[gpa, gpa + len)` in place: punched out of a memfd, dropped from a
+    /// private mapping (`MADV_DONTNEED`), which keeps its protection and its userfaultfd
+    /// registration, so the next access to a page is a missing-page fault again. KVM's MMU
+    /// notifier drops its mappings of the range before this returns.
+    ///
+    /// # Safety
+    ///
+    /// As for [`map`](Self::map): only after a grace period, when no thread can still be
+    /// touching the range.
+    pub unsafe fn zap(&self, gpa: u64, len: u64) -> io::Result<()> {
+        self.check(gpa, len)?;
+        self.punch_out(gpa, len)?;
+        // SAFETY: the range lies inside our reservation (checked); per the contract nothing
+        // uses it. MADV_DONTNEED only drops the pages.
+        if unsafe {
+            libc::madvise(
+                self.host_addr(gpa) as *mut libc::c_void,
+                len as usize,
+                libc::MADV_DONTNEED,
+            )
+        } != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// The fallback when [`release`](Self::release) fails: frees the pages of
     /// `[gpa, gpa + len)` in place (punched out of a memfd, dropped from a private mapping) and
-    /// takes every access right away, leaving the mapping itself where it is. Only after a
-    /// grace period, like `release`.
-    pub fn discard(&self, gpa: u64, len: u64) -> io::Result<()> {
+    /// takes every access right away, leaving the mapping itself where it is.
+    ///
+    /// # Safety
+    ///
+    /// As for [`map`](Self::map): only after a grace period, like `release`.
+    pub unsafe fn discard(&self, gpa: u64, len: u64) -> io::Result<()> {
         self.check(gpa, len)?;
         // Best effort: what it cannot punch out, DONTNEED below still drops from this mapping.
         let _ = self.punch_out(gpa, len);
@@ -445,7 +485,8 @@ mod tests {
     fn map_touch_release() {
         let hs = HostSpace::reserve(1 << 30).unwrap();
         assert_eq!(hs.host_addr(0) % (1 << 30), 0);
-        hs.map(0x10000, 0x4000, Backing::Anon).unwrap();
+        // SAFETY: the test owns this reservation; nothing else uses the range.
+        unsafe { hs.map(0x10000, 0x4000, Backing::Anon) }.unwrap();
         // SAFETY: just mapped, anonymous, not registered with userfaultfd.
         unsafe {
             hs.write(0x10008, &[1, 2, 3]);
@@ -453,8 +494,10 @@ mod tests {
             hs.read(0x10007, &mut b);
             assert_eq!(b, [0, 1, 2, 3]);
         }
-        hs.release(0x10000, 0x4000).unwrap();
-        hs.map(0x10000, 0x4000, Backing::Memfd).unwrap();
+        // SAFETY: the test owns this reservation; nothing else uses the range.
+        unsafe { hs.release(0x10000, 0x4000) }.unwrap();
+        // SAFETY: the test owns this reservation; nothing else uses the range.
+        unsafe { hs.map(0x10000, 0x4000, Backing::Memfd) }.unwrap();
         let mut b = [9u8; 4];
         // SAFETY: just mapped again.
         unsafe { hs.read(0x10007, &mut b) };
@@ -479,8 +522,8 @@ mod tests {
     fn release_frees_file_pages(backing: Backing, page: u64) {
         let hs = HostSpace::reserve(1 << 30).unwrap();
         let (gpa, len) = (16 << 20, 4 * page);
-        let fd = hs
-            .map(gpa, len, backing)
+        // SAFETY: the test owns this reservation; nothing else uses the range.
+        let fd = unsafe { hs.map(gpa, len, backing) }
             .unwrap()
             .expect("shared backings have a file");
         for p in 0..4 {
@@ -488,7 +531,8 @@ mod tests {
             unsafe { hs.write(gpa + p * page, &[1]) };
         }
         assert_eq!(allocated(&fd), len, "{backing:?}: every page touched");
-        hs.release(gpa + page, 2 * page).unwrap();
+        // SAFETY: the test owns this reservation; nothing else uses the range.
+        unsafe { hs.release(gpa + page, 2 * page) }.unwrap();
         assert_eq!(
             allocated(&fd),
             2 * page,
@@ -498,8 +542,10 @@ mod tests {
         // SAFETY: the pieces around the released middle are still mapped.
         unsafe { hs.read(gpa + 3 * page, &mut b) };
         assert_eq!(b, [1], "{backing:?}: the rest keeps its data");
-        hs.release(gpa, page).unwrap();
-        hs.release(gpa + 3 * page, page).unwrap();
+        // SAFETY: the test owns this reservation; nothing else uses the range.
+        unsafe { hs.release(gpa, page) }.unwrap();
+        // SAFETY: the test owns this reservation; nothing else uses the range.
+        unsafe { hs.release(gpa + 3 * page, page) }.unwrap();
         assert_eq!(allocated(&fd), 0);
     }
 
@@ -530,10 +576,15 @@ mod tests {
     #[test]
     fn rejects_ranges_outside_or_unaligned() {
         let hs = HostSpace::reserve(1 << 30).unwrap();
-        assert!(hs.map(0x10001, 0x1000, Backing::Anon).is_err());
-        assert!(hs.map(1 << 30, 0x1000, Backing::Anon).is_err());
-        assert!(hs.map(0, 0, Backing::Anon).is_err());
-        assert!(hs.map(0x1000, 0x1000, Backing::Memfd).is_ok());
-        assert!(hs.map(0x1000, 0x1000, Backing::Hugetlb).is_err());
+        // SAFETY: the test owns this reservation; nothing else uses the range.
+        assert!(unsafe { hs.map(0x10001, 0x1000, Backing::Anon) }.is_err());
+        // SAFETY: the test owns this reservation; nothing else uses the range.
+        assert!(unsafe { hs.map(1 << 30, 0x1000, Backing::Anon) }.is_err());
+        // SAFETY: the test owns this reservation; nothing else uses the range.
+        assert!(unsafe { hs.map(0, 0, Backing::Anon) }.is_err());
+        // SAFETY: the test owns this reservation; nothing else uses the range.
+        assert!(unsafe { hs.map(0x1000, 0x1000, Backing::Memfd) }.is_ok());
+        // SAFETY: the test owns this reservation; nothing else uses the range.
+        assert!(unsafe { hs.map(0x1000, 0x1000, Backing::Hugetlb) }.is_err());
     }
 }

@@ -191,6 +191,11 @@ impl Uffd {
         Ok(Self { fd, mode, source })
     }
 
+    /// How faults are reported: `SIGBUS` to the faulting thread, or events a handler reads.
+    pub fn mode(&self) -> UffdMode {
+        self.mode
+    }
+
     /// How the descriptor was created: `/dev/userfaultfd` or the `userfaultfd` syscall.
     pub fn source(&self) -> &'static str {
         self.source
