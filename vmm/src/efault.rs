@@ -90,7 +90,7 @@ pub enum EfaultError {
          plain loads and stores (MOV, MOVZX, MOVSX, and string LODS, STOS, MOVS) there"
     )]
     Unemulated {
-        /// The instruction, as [`describe`] gives it.
+        /// The instruction, as `describe` gives it.
         instruction: String,
         /// "touches (no region covers it)" or "writes read-only".
         what: &'static str,

@@ -3,22 +3,9 @@
 //! Exit codes: 0 success; 2 usage error; 1 any other error (one line on stderr saying what
 //! failed and what to do). `vmm run` exits with the guest's own status, 1 when the guest
 //! crashed (with a one-line diagnosis), 124 when it ran past `--timeout`.
+//!
+//! The command line only: the VMM itself is the `vmm` library (`lib.rs`).
 #![deny(unsafe_code)]
-
-mod boot;
-mod control;
-mod devices;
-mod efault;
-mod inject;
-#[allow(unsafe_code)]
-mod kvm;
-mod memory;
-mod size;
-mod snapshot;
-mod stress;
-mod summary;
-mod vcpu;
-mod vm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::vm::{RunConfig, RunOutcome};
+use vmm::cli::{parse_fault_around, AddressSpace, FaultMode, Memslots, Pattern, RamBacking};
+use vmm::vm::{RunConfig, RunOutcome};
+use vmm::{control, memory, size, snapshot, stress, summary, vm};
 
 /// Exit status when the guest crashed or the VMM failed.
 const EXIT_FAILURE: u8 = 1;
@@ -274,142 +263,6 @@ impl Workload {
             Workload::Xadd => w::XADD,
             Workload::Pattern => w::PATTERN,
         })
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum FaultMode {
-    Vcpu,
-    Handler,
-    Kernel,
-}
-
-impl From<FaultMode> for memory::FaultMode {
-    fn from(m: FaultMode) -> Self {
-        match m {
-            FaultMode::Vcpu => memory::FaultMode::Vcpu,
-            FaultMode::Handler => memory::FaultMode::Handler,
-            FaultMode::Kernel => memory::FaultMode::Kernel,
-        }
-    }
-}
-
-/// What backs guest RAM (`--ram-backing`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum RamBacking {
-    /// Private anonymous memory.
-    Anon,
-    /// A memfd (shared memory).
-    Memfd,
-    /// 2 MiB huge pages (hugetlbfs memfd): needs free huge pages and 2 MiB-aligned RAM.
-    Hugetlb,
-}
-
-/// How guest memory is laid onto KVM memslots (`--memslots`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Memslots {
-    /// A few long-lived memslots: boot RAM's and one hot-plug window; map, unmap, split and
-    /// protect change only the tree and the host mappings.
-    Window,
-    /// One memslot per region, installed and deleted with it.
-    PerRegion,
-}
-
-impl From<Memslots> for memory::MemslotMode {
-    fn from(m: Memslots) -> Self {
-        match m {
-            Memslots::Window => memory::MemslotMode::Window,
-            Memslots::PerRegion => memory::MemslotMode::PerRegion,
-        }
-    }
-}
-
-impl From<RamBacking> for memory::Backing {
-    fn from(b: RamBacking) -> Self {
-        match b {
-            RamBacking::Anon => memory::Backing::Anon,
-            RamBacking::Memfd => memory::Backing::Memfd,
-            RamBacking::Hugetlb => memory::Backing::Hugetlb,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum AddressSpace {
-    Bonsai,
-    Rwlock,
-    Cow,
-}
-
-impl AddressSpace {
-    fn name(self) -> &'static str {
-        match self {
-            AddressSpace::Bonsai => "bonsai",
-            AddressSpace::Rwlock => "rwlock",
-            AddressSpace::Cow => "cow",
-        }
-    }
-}
-
-fn parse_fault_around(s: &str) -> Result<memory::FaultAround, String> {
-    memory::FaultAround::parse(s)
-}
-
-/// `--pattern`: how the `touch` workload orders its first touches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pattern {
-    /// Page 0, 1, 2, …
-    Sequential,
-    /// The last page first.
-    Reverse,
-    /// Every N-th page.
-    Stride(u64),
-    /// A random permutation.
-    Random,
-    /// 90 % of accesses to 10 % of the pages.
-    Hotcold,
-}
-
-impl Pattern {
-    fn parse(s: &str) -> Result<Self, String> {
-        Ok(match s {
-            "sequential" => Pattern::Sequential,
-            "reverse" => Pattern::Reverse,
-            "random" => Pattern::Random,
-            "hotcold" => Pattern::Hotcold,
-            _ => match s.strip_prefix("stride:").map(str::parse::<u64>) {
-                Some(Ok(n)) if (1..=1 << 20).contains(&n) => Pattern::Stride(n),
-                _ => {
-                    return Err(format!(
-                        "{s:?}: expected sequential, reverse, stride:N (N from 1 to 1048576), \
-                         random or hotcold"
-                    ))
-                }
-            },
-        })
-    }
-
-    /// The name as given on the command line.
-    pub fn name(self) -> String {
-        match self {
-            Pattern::Sequential => "sequential".into(),
-            Pattern::Reverse => "reverse".into(),
-            Pattern::Stride(n) => format!("stride:{n}"),
-            Pattern::Random => "random".into(),
-            Pattern::Hotcold => "hotcold".into(),
-        }
-    }
-
-    /// `params[3..6]` of the `touch` workload: pattern id, argument, seed.
-    pub fn params(self, seed: u64) -> [u64; 3] {
-        use abi::pattern as p;
-        match self {
-            Pattern::Sequential => [p::SEQUENTIAL, 0, seed],
-            Pattern::Reverse => [p::REVERSE, 0, seed],
-            Pattern::Stride(n) => [p::STRIDE, n, seed],
-            Pattern::Random => [p::RANDOM, 0, seed],
-            Pattern::Hotcold => [p::HOTCOLD, 0, seed],
-        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! vCPU threads: the run loop, exit decoding and the diagnosis of a guest that went wrong.
 //!
 //! The loop is `loop { check stop; vcpu.run(); handle_exit(..) }`. `KVM_RUN` is one clearly
-//! delimited call ([`run_once`]), made with the thread's RCU reader offline
+//! delimited call (`run_once`), made with the thread's RCU reader offline
 //! (`reader.offline_while`); each handled exit is one read-side critical section, so an exit
 //! is the vCPU's quiescent state. Exit handling is the pure function [`handle_exit`], which
 //! decides every exit; faults KVM did not locate go to the resolver (`crate::efault`).
@@ -521,7 +521,7 @@ pub struct Paused {
 /// The controller sets `requested` (under the lock) and kicks each live vCPU thread out of
 /// `KVM_RUN`; each vCPU, at the top of its loop, completes a pending port or MMIO access
 /// (`KVM_RUN` with `immediate_exit`), saves its state, hands it over and waits for the next
-/// epoch, which [`resume`](Self::resume) starts, saying whether to go on or stop.
+/// epoch, which [`PauseGuard::resume`] starts, saying whether to go on or stop.
 #[derive(Default)]
 pub struct PauseCtl {
     requested: AtomicBool,
@@ -562,7 +562,7 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often stragglers are kicked again while pausing.
 const PAUSE_KICK: Duration = Duration::from_millis(5);
 
-/// While held, the vCPUs stay paused; [`PauseCtl::resume`] releases them.
+/// While held, the vCPUs stay paused; [`PauseGuard::resume`] releases them.
 pub struct PauseGuard<'a> {
     ctl: &'a PauseCtl,
     _one: MutexGuard<'a, ()>,

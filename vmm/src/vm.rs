@@ -991,7 +991,7 @@ fn hotplug_window(size: u64, ram_top: u64, space_bytes: u64) -> Result<Range<u64
     })
 }
 
-/// [`hotplug_window`]'s checks, with the host's RAM given.
+/// The checks of the hot-plug window (`--hotplug-window`), with the host's RAM given.
 pub fn check_window(
     size: u64,
     ram_top: u64,

@@ -155,7 +155,7 @@ fn dir_problem(m: &std::fs::Metadata, uid: u32) -> Option<String> {
 
 /// Checks that only root and `uid` can change the way to `sock` (in the manner of OpenSSH's
 /// `safe_path`): for every directory on the path as given, and on the same path with symbolic
-/// links resolved, the directory and each one above it passes [`dir_problem`], and a symbolic
+/// links resolved, the directory and each one above it passes `dir_problem`, and a symbolic
 /// link on the way is owned by root or `uid` (even in a sticky directory, a link's owner can
 /// replace it). A relative path is taken from the current directory.
 pub fn check_socket_dir(sock: &Path, uid: u32) -> Result<(), ServerError> {

@@ -1366,6 +1366,11 @@ impl AddressSpace {
     pub fn len(&self) -> usize {
         self.map.len()
     }
+
+    /// Whether no region is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[cfg(test)]

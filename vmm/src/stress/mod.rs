@@ -54,18 +54,18 @@ pub struct StressArgs {
 
     /// How first touches are serviced: vcpu (userfaultfd SIGBUS mode, on the faulting vCPU's
     /// thread), handler (userfaultfd handler thread), kernel (the host kernel's own faults).
-    #[arg(long, value_enum, default_value_t = crate::FaultMode::Vcpu)]
-    pub fault_mode: crate::FaultMode,
+    #[arg(long, value_enum, default_value_t = crate::cli::FaultMode::Vcpu)]
+    pub fault_mode: crate::cli::FaultMode,
 
     /// Pages populated per fault: adaptive (grows on sequential and strided first touches,
     /// shrinks otherwise), or a fixed aligned window (a power of two, 1 to 512).
-    #[arg(long, value_name = "PAGES|adaptive", default_value = "adaptive", value_parser = crate::parse_fault_around)]
+    #[arg(long, value_name = "PAGES|adaptive", default_value = "adaptive", value_parser = crate::cli::parse_fault_around)]
     pub fault_around: memory::FaultAround,
 
     /// The order of each vCPU's first touches: sequential, reverse, stride:N (every N-th
     /// page), random (a random permutation), hotcold (90 % of accesses to 10 % of the pages).
-    #[arg(long, value_name = "PATTERN", default_value = "sequential", value_parser = crate::Pattern::parse)]
-    pub pattern: crate::Pattern,
+    #[arg(long, value_name = "PATTERN", default_value = "sequential", value_parser = crate::cli::Pattern::parse)]
+    pub pattern: crate::cli::Pattern,
 
     /// Ask for transparent huge pages on guest RAM (madvise MADV_HUGEPAGE; anon or memfd RAM):
     /// with --fault-mode kernel, the host kernel's own best case.
@@ -73,13 +73,15 @@ pub struct StressArgs {
     pub thp: bool,
 
     /// What backs guest RAM: anon, memfd, or hugetlb (2 MiB huge pages, populated whole).
-    #[arg(long, value_enum, default_value_t = crate::RamBacking::Anon)]
-    pub ram_backing: crate::RamBacking,
+    #[arg(long, value_enum, default_value_t = crate::cli::RamBacking::Anon)]
+    pub ram_backing: crate::cli::RamBacking,
 
     /// Address-space implementation: bonsai (RCU balanced tree), rwlock (RwLock<BTreeMap>),
     /// cow (copy-on-write map published with arc-swap).
-    #[arg(long, value_enum, default_value_t = crate::AddressSpace::Bonsai)]
-    pub address_space: crate::AddressSpace,
+    #[arg(long, value_enum, default_value_t = crate::cli::AddressSpace::Bonsai)]
+    // This text is `--help`'s, where `RwLock<BTreeMap>` is plain text, not an HTML tag.
+    #[allow(rustdoc::invalid_html_tags)]
+    pub address_space: crate::cli::AddressSpace,
 
     /// Churn operations per second: map (2-64 pages, populated), unmap, split (unmap a
     /// middle part) and protect of regions the guest does not touch; 0 = no churn.
@@ -94,8 +96,8 @@ pub struct StressArgs {
 
     /// How guest memory is laid onto KVM memslots: window (the hot-plug window covers the
     /// extra regions and the churn area; churn changes no memslot) or per-region.
-    #[arg(long, value_enum, default_value_t = crate::Memslots::Window)]
-    pub memslots: crate::Memslots,
+    #[arg(long, value_enum, default_value_t = crate::cli::Memslots::Window)]
+    pub memslots: crate::cli::Memslots,
 
     /// Repeat runs, each on a fresh VM, until this many seconds have passed (0: one run).
     #[arg(long, value_name = "SECONDS", default_value = "0", value_parser = crate::size::parse_timeout)]
@@ -289,7 +291,7 @@ pub fn cmd_stress(args: StressArgs, process_start: Instant) -> u8 {
             }
         };
     }
-    if args.thp && args.ram_backing == crate::RamBacking::Hugetlb {
+    if args.thp && args.ram_backing == crate::cli::RamBacking::Hugetlb {
         eprintln!(
             "vmm stress: --thp is for anonymous or memfd RAM; hugetlb RAM is on huge pages already"
         );
@@ -306,7 +308,7 @@ pub fn cmd_stress(args: StressArgs, process_start: Instant) -> u8 {
         fault_around: args.fault_around.into(),
         pattern: args.pattern.name(),
         thp: args.thp,
-        uffd_always_wake: args.fault_mode == crate::FaultMode::Handler
+        uffd_always_wake: args.fault_mode == crate::cli::FaultMode::Handler
             && std::env::var_os("VMM_UFFD_ALWAYS_WAKE").is_some_and(|v| v == "1"),
         churn_rate: args.churn,
         regions: args.regions,
