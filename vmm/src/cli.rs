@@ -72,13 +72,12 @@ pub enum AddressSpace {
     Cow,
 }
 
-impl AddressSpace {
-    /// The command-line name.
-    pub fn name(self) -> &'static str {
-        match self {
-            AddressSpace::Bonsai => "bonsai",
-            AddressSpace::Rwlock => "rwlock",
-            AddressSpace::Cow => "cow",
+impl From<AddressSpace> for memory::AddressSpaceKind {
+    fn from(a: AddressSpace) -> Self {
+        match a {
+            AddressSpace::Bonsai => memory::AddressSpaceKind::Bonsai,
+            AddressSpace::Rwlock => memory::AddressSpaceKind::Rwlock,
+            AddressSpace::Cow => memory::AddressSpaceKind::Cow,
         }
     }
 }

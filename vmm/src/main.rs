@@ -405,17 +405,11 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
         thp: args.thp,
         address_space: shape
             .as_ref()
-            .map_or(args.address_space.name(), |s| s.address_space.as_str())
-            .to_owned(),
+            .map_or(args.address_space.into(), |s| s.address_space),
         ram_backing: shape
             .as_ref()
-            .and_then(|s| memory::Backing::from_name(&s.ram_backing))
-            .unwrap_or(args.ram_backing.into()),
-        memslots: match shape.as_ref().map(|s| s.memslots.as_str()) {
-            Some("per-region") => memory::MemslotMode::PerRegion,
-            Some(_) => memory::MemslotMode::Window,
-            None => args.memslots.into(),
-        },
+            .map_or(args.ram_backing.into(), |s| s.ram_backing),
+        memslots: shape.as_ref().map_or(args.memslots.into(), |s| s.memslots),
         // Only a VM with a control socket can map memory at run time: others need no window.
         // A restored VM gets the window its snapshot's regions lie in.
         hotplug_window: match &shape {

@@ -25,11 +25,12 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::control::protocol::named;
 use crate::devices::serial::SerialSnapshot;
 use crate::kvm::state::VcpuState;
 use crate::memory::address_space::PAGE;
 use crate::memory::snapshot::populated_pages;
-use crate::memory::AddressSpace;
+use crate::memory::{AddressSpace, AddressSpaceKind, Backing, MemslotMode, RegionKind};
 
 /// The format's name in the manifest.
 pub const FORMAT: &str = "vmm-snapshot";
@@ -139,9 +140,11 @@ pub struct RegionRecord {
     /// Size in bytes.
     pub size: u64,
     /// `boot`, `ram` or `hotplug`.
-    pub kind: String,
+    #[serde(with = "named")]
+    pub kind: RegionKind,
     /// `anon`, `memfd` or `hugetlb`.
-    pub backing: String,
+    #[serde(with = "named")]
+    pub backing: Backing,
     /// Read-only to the guest.
     pub readonly: bool,
     /// Where its pages lie in `memory.img`.
@@ -166,12 +169,15 @@ pub struct Shape {
     pub mem_bytes: u64,
     /// `abi::workload` id.
     pub workload: u32,
-    /// `--address-space`.
-    pub address_space: String,
-    /// `--ram-backing`.
-    pub ram_backing: String,
-    /// `--memslots`.
-    pub memslots: String,
+    /// `--address-space`: `bonsai`, `rwlock` or `cow`.
+    #[serde(with = "named")]
+    pub address_space: AddressSpaceKind,
+    /// `--ram-backing`: `anon`, `memfd` or `hugetlb`.
+    #[serde(with = "named")]
+    pub ram_backing: Backing,
+    /// `--memslots`: `window` or `per-region`.
+    #[serde(with = "named")]
+    pub memslots: MemslotMode,
     /// `--hotplug-window` (0: none).
     pub hotplug_window: u64,
     /// `--fault-around` in effect: pages, or 0 for `adaptive`.
@@ -314,11 +320,7 @@ fn write_memory(
     let mut offset = 0u64;
     let mut buf = vec![0u8; (COPY_CHUNK_PAGES * PAGE) as usize];
     for r in space.list() {
-        let align = if r.backing == "hugetlb" {
-            2 << 20
-        } else {
-            PAGE
-        };
+        let align = r.backing.align_bytes();
         offset = offset.next_multiple_of(align);
         let npages = r.size_bytes / PAGE;
         let present = populated_pages(space.host_addr(r.gpa), npages)
@@ -375,8 +377,8 @@ fn write_memory(
         regions.push(RegionRecord {
             gpa: r.gpa,
             size: r.size_bytes,
-            kind: r.kind.to_owned(),
-            backing: r.backing.to_owned(),
+            kind: r.kind,
+            backing: r.backing,
             readonly: r.readonly,
             file_offset: offset,
         });
@@ -653,15 +655,6 @@ fn check_layout(m: &Manifest, pages: &PageIndex) -> Result<(), String> {
             .file_offset
             .checked_add(r.size)
             .ok_or("file beyond 2^64")?;
-        if !matches!(r.kind.as_str(), "boot" | "ram" | "hotplug") {
-            return Err(format!("region {:#x}: unknown kind {:?}", r.gpa, r.kind));
-        }
-        if crate::memory::Backing::from_name(&r.backing).is_none() {
-            return Err(format!(
-                "region {:#x}: unknown backing {:?}",
-                r.gpa, r.backing
-            ));
-        }
     }
     if file_end > m.memory_bytes {
         return Err("regions lie beyond memory.img".into());
@@ -838,5 +831,129 @@ mod tests {
         }
         assert_ne!(checksum(&[]), checksum(&[0]));
         assert_ne!(checksum(&[0; 8]), checksum(&[0; 16]));
+    }
+
+    /// `manifest.json` as written before its regions and shape carried enums: it must still
+    /// load, and writing it again must give the same bytes (its checksum is on disk).
+    const MANIFEST_V1: &str = r#"{
+  "format": "vmm-snapshot",
+  "version": 1,
+  "written_by": "vmm 0.1.0",
+  "shape": {
+    "vcpus": 2,
+    "mem_bytes": 67108864,
+    "workload": 11,
+    "address_space": "bonsai",
+    "ram_backing": "anon",
+    "memslots": "window",
+    "hotplug_window": 17179869184,
+    "fault_around": 0
+  },
+  "regions": [
+    {
+      "gpa": 0,
+      "size": 8388608,
+      "kind": "boot",
+      "backing": "anon",
+      "readonly": false,
+      "file_offset": 0
+    },
+    {
+      "gpa": 8388608,
+      "size": 58720256,
+      "kind": "ram",
+      "backing": "anon",
+      "readonly": false,
+      "file_offset": 8388608
+    },
+    {
+      "gpa": 4294967296,
+      "size": 2097152,
+      "kind": "hotplug",
+      "backing": "memfd",
+      "readonly": false,
+      "file_offset": 67108864
+    }
+  ],
+  "pages": 14415,
+  "memory_bytes": 69206016,
+  "files": {
+    "devices.json": {
+      "bytes": 87,
+      "checksum": "9a6695f07da63dad"
+    },
+    "pages.bin": {
+      "bytes": 230640,
+      "checksum": "9e99a78c56714506"
+    },
+    "vcpus.json": {
+      "bytes": 11548,
+      "checksum": "fc971eef88b13c95"
+    }
+  },
+  "msrs_not_saved": []
+}"#;
+
+    #[test]
+    fn manifests_written_with_string_names_load_into_enums_and_write_back_identical() {
+        let m: Manifest = serde_json::from_str(MANIFEST_V1).unwrap();
+        assert_eq!(m.shape.address_space, AddressSpaceKind::Bonsai);
+        assert_eq!(m.shape.ram_backing, Backing::Anon);
+        assert_eq!(m.shape.memslots, MemslotMode::Window);
+        let kinds: Vec<_> = m.regions.iter().map(|r| (r.kind, r.backing)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (RegionKind::Boot, Backing::Anon),
+                (RegionKind::Ram, Backing::Anon),
+                (RegionKind::Hotplug, Backing::Memfd)
+            ]
+        );
+        let again = serde_json::to_vec_pretty(&m).unwrap();
+        assert_eq!(String::from_utf8(again).unwrap(), MANIFEST_V1);
+        // Every name of every enum survives the trip.
+        let mut m2 = m.clone();
+        m2.shape.address_space = AddressSpaceKind::Cow;
+        m2.shape.ram_backing = Backing::Hugetlb;
+        m2.shape.memslots = MemslotMode::PerRegion;
+        let text = serde_json::to_string(&m2).unwrap();
+        for name in [r#""cow""#, r#""hugetlb""#, r#""per-region""#] {
+            assert!(text.contains(name), "{name} in {text}");
+        }
+        let back: Manifest = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.shape, m2.shape);
+    }
+
+    #[test]
+    fn unknown_names_in_a_manifest_are_refused_with_the_names_known() {
+        for (from, to, want) in [
+            (
+                r#""kind": "hotplug""#,
+                r#""kind": "rom""#,
+                "region kind \"rom\": expected one of boot, ram, hotplug",
+            ),
+            (
+                r#""backing": "memfd""#,
+                r#""backing": "shm""#,
+                "backing \"shm\": expected one of anon, memfd, hugetlb",
+            ),
+            (
+                r#""memslots": "window""#,
+                r#""memslots": "Window""#,
+                "memslot mode \"Window\": expected one of window, per-region",
+            ),
+            (
+                r#""address_space": "bonsai""#,
+                r#""address_space": "btree""#,
+                "address space \"btree\": expected one of bonsai, rwlock, cow",
+            ),
+        ] {
+            let text = MANIFEST_V1.replacen(from, to, 1);
+            assert_ne!(text, MANIFEST_V1);
+            let e = serde_json::from_str::<Manifest>(&text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{e}");
+        }
     }
 }

@@ -18,7 +18,8 @@ use crate::boot::{self, elf, BootError};
 use crate::devices::Devices;
 use crate::kvm::{self, KvmError};
 use crate::memory::{
-    self, AddressSpace, AsConfig, Backing, FaultMode, Limits, MemoryError, MemslotMode, RegionKind,
+    self, AddressSpace, AddressSpaceKind, AsConfig, Backing, FaultMode, Limits, MemoryError,
+    MemslotMode, RegionKind,
 };
 use crate::vcpu::{self, Diagnosis, Vcpu, VcpuOutcome, VcpuShared};
 
@@ -54,8 +55,8 @@ pub struct RunConfig {
     pub fault_around: memory::FaultAround,
     /// `madvise(MADV_HUGEPAGE)` on guest RAM (`--thp`).
     pub thp: bool,
-    /// `bonsai` | `rwlock` | `cow`.
-    pub address_space: String,
+    /// The range map that holds the regions.
+    pub address_space: AddressSpaceKind,
     /// What backs guest RAM (the boot area is always anonymous).
     pub ram_backing: Backing,
     /// How regions are laid onto KVM memslots.
@@ -427,7 +428,7 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
         AddressSpace::new(
             &domain,
             &AsConfig {
-                implementation: cfg.address_space.clone(),
+                implementation: cfg.address_space.name().to_owned(),
                 fault_mode,
                 fault_around: cfg.fault_around,
                 space_bytes,
@@ -528,9 +529,9 @@ pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunRep
             vcpus: cfg.vcpus,
             mem_bytes: cfg.mem_bytes,
             workload: cfg.workload,
-            address_space: space.implementation().to_owned(),
-            ram_backing: cfg.ram_backing.name().to_owned(),
-            memslots: cfg.memslots.name().to_owned(),
+            address_space: cfg.address_space,
+            ram_backing: cfg.ram_backing,
+            memslots: cfg.memslots,
             hotplug_window: cfg.hotplug_window,
             fault_around: match cfg.fault_around {
                 memory::FaultAround::Fixed(n) => n,
@@ -832,7 +833,10 @@ fn restore_regions(
         why,
     };
     let regions = &r.snapshot.manifest.regions;
-    let fixed: Vec<_> = regions.iter().filter(|g| g.kind != "hotplug").collect();
+    let fixed: Vec<_> = regions
+        .iter()
+        .filter(|g| g.kind != RegionKind::Hotplug)
+        .collect();
     let planned: Vec<_> = ranges.iter().map(|p| (p.start.0, p.size_bytes)).collect();
     let recorded: Vec<_> = fixed.iter().map(|g| (g.gpa, g.size)).collect();
     if planned != recorded {
@@ -841,11 +845,9 @@ fn restore_regions(
             memory::fmt_size(r.snapshot.manifest.shape.mem_bytes)
         )));
     }
-    for g in regions.iter().filter(|g| g.kind == "hotplug") {
-        let backing = Backing::from_name(&g.backing)
-            .ok_or_else(|| err(format!("unknown backing {:?}", g.backing)))?;
+    for g in regions.iter().filter(|g| g.kind == RegionKind::Hotplug) {
         space
-            .map(g.gpa, g.size, backing, g.readonly, RegionKind::Hotplug)
+            .map(g.gpa, g.size, g.backing, g.readonly, RegionKind::Hotplug)
             .map_err(|e| err(format!("cannot map the region at {:#x}: {e}", g.gpa)))?;
     }
     Ok(())
@@ -883,7 +885,12 @@ fn restore_memory(
         .try_clone()
         .map_err(|e| err(format!("cannot reopen memory.img: {e}")))?;
     if r.mode == RestoreMode::Kernel {
-        for g in snap.manifest.regions.iter().filter(|g| g.kind != "boot") {
+        for g in snap
+            .manifest
+            .regions
+            .iter()
+            .filter(|g| g.kind != RegionKind::Boot)
+        {
             space
                 .map_snapshot_file(g.gpa, g.size, &file, g.file_offset, g.readonly)
                 .map_err(|e| err(format!("cannot map memory.img at {:#x}: {e}", g.gpa)))?;

@@ -30,7 +30,7 @@ use crate::memory::address_space::{RegionInfo, PAGE};
 use crate::memory::{AddressSpace, AsError, Backing, FaultMode, RegionKind};
 use crate::vcpu::VcpuShared;
 use crate::vm::VmHandle;
-use protocol::{addr, named, Event, EventKind, WireName};
+use protocol::{addr, named, Event, EventKind};
 pub use protocol::{Code, ControlError, Request};
 
 /// The default `--client-idle-timeout`.
@@ -121,11 +121,8 @@ impl From<&RegionInfo> for RegionView {
             size: r.size_bytes,
             end: r.gpa + r.size_bytes,
             slot: r.slot,
-            // `RegionInfo` carries the enums' own names (`Backing::name`, `RegionKind::name`),
-            // so these always match; an unknown kind would be treated as boot memory, which
-            // nothing at run time may change.
-            backing: Backing::from_wire_name(r.backing).unwrap_or(Backing::Anon),
-            kind: RegionKind::from_wire_name(r.kind).unwrap_or(RegionKind::Boot),
+            backing: r.backing,
+            kind: r.kind,
             readonly: r.readonly,
             resident_pages: r.resident_pages,
             faults: r.faults,
@@ -1142,6 +1139,7 @@ pub fn sidecar(listener: server::Listener, cfg: Config) -> crate::vm::Sidecar {
 
 #[cfg(test)]
 mod tests {
+    use super::protocol::WireName;
     use super::*;
 
     #[test]
@@ -1161,8 +1159,8 @@ mod tests {
             gpa: 0x80_0000,
             size_bytes: 0x80_0000,
             slot: Some(1),
-            backing: Backing::Memfd.name(),
-            kind: RegionKind::Ram.name(),
+            backing: Backing::Memfd,
+            kind: RegionKind::Ram,
             readonly: false,
             resident_pages: 0,
             faults: 0,

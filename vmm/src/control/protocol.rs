@@ -22,7 +22,7 @@
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
-use crate::memory::{Backing, FaultMode, RegionKind};
+use crate::memory::{AddressSpaceKind, Backing, FaultMode, MemslotMode, RegionKind};
 
 /// The longest request line accepted, newline excluded.
 pub const MAX_LINE_BYTES: usize = 64 << 10;
@@ -124,6 +124,22 @@ impl WireName for RegionKind {
 impl WireName for FaultMode {
     const ALL: &'static [Self] = &[FaultMode::Vcpu, FaultMode::Handler, FaultMode::Kernel];
     const WHAT: &'static str = "fault mode";
+    fn wire_name(self) -> &'static str {
+        self.name()
+    }
+}
+
+impl WireName for MemslotMode {
+    const ALL: &'static [Self] = &[MemslotMode::Window, MemslotMode::PerRegion];
+    const WHAT: &'static str = "memslot mode";
+    fn wire_name(self) -> &'static str {
+        self.name()
+    }
+}
+
+impl WireName for AddressSpaceKind {
+    const ALL: &'static [Self] = &AddressSpaceKind::ALL;
+    const WHAT: &'static str = "address space";
     fn wire_name(self) -> &'static str {
         self.name()
     }

@@ -409,9 +409,9 @@ pub struct RegionInfo {
     /// Memslot, if installed.
     pub slot: Option<u32>,
     /// Backing.
-    pub backing: &'static str,
+    pub backing: Backing,
     /// Kind.
-    pub kind: &'static str,
+    pub kind: RegionKind,
     /// Read-only.
     pub readonly: bool,
     /// Pages known present.
@@ -1031,8 +1031,8 @@ impl AddressSpace {
             gpa,
             size_bytes: size,
             slot,
-            backing: backing.name(),
-            kind: kind.name(),
+            backing,
+            kind,
             readonly,
             resident_pages: self.residency.count_range(gpa / PAGE, size / PAGE),
             faults,
@@ -1919,7 +1919,7 @@ mod tests {
         assert_eq!(e.code(), "internal");
         slots.fail_install.store(false, Relaxed);
         let mut after = s.list();
-        after.retain(|r| r.kind != "boot");
+        after.retain(|r| r.kind != RegionKind::Boot);
         assert_eq!(after, before);
         // And the range is usable again.
         s.map(64 * MB, MB, Backing::Memfd, false, RegionKind::Hotplug)

@@ -35,6 +35,37 @@ use abi::layout::{BOOT_AREA_END, HOLE_END, HOLE_START, PAGE_SIZE};
 use abi::mem_kind;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+/// Which concurrent range map holds the address space's regions (`--address-space`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddressSpaceKind {
+    /// The RCU Bonsai tree: lookups take no lock.
+    Bonsai,
+    /// `RwLock<BTreeMap>` (a baseline).
+    Rwlock,
+    /// A copy-on-write `BTreeMap` published with `arc-swap` (a baseline).
+    Cow,
+}
+
+impl AddressSpaceKind {
+    /// Every implementation.
+    pub const ALL: [Self; 3] = [Self::Bonsai, Self::Rwlock, Self::Cow];
+
+    /// The command-line name, which is also the range map's own name
+    /// (`rcu::baselines::IMPLEMENTATIONS`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bonsai => "bonsai",
+            Self::Rwlock => "rwlock",
+            Self::Cow => "cow",
+        }
+    }
+
+    /// The implementation called `s`.
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == s)
+    }
+}
+
 /// The least RAM a VM may have.
 pub const MIN_MEM_BYTES: u64 = 16 << 20;
 
@@ -161,6 +192,16 @@ pub use crate::size::fmt_size;
 mod tests {
     use super::*;
     use abi::layout::{IDENTITY_MAP_1G_BYTES, IDENTITY_MAP_2M_BYTES};
+
+    #[test]
+    fn address_space_kinds_are_the_range_maps_names() {
+        let names: Vec<_> = AddressSpaceKind::ALL.iter().map(|k| k.name()).collect();
+        assert_eq!(names, rcu::baselines::IMPLEMENTATIONS);
+        for k in AddressSpaceKind::ALL {
+            assert_eq!(AddressSpaceKind::from_name(k.name()), Some(k));
+        }
+        assert_eq!(AddressSpaceKind::from_name("btree"), None);
+    }
 
     #[test]
     fn small_vm_is_boot_area_plus_low_ram() {

@@ -304,7 +304,9 @@ pub fn cmd_stress(args: StressArgs, process_start: Instant) -> u8 {
         fault_mode_requested: args.fault_mode_name().to_owned(),
         ram_backing: memory::Backing::from(args.ram_backing).name().to_owned(),
         memslots: memory::MemslotMode::from(args.memslots).name().to_owned(),
-        address_space: args.address_space.name().to_owned(),
+        address_space: memory::AddressSpaceKind::from(args.address_space)
+            .name()
+            .to_owned(),
         fault_around: args.fault_around.into(),
         pattern: args.pattern.name(),
         thp: args.thp,
@@ -493,7 +495,7 @@ fn run_once(
         fault_mode: args.fault_mode.into(),
         fault_around: args.fault_around,
         thp: args.thp,
-        address_space: args.address_space.name().to_owned(),
+        address_space: args.address_space.into(),
         ram_backing: args.ram_backing.into(),
         memslots: args.memslots.into(),
         hotplug_window: Layout::new(top, regions, u64::MAX)?.window_bytes(),
