@@ -1,6 +1,6 @@
 //! `vmm`: a KVM virtual machine monitor whose guest memory lives in an RCU balanced tree, as a
 //! library. The `vmm` binary (`main.rs`) is the command line on top of it; tests and embedders
-//! build and run VMs through [`vm::run`].
+//! build and run VMs through [`vm::Vm`] (build, start, wait) or [`vm::run`].
 //!
 //! | module | what |
 //! |---|---|

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -63,7 +63,8 @@ pub struct RunConfig {
     pub memslots: MemslotMode,
     /// Size of the hot-plug window (window mode), placed by [`hotplug_window_base`].
     pub hotplug_window: u64,
-    /// Threads to run beside the vCPUs once the VM is built (taken by `run`).
+    /// Set-up steps, taken by [`Vm::build`], and threads to run beside the vCPUs, taken by
+    /// [`Vm::start`].
     pub sidecars: Sidecars,
     /// Resume a snapshot instead of booting (`vmm run --restore`).
     pub restore: Option<Restore>,
@@ -354,471 +355,749 @@ fn ioctl<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, Vm
 }
 
 /// Builds the VM, runs it to the end and reports. Serial output goes to `serial_sink`.
+///
+/// The three phases in one call: [`Vm::build`], [`Vm::start`] and [`RunningVm::wait`].
 pub fn run(cfg: &RunConfig, serial_sink: Box<dyn Write + Send>) -> Result<RunReport, VmError> {
-    let kvm_fd = kvm::open(&cfg.kvm_dev)?;
-    let kvm_max = kvm_fd.get_max_vcpus();
-    let max = kvm_max.min(abi::layout::MAX_VCPUS as usize);
-    if cfg.vcpus as usize > max {
-        return Err(VmError::TooManyVcpus {
-            requested: cfg.vcpus,
-            max,
-            kvm_max,
-            layout_max: abi::layout::MAX_VCPUS,
-        });
-    }
-    let cpuid = ioctl(
-        "KVM_GET_SUPPORTED_CPUID",
-        kvm_fd.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES),
-    )?;
-    let one_gig = boot::regs::has_1g_pages(&cpuid);
-    let xsave_bytes = boot::regs::xsave_max_bytes(&cpuid);
-    let ranges = memory::plan(cfg.mem_bytes, boot::identity_map_bytes(one_gig))?;
+    Ok(Vm::build(cfg)?.start(serial_sink)?.wait())
+}
 
-    let kernel_bytes;
-    let image_bytes: &[u8] = match &cfg.kernel {
-        Some(path) => {
-            kernel_bytes = std::fs::read(path).map_err(|source| VmError::ReadKernel {
+/// How a VM's [`Resources`] go when they are dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Teardown {
+    /// Every vCPU thread has ended, or none was started: release everything, in the order of
+    /// the fields of [`Resources`].
+    Release,
+    /// A vCPU thread did not stop within [`STOP_GRACE`] of being kicked and may still be
+    /// inside `KVM_RUN`, where KVM accesses guest memory on its behalf: keep the VM and guest
+    /// memory mapped until the process exits rather than unmap them under the guest. One
+    /// reference to each part is leaked on purpose, so none of them is ever released.
+    KeepMapped,
+}
+
+/// What the VM's threads use, and the one place where it is released (or, with
+/// [`Teardown::KeepMapped`], deliberately kept). Fields drop in declaration order, once every
+/// thread that uses them has been joined ([`RunningVm`] declares this field last):
+///
+/// 1. the vCPUs' shared state (devices, counters);
+/// 2. the vm-memory view of the boot area and RAM (it owns no mapping);
+/// 3. this VM fd reference;
+/// 4. the address space, whose own fields drop memslots first (they hold the last reference
+///    to the VM fd: KVM destroys the VM and its memslots when it closes), then the regions,
+///    then host memory.
+///
+/// Each vCPU fd belongs to its thread and is closed when the thread ends, before any of this.
+struct Resources {
+    /// The vCPUs' shared state; it holds a reference to the address space. Set by
+    /// [`Vm::start`].
+    shared: Option<Arc<VcpuShared>>,
+    /// vm-memory view of the boot area and RAM.
+    guest_mem: vm_memory::GuestMemoryMmap,
+    /// The VM.
+    vm: Arc<kvm_ioctls::VmFd>,
+    /// Guest memory.
+    space: Arc<AddressSpace>,
+    /// Release or keep.
+    teardown: Teardown,
+}
+
+impl Drop for Resources {
+    fn drop(&mut self) {
+        if self.teardown == Teardown::KeepMapped {
+            // See `Teardown::KeepMapped`: these references are never dropped, so the VM, its
+            // memslots and guest memory stay until the process exits.
+            std::mem::forget((
+                self.shared.clone(),
+                self.guest_mem.clone(),
+                Arc::clone(&self.vm),
+                Arc::clone(&self.space),
+            ));
+        }
+    }
+}
+
+/// A VM built and ready to run (phase 1 of 3): the KVM VM, guest memory mapped and the boot
+/// data written (or a snapshot's memory restored), the set-up steps of
+/// [`RunConfig::sidecars`] done. No thread of its own runs yet. [`Vm::start`] starts it;
+/// dropping it releases everything.
+///
+/// Teardown follows from the types: the vCPU threads are joined first (each vCPU fd closes
+/// with its thread), then go the devices, the VM fd, and the address space, which releases
+/// the memslots (with the last reference to the VM fd: KVM destroys the VM when it closes),
+/// then the regions, then host memory. If a vCPU did not stop within 2 s of being kicked, it
+/// may still be inside `KVM_RUN`: the VM and guest memory are then kept mapped until the
+/// process exits, never unmapped under it ([`RunReport::stuck`] names such vCPUs).
+pub struct Vm<'a> {
+    cfg: &'a RunConfig,
+    cpuid: kvm_bindings::CpuId,
+    one_gig: bool,
+    xsave_bytes: u64,
+    entry: u64,
+    msr_indices: Vec<u32>,
+    fault_mode: FaultMode,
+    memslot_changes_after_setup: u64,
+    res: Resources,
+}
+
+impl std::fmt::Debug for Vm<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("vcpus", &self.cfg.vcpus)
+            .field("fault_mode", &self.fault_mode)
+            .field("space", &self.res.space)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> Vm<'a> {
+    /// Builds the VM `cfg` describes: opens KVM, creates the VM, maps guest memory, writes the
+    /// boot data and the image (or brings a snapshot's memory back), and runs the set-up steps.
+    pub fn build(cfg: &'a RunConfig) -> Result<Self, VmError> {
+        let kvm_fd = kvm::open(&cfg.kvm_dev)?;
+        let kvm_max = kvm_fd.get_max_vcpus();
+        let max = kvm_max.min(abi::layout::MAX_VCPUS as usize);
+        if cfg.vcpus as usize > max {
+            return Err(VmError::TooManyVcpus {
+                requested: cfg.vcpus,
+                max,
+                kvm_max,
+                layout_max: abi::layout::MAX_VCPUS,
+            });
+        }
+        let cpuid = ioctl(
+            "KVM_GET_SUPPORTED_CPUID",
+            kvm_fd.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES),
+        )?;
+        let one_gig = boot::regs::has_1g_pages(&cpuid);
+        let xsave_bytes = boot::regs::xsave_max_bytes(&cpuid);
+        let ranges = memory::plan(cfg.mem_bytes, boot::identity_map_bytes(one_gig))?;
+
+        let kernel_bytes;
+        let image_bytes: &[u8] = match &cfg.kernel {
+            Some(path) => {
+                kernel_bytes = std::fs::read(path).map_err(|source| VmError::ReadKernel {
+                    path: path.clone(),
+                    source,
+                })?;
+                &kernel_bytes
+            }
+            None => boot::BUILTIN_GUEST,
+        };
+        let ram: Vec<_> = ranges.iter().map(|r| r.start.0..r.end()).collect();
+        let reserved = boot::reserved_ranges();
+        let placement = elf::Placement {
+            ram: &ram,
+            reserved: &reserved,
+        };
+        let image = elf::parse(image_bytes, &placement).map_err(|source| match &cfg.kernel {
+            Some(path) => VmError::BadKernel {
                 path: path.clone(),
                 source,
-            })?;
-            &kernel_bytes
-        }
-        None => boot::BUILTIN_GUEST,
-    };
-    let ram: Vec<_> = ranges.iter().map(|r| r.start.0..r.end()).collect();
-    let reserved = boot::reserved_ranges();
-    let placement = elf::Placement {
-        ram: &ram,
-        reserved: &reserved,
-    };
-    let image = elf::parse(image_bytes, &placement).map_err(|source| match &cfg.kernel {
-        Some(path) => VmError::BadKernel {
-            path: path.clone(),
-            source,
-        },
-        None => VmError::BadBuiltin(source),
-    })?;
+            },
+            None => VmError::BadBuiltin(source),
+        })?;
 
-    let msr_indices = kvm_fd
-        .get_msr_index_list()
-        .map(|l| l.as_slice().to_vec())
-        .unwrap_or_default();
-    let vm = Arc::new(ioctl("KVM_CREATE_VM", kvm_fd.create_vm())?);
-    ioctl("KVM_SET_TSS_ADDR", vm.set_tss_address(TSS_ADDR))?;
-    disable_slot_zap_all(&vm);
-    let fault_mode = match &cfg.restore {
-        // Lazy restore needs userfaultfd as asked; falling back would lose the data.
-        Some(r) => r.mode.fault_mode(),
-        None => probe_fault_mode(cfg.fault_mode),
-    };
-    let nr_slots = u32::try_from(kvm_fd.get_nr_memslots()).unwrap_or(u32::MAX);
-    let domain = rcu::Domain::new();
-    let space_bytes = boot::identity_map_bytes(one_gig);
-    let ram_top = ranges.iter().map(|r| r.end()).max().unwrap_or(0);
-    let window = match cfg.memslots {
-        MemslotMode::Window => hotplug_window(cfg.hotplug_window, ram_top, space_bytes)?,
-        MemslotMode::PerRegion => 0..0,
-    };
-    // In window mode regions are not bounded by memslots; per region, leave some for RAM.
-    let max_regions = match cfg.memslots {
-        MemslotMode::Window => MAX_WINDOW_REGIONS,
-        MemslotMode::PerRegion => (nr_slots as usize).saturating_sub(64).max(1),
-    };
-    let space = Arc::new(
-        AddressSpace::new(
-            &domain,
-            &AsConfig {
-                implementation: cfg.address_space.name().to_owned(),
-                fault_mode,
-                fault_around: cfg.fault_around,
-                space_bytes,
-                limits: Limits {
-                    max_regions,
-                    max_bytes: space_bytes,
+        let msr_indices = kvm_fd
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default();
+        let vm = Arc::new(ioctl("KVM_CREATE_VM", kvm_fd.create_vm())?);
+        ioctl("KVM_SET_TSS_ADDR", vm.set_tss_address(TSS_ADDR))?;
+        disable_slot_zap_all(&vm);
+        let fault_mode = match &cfg.restore {
+            // Lazy restore needs userfaultfd as asked; falling back would lose the data.
+            Some(r) => r.mode.fault_mode(),
+            None => probe_fault_mode(cfg.fault_mode),
+        };
+        let nr_slots = u32::try_from(kvm_fd.get_nr_memslots()).unwrap_or(u32::MAX);
+        let domain = rcu::Domain::new();
+        let space_bytes = boot::identity_map_bytes(one_gig);
+        let ram_top = ranges.iter().map(|r| r.end()).max().unwrap_or(0);
+        let window = match cfg.memslots {
+            MemslotMode::Window => hotplug_window(cfg.hotplug_window, ram_top, space_bytes)?,
+            MemslotMode::PerRegion => 0..0,
+        };
+        // In window mode regions are not bounded by memslots; per region, leave some for RAM.
+        let max_regions = match cfg.memslots {
+            MemslotMode::Window => MAX_WINDOW_REGIONS,
+            MemslotMode::PerRegion => (nr_slots as usize).saturating_sub(64).max(1),
+        };
+        let space = Arc::new(
+            AddressSpace::new(
+                &domain,
+                &AsConfig {
+                    implementation: cfg.address_space.name().to_owned(),
+                    fault_mode,
+                    fault_around: cfg.fault_around,
+                    space_bytes,
+                    limits: Limits {
+                        max_regions,
+                        max_bytes: space_bytes,
+                    },
+                    memslots: cfg.memslots,
+                    hotplug_window: window,
                 },
-                memslots: cfg.memslots,
-                hotplug_window: window,
-            },
-            Box::new(crate::inject::RecordingMemslots(kvm::KvmMemslots::new(
-                Arc::clone(&vm),
-                nr_slots,
-            ))),
-        )
-        .map_err(MemoryError::from)?,
-    );
-    for r in &ranges {
-        let (kind, backing) = if r.kind == abi::mem_kind::BOOT {
-            (RegionKind::Boot, Backing::Anon)
-        } else {
-            (RegionKind::Ram, cfg.ram_backing)
-        };
-        space
-            .map(r.start.0, r.size_bytes, backing, false, kind)
-            .map_err(MemoryError::from)?;
-    }
-    if cfg.thp {
-        for r in ranges.iter().filter(|r| r.kind != abi::mem_kind::BOOT) {
+                Box::new(crate::inject::RecordingMemslots(kvm::KvmMemslots::new(
+                    Arc::clone(&vm),
+                    nr_slots,
+                ))),
+            )
+            .map_err(MemoryError::from)?,
+        );
+        for r in &ranges {
+            let (kind, backing) = if r.kind == abi::mem_kind::BOOT {
+                (RegionKind::Boot, Backing::Anon)
+            } else {
+                (RegionKind::Ram, cfg.ram_backing)
+            };
             space
-                .host()
-                .advise_hugepage(r.start.0, r.size_bytes)
-                .map_err(|e| VmError::Populate(format!("--thp: madvise(MADV_HUGEPAGE): {e}")))?;
+                .map(r.start.0, r.size_bytes, backing, false, kind)
+                .map_err(MemoryError::from)?;
         }
-    }
-    let phase = |what: &str| {
+        if cfg.thp {
+            for r in ranges.iter().filter(|r| r.kind != abi::mem_kind::BOOT) {
+                space
+                    .host()
+                    .advise_hugepage(r.start.0, r.size_bytes)
+                    .map_err(|e| {
+                        VmError::Populate(format!("--thp: madvise(MADV_HUGEPAGE): {e}"))
+                    })?;
+            }
+        }
+        let phase = |what: &str| {
+            tracing::debug!(
+                ms = cfg.process_start.elapsed().as_secs_f64() * 1e3,
+                "set-up: {what}"
+            )
+        };
+        phase("address space and RAM mapped");
+        if let Some(r) = &cfg.restore {
+            restore_regions(&space, r, &ranges)?;
+        }
+        // A user's image may load into demand-paged RAM: populate those pages before writing.
+        for seg in image.segments.iter().filter(|_| cfg.restore.is_none()) {
+            let start = seg.gpa.max(abi::layout::BOOT_AREA_END);
+            let end = seg.gpa + seg.memsz.max(seg.file_range.len() as u64);
+            if end > start {
+                space
+                    .populate_range(start, end - start)
+                    .map_err(|e| VmError::Populate(e.to_string()))?;
+            }
+        }
+        let guest_mem = memory::boot_view(&space, &ranges)?;
+        match &cfg.restore {
+            None => {
+                let info = boot::boot_info(cfg.vcpus, cfg.workload, &cfg.params, &ranges)?;
+                boot::write_boot_data(&guest_mem, one_gig, &info)?;
+                boot::load_image(&guest_mem, &image, image_bytes)?;
+            }
+            Some(r) => restore_memory(&space, &guest_mem, r)?,
+        }
+        phase("guest memory written or restored");
         tracing::debug!(
-            ms = cfg.process_start.elapsed().as_secs_f64() * 1e3,
-            "set-up: {what}"
-        )
-    };
-    phase("address space and RAM mapped");
-    if let Some(r) = &cfg.restore {
-        restore_regions(&space, r, &ranges)?;
-    }
-    // A user's image may load into demand-paged RAM: populate those pages before writing.
-    for seg in image.segments.iter().filter(|_| cfg.restore.is_none()) {
-        let start = seg.gpa.max(abi::layout::BOOT_AREA_END);
-        let end = seg.gpa + seg.memsz.max(seg.file_range.len() as u64);
-        if end > start {
-            space
-                .populate_range(start, end - start)
-                .map_err(|e| VmError::Populate(e.to_string()))?;
+            one_gig_pages = one_gig,
+            entry = format_args!("{:#x}", image.entry),
+            regions = space.len(),
+            fault_mode = fault_mode.name(),
+            fault_around = %cfg.fault_around.name(),
+            address_space = space.implementation(),
+            memslots = space.memslot_mode().name(),
+            hotplug_window = ?space.hotplug_window(),
+            "guest memory and boot data ready"
+        );
+        if let Some(u) = space.uffd() {
+            tracing::info!("userfaultfd created through {}", u.source());
         }
-    }
-    let guest_mem = memory::boot_view(&space, &ranges)?;
-    match &cfg.restore {
-        None => {
-            let info = boot::boot_info(cfg.vcpus, cfg.workload, &cfg.params, &ranges)?;
-            boot::write_boot_data(&guest_mem, one_gig, &info)?;
-            boot::load_image(&guest_mem, &image, image_bytes)?;
+        for setup in cfg.sidecars.take_setups() {
+            setup(&space).map_err(VmError::Setup)?;
         }
-        Some(r) => restore_memory(&space, &guest_mem, r)?,
-    }
-    phase("guest memory written or restored");
-    tracing::debug!(
-        one_gig_pages = one_gig,
-        entry = format_args!("{:#x}", image.entry),
-        regions = space.len(),
-        fault_mode = fault_mode.name(),
-        fault_around = %cfg.fault_around.name(),
-        address_space = space.implementation(),
-        memslots = space.memslot_mode().name(),
-        hotplug_window = ?space.hotplug_window(),
-        "guest memory and boot data ready"
-    );
-    if let Some(u) = space.uffd() {
-        tracing::info!("userfaultfd created through {}", u.source());
-    }
-    for setup in cfg.sidecars.take_setups() {
-        setup(&space).map_err(VmError::Setup)?;
-    }
-    let memslot_changes_after_setup = space.counters.snapshot().memslot_changes;
-    let handler = match fault_mode {
-        FaultMode::Handler => Some(spawn_uffd_handler(&space)?),
-        _ => None,
-    };
-
-    kvm::install_kick_handler()?;
-    let shared = Arc::new(VcpuShared {
-        devices: Devices::new(cfg.vcpus as usize, serial_sink),
-        space: Arc::clone(&space),
-        stop: std::sync::atomic::AtomicBool::new(false),
-        exits: vcpu::ExitCounters::default(),
-        pause: vcpu::PauseCtl::default(),
-        msr_indices,
-        shape: crate::snapshot::Shape {
-            vcpus: cfg.vcpus,
-            mem_bytes: cfg.mem_bytes,
-            workload: cfg.workload,
-            address_space: cfg.address_space,
-            ram_backing: cfg.ram_backing,
-            memslots: cfg.memslots,
-            hotplug_window: cfg.hotplug_window,
-            fault_around: match cfg.fault_around {
-                memory::FaultAround::Fixed(n) => n,
-                memory::FaultAround::Adaptive => 0,
+        let memslot_changes_after_setup = space.counters.snapshot().memslot_changes;
+        Ok(Vm {
+            cfg,
+            cpuid,
+            one_gig,
+            xsave_bytes,
+            entry: image.entry,
+            msr_indices,
+            fault_mode,
+            memslot_changes_after_setup,
+            res: Resources {
+                shared: None,
+                guest_mem,
+                vm,
+                space,
+                teardown: Teardown::Release,
             },
-        },
-    });
-    if let Some(r) = &cfg.restore {
-        shared
-            .devices
-            .serial
-            .restore(&r.snapshot.devices.serial)
-            .map_err(|why| VmError::Restore {
-                dir: r.snapshot.dir.clone(),
-                why,
-            })?;
+        })
     }
-    // Companion threads (control socket server, stress churn) get the running VM.
-    let sidecar_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut sidecar_handles = Vec::new();
-    for (i, sidecar) in cfg.sidecars.take().into_iter().enumerate() {
-        let handle = VmHandle {
+
+    /// Guest memory.
+    pub fn address_space(&self) -> &Arc<AddressSpace> {
+        &self.res.space
+    }
+
+    /// The fault mode in effect (after any fallback the host forced).
+    pub fn fault_mode(&self) -> FaultMode {
+        self.fault_mode
+    }
+
+    /// Starts the VM (phase 2 of 3): the userfaultfd handler thread (`handler` mode), the
+    /// companion threads of [`RunConfig::sidecars`], one thread per vCPU and, with
+    /// `--prefetch ws`, the prefetcher. Serial output goes to `serial_sink`.
+    ///
+    /// On an error, whatever was started is stopped and joined before it returns.
+    pub fn start(self, serial_sink: Box<dyn Write + Send>) -> Result<RunningVm<'a>, VmError> {
+        let Vm {
+            cfg,
+            cpuid,
+            one_gig,
+            xsave_bytes,
+            entry,
+            msr_indices,
+            fault_mode,
+            memslot_changes_after_setup,
+            mut res,
+        } = self;
+        let space = Arc::clone(&res.space);
+        kvm::install_kick_handler()?;
+        let shared = Arc::new(VcpuShared {
+            devices: Devices::new(cfg.vcpus as usize, serial_sink),
             space: Arc::clone(&space),
-            guest_mem: guest_mem.clone(),
-            stop: Arc::clone(&sidecar_stop),
+            stop: AtomicBool::new(false),
+            exits: vcpu::ExitCounters::default(),
+            pause: vcpu::PauseCtl::default(),
+            msr_indices,
+            shape: crate::snapshot::Shape {
+                vcpus: cfg.vcpus,
+                mem_bytes: cfg.mem_bytes,
+                workload: cfg.workload,
+                address_space: cfg.address_space,
+                ram_backing: cfg.ram_backing,
+                memslots: cfg.memslots,
+                hotplug_window: cfg.hotplug_window,
+                fault_around: match cfg.fault_around {
+                    memory::FaultAround::Fixed(n) => n,
+                    memory::FaultAround::Adaptive => 0,
+                },
+            },
+        });
+        res.shared = Some(Arc::clone(&shared));
+        let (tx, rx) = mpsc::channel::<(usize, VcpuOutcome)>();
+        // From here on, dropping `running` (on an error) stops and joins what was started.
+        let mut running = RunningVm {
+            cfg,
             shared: Arc::clone(&shared),
+            vcpus: Vec::with_capacity(cfg.vcpus as usize),
+            rx,
+            handler: None,
+            sidecar_stop: Arc::new(AtomicBool::new(false)),
+            sidecars: Vec::new(),
+            prefetch_stop: Arc::new(AtomicBool::new(false)),
+            prefetcher: None,
+            run_start: Instant::now(),
+            tsc_khz: 0,
+            fault_mode,
+            memslot_changes_after_setup,
+            rss_at_start_bytes: 0,
+            resumed_at: None,
+            waited: false,
+            res,
         };
-        match std::thread::Builder::new()
-            .name(format!("sidecar{i}"))
-            .spawn(move || sidecar(handle))
-        {
-            Ok(h) => sidecar_handles.push(h),
-            Err(e) => tracing::error!(error = %e, "cannot start a companion thread"),
+        if fault_mode == FaultMode::Handler {
+            running.handler = Some(spawn_uffd_handler(&space)?);
         }
-    }
-    let cpuid = Arc::new(cpuid);
-    let (tx, rx) = mpsc::channel::<(usize, VcpuOutcome)>();
-    let mut handles: Vec<JoinHandle<()>> = Vec::with_capacity(cfg.vcpus as usize);
-    let run_start = Instant::now();
-    let mut tsc_khz = 0u32;
-    for index in 0..cfg.vcpus as usize {
-        let fd = match vm.create_vcpu(index as u64) {
-            Ok(fd) => fd,
-            Err(source) => {
-                stop_all(&shared, &handles, &[]);
-                return Err(VmError::Ioctl {
+        if let Some(r) = &cfg.restore {
+            shared
+                .devices
+                .serial
+                .restore(&r.snapshot.devices.serial)
+                .map_err(|why| VmError::Restore {
+                    dir: r.snapshot.dir.clone(),
+                    why,
+                })?;
+        }
+        // Companion threads (control socket server, stress churn) get the running VM.
+        for (i, sidecar) in cfg.sidecars.take().into_iter().enumerate() {
+            let handle = VmHandle {
+                space: Arc::clone(&space),
+                guest_mem: running.res.guest_mem.clone(),
+                stop: Arc::clone(&running.sidecar_stop),
+                shared: Arc::clone(&shared),
+            };
+            match std::thread::Builder::new()
+                .name(format!("sidecar{i}"))
+                .spawn(move || sidecar(handle))
+            {
+                Ok(h) => running.sidecars.push(h),
+                Err(e) => tracing::error!(error = %e, "cannot start a companion thread"),
+            }
+        }
+        let cpuid = Arc::new(cpuid);
+        running.run_start = Instant::now();
+        let vm = Arc::clone(&running.res.vm);
+        for index in 0..cfg.vcpus as usize {
+            let fd = vm
+                .create_vcpu(index as u64)
+                .map_err(|source| VmError::Ioctl {
                     what: "KVM_CREATE_VCPU",
                     source,
-                });
+                })?;
+            if index == 0 {
+                running.tsc_khz = fd.get_tsc_khz().unwrap_or(0);
             }
-        };
-        if index == 0 {
-            tsc_khz = fd.get_tsc_khz().unwrap_or(0);
-        }
-        let vcpu = Vcpu {
-            index,
-            fd,
-            entry: image.entry,
-            resolver: crate::efault::Resolver {
-                sync_regs: vm.check_extension(kvm_ioctls::Cap::SyncRegs),
-                identity_cr3: abi::layout::PML4,
-                identity_limit: boot::identity_map_bytes(one_gig),
-                xsave_bytes,
-            },
-            restore: cfg
-                .restore
-                .as_ref()
-                .and_then(|r| r.snapshot.vcpus.get(index))
-                .map(|st| Arc::new(st.clone())),
-        };
-        let (thread_shared, cpuid, tx) = (Arc::clone(&shared), Arc::clone(&cpuid), tx.clone());
-        let spawned = std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || {
-                let _span = tracing::debug_span!("vcpu", index).entered();
-                let outcome = vcpu::run_vcpu(vcpu, &cpuid, &thread_shared);
-                tracing::debug!(?outcome, "vcpu thread done");
-                // The receiver outlives every vCPU thread unless the VMM gave up on it.
-                let _ = tx.send((index, outcome));
-            });
-        match spawned {
-            Ok(h) => handles.push(h),
-            Err(source) => {
-                stop_all(&shared, &handles, &[]);
-                return Err(VmError::Spawn { index, source });
-            }
-        }
-    }
-    drop(tx);
-    let rss_at_start_bytes = memory::host::rss_bytes();
-    // `--prefetch ws`: the recorded working set, replayed ahead of the vCPUs.
-    let prefetch_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let prefetcher = cfg
-        .restore
-        .as_ref()
-        .and_then(|r| r.prefetch.clone())
-        .and_then(|runs| {
-            let (space, stop) = (Arc::clone(&space), Arc::clone(&prefetch_stop));
-            let start = cfg.process_start;
-            std::thread::Builder::new()
-                .name("prefetch".into())
+            let vcpu = Vcpu {
+                index,
+                fd,
+                entry,
+                resolver: crate::efault::Resolver {
+                    sync_regs: vm.check_extension(kvm_ioctls::Cap::SyncRegs),
+                    identity_cr3: abi::layout::PML4,
+                    identity_limit: boot::identity_map_bytes(one_gig),
+                    xsave_bytes,
+                },
+                restore: cfg
+                    .restore
+                    .as_ref()
+                    .and_then(|r| r.snapshot.vcpus.get(index))
+                    .map(|st| Arc::new(st.clone())),
+            };
+            let (thread_shared, cpuid, tx) = (Arc::clone(&shared), Arc::clone(&cpuid), tx.clone());
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
                 .spawn(move || {
-                    let r = space.prefetch(&runs, &stop);
-                    (r, start.elapsed())
+                    let _span = tracing::debug_span!("vcpu", index).entered();
+                    let outcome = vcpu::run_vcpu(vcpu, &cpuid, &thread_shared);
+                    tracing::debug!(?outcome, "vcpu thread done");
+                    // The receiver outlives every vCPU thread unless the VMM gave up on it.
+                    let _ = tx.send((index, outcome));
                 })
-                .inspect_err(|e| tracing::error!(error = %e, "cannot start the prefetch thread"))
-                .ok()
+                .map_err(|source| VmError::Spawn { index, source })?;
+            running.vcpus.push(h);
+        }
+        drop(tx);
+        running.rss_at_start_bytes = memory::host::rss_bytes();
+        // `--prefetch ws`: the recorded working set, replayed ahead of the vCPUs.
+        running.prefetcher = cfg
+            .restore
+            .as_ref()
+            .and_then(|r| r.prefetch.clone())
+            .and_then(|runs| {
+                let (space, stop) = (Arc::clone(&space), Arc::clone(&running.prefetch_stop));
+                let start = cfg.process_start;
+                std::thread::Builder::new()
+                    .name("prefetch".into())
+                    .spawn(move || {
+                        let r = space.prefetch(&runs, &stop);
+                        (r, start.elapsed())
+                    })
+                    .inspect_err(
+                        |e| tracing::error!(error = %e, "cannot start the prefetch thread"),
+                    )
+                    .ok()
+            });
+        running.resumed_at = cfg.restore.as_ref().map(|r| {
+            let t = cfg.process_start.elapsed();
+            tracing::info!(
+                mode = r.mode.name(),
+                "restore: vCPUs resume {:.2} ms after process start",
+                t.as_secs_f64() * 1e3
+            );
+            t
         });
-    let resumed_at = cfg.restore.as_ref().map(|r| {
-        let t = cfg.process_start.elapsed();
-        tracing::info!(
-            mode = r.mode.name(),
-            "restore: vCPUs resume {:.2} ms after process start",
-            t.as_secs_f64() * 1e3
-        );
-        t
-    });
+        Ok(running)
+    }
+}
 
-    let n = handles.len();
-    let mut outcomes: Vec<Option<VcpuOutcome>> = vec![None; n];
-    let mut decided: Option<RunOutcome> = None;
-    let mut stopping_since: Option<Instant> = None;
-    let mut pending = n;
-    let mut stuck = Vec::new();
-    let deadline = cfg.timeout.map(|t| run_start + t);
-    while pending > 0 {
-        let wait = match (stopping_since, deadline) {
-            (Some(_), _) => KICK_INTERVAL,
-            (None, Some(d)) => d.saturating_duration_since(Instant::now()),
-            (None, None) => Duration::from_secs(3600),
-        };
-        match rx.recv_timeout(wait) {
-            Ok((index, outcome)) => {
-                pending -= 1;
-                if decided.is_none() {
-                    decided = match &outcome {
-                        VcpuOutcome::Exited(status) => Some(RunOutcome::Exited(*status)),
-                        VcpuOutcome::Fatal(d) => Some(RunOutcome::Fatal(d.clone())),
-                        VcpuOutcome::SetupFailed(message) => Some(RunOutcome::SetupFailed {
-                            vcpu: index,
-                            message: message.clone(),
-                        }),
-                        VcpuOutcome::SnapshotStopped => Some(RunOutcome::SnapshotStopped),
-                        VcpuOutcome::Parked | VcpuOutcome::Kicked { .. } => None,
-                    };
-                    if decided.is_some() {
-                        stopping_since = Some(Instant::now());
-                        stop_all(&shared, &handles, &outcomes);
+/// The prefetch thread's result: pages populated, and when it ended (since process start).
+type Prefetched = (Result<u64, memory::FaultError>, Duration);
+
+/// A running VM (phase 2 of 3): its vCPU and companion threads run. [`RunningVm::wait`]
+/// waits for the run to end and reports. Dropping it without waiting stops the vCPUs (kicked
+/// out of `KVM_RUN`, with the same grace period), joins every thread and releases the VM.
+pub struct RunningVm<'a> {
+    cfg: &'a RunConfig,
+    shared: Arc<VcpuShared>,
+    /// The vCPU threads, by index.
+    vcpus: Vec<JoinHandle<()>>,
+    /// Each vCPU thread's outcome, sent as it ends.
+    rx: mpsc::Receiver<(usize, VcpuOutcome)>,
+    /// The userfaultfd handler thread and its stop flag (`handler` mode).
+    handler: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+    sidecar_stop: Arc<AtomicBool>,
+    sidecars: Vec<JoinHandle<()>>,
+    prefetch_stop: Arc<AtomicBool>,
+    prefetcher: Option<JoinHandle<Prefetched>>,
+    /// When the vCPUs were started (`--timeout` counts from here).
+    run_start: Instant,
+    tsc_khz: u32,
+    fault_mode: FaultMode,
+    memslot_changes_after_setup: u64,
+    rss_at_start_bytes: u64,
+    resumed_at: Option<Duration>,
+    /// [`RunningVm::wait`] collected every thread.
+    waited: bool,
+    /// Last: released (or kept) once every thread above is joined.
+    res: Resources,
+}
+
+impl std::fmt::Debug for RunningVm<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningVm")
+            .field("vcpus", &self.vcpus.len())
+            .field("fault_mode", &self.fault_mode)
+            .field("space", &self.res.space)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the vCPU threads ended.
+struct VcpusEnded {
+    /// The outcome that decided the run, if one did.
+    decided: Option<RunOutcome>,
+    /// Each vCPU's outcome (`None`: it never reported).
+    outcomes: Vec<Option<VcpuOutcome>>,
+    /// vCPUs that did not stop within [`STOP_GRACE`] of being kicked.
+    stuck: Vec<usize>,
+}
+
+impl<'a> RunningVm<'a> {
+    /// The vCPUs' shared state (devices, exit counters, pausing).
+    pub fn shared(&self) -> &Arc<VcpuShared> {
+        &self.shared
+    }
+
+    /// Waits for the run to end (phase 3 of 3): the guest exits, a vCPU hits something fatal,
+    /// every vCPU parks, a snapshot stops the VM, or `--timeout` passes (then the vCPUs are
+    /// kicked out of `KVM_RUN`). Then stops the companion threads, reads the guest's results
+    /// and tears the VM down (see [`Vm`]).
+    pub fn wait(mut self) -> RunReport {
+        let mut report = self.collect();
+        let process_start = self.cfg.process_start;
+        // Every thread is joined (or, a vCPU stuck, given up on): release the VM now, so that
+        // `total` counts the teardown as it always has.
+        drop(self);
+        report.total = process_start.elapsed();
+        report
+    }
+
+    /// Receives every vCPU's outcome; the first decisive one (or the timeout, or `stop_now`)
+    /// makes the others stop, kicked every [`KICK_INTERVAL`] for up to [`STOP_GRACE`].
+    fn await_vcpus(&mut self, stop_now: bool) -> VcpusEnded {
+        let n = self.vcpus.len();
+        let mut outcomes: Vec<Option<VcpuOutcome>> = vec![None; n];
+        let mut decided: Option<RunOutcome> = None;
+        let mut stopping_since: Option<Instant> = None;
+        let mut pending = n;
+        let mut stuck = Vec::new();
+        let deadline = self.cfg.timeout.map(|t| self.run_start + t);
+        if stop_now {
+            stopping_since = Some(Instant::now());
+            stop_all(&self.shared, &self.vcpus, &outcomes);
+        }
+        while pending > 0 {
+            let wait = match (stopping_since, deadline) {
+                (Some(_), _) => KICK_INTERVAL,
+                (None, Some(d)) => d.saturating_duration_since(Instant::now()),
+                (None, None) => Duration::from_secs(3600),
+            };
+            match self.rx.recv_timeout(wait) {
+                Ok((index, outcome)) => {
+                    pending -= 1;
+                    if decided.is_none() {
+                        decided = match &outcome {
+                            VcpuOutcome::Exited(status) => Some(RunOutcome::Exited(*status)),
+                            VcpuOutcome::Fatal(d) => Some(RunOutcome::Fatal(d.clone())),
+                            VcpuOutcome::SetupFailed(message) => Some(RunOutcome::SetupFailed {
+                                vcpu: index,
+                                message: message.clone(),
+                            }),
+                            VcpuOutcome::SnapshotStopped => Some(RunOutcome::SnapshotStopped),
+                            VcpuOutcome::Parked | VcpuOutcome::Kicked { .. } => None,
+                        };
+                        if decided.is_some() && stopping_since.is_none() {
+                            stopping_since = Some(Instant::now());
+                            stop_all(&self.shared, &self.vcpus, &outcomes);
+                        }
+                    }
+                    if let Some(slot) = outcomes.get_mut(index) {
+                        *slot = Some(outcome);
                     }
                 }
-                outcomes[index] = Some(outcome);
+                Err(mpsc::RecvTimeoutError::Timeout) => match stopping_since {
+                    Some(since) if since.elapsed() > STOP_GRACE => {
+                        stuck = (0..n).filter(|&i| outcomes[i].is_none()).collect();
+                        break;
+                    }
+                    Some(_) => stop_all(&self.shared, &self.vcpus, &outcomes),
+                    None => {
+                        if deadline.is_some_and(|d| Instant::now() >= d) {
+                            decided = Some(RunOutcome::TimedOut {
+                                after: self.cfg.timeout.unwrap_or_default(),
+                                rips: Vec::new(),
+                            });
+                            stopping_since = Some(Instant::now());
+                            stop_all(&self.shared, &self.vcpus, &outcomes);
+                        }
+                    }
+                },
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => match stopping_since {
-                Some(since) if since.elapsed() > STOP_GRACE => {
-                    stuck = (0..n).filter(|&i| outcomes[i].is_none()).collect();
-                    break;
-                }
-                Some(_) => stop_all(&shared, &handles, &outcomes),
-                None => {
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        decided = Some(RunOutcome::TimedOut {
-                            after: cfg.timeout.unwrap_or_default(),
-                            rips: Vec::new(),
-                        });
-                        stopping_since = Some(Instant::now());
-                        stop_all(&shared, &handles, &outcomes);
-                    }
-                }
-            },
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        VcpusEnded {
+            decided,
+            outcomes,
+            stuck,
         }
     }
-    shared.devices.serial.flush_partial();
-    prefetch_stop.store(true, Ordering::Release);
-    let prefetched = prefetcher.and_then(|h| match h.join() {
-        Ok((Ok(pages), at)) => Some((pages, at)),
-        Ok((Err(e), _)) => {
-            tracing::error!(error = %e, "prefetching the working set failed");
-            None
-        }
-        Err(_) => None,
-    });
-    let marks = shared
-        .devices
-        .marks()
-        .into_iter()
-        .map(|m| m.map(|t| t.saturating_duration_since(cfg.process_start)))
-        .collect();
-    let rss_bytes = memory::host::rss_bytes();
-    if let Some((stop, h)) = handler {
-        stop.store(true, Ordering::Release);
-        let _ = h.join();
-    }
-    sidecar_stop.store(true, Ordering::Release);
-    for h in sidecar_handles {
-        let _ = h.join();
-    }
-    let exits = shared.exits.snapshot();
-    let rcu = space.domain().stats();
-    // The report is read like any device reads guest memory: through the address space,
-    // under a read guard (the results live in the boot area, which is never demand-paged).
-    let (results, touch_histogram) = {
-        let reader = space.domain().register();
-        let guard = reader.read();
-        let mem = memory::GuardedMemory::new(&space, &guard);
-        (
-            read_results(&mem, cfg.vcpus),
-            read_histograms(&mem, cfg.vcpus),
-        )
-    };
-    let counters = space.counters.snapshot();
-    let restore_pages = space
-        .source()
-        .map(|src| (src.served.load(Ordering::Relaxed), src.remaining()));
-    // A lazy restore without prefetch records the order of first touches for the next one.
-    let ws_recorded = match (&cfg.restore, space.source()) {
-        (Some(r), Some(src)) if r.prefetch.is_none() && r.mode != RestoreMode::Eager => {
-            let runs = src.working_set();
-            let pages = runs.iter().map(|r| r.1).sum();
-            Some(
-                crate::snapshot::write_working_set(&r.snapshot.dir, &runs)
-                    .map(|()| (runs.len() as u64, pages))
-                    .map_err(|e| e.to_string()),
-            )
-        }
-        _ => None,
-    };
 
-    let outcome = match decided {
-        Some(RunOutcome::TimedOut { after, .. }) => RunOutcome::TimedOut {
-            after,
-            rips: outcomes
-                .iter()
-                .enumerate()
-                .filter_map(|(i, o)| match o {
-                    Some(VcpuOutcome::Kicked { rip }) => Some((i, *rip)),
-                    _ => None,
-                })
-                .collect(),
-        },
-        Some(o) => o,
-        None => RunOutcome::AllParked,
-    };
-    let first_line = shared
-        .devices
-        .serial
-        .first_line_at()
-        .map(|t| t.saturating_duration_since(cfg.process_start));
+    /// Stops the prefetcher, returning what it did.
+    fn stop_prefetcher(&mut self) -> Option<(u64, Duration)> {
+        self.prefetch_stop.store(true, Ordering::Release);
+        self.prefetcher.take().and_then(|h| match h.join() {
+            Ok((Ok(pages), at)) => Some((pages, at)),
+            Ok((Err(e), _)) => {
+                tracing::error!(error = %e, "prefetching the working set failed");
+                None
+            }
+            Err(_) => None,
+        })
+    }
 
-    if stuck.is_empty() {
-        for h in handles {
-            // A vCPU thread that panicked has already been accounted as missing.
+    /// Stops and joins the userfaultfd handler and the companion threads.
+    fn stop_companions(&mut self) {
+        if let Some((stop, h)) = self.handler.take() {
+            stop.store(true, Ordering::Release);
             let _ = h.join();
         }
-        drop(guest_mem);
-        drop(shared);
-        drop(space);
-        drop(vm);
-    } else {
-        // A vCPU that never stopped may still be inside KVM_RUN: keep its memory mapped
-        // until the process exits rather than unmap it under the guest.
-        std::mem::forget(guest_mem);
-        std::mem::forget(shared);
-        std::mem::forget(space);
-        std::mem::forget(vm);
+        self.sidecar_stop.store(true, Ordering::Release);
+        for h in self.sidecars.drain(..) {
+            let _ = h.join();
+        }
     }
-    Ok(RunReport {
-        outcome,
-        first_line,
-        total: cfg.process_start.elapsed(),
-        stuck,
-        fault_mode,
-        results,
-        touch_histogram,
-        tsc_khz,
-        counters,
-        exits,
-        rcu,
-        memslot_changes_after_setup,
-        resumed_at,
-        restore_pages,
-        marks,
-        prefetched,
-        ws_recorded,
-        rss_bytes,
-        rss_at_start_bytes,
-    })
+
+    /// Joins every vCPU thread, or, when some did not stop, keeps the VM and guest memory
+    /// mapped for them ([`Teardown::KeepMapped`]).
+    fn join_vcpus(&mut self, stuck: &[usize]) {
+        if stuck.is_empty() {
+            for h in self.vcpus.drain(..) {
+                // A vCPU thread that panicked has already been accounted as missing.
+                let _ = h.join();
+            }
+        } else {
+            self.res.teardown = Teardown::KeepMapped;
+        }
+    }
+
+    /// Waits for the vCPUs, stops the other threads and gathers the report (`total` is set by
+    /// [`RunningVm::wait`], after teardown).
+    fn collect(&mut self) -> RunReport {
+        let cfg = self.cfg;
+        let VcpusEnded {
+            decided,
+            outcomes,
+            stuck,
+        } = self.await_vcpus(false);
+        self.waited = true;
+        let shared = Arc::clone(&self.shared);
+        let space = Arc::clone(&self.res.space);
+        shared.devices.serial.flush_partial();
+        let prefetched = self.stop_prefetcher();
+        let marks = shared
+            .devices
+            .marks()
+            .into_iter()
+            .map(|m| m.map(|t| t.saturating_duration_since(cfg.process_start)))
+            .collect();
+        let rss_bytes = memory::host::rss_bytes();
+        self.stop_companions();
+        let exits = shared.exits.snapshot();
+        let rcu = space.domain().stats();
+        // The report is read like any device reads guest memory: through the address space,
+        // under a read guard (the results live in the boot area, which is never demand-paged).
+        let (results, touch_histogram) = {
+            let reader = space.domain().register();
+            let guard = reader.read();
+            let mem = memory::GuardedMemory::new(&space, &guard);
+            (
+                read_results(&mem, cfg.vcpus),
+                read_histograms(&mem, cfg.vcpus),
+            )
+        };
+        let counters = space.counters.snapshot();
+        let restore_pages = space
+            .source()
+            .map(|src| (src.served.load(Ordering::Relaxed), src.remaining()));
+        // A lazy restore without prefetch records the order of first touches for the next one.
+        let ws_recorded = match (&cfg.restore, space.source()) {
+            (Some(r), Some(src)) if r.prefetch.is_none() && r.mode != RestoreMode::Eager => {
+                let runs = src.working_set();
+                let pages = runs.iter().map(|r| r.1).sum();
+                Some(
+                    crate::snapshot::write_working_set(&r.snapshot.dir, &runs)
+                        .map(|()| (runs.len() as u64, pages))
+                        .map_err(|e| e.to_string()),
+                )
+            }
+            _ => None,
+        };
+
+        let outcome = match decided {
+            Some(RunOutcome::TimedOut { after, .. }) => RunOutcome::TimedOut {
+                after,
+                rips: outcomes
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, o)| match o {
+                        Some(VcpuOutcome::Kicked { rip }) => Some((i, *rip)),
+                        _ => None,
+                    })
+                    .collect(),
+            },
+            Some(o) => o,
+            None => RunOutcome::AllParked,
+        };
+        let first_line = shared
+            .devices
+            .serial
+            .first_line_at()
+            .map(|t| t.saturating_duration_since(cfg.process_start));
+        self.join_vcpus(&stuck);
+        RunReport {
+            outcome,
+            first_line,
+            total: Duration::ZERO,
+            stuck,
+            fault_mode: self.fault_mode,
+            results,
+            touch_histogram,
+            tsc_khz: self.tsc_khz,
+            counters,
+            exits,
+            rcu,
+            memslot_changes_after_setup: self.memslot_changes_after_setup,
+            resumed_at: self.resumed_at,
+            restore_pages,
+            marks,
+            prefetched,
+            ws_recorded,
+            rss_bytes,
+            rss_at_start_bytes: self.rss_at_start_bytes,
+        }
+    }
+}
+
+impl Drop for RunningVm<'_> {
+    fn drop(&mut self) {
+        if self.waited {
+            return;
+        }
+        // Started but not waited for (an error while starting, or the caller let go of it):
+        // stop every vCPU now, then every other thread.
+        let ended = self.await_vcpus(true);
+        self.shared.devices.serial.flush_partial();
+        let _ = self.stop_prefetcher();
+        self.stop_companions();
+        self.join_vcpus(&ended.stuck);
+    }
 }
 
 /// Maps the snapshot's run-time regions (boot and RAM regions were mapped from the plan, which
