@@ -1439,6 +1439,65 @@ mod tests {
 
     const GIB: u64 = 1 << 30;
 
+    /// Whether KVM tests can run: false (after saying why) only where `/dev/kvm` does not
+    /// exist, and then a failure with `VMM_REQUIRE_KVM=1` (as `tests/support`).
+    fn kvm_available() -> bool {
+        if std::path::Path::new("/dev/kvm").exists() {
+            return true;
+        }
+        assert_ne!(
+            std::env::var("VMM_REQUIRE_KVM").as_deref(),
+            Ok("1"),
+            "/dev/kvm does not exist, and VMM_REQUIRE_KVM=1 forbids skipping KVM tests"
+        );
+        eprintln!("skipping: /dev/kvm does not exist (set VMM_REQUIRE_KVM=1 to fail instead)");
+        false
+    }
+
+    fn small_vm_config() -> RunConfig {
+        RunConfig {
+            kvm_dev: PathBuf::from("/dev/kvm"),
+            vcpus: 1,
+            mem_bytes: memory::MIN_MEM_BYTES,
+            kernel: None,
+            workload: abi::workload::HELLO,
+            params: Vec::new(),
+            timeout: None,
+            process_start: Instant::now(),
+            fault_mode: FaultMode::Kernel,
+            fault_around: memory::FaultAround::Fixed(1),
+            thp: false,
+            address_space: AddressSpaceKind::Bonsai,
+            ram_backing: Backing::Anon,
+            memslots: MemslotMode::Window,
+            hotplug_window: 0,
+            sidecars: Sidecars::default(),
+            restore: None,
+        }
+    }
+
+    #[test]
+    fn teardown_releases_or_deliberately_keeps_the_vm_and_its_memory() {
+        if !kvm_available() {
+            return;
+        }
+        let cfg = small_vm_config();
+        // Release: once the Vm is dropped, nothing holds the address space or the VM fd.
+        let vm = Vm::build(&cfg).unwrap();
+        let (space, fd) = (Arc::downgrade(&vm.res.space), Arc::downgrade(&vm.res.vm));
+        assert_eq!(vm.res.teardown, Teardown::Release);
+        drop(vm);
+        assert!(space.upgrade().is_none() && fd.upgrade().is_none());
+        // KeepMapped (a vCPU stuck in KVM_RUN): both stay, with guest memory mapped.
+        let mut vm = Vm::build(&cfg).unwrap();
+        vm.res.teardown = Teardown::KeepMapped;
+        let (space, fd) = (Arc::downgrade(&vm.res.space), Arc::downgrade(&vm.res.vm));
+        drop(vm);
+        let space = space.upgrade().expect("the address space was kept");
+        assert!(fd.upgrade().is_some(), "the VM fd was kept");
+        assert_eq!(space.len(), 2, "boot area and RAM still mapped");
+    }
+
     #[test]
     fn hotplug_window_placement_and_cost() {
         // Above RAM and the 32-bit hole, on a GiB boundary.
