@@ -231,11 +231,7 @@ impl Resolver {
     /// Works out which pages the instruction at `rip` touches and populates the missing ones,
     /// guessing translations while the guest runs on the VMM's identity map, and translating
     /// properly when the guess made no progress (or does not apply).
-    pub fn resolve(
-        &self,
-        fd: &VcpuFd,
-        mem: &GuardedSpace<'_, '_>,
-    ) -> Result<Resolved, EfaultError> {
+    pub fn resolve(&self, fd: &VcpuFd, mem: &GuardedSpace<'_>) -> Result<Resolved, EfaultError> {
         let (regs, sregs) = if self.sync_regs {
             let s = fd.sync_regs();
             (s.regs, s.sregs)
@@ -283,7 +279,7 @@ impl Resolver {
         translate: &dyn Fn(u64) -> Result<u64, EfaultError>,
         fd: &VcpuFd,
         r: &Regs,
-        mem: &GuardedSpace<'_, '_>,
+        mem: &GuardedSpace<'_>,
         complete: bool,
     ) -> Result<Resolved, EfaultError> {
         let (regs, sregs) = (&r.regs, &r.sregs);
@@ -458,7 +454,7 @@ fn emulate(
     regs: &mut kvm_regs,
     sregs: &kvm_sregs,
     translate: &dyn Fn(u64) -> Result<u64, EfaultError>,
-    mem: &GuardedSpace<'_, '_>,
+    mem: &GuardedSpace<'_>,
 ) -> Result<bool, EfaultError> {
     use Mnemonic::*;
     let seg_base = |seg: Register| reg_value(seg, regs, sregs).unwrap_or(0);
@@ -597,7 +593,7 @@ fn access(
     src: &[u8],
     dst: Option<&mut [u8]>,
     translate: &dyn Fn(u64) -> Result<u64, EfaultError>,
-    mem: &GuardedSpace<'_, '_>,
+    mem: &GuardedSpace<'_>,
 ) -> Result<(), EfaultError> {
     let len = dst.as_ref().map_or(src.len(), |d| d.len()) as u64;
     let first = (PAGE - va % PAGE).min(len);

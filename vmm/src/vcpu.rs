@@ -18,7 +18,6 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use crate::devices::{Devices, PioOutcome};
 use crate::kvm::{self, KickGuard};
 use crate::memory::{Access, AddressSpace, FaultError, PageState, Serviced};
-use rcu::ReadGuard;
 
 /// An exit, decoded into our own terms (so that [`handle_exit`] can be tested without KVM).
 #[derive(Debug)]
@@ -347,30 +346,13 @@ pub trait GuestMemoryExits {
     fn memory_fault(&self, gpa: u64, size: u64) -> Result<bool, FaultError>;
 }
 
-/// The address space, read under one guard: one exit, one read-side critical section.
-pub struct GuardedSpace<'a, 'g> {
-    /// The address space.
-    pub space: &'a AddressSpace,
-    /// The guard of this exit.
-    pub guard: &'a ReadGuard<'g>,
-}
+/// The view of guest memory an exit is handled with: the address space under the exit's read
+/// guard (one exit, one read-side critical section), the same view devices use.
+pub type GuardedSpace<'a> = crate::memory::GuardedMemory<'a>;
 
-impl GuardedSpace<'_, '_> {
-    /// Populates the page of `gpa` if a region covers it, the access is allowed and the VMM
-    /// has not populated it yet; says which of these it found.
-    pub fn fault_page(&self, gpa: u64, write: bool) -> Result<PageState, FaultError> {
-        self.space.fault_page(self.guard, gpa, write)
-    }
-
-    /// Reads guest memory that is present (populating it first if needed).
-    pub fn read_guest(&self, gpa: u64, dst: &mut [u8]) -> Result<Serviced, FaultError> {
-        self.space.complete_mmio(self.guard, gpa, Access::Read(dst))
-    }
-}
-
-impl GuestMemoryExits for GuardedSpace<'_, '_> {
+impl GuestMemoryExits for crate::memory::GuardedMemory<'_> {
     fn mmio(&self, gpa: u64, access: Access<'_>) -> Result<Serviced, FaultError> {
-        self.space.complete_mmio(self.guard, gpa, access)
+        self.complete(gpa, access)
     }
     fn memory_fault(&self, gpa: u64, size: u64) -> Result<bool, FaultError> {
         let page = crate::memory::address_space::PAGE;
@@ -849,7 +831,7 @@ type Stall = Option<(u32, std::time::Instant)>;
 fn resolve_fault(
     resolver: &crate::efault::Resolver,
     fd: &VcpuFd,
-    mem: &GuardedSpace<'_, '_>,
+    mem: &GuardedSpace<'_>,
     stalled: &mut Stall,
     cause: &'static str,
 ) -> Result<VcpuEmulation, VcpuEmulation> {
@@ -857,7 +839,7 @@ fn resolve_fault(
     match resolver.resolve(fd, mem) {
         Ok(r) if r.populated > 0 || r.emulated => {
             *stalled = None;
-            mem.space
+            mem.space()
                 .counters
                 .unannotated_faults
                 .fetch_add(1, Ordering::Relaxed);
@@ -926,10 +908,7 @@ pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> Vcpu
         let exit = reader.offline_while(|| run_once(&mut fd));
         shared.exits.count(&exit);
         let guard = reader.read();
-        let mem = GuardedSpace {
-            space: &shared.space,
-            guard: &guard,
-        };
+        let mem = GuardedSpace::new(&shared.space, &guard);
         let event = match exit {
             Ok(VcpuExit::InternalError) => {
                 let (suberror, data) = kvm::internal_error_info(&mut fd);

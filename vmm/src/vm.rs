@@ -243,15 +243,12 @@ pub struct RunReport {
     pub rss_at_start_bytes: u64,
 }
 
-/// What a companion thread gets: the running VM's address space (devices such as the hot-plug
-/// mailbox access guest memory through it, with `memory::GuardedMemory`), a vm-memory view of
-/// the boot area and RAM, and a flag set when the run is over (the thread must then return
-/// promptly; the run waits for it).
+/// What a companion thread gets: the running VM's address space (it reads and writes guest
+/// memory through it, under a read guard, with `memory::GuardedMemory`, as devices do), and a
+/// flag set when the run is over (the thread must then return promptly; the run waits for it).
 pub struct VmHandle {
     /// Guest memory.
     pub space: Arc<AddressSpace>,
-    /// vm-memory view of the boot area and RAM (the boot area is always safe to access).
-    pub guest_mem: vm_memory::GuestMemoryMmap,
     /// Set when the run is over.
     pub stop: Arc<std::sync::atomic::AtomicBool>,
     /// The vCPUs' shared state (devices, exit counters).
@@ -719,7 +716,6 @@ impl<'a> Vm<'a> {
         for (i, sidecar) in cfg.sidecars.take().into_iter().enumerate() {
             let handle = VmHandle {
                 space: Arc::clone(&space),
-                guest_mem: running.res.guest_mem.clone(),
                 stop: Arc::clone(&running.sidecar_stop),
                 shared: Arc::clone(&shared),
             };

@@ -414,7 +414,6 @@ pub struct Check {
 pub struct Vmm {
     space: Arc<AddressSpace>,
     shared: Arc<VcpuShared>,
-    guest_mem: vm_memory::GuestMemoryMmap,
     mailbox: Mailbox,
     cfg: Config,
     /// Serialises changes (validation against the limits, the change, the mailbox update).
@@ -433,7 +432,6 @@ impl Vmm {
         let vmm = Vmm {
             space: Arc::clone(&h.space),
             shared: Arc::clone(&h.shared),
-            guest_mem: h.guest_mem.clone(),
             mailbox,
             cfg,
             ops: Mutex::new(()),
@@ -702,21 +700,25 @@ impl Vmm {
         mailbox_list_of(&self.space)
     }
 
-    /// What the guest reported in its results slots.
+    /// What the guest reported in its results slots, read like any device reads guest memory:
+    /// through the address space, under a read guard (this thread's reader goes offline again
+    /// when it returns, so the changes this thread makes can wait for grace periods).
     pub fn guest_progress(&self) -> GuestProgress {
         use vm_memory::Bytes;
+        let reader = self.space.domain().register();
+        let guard = reader.read();
+        let mem = crate::memory::GuardedMemory::new(&self.space, &guard);
         let mut g = GuestProgress {
             generation_seen: u64::MAX,
             ..Default::default()
         };
         for i in 0..u64::from(self.cfg.vcpus) {
             let w = |k: u64| {
-                self.guest_mem
-                    .load::<u64>(
-                        vm_memory::GuestAddress(abi::result_addr(i) + 8 * k),
-                        std::sync::atomic::Ordering::Acquire,
-                    )
-                    .unwrap_or(0)
+                mem.load::<u64>(
+                    vm_memory::GuestAddress(abi::result_addr(i) + 8 * k),
+                    std::sync::atomic::Ordering::Acquire,
+                )
+                .unwrap_or(0)
             };
             g.vcpus_done += u64::from(w(0) != 0);
             g.pages_touched += w(1);

@@ -106,6 +106,43 @@ impl std::fmt::Debug for GuardedMemory<'_> {
 }
 
 impl<'g> GuardedMemory<'g> {
+    /// The address space seen.
+    pub fn space(&self) -> &'g AddressSpace {
+        self.space
+    }
+
+    /// Populates the page of `gpa` if a region covers it, the access is allowed and the VMM
+    /// has not populated it yet; says which of these it found (a vCPU's fault).
+    pub fn fault_page(
+        &self,
+        gpa: u64,
+        write: bool,
+    ) -> Result<super::fault::PageState, super::fault::FaultError> {
+        self.space.fault_page(self.guard, gpa, write)
+    }
+
+    /// Completes an access the guest could not make itself (an MMIO exit, a fault in a hole or
+    /// on read-only memory): RAM is populated and accessed, a hole is open bus.
+    pub fn complete(
+        &self,
+        gpa: u64,
+        access: super::fault::Access<'_>,
+    ) -> Result<super::fault::Serviced, super::fault::FaultError> {
+        self.space.complete_mmio(self.guard, gpa, access)
+    }
+
+    /// Reads guest memory that is present (populating it first if needed); a hole reads as
+    /// all-ones.
+    pub fn read_guest(
+        &self,
+        gpa: u64,
+        dst: &mut [u8],
+    ) -> Result<super::fault::Serviced, super::fault::FaultError> {
+        self.complete(gpa, super::fault::Access::Read(dst))
+    }
+}
+
+impl<'g> GuardedMemory<'g> {
     /// A view of `space` valid while `guard` (a guard of a reader of `space`'s domain) is held.
     pub fn new(space: &'g AddressSpace, guard: &'g ReadGuard<'g>) -> Self {
         Self {
