@@ -72,6 +72,9 @@ restore() {
         cat "$TMP/restore.err" >&2
         return 1
     fi
+    # The host frees a big VM's memory and KVM metadata for a while after it exits: let that
+    # settle so that it does not land in the next run's start-up.
+    [[ "$mode" == eager ]] && sleep 1
     tail -n1 <<<"$out" | jq -c --arg size "$size" --argjson ws "$ws" --arg mode "$mode" \
         --arg fa "$fa" --arg pf "$pf" --argjson status "$status" \
         '{bench: "restore", size: $size, ws_percent: $ws, mode: $mode, fault_around: $fa,
