@@ -487,7 +487,7 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
         restore_json = r.json();
     }
     if pattern {
-        let passes: u64 = report.results.iter().map(|r| r.reserved[1]).sum();
+        let passes: u64 = report.results.iter().map(|r| r.passes()).sum();
         let errors: u64 = report.results.iter().map(|r| r.verify_errors).sum();
         let done = report.results.iter().filter(|r| r.done != 0).count();
         eprintln!(
