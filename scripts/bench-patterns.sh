@@ -81,6 +81,6 @@ kvm=$(ls /sys/module 2>/dev/null | grep '^kvm' | paste -sd, -) || kvm=
     echo
     echo "Machine: $cpu, $(nproc) CPUs, Linux $(uname -r), KVM modules: ${kvm:-unknown}, THP $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null || echo unknown); $(date -u +%Y-%m-%d). Run time: ${elapsed} s."
     echo
-    "$VMM" stress --summarize "$results"
+    "$VMM" summarize "$results"
 } >"$OUT/bench-patterns-table.md"
 cat "$OUT/bench-patterns-table.md"

@@ -96,6 +96,6 @@ kvm=$(ls /sys/module 2>/dev/null | grep '^kvm' | paste -sd, -) || kvm=
     echo
     echo "Machine: $cpu, $(nproc) CPUs, Linux $(uname -r), KVM modules: ${kvm:-unknown}; $(date -u +%Y-%m-%d). Matrix run time: ${elapsed} s."
     echo
-    "$VMM" stress --summarize "$results" --plot "$OUT/bench-faults.svg"
+    "$VMM" summarize "$results" --plot "$OUT/bench-faults.svg"
 } >"$OUT/bench-table.md"
 cat "$OUT/bench-table.md"

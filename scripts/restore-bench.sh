@@ -131,6 +131,6 @@ kvm=$(ls /sys/module 2>/dev/null | grep '^kvm' | paste -sd, -) || kvm=
     echo
     echo "Machine: $cpu, $(nproc) CPUs, Linux $(uname -r), KVM modules: ${kvm:-unknown}; $(date -u +%Y-%m-%d). Run time: ${elapsed} s. 2 vCPUs; medians of $REPEATS."
     echo
-    "$VMM" stress --summarize "$results" --plot "$OUT/restore.svg"
+    "$VMM" summarize "$results" --plot "$OUT/restore.svg"
 } >"$OUT/restore-table.md"
 cat "$OUT/restore-table.md"

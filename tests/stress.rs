@@ -250,13 +250,12 @@ fn human_summary_and_plots() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let svg = std::fs::read_to_string(&thr).unwrap();
     assert!(svg.contains("<polyline"), "{svg}");
-    // --summarize turns saved objects into the bench table.
+    // `vmm summarize` turns saved objects into the bench table (tests/summarize.rs has more).
     let jsonl = dir.join("r.jsonl");
     std::fs::write(&jsonl, stdout(&o)).unwrap();
     let bars = dir.join("bars.svg");
     let o = run(&[
-        "stress",
-        "--summarize",
+        "summarize",
         jsonl.to_str().unwrap(),
         "--plot",
         bars.to_str().unwrap(),

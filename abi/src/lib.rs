@@ -153,10 +153,12 @@ pub mod workload {
     /// tolerates regions that vanish under it (open bus) or turn read-only. It runs until the
     /// mailbox's [`crate::mailbox_flags::STOP`] flag, then reports in its
     /// [`crate::VcpuResult`] (`pages`: pages touched, `verify_errors`: pages wrong although
-    /// the mailbox did not change meanwhile, `reserved[0]`: pages found changed by a
-    /// concurrent unmap/protect, `reserved[1]`: passes, `reserved[2]`: the last mailbox
-    /// generation seen, `reserved[3]`: reads of unmapped words after the unmap finished
-    /// (`<< 32`) and how many of them still saw the written data (low 32 bits; must be 0));
+    /// the mailbox did not change meanwhile, and the words of [`crate::result_words`]:
+    /// [`VANISHED`](crate::result_words::VANISHED) pages found changed by a concurrent
+    /// unmap/protect, [`PASSES`](crate::result_words::PASSES),
+    /// [`GENERATION_SEEN`](crate::result_words::GENERATION_SEEN) the last mailbox generation
+    /// seen, [`UNMAPPED_READS`](crate::result_words::UNMAPPED_READS) reads of unmapped words
+    /// after the unmap finished and how many of them still saw the written data (must be 0));
     /// it updates the slot after every pass, `done` last. The last vCPU to stop exits 0.
     pub const HOTPLUG: u32 = 2;
     /// vCPU 0 exits at once with status `params[0]`.
@@ -180,9 +182,10 @@ pub mod workload {
     pub const XADD: u32 = 10;
     /// Each vCPU writes [`crate::pattern_word`] over every word of its slice of RAM (pages
     /// `[k * per, (k + 1) * per)` of the RAM entries, `per` = `params[PATTERN_PAGES]` or all
-    /// RAM split evenly), sets `reserved[0]` of its [`crate::VcpuResult`] (ready) and prints
-    /// `pattern: vcpu K ready`, then runs verify passes over its slice in a loop, updating its
-    /// slot after each (`pages`, `verify_errors`, `reserved[1]` passes). It stops after
+    /// RAM split evenly), sets the [`READY`](crate::result_words::READY) word of its
+    /// [`crate::VcpuResult`] and prints `pattern: vcpu K ready`, then runs verify passes over
+    /// its slice in a loop, updating its slot after each (`pages`, `verify_errors`,
+    /// [`PASSES`](crate::result_words::PASSES)). It stops after
     /// `params[PATTERN_PASSES]` passes (0: never), or at the mailbox's STOP flag; the last vCPU
     /// to stop exits 0 if no vCPU found a wrong word, 1 otherwise. After each pass it re-reads
     /// `params[PATTERN_RESUME_GEN]` (and before every page): when the VMM changed it (a restore
@@ -380,8 +383,104 @@ pub struct VcpuResult {
     pub verify_errors: u64,
     /// Total time spent touching, in TSC cycles.
     pub touch_cycles: u64,
-    /// Room for more counters.
+    /// Words whose meaning depends on the workload: read them through the accessors
+    /// ([`VcpuResult::passes`], [`VcpuResult::vanished`], ...); the guest writes them at the
+    /// offsets of [`result_words`].
     pub reserved: [u64; 4],
+}
+
+/// Offsets of the 64-bit words of a [`VcpuResult`] slot (in words from [`result_addr`]), as
+/// the guest writes them and the VMM reads them.
+pub mod result_words {
+    /// `done`: nonzero once the vCPU has finished (written last, after a release fence).
+    pub const DONE: usize = 0;
+    /// `pages`.
+    pub const PAGES: usize = 1;
+    /// `verify_errors`.
+    pub const VERIFY_ERRORS: usize = 2;
+    /// `touch_cycles`.
+    pub const TOUCH_CYCLES: usize = 3;
+    /// `pattern`: nonzero once the vCPU has written its slice (`reserved[0]`).
+    pub const READY: usize = 4;
+    /// `hotplug`: pages found changed by a concurrent unmap or protect (`reserved[0]`).
+    pub const VANISHED: usize = 4;
+    /// `hotplug` and `pattern`: verify passes done (`reserved[1]`).
+    pub const PASSES: usize = 5;
+    /// `hotplug`: the last mailbox generation the vCPU acted on (`reserved[2]`).
+    pub const GENERATION_SEEN: usize = 6;
+    /// `hotplug`: reads of words in regions unmapped since (high 32 bits) and how many of them
+    /// still saw the written data (low 32 bits), packed by
+    /// [`crate::VcpuResult::pack_unmapped_reads`] (`reserved[3]`).
+    pub const UNMAPPED_READS: usize = 7;
+    /// Words in a slot.
+    pub const COUNT: usize = 8;
+}
+
+impl VcpuResult {
+    /// The slot from its words, in [`result_words`] order.
+    pub const fn from_words(w: [u64; result_words::COUNT]) -> Self {
+        VcpuResult {
+            done: w[result_words::DONE],
+            pages: w[result_words::PAGES],
+            verify_errors: w[result_words::VERIFY_ERRORS],
+            touch_cycles: w[result_words::TOUCH_CYCLES],
+            reserved: [
+                w[result_words::READY],
+                w[result_words::PASSES],
+                w[result_words::GENERATION_SEEN],
+                w[result_words::UNMAPPED_READS],
+            ],
+        }
+    }
+
+    /// The word at offset `word` of [`result_words`].
+    pub const fn word(&self, word: usize) -> u64 {
+        match word {
+            result_words::DONE => self.done,
+            result_words::PAGES => self.pages,
+            result_words::VERIFY_ERRORS => self.verify_errors,
+            result_words::TOUCH_CYCLES => self.touch_cycles,
+            _ => self.reserved[word - result_words::READY],
+        }
+    }
+
+    /// `pattern`: the vCPU has written its slice.
+    pub const fn ready(&self) -> bool {
+        self.word(result_words::READY) != 0
+    }
+
+    /// `hotplug`: pages found changed by a concurrent unmap or protect.
+    pub const fn vanished(&self) -> u64 {
+        self.word(result_words::VANISHED)
+    }
+
+    /// `hotplug` and `pattern`: verify passes done.
+    pub const fn passes(&self) -> u64 {
+        self.word(result_words::PASSES)
+    }
+
+    /// `hotplug`: the last mailbox generation the vCPU acted on.
+    pub const fn generation_seen(&self) -> u64 {
+        self.word(result_words::GENERATION_SEEN)
+    }
+
+    /// `hotplug`: (reads of words in regions unmapped since, how many of them still saw the
+    /// written data; must be 0).
+    pub const fn unmapped_and_stale_reads(&self) -> (u64, u64) {
+        let w = self.word(result_words::UNMAPPED_READS);
+        (w >> 32, w & 0xffff_ffff)
+    }
+
+    /// The [`result_words::UNMAPPED_READS`] word: `unmapped` reads in the high 32 bits, `stale`
+    /// ones (capped at `u32::MAX`) in the low 32 bits.
+    pub const fn pack_unmapped_reads(unmapped: u64, stale: u64) -> u64 {
+        let stale = if stale > u32::MAX as u64 {
+            u32::MAX as u64
+        } else {
+            stale
+        };
+        (unmapped << 32) | stale
+    }
 }
 
 /// Room for regions in the mailbox.
@@ -501,6 +600,43 @@ mod tests {
         );
         assert_eq!(offset_of!(Mailbox, flags) as u64, Mailbox::FLAGS_OFFSET);
         assert_eq!(offset_of!(Mailbox, regions) as u64, Mailbox::REGIONS_OFFSET);
+    }
+
+    #[test]
+    fn result_words_match_the_layout() {
+        use result_words as w;
+        assert_eq!(offset_of!(VcpuResult, done), 8 * w::DONE);
+        assert_eq!(offset_of!(VcpuResult, pages), 8 * w::PAGES);
+        assert_eq!(offset_of!(VcpuResult, verify_errors), 8 * w::VERIFY_ERRORS);
+        assert_eq!(offset_of!(VcpuResult, touch_cycles), 8 * w::TOUCH_CYCLES);
+        assert_eq!(offset_of!(VcpuResult, reserved), 8 * w::READY);
+        assert_eq!(offset_of!(VcpuResult, reserved), 8 * w::VANISHED);
+        assert_eq!(offset_of!(VcpuResult, reserved) + 8, 8 * w::PASSES);
+        assert_eq!(
+            offset_of!(VcpuResult, reserved) + 16,
+            8 * w::GENERATION_SEEN
+        );
+        assert_eq!(offset_of!(VcpuResult, reserved) + 24, 8 * w::UNMAPPED_READS);
+        assert_eq!(core::mem::size_of::<VcpuResult>(), 8 * w::COUNT);
+        let r =
+            VcpuResult::from_words([1, 2, 3, 4, 5, 6, 7, VcpuResult::pack_unmapped_reads(9, 2)]);
+        assert_eq!(
+            (r.done, r.pages, r.verify_errors, r.touch_cycles),
+            (1, 2, 3, 4)
+        );
+        assert_eq!((r.vanished(), r.passes(), r.generation_seen()), (5, 6, 7));
+        assert!(r.ready());
+        assert_eq!(r.unmapped_and_stale_reads(), (9, 2));
+        for k in 0..w::COUNT {
+            assert_eq!(
+                VcpuResult::from_words(core::array::from_fn(|i| i as u64 * 10)).word(k),
+                k as u64 * 10
+            );
+        }
+        assert_eq!(
+            VcpuResult::pack_unmapped_reads(1, u64::MAX),
+            (1 << 32) | 0xffff_ffff
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@
 #![no_std]
 #![no_main]
 
-use abi::{ports, selectors, workload, BootInfo};
+use abi::{ports, result_words, selectors, workload, BootInfo};
 use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicU32, Ordering};
 
@@ -361,11 +361,11 @@ fn report(vcpu: u64, nr_vcpus: u32, pages: u64, errors: u64, cycles: u64) -> ! {
     let result = abi::result_addr(vcpu) as *mut u64;
     // SAFETY: this vCPU's results slot in the boot area; `done` is written last.
     unsafe {
-        core::ptr::write_volatile(result.add(1), pages);
-        core::ptr::write_volatile(result.add(2), errors);
-        core::ptr::write_volatile(result.add(3), cycles);
+        core::ptr::write_volatile(result.add(result_words::PAGES), pages);
+        core::ptr::write_volatile(result.add(result_words::VERIFY_ERRORS), errors);
+        core::ptr::write_volatile(result.add(result_words::TOUCH_CYCLES), cycles);
         core::sync::atomic::fence(Ordering::Release);
-        core::ptr::write_volatile(result.add(0), 1);
+        core::ptr::write_volatile(result.add(result_words::DONE), 1);
     }
     if DONE.fetch_add(1, Ordering::AcqRel) + 1 == nr_vcpus {
         exit(0)
@@ -606,12 +606,15 @@ fn hotplug(vcpu: u64, info: &BootInfo) -> ! {
         passes += 1;
         // SAFETY: this vCPU's results slot in the boot area, written by it alone.
         unsafe {
-            core::ptr::write_volatile(result.add(1), touched);
-            core::ptr::write_volatile(result.add(2), errors);
-            core::ptr::write_volatile(result.add(4), vanished);
-            core::ptr::write_volatile(result.add(5), passes);
-            core::ptr::write_volatile(result.add(6), seen);
-            core::ptr::write_volatile(result.add(7), (checks << 32) | stale.min(u32::MAX as u64));
+            core::ptr::write_volatile(result.add(result_words::PAGES), touched);
+            core::ptr::write_volatile(result.add(result_words::VERIFY_ERRORS), errors);
+            core::ptr::write_volatile(result.add(result_words::VANISHED), vanished);
+            core::ptr::write_volatile(result.add(result_words::PASSES), passes);
+            core::ptr::write_volatile(result.add(result_words::GENERATION_SEEN), seen);
+            core::ptr::write_volatile(
+                result.add(result_words::UNMAPPED_READS),
+                abi::VcpuResult::pack_unmapped_reads(checks, stale),
+            );
         }
         if budget == HOTPLUG_PAGES_PER_PASS {
             // Nothing to do: leave the host CPU to others for a millisecond.
@@ -624,7 +627,7 @@ fn hotplug(vcpu: u64, info: &BootInfo) -> ! {
     // SAFETY: as above; `done` last.
     unsafe {
         core::sync::atomic::fence(Ordering::Release);
-        core::ptr::write_volatile(result.add(0), 1);
+        core::ptr::write_volatile(result.add(result_words::DONE), 1);
     }
     if DONE.fetch_add(1, Ordering::AcqRel) + 1 == info.nr_vcpus {
         exit(0)
@@ -665,8 +668,8 @@ fn pattern_workload(vcpu: u64, info: &BootInfo, boot_info: *const BootInfo) -> !
     let result = abi::result_addr(vcpu) as *mut u64;
     // SAFETY: this vCPU's results slot in the boot area, written by it alone.
     unsafe {
-        core::ptr::write_volatile(result.add(1), per);
-        core::ptr::write_volatile(result.add(4), 1);
+        core::ptr::write_volatile(result.add(result_words::PAGES), per);
+        core::ptr::write_volatile(result.add(result_words::READY), 1);
     }
     let mut line = [0u8; 48];
     let prefix = b"pattern: vcpu ";
@@ -722,8 +725,8 @@ fn pattern_workload(vcpu: u64, info: &BootInfo, boot_info: *const BootInfo) -> !
         passes += 1;
         // SAFETY: as above.
         unsafe {
-            core::ptr::write_volatile(result.add(2), errors);
-            core::ptr::write_volatile(result.add(5), passes);
+            core::ptr::write_volatile(result.add(result_words::VERIFY_ERRORS), errors);
+            core::ptr::write_volatile(result.add(result_words::PASSES), passes);
         }
         if timing {
             timing = false;
@@ -746,7 +749,7 @@ fn pattern_workload(vcpu: u64, info: &BootInfo, boot_info: *const BootInfo) -> !
     // SAFETY: as above; `done` last.
     unsafe {
         core::sync::atomic::fence(Ordering::Release);
-        core::ptr::write_volatile(result.add(0), 1);
+        core::ptr::write_volatile(result.add(result_words::DONE), 1);
     }
     if PATTERN_DONE.fetch_add(1, Ordering::AcqRel) + 1 == info.nr_vcpus {
         exit(u32::from(PATTERN_ERRORS.load(Ordering::Acquire) != 0))

@@ -14,6 +14,7 @@
 //! | [`control`] | the control socket: server, protocol, `vmm ctl` |
 //! | [`snapshot`] | snapshots on disk and loading one for a restore |
 //! | [`stress`] | `vmm stress`: fault storms under region churn |
+//! | [`summarize`] | `vmm summarize`: Markdown tables from saved benchmark rows |
 //! | [`cli`] | flag values shared by `vmm run` and `vmm stress` |
 //! | [`inject`], [`size`], [`summary`] | fault injection, byte counts, run summaries |
 #![deny(unsafe_code)]
@@ -30,6 +31,7 @@ pub mod memory;
 pub mod size;
 pub mod snapshot;
 pub mod stress;
+pub mod summarize;
 pub mod summary;
 pub mod vcpu;
 pub mod vm;

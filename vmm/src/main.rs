@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use vmm::cli::{parse_fault_around, AddressSpace, FaultMode, Memslots, Pattern, RamBacking};
 use vmm::vm::{RunConfig, RunOutcome};
-use vmm::{control, memory, size, snapshot, stress, summary, vm};
+use vmm::{control, memory, size, snapshot, stress, summarize, summary, vm};
 
 /// Exit status when the guest crashed or the VMM failed.
 const EXIT_FAILURE: u8 = 1;
@@ -52,6 +52,10 @@ enum Command {
     /// thread maps, unmaps, splits and protects other regions; reports faults/s, latency
     /// percentiles, exits, grace periods (text, or one JSON object with --json) and can plot.
     Stress(stress::StressArgs),
+    /// Turn saved benchmark rows (JSON lines: `vmm stress --json` reports and
+    /// restore-benchmark rows) into Markdown tables with best, median and target ratios, and
+    /// with --plot into bar charts. Exit 1 on an unreadable file or a malformed line.
+    Summarize(summarize::SummarizeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -291,6 +295,7 @@ fn main() -> ExitCode {
         Command::Run(args) => ExitCode::from(cmd_run(args, process_start)),
         Command::Ctl(args) => ExitCode::from(control::client::run(&args)),
         Command::Stress(args) => ExitCode::from(stress::cmd_stress(args, process_start)),
+        Command::Summarize(args) => ExitCode::from(summarize::cmd_summarize(&args)),
     }
 }
 
@@ -487,7 +492,7 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
         restore_json = r.json();
     }
     if pattern {
-        let passes: u64 = report.results.iter().map(|r| r.reserved[1]).sum();
+        let passes: u64 = report.results.iter().map(|r| r.passes()).sum();
         let errors: u64 = report.results.iter().map(|r| r.verify_errors).sum();
         let done = report.results.iter().filter(|r| r.done != 0).count();
         eprintln!(

@@ -1399,19 +1399,10 @@ fn read_results(mem: &impl vm_memory::GuestMemory, vcpus: u32) -> Vec<abi::VcpuR
     use vm_memory::Bytes;
     (0..u64::from(vcpus))
         .map(|i| {
-            let mut words = [0u64; 8];
-            for (k, w) in words.iter_mut().enumerate() {
-                *w = mem
-                    .read_obj::<u64>(vm_memory::GuestAddress(abi::result_addr(i) + 8 * k as u64))
-                    .unwrap_or(0);
-            }
-            abi::VcpuResult {
-                done: words[0],
-                pages: words[1],
-                verify_errors: words[2],
-                touch_cycles: words[3],
-                reserved: [words[4], words[5], words[6], words[7]],
-            }
+            abi::VcpuResult::from_words(std::array::from_fn(|k| {
+                mem.read_obj::<u64>(vm_memory::GuestAddress(abi::result_addr(i) + 8 * k as u64))
+                    .unwrap_or(0)
+            }))
         })
         .collect()
 }

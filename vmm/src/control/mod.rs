@@ -713,21 +713,23 @@ impl Vmm {
             ..Default::default()
         };
         for i in 0..u64::from(self.cfg.vcpus) {
-            let w = |k: u64| {
+            // `done` first (word 0): the guest writes it last.
+            let r = abi::VcpuResult::from_words(std::array::from_fn(|k| {
                 mem.load::<u64>(
-                    vm_memory::GuestAddress(abi::result_addr(i) + 8 * k),
+                    vm_memory::GuestAddress(abi::result_addr(i) + 8 * k as u64),
                     std::sync::atomic::Ordering::Acquire,
                 )
                 .unwrap_or(0)
-            };
-            g.vcpus_done += u64::from(w(0) != 0);
-            g.pages_touched += w(1);
-            g.verify_errors += w(2);
-            g.vanished += w(4);
-            g.passes += w(5);
-            g.generation_seen = g.generation_seen.min(w(6));
-            g.unmapped_reads += w(7) >> 32;
-            g.stale_reads += w(7) & 0xffff_ffff;
+            }));
+            g.vcpus_done += u64::from(r.done != 0);
+            g.pages_touched += r.pages;
+            g.verify_errors += r.verify_errors;
+            g.vanished += r.vanished();
+            g.passes += r.passes();
+            g.generation_seen = g.generation_seen.min(r.generation_seen());
+            let (unmapped, stale) = r.unmapped_and_stale_reads();
+            g.unmapped_reads += unmapped;
+            g.stale_reads += stale;
         }
         if g.generation_seen == u64::MAX {
             g.generation_seen = 0;
@@ -834,10 +836,11 @@ pub fn hotplug_summary(results: &[abi::VcpuResult]) -> HotplugSummary {
         s.vcpus_done += usize::from(r.done != 0);
         s.pages += r.pages;
         s.verify_errors += r.verify_errors;
-        s.vanished += r.reserved[0];
-        s.passes += r.reserved[1];
-        s.unmapped_reads += r.reserved[3] >> 32;
-        s.stale_reads += r.reserved[3] & 0xffff_ffff;
+        s.vanished += r.vanished();
+        s.passes += r.passes();
+        let (unmapped, stale) = r.unmapped_and_stale_reads();
+        s.unmapped_reads += unmapped;
+        s.stale_reads += stale;
     }
     s
 }

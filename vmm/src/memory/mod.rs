@@ -1,10 +1,13 @@
 //! Guest memory: the plan of guest-physical RAM ranges for a given size, the address space
 //! that maps regions onto host memory and KVM memslots (`address_space`), and fault servicing.
 //!
-//! Guest-physical space is mirrored by one `PROT_NONE` host reservation (`host`); a region is
-//! `mmap(MAP_FIXED)` memory over part of it (anonymous, memfd or hugetlb), which costs nothing
-//! until touched and is already zero. The boot area `[0, BOOT_AREA_END)` is its own region,
-//! populated eagerly; the rest of RAM is demand-paged (`docs/memory.md`).
+//! Guest-physical space is mirrored by one host reservation (`host`); a region is memory over
+//! part of it (anonymous, memfd or hugetlb), which costs nothing until touched and is already
+//! zero. A hole is `PROT_NONE`, except in the hot-plug window in `vcpu` fault mode, where holes
+//! are armed: read-write, registered with userfaultfd, holding no page, so that mapping an
+//! anonymous region there is only a publication in the tree (`docs/memory.md`, "Armed holes").
+//! The boot area `[0, BOOT_AREA_END)` is its own region, populated eagerly; the rest of RAM is
+//! demand-paged.
 #![deny(unsafe_code)]
 
 pub mod address_space;

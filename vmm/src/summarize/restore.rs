@@ -1,7 +1,7 @@
-//! `vmm stress --summarize FILE` for the restore benchmark (`scripts/restore-bench.sh`): each
-//! line is a `vmm run --restore --json` summary with the configuration it ran, tagged
+//! The table of restore-benchmark rows (`scripts/restore-bench.sh`): each row is a
+//! `vmm run --restore --json` summary with the configuration it ran, tagged
 //! `"bench":"restore"`. Repeats of a configuration are reduced to medians; the table, the
-//! issue's target ratios and one SVG of time-to-resident per guest size come out.
+//! target ratios and one SVG of time-to-resident per guest size come out.
 #![deny(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 
 use serde::Deserialize;
 
-use super::svg;
+use crate::stress::svg;
 
 /// One restore run, as the benchmark script writes it.
 #[derive(Clone, Debug, Deserialize)]
@@ -58,10 +58,9 @@ pub struct Latency {
     pub p99: u64,
 }
 
-/// Whether `line` is a restore-benchmark row.
-pub fn is_row(line: &str) -> bool {
-    serde_json::from_str::<serde_json::Value>(line)
-        .is_ok_and(|v| v.get("bench").and_then(|b| b.as_str()) == Some("restore"))
+/// Whether the JSON object `v` is a restore-benchmark row (`"bench":"restore"`).
+pub fn is_row(v: &serde_json::Value) -> bool {
+    v.get("bench").and_then(|b| b.as_str()) == Some("restore")
 }
 
 /// (size in bytes, size, ws %, mode, fault-around, prefetch).
@@ -300,9 +299,8 @@ mod tests {
             row("vcpu", "adaptive", "ws", 8.0, 1),
             row("eager", "-", "none", 40.0, 0),
         ];
-        assert!(is_row(
-            &serde_json::to_string(&serde_json::json!({"bench": "restore"})).unwrap()
-        ));
+        assert!(is_row(&serde_json::json!({"bench": "restore"})));
+        assert!(!is_row(&serde_json::json!({"vcpus": 2})));
         let out = summarize(&rows, None).unwrap();
         assert!(out.contains("| ≤ 0.5 | 0.40 (20.0 / 50.0 ms) |"), "{out}");
         assert!(out.contains("| ≤ 0.5 | 0.20 (8.0 / 40.0 ms) |"), "{out}");
