@@ -387,8 +387,6 @@ struct Resources {
     /// The vCPUs' shared state; it holds a reference to the address space. Set by
     /// [`Vm::start`].
     shared: Option<Arc<VcpuShared>>,
-    /// vm-memory view of the boot area and RAM.
-    guest_mem: vm_memory::GuestMemoryMmap,
     /// The VM.
     vm: Arc<kvm_ioctls::VmFd>,
     /// Guest memory.
@@ -404,7 +402,6 @@ impl Drop for Resources {
             // memslots and guest memory stay until the process exits.
             std::mem::forget((
                 self.shared.clone(),
-                self.guest_mem.clone(),
                 Arc::clone(&self.vm),
                 Arc::clone(&self.space),
             ));
@@ -580,14 +577,22 @@ impl<'a> Vm<'a> {
                     .map_err(|e| VmError::Populate(e.to_string()))?;
             }
         }
-        let guest_mem = memory::boot_view(&space, &ranges)?;
-        match &cfg.restore {
-            None => {
-                let info = boot::boot_info(cfg.vcpus, cfg.workload, &cfg.params, &ranges)?;
-                boot::write_boot_data(&guest_mem, one_gig, &info)?;
-                boot::load_image(&guest_mem, &image, image_bytes)?;
+        {
+            // Boot data, the image and a snapshot's boot area are written like any device
+            // writes guest memory: through the address space, under a read guard (a page not
+            // populated yet is populated, never faulted on). The reader goes when the block
+            // ends, before anything on this thread waits for a grace period.
+            let reader = space.domain().register();
+            let guard = reader.read();
+            let mem = memory::GuardedMemory::new(&space, &guard);
+            match &cfg.restore {
+                None => {
+                    let info = boot::boot_info(cfg.vcpus, cfg.workload, &cfg.params, &ranges)?;
+                    boot::write_boot_data(&mem, one_gig, &info)?;
+                    boot::load_image(&mem, &image, image_bytes)?;
+                }
+                Some(r) => restore_memory(&space, &mem, r)?,
             }
-            Some(r) => restore_memory(&space, &guest_mem, r)?,
         }
         phase("guest memory written or restored");
         tracing::debug!(
@@ -619,7 +624,6 @@ impl<'a> Vm<'a> {
             memslot_changes_after_setup,
             res: Resources {
                 shared: None,
-                guest_mem,
                 vm,
                 space,
                 teardown: Teardown::Release,
@@ -1133,7 +1137,7 @@ fn restore_regions(
 /// copied in now (`eager`). Then tells the guest it was restored (the `pattern` resume words).
 fn restore_memory(
     space: &AddressSpace,
-    guest_mem: &vm_memory::GuestMemoryMmap,
+    guest_mem: &memory::GuardedMemory<'_>,
     r: &Restore,
 ) -> Result<(), VmError> {
     use vm_memory::{Bytes, GuestAddress};

@@ -15,7 +15,7 @@ use abi::layout::{
     PAGE_DIRS, PAGE_DIRS_COUNT, PDPT, PML4, STACKS,
 };
 use abi::{BootInfo, MemRegion, MAX_MEM_REGIONS, MAX_PARAMS};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use crate::memory::RamRange;
 
@@ -136,7 +136,7 @@ pub fn boot_info(
 }
 
 fn write(
-    mem: &GuestMemoryMmap,
+    mem: &impl Bytes<GuestAddress, E = GuestMemoryError>,
     what: &'static str,
     gpa: u64,
     bytes: &[u8],
@@ -147,7 +147,7 @@ fn write(
 
 /// Writes the GDT, the page tables and the boot info into guest memory.
 pub fn write_boot_data(
-    mem: &GuestMemoryMmap,
+    mem: &impl Bytes<GuestAddress, E = GuestMemoryError>,
     one_gig_pages: bool,
     info: &BootInfo,
 ) -> Result<(), BootError> {
@@ -166,7 +166,7 @@ pub fn write_boot_data(
 /// Copies a validated image's segments into guest memory. The tails past the file bytes are
 /// left alone: guest RAM is fresh anonymous memory, already zero.
 pub fn load_image(
-    mem: &GuestMemoryMmap,
+    mem: &impl Bytes<GuestAddress, E = GuestMemoryError>,
     image: &elf::Image,
     bytes: &[u8],
 ) -> Result<(), BootError> {

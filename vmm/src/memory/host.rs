@@ -380,34 +380,6 @@ impl HostSpace {
         Ok(())
     }
 
-    /// A vm-memory view (`GuestMemoryMmap`) of mapped ranges `(gpa, size)`, sorted, for code
-    /// that reads and writes guest memory through vm-memory's `Bytes`. The ranges must stay
-    /// mapped, and not be demand-paged (or be populated first), while the view is used.
-    pub fn vm_memory(
-        &self,
-        ranges: impl IntoIterator<Item = (u64, u64)>,
-    ) -> Result<vm_memory::GuestMemoryMmap, Box<dyn std::error::Error + Send + Sync>> {
-        let mut regions = Vec::new();
-        for (gpa, size) in ranges {
-            self.check(gpa, size)?;
-            // SAFETY: `[host_addr(gpa), + size)` lies inside our reservation (checked) and the
-            // caller has mapped it read-write; the region does not own the mapping (`build_raw`
-            // never unmaps), so dropping the view leaves guest memory alone.
-            let mmap = unsafe {
-                vm_memory::MmapRegion::build_raw(
-                    self.host_addr(gpa) as *mut u8,
-                    size as usize,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                )?
-            };
-            let region = vm_memory::GuestRegionMmap::new(mmap, vm_memory::GuestAddress(gpa))
-                .ok_or("guest region wraps around the address space")?;
-            regions.push(region);
-        }
-        Ok(vm_memory::GuestMemoryMmap::from_regions(regions)?)
-    }
-
     /// Copies `dst.len()` bytes of guest memory at `gpa` into `dst`.
     ///
     /// # Safety

@@ -36,7 +36,7 @@ pub use region::RegionKind;
 
 use abi::layout::{BOOT_AREA_END, HOLE_END, HOLE_START, PAGE_SIZE};
 use abi::mem_kind;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 /// Which concurrent range map holds the address space's regions (`--address-space`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,9 +110,6 @@ pub enum MemoryError {
     /// The address space could not map guest memory.
     #[error("cannot set up guest memory: {0}")]
     Space(#[from] AsError),
-    /// The vm-memory view of guest memory could not be built.
-    #[error("cannot build the vm-memory view of guest memory: {0}")]
-    View(String),
 }
 
 /// One planned guest-physical RAM range.
@@ -175,18 +172,6 @@ pub fn plan(size_bytes: u64, identity_map_bytes: u64) -> Result<Vec<RamRange>, M
         });
     }
     Ok(ranges)
-}
-
-/// A vm-memory view of the planned ranges over the address space's host memory, for the boot
-/// code (which writes page tables, boot info and the image through vm-memory's `Bytes`).
-pub fn boot_view(
-    space: &AddressSpace,
-    ranges: &[RamRange],
-) -> Result<GuestMemoryMmap, MemoryError> {
-    space
-        .host()
-        .vm_memory(ranges.iter().map(|r| (r.start.0, r.size_bytes)))
-        .map_err(|e| MemoryError::View(e.to_string()))
 }
 
 pub use crate::size::fmt_size;
