@@ -28,7 +28,7 @@ const POISON_SIZE: usize = 0x0bad_f00d_0bad_f00d_u64 as usize;
 ///
 /// `p` points to an initialised node in memory from [`Stash::take`], is unreachable by readers (never published, or retired and a grace period has passed) and is
 /// dropped exactly once.
-pub(super) unsafe fn drop_node<K, V>(p: Link<K, V>) {
+unsafe fn drop_node<K, V>(p: Link<K, V>) {
     // SAFETY: per the contract the node is initialised and exclusively ours.
     let n = unsafe { &mut *p };
     // Poison what a use-after-free reader would look at first. The key and value are dropped
@@ -155,8 +155,22 @@ impl<K, V> Drop for Shared<K, V> {
 
 /// Nodes replaced by one transaction, retired together with one `defer_drop`.
 pub(super) struct Retired<K, V> {
-    pub(super) nodes: Vec<Link<K, V>>,
-    pub(super) shared: StdArc<Shared<K, V>>,
+    nodes: Vec<Link<K, V>>,
+    shared: StdArc<Shared<K, V>>,
+}
+
+impl<K, V> Retired<K, V> {
+    /// A batch that drops `nodes` and returns their memory when it is dropped.
+    ///
+    /// # Safety
+    ///
+    /// Each of `nodes` has been unpublished (the root that no longer reaches it is stored),
+    /// is in no other batch, and holds a node in memory from [`Stash::take`]; the batch is
+    /// dropped only after a grace period that begins after now (it goes to
+    /// `Domain::defer_drop`).
+    pub(super) unsafe fn new(nodes: Vec<Link<K, V>>, shared: StdArc<Shared<K, V>>) -> Self {
+        Self { nodes, shared }
+    }
 }
 
 // SAFETY: a `Retired` owns its nodes exclusively (they are unreachable from the tree and are
@@ -188,12 +202,79 @@ pub(super) struct Scratch<K, V> {
     pub(super) stash: Stash<K, V>,
 }
 
+impl<K, V> Scratch<K, V> {
+    /// Writes `node` into memory for one node of a tree of about `entries` and lists it as
+    /// fresh.
+    pub(super) fn alloc(
+        &mut self,
+        shared: &Shared<K, V>,
+        entries: usize,
+        node: Node<K, V>,
+    ) -> Link<K, V> {
+        let p = self.stash.take(shared, entries);
+        // SAFETY: `take` returns memory for one node that holds none and is ours alone.
+        unsafe { p.write(node) };
+        self.fresh.push(p);
+        p
+    }
+
+    /// At commit: drops the dead nodes, keeps their memory for reuse, and empties both lists;
+    /// returns how many fresh nodes stay (are now published).
+    ///
+    /// # Safety
+    ///
+    /// Every node in `dead` was allocated by the open transaction (is in `fresh`), was removed
+    /// from its version before it was ever published, and is listed once.
+    pub(super) unsafe fn commit(&mut self, shared: &Shared<K, V>) -> usize {
+        for &p in &self.dead {
+            // SAFETY: a dead node was allocated by this transaction and removed from its
+            // version before it was ever published; it is in `dead` once. Dropped, its
+            // memory is ours to reuse.
+            unsafe {
+                drop_node(p);
+                self.stash.keep(p, shared);
+            }
+        }
+        let allocated = self.fresh.len() - self.dead.len();
+        self.fresh.clear();
+        self.dead.clear();
+        allocated
+    }
+
+    /// On abort: drops every node the open transaction allocated, keeps their memory for
+    /// reuse, and empties both lists.
+    ///
+    /// # Safety
+    ///
+    /// No node in `fresh` was ever published, and each is listed once.
+    pub(super) unsafe fn abort(&mut self, shared: &Shared<K, V>) {
+        for &p in &self.fresh {
+            // SAFETY: allocated by this transaction, never published, listed once.
+            unsafe {
+                drop_node(p);
+                self.stash.keep(p, shared);
+            }
+        }
+        self.fresh.clear();
+        self.dead.clear();
+    }
+}
+
 /// Node memory (uninitialised) for the writer's next allocations, taken from the pool in one
 /// swap or from the chunks in batches, so that the writer takes a lock once per refill, not
 /// once per node. Emptied by the tree's `Drop` (it cannot return memory on its own).
-pub(super) struct Stash<K, V>(pub(super) Vec<Link<K, V>>);
+pub(super) struct Stash<K, V>(Vec<Link<K, V>>);
 
 impl<K, V> Stash<K, V> {
+    pub(super) fn new() -> Self {
+        Self(Vec::new())
+    }
+
+    /// Node allocations held.
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+
     /// Memory for one node of a tree of about `entries`: from the stash, refilled from the
     /// pool or the chunks, or from the allocator.
     pub(super) fn take(&mut self, shared: &Shared<K, V>, entries: usize) -> Link<K, V> {
@@ -284,4 +365,33 @@ pub(super) fn build_balanced<K, V>(
         })
     };
     p
+}
+
+/// Drops every node of the version under `root` and frees their memory (to their chunks or
+/// the allocator); updates the live-node count.
+///
+/// # Safety
+///
+/// The version is exclusively the caller's: no reader can reach it and no transaction is
+/// open; its nodes' memory came from [`Stash::take`].
+pub(super) unsafe fn free_version<K, V>(root: Link<K, V>, shared: &Shared<K, V>) {
+    let mut dropped = Vec::new();
+    let mut freed = 0;
+    // SAFETY: the live version is exclusively ours (see above); `each_node` reads a
+    // node's children before handing it over, so it may be dropped there.
+    unsafe {
+        each_node(root, |p| {
+            drop_node(p);
+            dropped.push(p);
+            freed += 1;
+            if dropped.len() == 1024 {
+                // Dropped just above, each once; memory from `Stash::take`.
+                shared.dealloc(&dropped);
+                dropped.clear();
+            }
+        });
+        // As above, the last batch.
+        shared.dealloc(&dropped);
+    }
+    shared.live.fetch_sub(freed, Relaxed);
 }

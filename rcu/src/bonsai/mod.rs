@@ -77,7 +77,7 @@ mod iter;
 mod tests;
 mod txn;
 
-use alloc::{build_balanced, chunk_threshold, drop_node, each_node, Scratch, Shared, Stash};
+use alloc::{build_balanced, chunk_threshold, free_version, Scratch, Shared, Stash};
 pub use iter::Iter;
 use iter::{ceiling, check_subtree, extreme, find, floor, height};
 pub use txn::Txn;
@@ -156,7 +156,7 @@ where
             writer: Mutex::new(Scratch {
                 fresh: Vec::new(),
                 dead: Vec::new(),
-                stash: Stash(Vec::new()),
+                stash: Stash::new(),
             }),
             len: StatUsize::new(0),
             shared: StdArc::new(Shared::new()),
@@ -296,7 +296,7 @@ where
     /// Node allocations kept for reuse (memory of reclaimed nodes, no entries): at most
     /// 2 × [`POOL_CAP`]. Takes the writer lock.
     pub fn pooled_nodes(&self) -> usize {
-        let stash = lock(&self.writer).stash.0.len();
+        let stash = lock(&self.writer).stash.len();
         stash + lock(&self.shared.pool).len()
     }
 
@@ -376,25 +376,8 @@ where
     fn drop(&mut self) {
         // `&mut self`: no reader holds a reference (reads borrow the tree) and no transaction
         // is open. Retired nodes are not reachable from the root and are freed by their batch.
-        let mut dropped = Vec::new();
-        let mut freed = 0;
-        // SAFETY: the live version is exclusively ours (see above); `each_node` reads a
-        // node's children before handing it over, so it may be dropped there.
-        unsafe {
-            each_node(self.root.load(Relaxed), |p| {
-                drop_node(p);
-                dropped.push(p);
-                freed += 1;
-                if dropped.len() == 1024 {
-                    // Dropped just above, each once; memory from `Stash::take`.
-                    self.shared.dealloc(&dropped);
-                    dropped.clear();
-                }
-            });
-            // As above, the last batch.
-            self.shared.dealloc(&dropped);
-        }
-        self.shared.live.fetch_sub(freed, Relaxed);
+        // SAFETY: so the live version is exclusively ours; its memory came from the stash.
+        unsafe { free_version(self.root.load(Relaxed), &self.shared) };
         lock(&self.writer).stash.release(&self.shared);
     }
 }

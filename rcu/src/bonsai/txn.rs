@@ -12,7 +12,7 @@ use std::cmp::Ordering as Cmp;
 use std::ptr;
 use std::sync::atomic::Ordering::{Relaxed, Release};
 
-use super::alloc::{build_balanced, drop_node, each_node, Retired, Scratch};
+use super::alloc::{build_balanced, each_node, Retired, Scratch};
 use super::iter::{ceiling, extreme, find, floor, Iter};
 use super::{BonsaiTree, Link, Node, DELTA, FRESH, GAMMA};
 use crate::sync::{lock, AtomicPtr, MutexGuard};
@@ -74,18 +74,9 @@ where
             // SAFETY: fresh nodes (live or dead) are allocated and exclusively ours.
             unsafe { (*p).size &= !FRESH };
         }
-        for &p in &scratch.dead {
-            // SAFETY: a dead node was allocated by this transaction and removed from its
-            // version before it was ever published; it is in `dead` once. Dropped, its
-            // memory is ours to reuse.
-            unsafe {
-                drop_node(p);
-                scratch.stash.keep(p, &self.tree.shared);
-            }
-        }
-        let allocated = scratch.fresh.len() - scratch.dead.len();
-        scratch.fresh.clear();
-        scratch.dead.clear();
+        // SAFETY: `discard` puts in `dead` only fresh nodes (never published), and a node
+        // leaves the version being built only once.
+        let allocated = unsafe { scratch.commit(&self.tree.shared) };
         self.tree.shared.live.fetch_add(allocated, Relaxed);
         if self.root != self.tree.root.load(Relaxed) {
             // The one publication of the transaction. Release: every node of the new version
@@ -95,10 +86,11 @@ where
         }
         self.tree.len.store(self.len, Relaxed);
         let nodes = std::mem::take(&mut self.retired);
-        (!nodes.is_empty()).then(|| Retired {
-            nodes,
-            shared: self.tree.shared.clone(),
-        })
+        // SAFETY: the root store above unpublished them (a node goes to `retired` when it
+        // leaves the version being built, once, and only if it is not fresh, i.e. it was
+        // published); their memory came from the stash; the caller hands the batch to
+        // `defer_drop`.
+        (!nodes.is_empty()).then(|| unsafe { Retired::new(nodes, self.tree.shared.clone()) })
     }
 
     /// Entries in the version being built.
@@ -188,19 +180,14 @@ where
     fn alloc(&mut self, key: K, value: V, left: Link<K, V>, right: Link<K, V>) -> Link<K, V> {
         // SAFETY: children are null or live nodes of the version being built.
         let size = 1 + unsafe { size(left) + size(right) };
-        let p = self.scratch.stash.take(&self.tree.shared, self.len);
-        // SAFETY: `take` returns memory for one node that holds none and is ours alone.
-        unsafe {
-            p.write(Node {
-                key,
-                value,
-                size: size | FRESH,
-                left: AtomicPtr::new(left),
-                right: AtomicPtr::new(right),
-            })
+        let node = Node {
+            key,
+            value,
+            size: size | FRESH,
+            left: AtomicPtr::new(left),
+            right: AtomicPtr::new(right),
         };
-        self.scratch.fresh.push(p);
-        p
+        self.scratch.alloc(&self.tree.shared, self.len, node)
     }
 
     #[inline]
@@ -445,16 +432,9 @@ where
         }
         // Aborted (an `Err` or a panic): nothing was published. Free every node the
         // transaction allocated; the published version, retired list included, is untouched.
-        let scratch = &mut *self.scratch;
-        for &p in &scratch.fresh {
-            // SAFETY: allocated by this transaction, never published, listed once.
-            unsafe {
-                drop_node(p);
-                scratch.stash.keep(p, &self.tree.shared);
-            }
-        }
-        scratch.fresh.clear();
-        scratch.dead.clear();
+        // SAFETY: nothing the transaction allocated was published, and `alloc` lists each
+        // node once.
+        unsafe { self.scratch.abort(&self.tree.shared) };
     }
 }
 
