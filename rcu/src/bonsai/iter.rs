@@ -3,9 +3,10 @@
 //! Everything here reads nodes through raw links and is `unsafe` for one reason: the nodes
 //! must stay valid for the lifetime the caller gives the result (see `deref`). For readers
 //! that is a read guard (a node is freed only after a grace period that began after it was
-//! unpublished); for the writer it is the open transaction. The descents are shared by
-//! readers (acquire loads of child pointers) and the writer's transaction (relaxed loads, it
-//! holds the writer lock).
+//! unpublished); for the writer it is the open transaction. That promise is made once, when a
+//! [`Version`] is made from a root (`BonsaiTree::version`, `Txn::version`); its lookups and
+//! iterator are then safe to call. The descents are shared by readers (acquire loads of child
+//! pointers) and the writer's transaction (relaxed loads, it holds the writer lock).
 
 use std::borrow::Borrow;
 use std::cmp::Ordering as Cmp;
@@ -14,6 +15,84 @@ use std::ptr;
 use std::sync::atomic::Ordering::{self, Acquire, Relaxed};
 
 use super::{Link, Node, DELTA, FRESH};
+
+/// One version of the tree, readable for `'a`: the only way to look nodes up, so that
+/// lookups and iteration need no `unsafe` of their callers. Readers make one from the root
+/// they load under a read guard, the writer from its open transaction's root.
+pub(super) struct Version<'a, K, V> {
+    root: Link<K, V>,
+    /// How child pointers are loaded: acquire for readers (pairs with the release store of
+    /// the root), relaxed for the writer (it holds the writer lock).
+    ord: Ordering,
+    _nodes: PhantomData<&'a Node<K, V>>,
+}
+
+impl<'a, K, V> Version<'a, K, V> {
+    /// # Safety
+    ///
+    /// Every node reachable from `root` stays valid for `'a` (see [`deref`]), and loads of
+    /// child pointers with `ord` see them initialised: `Acquire` for a root loaded with
+    /// acquire, `Relaxed` only for the writer's own version under the writer lock.
+    #[inline]
+    pub(super) unsafe fn new(root: Link<K, V>, ord: Ordering) -> Self {
+        Self {
+            root,
+            ord,
+            _nodes: PhantomData,
+        }
+    }
+
+    /// The node for `key`.
+    #[inline]
+    pub(super) fn find<Q>(&self, key: &Q) -> Option<&'a Node<K, V>>
+    where
+        K: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        // SAFETY: the nodes under `root` stay valid for `'a` (`Version::new`).
+        unsafe { find(self.root, key, self.ord) }
+    }
+
+    /// The node with the greatest key `<= key`.
+    #[inline]
+    pub(super) fn floor<Q>(&self, key: &Q) -> Option<&'a Node<K, V>>
+    where
+        K: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        // SAFETY: as in `find`.
+        unsafe { floor(self.root, key, self.ord) }
+    }
+
+    /// The node with the least key `>= key`.
+    #[inline]
+    pub(super) fn ceiling<Q>(&self, key: &Q) -> Option<&'a Node<K, V>>
+    where
+        K: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        // SAFETY: as in `find`.
+        unsafe { ceiling(self.root, key, self.ord) }
+    }
+
+    /// The leftmost (`right == false`) or rightmost node.
+    #[inline]
+    pub(super) fn extreme(&self, right: bool) -> Option<&'a Node<K, V>> {
+        // SAFETY: as in `find`.
+        unsafe { extreme(self.root, right, self.ord) }
+    }
+
+    /// The entries with keys `>= from` (all, for `None`), in key order.
+    #[inline]
+    pub(super) fn iter<Q>(&self, from: Option<&Q>) -> Iter<'a, K, V>
+    where
+        K: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        // SAFETY: as in `find`; the iterator's items live for `'a`.
+        unsafe { Iter::new(self.root, from) }
+    }
+}
 
 /// Dereferences a node reached from a root the caller may read.
 ///
@@ -33,7 +112,7 @@ unsafe fn deref<'a, K, V>(p: Link<K, V>) -> Option<&'a Node<K, V>> {
 ///
 /// As for [`deref`], for every node reachable from `root`.
 #[inline]
-pub(super) unsafe fn find<'a, K: Borrow<Q>, V, Q: Ord + ?Sized>(
+unsafe fn find<'a, K: Borrow<Q>, V, Q: Ord + ?Sized>(
     root: Link<K, V>,
     key: &Q,
     ord: Ordering,
@@ -54,7 +133,7 @@ pub(super) unsafe fn find<'a, K: Borrow<Q>, V, Q: Ord + ?Sized>(
 ///
 /// As for [`deref`], for every node reachable from `root`.
 #[inline]
-pub(super) unsafe fn floor<'a, K: Borrow<Q>, V, Q: Ord + ?Sized>(
+unsafe fn floor<'a, K: Borrow<Q>, V, Q: Ord + ?Sized>(
     root: Link<K, V>,
     key: &Q,
     ord: Ordering,
@@ -78,7 +157,7 @@ pub(super) unsafe fn floor<'a, K: Borrow<Q>, V, Q: Ord + ?Sized>(
 /// # Safety
 ///
 /// As for [`deref`], for every node reachable from `root`.
-pub(super) unsafe fn ceiling<'a, K: Borrow<Q>, V, Q: Ord + ?Sized>(
+unsafe fn ceiling<'a, K: Borrow<Q>, V, Q: Ord + ?Sized>(
     root: Link<K, V>,
     key: &Q,
     ord: Ordering,
@@ -104,7 +183,7 @@ pub(super) unsafe fn ceiling<'a, K: Borrow<Q>, V, Q: Ord + ?Sized>(
 /// # Safety
 ///
 /// As for [`deref`], for every node reachable from `root`.
-pub(super) unsafe fn extreme<'a, K, V>(
+unsafe fn extreme<'a, K, V>(
     root: Link<K, V>,
     right: bool,
     ord: Ordering,
@@ -174,7 +253,10 @@ pub struct Iter<'g, K, V> {
 }
 
 impl<'g, K, V> Iter<'g, K, V> {
-    pub(super) fn new<Q>(root: Link<K, V>, from: Option<&Q>) -> Self
+    /// # Safety
+    ///
+    /// As for [`Version::new`], with `'g` for `'a` (the iterator loads with acquire).
+    unsafe fn new<Q>(root: Link<K, V>, from: Option<&Q>) -> Self
     where
         K: Borrow<Q>,
         Q: Ord + ?Sized,

@@ -41,6 +41,24 @@
 //!   one single or double rotation per level. Height ≤ log₍₄⁄₃₎(n + 1) ≈ 2.4 log₂ n, in
 //!   practice close to log₂ n.
 //!
+//! # Layout
+//!
+//! This file holds the tree type, its public operations and the node type. The rest, and
+//! every `unsafe` block but the few here (the type's `Send`/`Sync`, the read guard's
+//! promise that makes a readable version, the invariant checks and `Drop`), is in three
+//! private submodules:
+//!
+//! - `alloc`: node memory. Where a node's memory comes from (the global allocator, the
+//!   writer's stash, the pool, huge-page chunks) and where it goes when the node is dropped;
+//!   retired batches and what they free after the grace period; freeing the live version.
+//! - `iter`: reading one version: the descents (`find`, the branch-free `floor`, `ceiling`,
+//!   `extreme`), the iterator, and the invariant checks; `Version`, a root readable for a
+//!   lifetime, through which readers and the writer look nodes up without `unsafe`.
+//! - `txn`: the writer's transaction: path copying, rebalancing, fresh nodes written in place,
+//!   commit and abort, and compaction out of the chunks.
+//!
+//! The unit tests are in `tests` (no `unsafe`: `#![deny(unsafe_code)]`).
+//!
 //! ```
 //! use rcu::{BonsaiTree, Domain};
 //!
@@ -79,7 +97,7 @@ mod txn;
 
 use alloc::{build_balanced, chunk_threshold, free_version, Scratch, Shared, Stash};
 pub use iter::Iter;
-use iter::{ceiling, check_subtree, extreme, find, floor, height};
+use iter::{check_subtree, height, Version};
 pub use txn::Txn;
 
 /// Weight-balance parameter Δ: a subtree may weigh at most Δ times its sibling.
@@ -193,15 +211,21 @@ where
         &self.domain
     }
 
+    /// The published version, readable while `guard` lives.
     #[inline]
-    fn load_root(&self, guard: &ReadGuard<'_>) -> Link<K, V> {
+    fn version<'g>(&'g self, guard: &'g ReadGuard<'_>) -> Version<'g, K, V> {
         assert!(
             guard.domain().same_as(&self.domain),
             "BonsaiTree read with a guard of another domain"
         );
         // Acquire pairs with the release store in `Txn::commit`: the nodes of the version
         // (and, through earlier publications, every node it shares) are fully visible.
-        self.root.load(Acquire)
+        let root = self.root.load(Acquire);
+        // SAFETY: `root` is the published root, loaded with acquire under a guard of the
+        // tree's domain: its nodes are retired only after being unpublished, and freed only
+        // after a grace period, which cannot end while the guard lives; readers load child
+        // pointers with acquire.
+        unsafe { Version::new(root, Acquire) }
     }
 
     /// The value for `key`.
@@ -211,9 +235,7 @@ where
         K: Borrow<Q>,
         Q: Ord + ?Sized,
     {
-        let root = self.load_root(guard);
-        // SAFETY: `root` is the published root; see `deref`.
-        unsafe { find(root, key, Acquire) }.map(|n| &n.value)
+        self.version(guard).find(key).map(|n| &n.value)
     }
 
     /// The entry with the greatest key `<= key`.
@@ -223,9 +245,7 @@ where
         K: Borrow<Q>,
         Q: Ord + ?Sized,
     {
-        let root = self.load_root(guard);
-        // SAFETY: `root` is the published root; see `deref`.
-        unsafe { floor(root, key, Acquire) }.map(|n| (&n.key, &n.value))
+        self.version(guard).floor(key).map(|n| (&n.key, &n.value))
     }
 
     /// The entry with the least key `>= key`.
@@ -234,29 +254,26 @@ where
         K: Borrow<Q>,
         Q: Ord + ?Sized,
     {
-        let root = self.load_root(guard);
-        // SAFETY: `root` is the published root; see `deref`.
-        unsafe { ceiling(root, key, Acquire) }.map(|n| (&n.key, &n.value))
+        self.version(guard).ceiling(key).map(|n| (&n.key, &n.value))
     }
 
     /// The entry with the least key.
     pub fn first<'g>(&'g self, guard: &'g ReadGuard<'_>) -> Option<(&'g K, &'g V)> {
-        let root = self.load_root(guard);
-        // SAFETY: `root` is the published root; see `deref`.
-        unsafe { extreme(root, false, Acquire) }.map(|n| (&n.key, &n.value))
+        self.version(guard)
+            .extreme(false)
+            .map(|n| (&n.key, &n.value))
     }
 
     /// The entry with the greatest key.
     pub fn last<'g>(&'g self, guard: &'g ReadGuard<'_>) -> Option<(&'g K, &'g V)> {
-        let root = self.load_root(guard);
-        // SAFETY: `root` is the published root; see `deref`.
-        unsafe { extreme(root, true, Acquire) }.map(|n| (&n.key, &n.value))
+        self.version(guard)
+            .extreme(true)
+            .map(|n| (&n.key, &n.value))
     }
 
     /// All entries in key order, from one consistent version (the root is loaded once).
     pub fn iter<'g>(&'g self, guard: &'g ReadGuard<'_>) -> Iter<'g, K, V> {
-        let root = self.load_root(guard);
-        Iter::new(root, None::<&K>)
+        self.version(guard).iter(None::<&K>)
     }
 
     /// Entries with keys `>= from` in key order, from one consistent version.
@@ -265,8 +282,7 @@ where
         K: Borrow<Q>,
         Q: Ord + ?Sized,
     {
-        let root = self.load_root(guard);
-        Iter::new(root, Some(from))
+        self.version(guard).iter(Some(from))
     }
 
     /// Entries in the published version (a counter updated at each commit).

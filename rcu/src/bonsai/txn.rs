@@ -13,7 +13,7 @@ use std::ptr;
 use std::sync::atomic::Ordering::{Relaxed, Release};
 
 use super::alloc::{build_balanced, each_node, Retired, Scratch};
-use super::iter::{ceiling, extreme, find, floor, Iter};
+use super::iter::{Iter, Version};
 use super::{BonsaiTree, Link, Node, DELTA, FRESH, GAMMA};
 use crate::sync::{lock, AtomicPtr, MutexGuard};
 
@@ -93,6 +93,16 @@ where
         (!nodes.is_empty()).then(|| unsafe { Retired::new(nodes, self.tree.shared.clone()) })
     }
 
+    /// The version being built, readable while the transaction is borrowed.
+    fn version(&self) -> Version<'_, K, V> {
+        // SAFETY: the version's nodes are freed only after the transaction ends (published
+        // nodes it replaced are retired at commit; fresh ones it discarded are dropped at
+        // commit or abort), which cannot happen while it is borrowed; fresh nodes are
+        // modified only through `&mut self`. Under the writer lock every node is visible to
+        // relaxed loads (the previous writer's stores happen-before our lock acquisition).
+        unsafe { Version::new(self.root, Relaxed) }
+    }
+
     /// Entries in the version being built.
     pub fn len(&self) -> usize {
         self.len
@@ -109,8 +119,7 @@ where
         K: Borrow<Q>,
         Q: Ord + ?Sized,
     {
-        // SAFETY: the transaction's nodes stay valid while it is borrowed (see `deref`).
-        unsafe { find(self.root, key, Relaxed) }.map(|n| &n.value)
+        self.version().find(key).map(|n| &n.value)
     }
 
     /// The entry with the greatest key `<= key` in the version being built.
@@ -119,8 +128,7 @@ where
         K: Borrow<Q>,
         Q: Ord + ?Sized,
     {
-        // SAFETY: as in `get`.
-        unsafe { floor(self.root, key, Relaxed) }.map(|n| (&n.key, &n.value))
+        self.version().floor(key).map(|n| (&n.key, &n.value))
     }
 
     /// The entry with the least key `>= key` in the version being built.
@@ -129,25 +137,22 @@ where
         K: Borrow<Q>,
         Q: Ord + ?Sized,
     {
-        // SAFETY: as in `get`.
-        unsafe { ceiling(self.root, key, Relaxed) }.map(|n| (&n.key, &n.value))
+        self.version().ceiling(key).map(|n| (&n.key, &n.value))
     }
 
     /// The first entry of the version being built.
     pub fn first(&self) -> Option<(&K, &V)> {
-        // SAFETY: as in `get`.
-        unsafe { extreme(self.root, false, Relaxed) }.map(|n| (&n.key, &n.value))
+        self.version().extreme(false).map(|n| (&n.key, &n.value))
     }
 
     /// The last entry of the version being built.
     pub fn last(&self) -> Option<(&K, &V)> {
-        // SAFETY: as in `get`.
-        unsafe { extreme(self.root, true, Relaxed) }.map(|n| (&n.key, &n.value))
+        self.version().extreme(true).map(|n| (&n.key, &n.value))
     }
 
     /// The entries of the version being built, in key order.
     pub fn iter(&self) -> Iter<'_, K, V> {
-        Iter::new(self.root, None::<&K>)
+        self.version().iter(None::<&K>)
     }
 
     /// Inserts or replaces; returns the previous value.
@@ -454,17 +459,18 @@ where
             return; // another writer got here first
         }
         self.shared.chunked.store(false, Relaxed);
-        let scratch = &mut *txn.scratch;
-        debug_assert!(scratch.fresh.is_empty());
-        scratch.stash.release(&self.shared);
-        // SAFETY: the transaction's nodes stay valid while it is borrowed (see `deref`).
-        let entries: Vec<(K, V)> = Iter::new(txn.root, None::<&K>)
+        debug_assert!(txn.scratch.fresh.is_empty());
+        txn.scratch.stash.release(&self.shared);
+        let entries: Vec<(K, V)> = txn
+            .version()
+            .iter(None::<&K>)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         // Published (the transaction has allocated nothing): retire them all.
         // SAFETY: the version's nodes stay valid while the transaction is borrowed.
         unsafe { each_node(txn.root, |p| txn.retired.push(p)) };
         let n = entries.len();
+        let scratch = &mut *txn.scratch;
         txn.root = build_balanced(n, &mut entries.into_iter(), &mut || {
             let p = scratch.stash.take(&self.shared, 0);
             scratch.fresh.push(p);
