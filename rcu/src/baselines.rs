@@ -12,6 +12,7 @@
 //!
 //! All three share the same range logic (insert without overlap, exact remove, splitting
 //! `remove_range`, `replace`, `update`), so they behave identically.
+#![deny(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::ops::Range;

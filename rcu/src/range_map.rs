@@ -25,6 +25,7 @@
 //! assert_eq!(map.get(0x2800, &guard), None);
 //! assert_eq!(map.len(), 2);
 //! ```
+#![deny(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -1,4 +1,5 @@
 //! Reader handles, read guards and offline sections.
+#![deny(unsafe_code)]
 
 use std::marker::PhantomData;
 

@@ -3,6 +3,7 @@
 //! a retiring thread that hit the backlog bound (back-pressure), a reader paying put-off
 //! back-pressure at its quiescent state, or a `barrier()`/`reclaim()` caller. A callback's
 //! panic is contained where it ran and counted: it never unwinds into the draining thread.
+#![deny(unsafe_code)]
 
 use std::collections::VecDeque;
 use std::sync::atomic::{

@@ -1,4 +1,5 @@
 //! Statistics a domain keeps about itself, readable at any time without stopping anything.
+#![deny(unsafe_code)]
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;

@@ -3,6 +3,7 @@
 //! the model checker sees every atomic access, fence, lock and park of the grace-period protocol.
 //!
 //! Statistics counters do not go through this shim: they take no part in the protocol.
+#![deny(unsafe_code)]
 
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU64, AtomicUsize};
