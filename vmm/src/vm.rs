@@ -519,7 +519,7 @@ impl<'a> Vm<'a> {
             AddressSpace::new(
                 &domain,
                 &AsConfig {
-                    implementation: cfg.address_space.name().to_owned(),
+                    implementation: cfg.address_space,
                     fault_mode,
                     fault_around: cfg.fault_around,
                     space_bytes,

@@ -464,8 +464,8 @@ impl std::fmt::Debug for AddressSpace {
 /// How to build an address space.
 #[derive(Clone, Debug)]
 pub struct AsConfig {
-    /// `bonsai` | `rwlock` | `cow`.
-    pub implementation: String,
+    /// Which range map holds the regions.
+    pub implementation: super::AddressSpaceKind,
     /// Fault mode.
     pub fault_mode: FaultMode,
     /// Fault-around window: fixed (1 = no fault-around) or adaptive.
@@ -524,7 +524,7 @@ impl FaultAround {
 impl AddressSpace {
     /// A new, empty address space.
     pub fn new(domain: &Domain, cfg: &AsConfig, slots: Box<dyn Memslots>) -> Result<Self, AsError> {
-        let map = AnyRangeMap::new(&cfg.implementation, domain)
+        let map = AnyRangeMap::new(cfg.implementation.name(), domain)
             .map_err(|e| AsError::Invalid(e.to_string()))?;
         if let FaultAround::Fixed(n) = cfg.fault_around {
             if n == 0 || n > MAX_FAULT_AROUND || !n.is_power_of_two() {
@@ -1410,7 +1410,7 @@ mod tests {
     fn space(mode: FaultMode, implementation: &str) -> (AddressSpace, Arc<FakeSlots>) {
         let slots = Arc::new(FakeSlots::default());
         let cfg = AsConfig {
-            implementation: implementation.into(),
+            implementation: super::super::AddressSpaceKind::from_name(implementation).unwrap(),
             fault_mode: mode,
             fault_around: FaultAround::Fixed(4),
             space_bytes: 1 << 30,
@@ -1429,7 +1429,7 @@ mod tests {
     fn window_space(mode: FaultMode) -> (AddressSpace, Arc<FakeSlots>) {
         let slots = Arc::new(FakeSlots::default());
         let cfg = AsConfig {
-            implementation: "bonsai".into(),
+            implementation: super::super::AddressSpaceKind::Bonsai,
             fault_mode: mode,
             fault_around: FaultAround::Fixed(4),
             space_bytes: 1 << 30,
@@ -1548,7 +1548,7 @@ mod tests {
         for imp in ["bonsai", "rwlock", "cow"] {
             let slots = Arc::new(FakeSlots::default());
             let cfg = AsConfig {
-                implementation: imp.into(),
+                implementation: super::super::AddressSpaceKind::from_name(imp).unwrap(),
                 fault_mode: FaultMode::Vcpu,
                 fault_around: FaultAround::Fixed(1),
                 space_bytes: 1 << 30,
@@ -1599,7 +1599,7 @@ mod tests {
     #[test]
     fn window_mode_refuses_a_window_outside_the_space() {
         let cfg = AsConfig {
-            implementation: "bonsai".into(),
+            implementation: super::super::AddressSpaceKind::Bonsai,
             fault_mode: FaultMode::Kernel,
             fault_around: FaultAround::Fixed(1),
             space_bytes: 1 << 30,
@@ -1697,7 +1697,7 @@ mod tests {
     fn adaptive_window_in_the_fault_path() {
         let slots = Arc::new(FakeSlots::default());
         let cfg = AsConfig {
-            implementation: "bonsai".into(),
+            implementation: super::super::AddressSpaceKind::Bonsai,
             fault_mode: FaultMode::Vcpu,
             fault_around: FaultAround::Adaptive,
             space_bytes: 1 << 30,
@@ -1819,7 +1819,7 @@ mod tests {
     fn run_time_maps_keep_off_boot_memory_and_the_device_hole() {
         let slots = Arc::new(FakeSlots::default());
         let cfg = AsConfig {
-            implementation: "bonsai".into(),
+            implementation: super::super::AddressSpaceKind::Bonsai,
             fault_mode: FaultMode::Kernel,
             fault_around: FaultAround::Fixed(1),
             space_bytes: 8 << 30,

@@ -496,7 +496,7 @@ pub(crate) mod tests {
 
     fn space(mode: FaultMode, implementation: &str) -> AddressSpace {
         let cfg = AsConfig {
-            implementation: implementation.into(),
+            implementation: crate::memory::AddressSpaceKind::from_name(implementation).unwrap(),
             fault_mode: mode,
             fault_around: crate::memory::address_space::FaultAround::Fixed(4),
             space_bytes: 1 << 30,
