@@ -371,9 +371,7 @@ impl AddressSpace {
                 // Write faults get private zeroed pages at once (no copy-on-write fault
                 // later); read faults map the shared zero page.
                 let r = match from {
-                    Some(src) => src
-                        .with_data(s, sub_end - s, |d| uffd.copy(host, d))
-                        .and_then(|r| r),
+                    Some(src) => src.copy_to(uffd, host, s, sub_end - s),
                     None if write => uffd.copy(host, &self.zeroes[..bytes as usize]),
                     None => uffd.zeropage(host, bytes),
                 };

@@ -95,13 +95,23 @@ pub struct SourceRegion {
 }
 
 /// Snapshot data that first touches are served from: the data file, where each region's
-/// pages lie at `file_offset + (gpa - region.gpa)`, read with `pread` into a per-thread buffer
-/// (no mapping of it: its pages never count in the VMM's RSS, and a file truncated under the VM
-/// makes a read fail, not the VMM crash), and a bitmap of the pages the snapshot holds. A page's
-/// bit is cleared once it has been served, or when its range is released (so memory mapped
-/// again there starts from zero).
+/// pages lie at `file_offset + (gpa - region.gpa)`, and a bitmap of the pages the snapshot
+/// holds. A page's bit is cleared once it has been served, or when its range is released (so
+/// memory mapped again there starts from zero).
+///
+/// Pages are copied in (`UFFDIO_COPY`) straight from a read-only mapping of the file: one
+/// copy from the page cache, where reading into a buffer first would make two (the read was
+/// half of a restoring vCPU's time). The mapping's pages would count in the VMM's RSS, so they
+/// are dropped (`MADV_DONTNEED`) after every [`DROP_SOURCE_EVERY`] bytes copied. Only the kernel
+/// reads the mapping: a file truncated under the VM makes the copy fail (`EFAULT`), never
+/// raises `SIGBUS` in the VMM. Everything else (huge pages, snapshots of a restored VM) reads
+/// the file with `pread`.
 pub struct Source {
     file: File,
+    /// The read-only mapping of the file (null if it could not be made: then `pread`).
+    base: *const u8,
+    /// Bytes copied from the mapping since its pages were last dropped.
+    copied: AtomicU64,
     len: u64,
     regions: Vec<SourceRegion>,
     pages: Residency,
@@ -111,6 +121,25 @@ pub struct Source {
     pub served: AtomicU64,
     /// The order pages were served in, when recording a working set.
     log: Option<WsLog>,
+}
+
+/// Bytes copied from the source mapping between two drops of its pages (see [`Source`]).
+pub const DROP_SOURCE_EVERY: u64 = 8 << 20;
+
+// SAFETY: the mapping is read-only and lives as long as the `Source`; it is only read (by the
+// kernel, in `UFFDIO_COPY`) and its pages dropped (`MADV_DONTNEED`), both safe from any thread;
+// the bitmap and counters are atomics.
+unsafe impl Send for Source {}
+// SAFETY: as above.
+unsafe impl Sync for Source {}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        if !self.base.is_null() {
+            // SAFETY: `base..base+len` is the mapping made in `open`, unmapped once here.
+            unsafe { libc::munmap(self.base as *mut libc::c_void, self.len as usize) };
+        }
+    }
 }
 
 impl std::fmt::Debug for Source {
@@ -137,8 +166,30 @@ impl Source {
         record: bool,
     ) -> io::Result<Self> {
         let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+        let base = if len == 0 {
+            std::ptr::null()
+        } else {
+            // SAFETY: a new read-only private mapping of the file; the kernel picks the place.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len as usize,
+                    libc::PROT_READ,
+                    libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+                    file.as_raw_fd(),
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                std::ptr::null()
+            } else {
+                p as *const u8
+            }
+        };
         let mut s = Source {
             file,
+            base,
+            copied: AtomicU64::new(0),
             len,
             regions,
             pages: Residency::new(space_bytes),
@@ -231,6 +282,49 @@ impl Source {
             self.file.read_exact_at(&mut b[..bytes], off)?;
             Ok(f(&b[..bytes]))
         })
+    }
+
+    /// Copies the snapshot's pages `[pfn, pfn + n)` (held by the snapshot, in one region) into
+    /// guest memory at host address `host` (`UFFDIO_COPY`).
+    pub fn copy_to(
+        &self,
+        uffd: &super::uffd::Uffd,
+        host: u64,
+        pfn: u64,
+        n: u64,
+    ) -> io::Result<super::uffd::Populated> {
+        if self.base.is_null() {
+            return self.with_data(pfn, n, |d| uffd.copy(host, d))?;
+        }
+        let bad = || {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the snapshot's data file does not hold this page",
+            )
+        };
+        let off = self.offset_of(pfn * PAGE).ok_or_else(bad)?;
+        let last = self.offset_of((pfn + n - 1) * PAGE).ok_or_else(bad)?;
+        if last != off + (n - 1) * PAGE || last + PAGE > self.len {
+            return Err(bad());
+        }
+        // SAFETY: `[off, off + n pages)` lies inside the mapping (checked), which lives as long
+        // as `self`; only the kernel reads it, and a page it cannot read fails the call.
+        let r = unsafe { uffd.copy_from_raw(host, self.base.add(off as usize), n * PAGE) };
+        let bytes = n * PAGE;
+        if self.copied.fetch_add(bytes, Relaxed) + bytes >= DROP_SOURCE_EVERY {
+            self.copied.store(0, Relaxed);
+            // SAFETY: the mapping is a read-only private view of the file that nothing
+            // writes: dropping its pages loses nothing (a later read maps the page cache's
+            // page again), also under another thread's copy.
+            unsafe {
+                libc::madvise(
+                    self.base as *mut libc::c_void,
+                    self.len as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+        }
+        r
     }
 
     /// Forgets pages `[pfn, pfn + n)`: served, or their memory released.

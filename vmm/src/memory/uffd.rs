@@ -278,6 +278,32 @@ impl Uffd {
         populated(r, c.copy)
     }
 
+    /// [`copy`](Self::copy) from memory that is not a Rust slice: `len` bytes at `src`.
+    ///
+    /// # Safety
+    ///
+    /// `[src, src + len)` must lie in a readable mapping of this process for the duration of
+    /// the call (the kernel reads it; if a page there cannot be read, for example a file
+    /// mapping beyond a truncated file's end, the call fails with `EFAULT`, with no signal).
+    pub unsafe fn copy_from_raw(
+        &self,
+        host_addr: u64,
+        src: *const u8,
+        len: u64,
+    ) -> io::Result<Populated> {
+        let mut c = UffdioCopy {
+            dst: host_addr,
+            src: src as u64,
+            len,
+            mode: self.dontwake(),
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY reads `len` bytes at `src` (readable, per the contract) and
+        // writes a `struct uffdio_copy`; the destination is checked by the kernel as above.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY as _, &mut c) };
+        populated(r, c.copy)
+    }
+
     /// Reads the next page-fault event, if any (handler mode; the descriptor is
     /// non-blocking: poll it first). Events other than page faults are skipped.
     pub fn read_fault(&self) -> io::Result<Option<PageFault>> {
