@@ -215,27 +215,6 @@ pub struct DeviceState {
     pub serial: SerialSnapshot,
 }
 
-/// What a snapshot took.
-#[derive(Clone, Debug, Serialize)]
-pub struct Written {
-    /// The directory.
-    pub dir: String,
-    /// Pages written.
-    pub pages: u64,
-    /// Bytes of guest memory written.
-    pub memory_bytes: u64,
-    /// Regions.
-    pub regions: usize,
-    /// vCPUs.
-    pub vcpus: usize,
-    /// Time the vCPUs were paused, in ms.
-    pub paused_ms: f64,
-    /// MSRs KVM refused to read.
-    pub msrs_not_saved: Vec<String>,
-    /// Whether the VM was stopped after it.
-    pub stopped: bool,
-}
-
 /// Everything a snapshot holds, gathered while the vCPUs are paused.
 pub struct Capture<'a> {
     /// Guest memory.

@@ -229,21 +229,6 @@ pub struct SnapshotView {
     pub stopped: bool,
 }
 
-impl From<crate::snapshot::Written> for SnapshotView {
-    fn from(w: crate::snapshot::Written) -> Self {
-        SnapshotView {
-            dir: w.dir,
-            pages: w.pages,
-            memory_bytes: w.memory_bytes,
-            regions: w.regions,
-            vcpus: w.vcpus,
-            paused_ms: w.paused_ms,
-            msrs_not_saved: w.msrs_not_saved,
-            stopped: w.stopped,
-        }
-    }
-}
-
 /// `stats`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Stats {
