@@ -1197,24 +1197,14 @@ fn restore_memory(
         space.set_source(source).map_err(err)?;
         if r.mode == RestoreMode::Eager {
             let started = Instant::now();
-            const PAGE: u64 = memory::address_space::PAGE;
             // Runs of adjacent pages, each copied in with one call.
-            let mut run: Option<(u64, u64)> = None;
             let mut pages = 0u64;
-            for g in lazy().map(Some).chain([None]) {
-                match (run, g) {
-                    (Some((start, end)), Some(g)) if g == end => run = Some((start, g + PAGE)),
-                    _ => {
-                        if let Some((start, end)) = run {
-                            space
-                                .populate_range(start, end - start)
-                                .map_err(|e| err(format!("cannot copy guest memory in: {e}")))?;
-                        }
-                        run = g.map(|g| (g, g + PAGE));
-                        pages += u64::from(g.is_some());
-                    }
-                }
-            }
+            memory::snapshot::for_each_run(lazy(), |first, end| {
+                pages += (end - first) / memory::address_space::PAGE;
+                space
+                    .populate_range(first, end - first)
+                    .map_err(|e| err(format!("cannot copy guest memory in: {e}")))
+            })?;
             tracing::info!(
                 pages,
                 ms = started.elapsed().as_secs_f64() * 1e3,

@@ -15,51 +15,65 @@ use super::residency::Residency;
 const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 
-/// Which of the `pages` pages at host address `host` hold data in this process: present in
-/// its page tables or swapped out (one entry per page, `true` = populated). Reading the
-/// pagemap never faults the pages in.
-pub fn populated_pages(host: u64, pages: u64) -> io::Result<Vec<bool>> {
-    let f = File::open("/proc/self/pagemap")?;
-    let mut out = Vec::with_capacity(pages as usize);
+/// Calls `f` with whether each of the `pages` pages at host address `host` holds data in this
+/// process: present in its page tables or swapped out. Reading the pagemap never faults the
+/// pages in.
+fn scan_pagemap(host: u64, pages: u64, mut f: impl FnMut(bool)) -> io::Result<()> {
+    let file = File::open("/proc/self/pagemap")?;
     const CHUNK: u64 = 8192;
     let mut buf = vec![0u8; (CHUNK * 8) as usize];
     let mut done = 0;
     while done < pages {
         let n = CHUNK.min(pages - done);
         let bytes = &mut buf[..(n * 8) as usize];
-        f.read_exact_at(bytes, (host / PAGE + done) * 8)?;
+        file.read_exact_at(bytes, (host / PAGE + done) * 8)?;
         for e in bytes.chunks_exact(8) {
             let mut w = [0u8; 8];
             w.copy_from_slice(e);
-            let v = u64::from_le_bytes(w);
-            out.push(v & (PM_PRESENT | PM_SWAPPED) != 0);
+            f(u64::from_le_bytes(w) & (PM_PRESENT | PM_SWAPPED) != 0);
         }
         done += n;
     }
+    Ok(())
+}
+
+/// Calls `f` with each run of adjacent pages in `pages` (guest-physical addresses, ascending),
+/// as `(first, end)` addresses, in order: a restore sets, copies or checks a run at once.
+pub fn for_each_run<E>(
+    pages: impl IntoIterator<Item = u64>,
+    mut f: impl FnMut(u64, u64) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut run: Option<(u64, u64)> = None;
+    for gpa in pages {
+        match run {
+            Some((first, end)) if gpa == end => run = Some((first, end + PAGE)),
+            _ => {
+                if let Some((first, end)) = run {
+                    f(first, end)?;
+                }
+                run = Some((gpa, gpa + PAGE));
+            }
+        }
+    }
+    match run {
+        Some((first, end)) => f(first, end),
+        None => Ok(()),
+    }
+}
+
+/// Which of the `pages` pages at host address `host` hold data in this process (one entry
+/// per page, `true` = populated; see [`scan_pagemap`]).
+pub fn populated_pages(host: u64, pages: u64) -> io::Result<Vec<bool>> {
+    let mut out = Vec::with_capacity(pages as usize);
+    scan_pagemap(host, pages, |p| out.push(p))?;
     Ok(out)
 }
 
 /// How many of the `pages` pages at host address `host` are populated (as
 /// [`populated_pages`], without a vector).
 pub fn count_populated(host: u64, pages: u64) -> io::Result<u64> {
-    let f = File::open("/proc/self/pagemap")?;
-    const CHUNK: u64 = 8192;
-    let mut buf = vec![0u8; (CHUNK * 8) as usize];
-    let (mut done, mut n) = (0, 0);
-    while done < pages {
-        let k = CHUNK.min(pages - done);
-        let bytes = &mut buf[..(k * 8) as usize];
-        f.read_exact_at(bytes, (host / PAGE + done) * 8)?;
-        n += bytes
-            .chunks_exact(8)
-            .filter(|e| {
-                let mut w = [0u8; 8];
-                w.copy_from_slice(e);
-                u64::from_le_bytes(w) & (PM_PRESENT | PM_SWAPPED) != 0
-            })
-            .count() as u64;
-        done += k;
-    }
+    let mut n = 0;
+    scan_pagemap(host, pages, |p| n += u64::from(p))?;
     Ok(n)
 }
 
@@ -205,33 +219,18 @@ impl Source {
         // gigabytes of snapshot. A run whose ends lie in one region, at the right distance in
         // the file, lies in the file throughout.
         let mut held = 0;
-        let mut run: Option<(u64, u64)> = None;
-        let mut set_run = |s: &Source, (first, end): (u64, u64)| -> io::Result<()> {
-            check(s, first)?;
-            check(s, end - PAGE)?;
+        for_each_run(pages, |first, end| -> io::Result<()> {
+            check(&s, first)?;
+            check(&s, end - PAGE)?;
             let n = (end - first) / PAGE;
             if s.offset_of(end - PAGE) != s.offset_of(first).map(|o| o + (n - 1) * PAGE) {
                 for gpa in (first..end).step_by(PAGE as usize) {
-                    check(s, gpa)?;
+                    check(&s, gpa)?;
                 }
             }
             held += s.pages.set_range(first / PAGE, n);
             Ok(())
-        };
-        for gpa in pages {
-            match run {
-                Some((first, end)) if gpa == end => run = Some((first, end + PAGE)),
-                _ => {
-                    if let Some(r) = run {
-                        set_run(&s, r)?;
-                    }
-                    run = Some((gpa, gpa + PAGE));
-                }
-            }
-        }
-        if let Some(r) = run {
-            set_run(&s, r)?;
-        }
+        })?;
         if record {
             s.log = Some(WsLog::new(held as usize));
         }
@@ -256,12 +255,9 @@ impl Source {
         self.remaining.load(Relaxed)
     }
 
-    /// Calls `f` with the snapshot's data for pages `[pfn, pfn + n)` (all held by the
-    /// snapshot and in one region, so contiguous in the file), read into this thread's buffer.
-    pub fn with_data<R>(&self, pfn: u64, n: u64, f: impl FnOnce(&[u8]) -> R) -> io::Result<R> {
-        thread_local! {
-            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
+    /// Where pages `[pfn, pfn + n)` start in the data file: they must all lie in one region
+    /// (so contiguous in the file) and inside the file.
+    fn run_offset(&self, pfn: u64, n: u64) -> io::Result<u64> {
         let bad = || {
             io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -273,6 +269,16 @@ impl Source {
         if last != off + (n - 1) * PAGE || last + PAGE > self.len {
             return Err(bad());
         }
+        Ok(off)
+    }
+
+    /// Calls `f` with the snapshot's data for pages `[pfn, pfn + n)` (all held by the
+    /// snapshot and in one region, so contiguous in the file), read into this thread's buffer.
+    pub fn with_data<R>(&self, pfn: u64, n: u64, f: impl FnOnce(&[u8]) -> R) -> io::Result<R> {
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let off = self.run_offset(pfn, n)?;
         BUF.with(|b| {
             let mut b = b.borrow_mut();
             let bytes = (n * PAGE) as usize;
@@ -296,17 +302,7 @@ impl Source {
         if self.base.is_null() {
             return self.with_data(pfn, n, |d| uffd.copy(host, d))?;
         }
-        let bad = || {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                "the snapshot's data file does not hold this page",
-            )
-        };
-        let off = self.offset_of(pfn * PAGE).ok_or_else(bad)?;
-        let last = self.offset_of((pfn + n - 1) * PAGE).ok_or_else(bad)?;
-        if last != off + (n - 1) * PAGE || last + PAGE > self.len {
-            return Err(bad());
-        }
+        let off = self.run_offset(pfn, n)?;
         // SAFETY: `[off, off + n pages)` lies inside the mapping (checked), which lives as long
         // as `self`; only the kernel reads it, and a page it cannot read fails the call.
         let r = unsafe { uffd.copy_from_raw(host, self.base.add(off as usize), n * PAGE) };
