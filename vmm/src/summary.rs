@@ -45,21 +45,27 @@ pub fn hist_quantile(hist: &[u64], q: f64) -> u64 {
     0
 }
 
+/// The run's touch latencies in ns (p50, p99, p99.9, max; bucket lower bounds), if the guest
+/// timed any and the TSC rate is known.
+fn touch_latency_ns(r: &RunReport) -> Option<[u64; 4]> {
+    let h = &r.touch_histogram;
+    (r.tsc_khz > 0 && h.iter().any(|&c| c > 0)).then(|| {
+        let to_ns = |cycles: u64| cycles.saturating_mul(1_000_000) / u64::from(r.tsc_khz);
+        let max_b = h.iter().rposition(|&c| c > 0).unwrap_or(0);
+        [
+            to_ns(hist_quantile(h, 0.5)),
+            to_ns(hist_quantile(h, 0.99)),
+            to_ns(hist_quantile(h, 0.999)),
+            to_ns(abi::hist_bucket_low(max_b)),
+        ]
+    })
+}
+
 impl TouchSummary {
     /// Summarises a finished run.
     pub fn new(r: &RunReport, label: &'static str) -> Self {
         let done: Vec<_> = r.results.iter().filter(|x| x.done != 0).collect();
-        let timed = r.touch_histogram.iter().any(|&c| c > 0);
-        let latency_ns = (r.tsc_khz > 0 && timed).then(|| {
-            let to_ns = |cycles: u64| cycles.saturating_mul(1_000_000) / u64::from(r.tsc_khz);
-            let max_b = r.touch_histogram.iter().rposition(|&c| c > 0).unwrap_or(0);
-            [
-                to_ns(hist_quantile(&r.touch_histogram, 0.5)),
-                to_ns(hist_quantile(&r.touch_histogram, 0.99)),
-                to_ns(hist_quantile(&r.touch_histogram, 0.999)),
-                to_ns(abi::hist_bucket_low(max_b)),
-            ]
-        });
+        let latency_ns = touch_latency_ns(r);
         Self {
             vcpus_done: done.len(),
             // `touch` slices are disjoint; `race` and `xadd` share the same pages.
@@ -145,15 +151,7 @@ impl RestoreSummary {
     pub fn new(r: &RunReport, resumed: std::time::Duration, ws_pages: u64) -> Self {
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         let marks: Option<Vec<_>> = r.marks.iter().copied().collect();
-        let latency_ns = (r.tsc_khz > 0 && r.touch_histogram.iter().any(|&c| c > 0)).then(|| {
-            let to_ns = |cycles: u64| cycles.saturating_mul(1_000_000) / u64::from(r.tsc_khz);
-            let max_b = r.touch_histogram.iter().rposition(|&c| c > 0).unwrap_or(0);
-            [
-                to_ns(hist_quantile(&r.touch_histogram, 0.5)),
-                to_ns(hist_quantile(&r.touch_histogram, 0.99)),
-                to_ns(abi::hist_bucket_low(max_b)),
-            ]
-        });
+        let latency_ns = touch_latency_ns(r).map(|[p50, p99, _, max]| [p50, p99, max]);
         RestoreSummary {
             resumed_ms: ms(resumed),
             ws_resident_ms: marks
