@@ -572,3 +572,69 @@ fn snapshots_taken_while_another_client_hot_plugs_restore_clean() {
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+#[test]
+fn a_data_file_truncated_under_a_lazy_restore_ends_the_run_with_a_diagnosis() {
+    require_kvm!();
+    // Big enough that the first pass, a page per fault, takes a good while after the control
+    // socket answers (about a second here; the truncation comes within a few milliseconds).
+    let snap = tmp("truncated-live");
+    let vm = start(
+        "truncated-live-src",
+        &[
+            "--workload",
+            "pattern",
+            "--vcpus",
+            "2",
+            "--mem",
+            "256M",
+            "--fault-around",
+            "16",
+        ],
+    );
+    vm.wait_for("ready", 2);
+    vm.ctl_ok(&["snapshot", "--dir", snap.to_str().unwrap(), "--stop"]);
+    let (status, err) = vm.wait();
+    assert_eq!(status, Some(0), "{err}");
+    for mode in ["vcpu", "handler"] {
+        let dir = copy_snapshot(&snap, &format!("truncated-live-{mode}"));
+        let vm = SocketVm::start(
+            tmp(&format!("truncated-live-{mode}.sock")),
+            &[
+                "--restore",
+                dir.to_str().unwrap(),
+                "--restore-mode",
+                mode,
+                "--fault-around",
+                "1",
+                "--passes",
+                "1",
+            ],
+            &[],
+        );
+        // The socket answers once the vCPUs run; cut the data file under them.
+        vm.ctl_ok(&["stats"]);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("memory.img"))
+            .unwrap();
+        f.set_len(4096).unwrap();
+        let t = Instant::now();
+        let (status, err) = vm.wait();
+        assert!(
+            !err.contains("2 vCPUs done"),
+            "{mode}: the restore served every page before the file was cut: {err}"
+        );
+        assert_eq!(status, Some(1), "{mode}: {err}");
+        assert!(
+            err.contains("truncated while the restore was reading it"),
+            "{mode}: {err}"
+        );
+        // Not a timeout: the run ends as soon as a vCPU cannot be served.
+        assert!(t.elapsed() < Duration::from_secs(30), "{mode}: {err}");
+        // A run that failed records no working set (it would replace a good one).
+        assert!(!dir.join("ws.bin").exists(), "{mode}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let _ = std::fs::remove_dir_all(&snap);
+}

@@ -529,6 +529,7 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
             RunOutcome::Fatal(d) => ("fatal", Some(d.to_string())),
             RunOutcome::TimedOut { .. } => ("timed_out", None),
             RunOutcome::SetupFailed { message, .. } => ("setup_failed", Some(message.clone())),
+            RunOutcome::HandlerFailed { message } => ("handler_failed", Some(message.clone())),
         };
         let e = report.exits;
         serde_json::json!({
@@ -584,6 +585,10 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
         }
         RunOutcome::SetupFailed { vcpu, message } => {
             eprintln!("vmm: vcpu {vcpu}: setup failed: {message}");
+            EXIT_FAILURE
+        }
+        RunOutcome::HandlerFailed { message } => {
+            eprintln!("vmm: the userfaultfd handler could not serve a guest access: {message}");
             EXIT_FAILURE
         }
     };

@@ -194,6 +194,20 @@ pub enum RunOutcome {
         /// Why.
         message: String,
     },
+    /// The userfaultfd handler thread (`handler` mode) could not populate a page a vCPU
+    /// waits for: the vCPU cannot make progress, so the run ends.
+    HandlerFailed {
+        /// What failed, with the guest-physical address.
+        message: String,
+    },
+}
+
+/// What the threads of a running VM tell the thread waiting for it.
+enum ThreadEnd {
+    /// A vCPU thread ended (its index, and how).
+    Vcpu(usize, VcpuOutcome),
+    /// The userfaultfd handler thread failed to serve a fault (it keeps running).
+    HandlerFailed(String),
 }
 
 /// The result of a run with its timings.
@@ -682,7 +696,7 @@ impl<'a> Vm<'a> {
             },
         });
         res.shared = Some(Arc::clone(&shared));
-        let (tx, rx) = mpsc::channel::<(usize, VcpuOutcome)>();
+        let (tx, rx) = mpsc::channel::<ThreadEnd>();
         // From here on, dropping `running` (on an error) stops and joins what was started.
         let mut running = RunningVm {
             cfg,
@@ -704,7 +718,7 @@ impl<'a> Vm<'a> {
             res,
         };
         if fault_mode == FaultMode::Handler {
-            running.handler = Some(spawn_uffd_handler(&space)?);
+            running.handler = Some(spawn_uffd_handler(&space, tx.clone())?);
         }
         if let Some(r) = &cfg.restore {
             shared
@@ -768,7 +782,7 @@ impl<'a> Vm<'a> {
                     let outcome = vcpu::run_vcpu(vcpu, &cpuid, &thread_shared);
                     tracing::debug!(?outcome, "vcpu thread done");
                     // The receiver outlives every vCPU thread unless the VMM gave up on it.
-                    let _ = tx.send((index, outcome));
+                    let _ = tx.send(ThreadEnd::Vcpu(index, outcome));
                 })
                 .map_err(|source| VmError::Spawn { index, source })?;
             running.vcpus.push(h);
@@ -819,7 +833,7 @@ pub struct RunningVm<'a> {
     /// The vCPU threads, by index.
     vcpus: Vec<JoinHandle<()>>,
     /// Each vCPU thread's outcome, sent as it ends.
-    rx: mpsc::Receiver<(usize, VcpuOutcome)>,
+    rx: mpsc::Receiver<ThreadEnd>,
     /// The userfaultfd handler thread and its stop flag (`handler` mode).
     handler: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
     sidecar_stop: Arc<AtomicBool>,
@@ -900,7 +914,16 @@ impl<'a> RunningVm<'a> {
                 (None, None) => Duration::from_secs(3600),
             };
             match self.rx.recv_timeout(wait) {
-                Ok((index, outcome)) => {
+                Ok(ThreadEnd::HandlerFailed(message)) => {
+                    if decided.is_none() {
+                        decided = Some(RunOutcome::HandlerFailed { message });
+                        if stopping_since.is_none() {
+                            stopping_since = Some(Instant::now());
+                            stop_all(&self.shared, &self.vcpus, &outcomes);
+                        }
+                    }
+                }
+                Ok(ThreadEnd::Vcpu(index, outcome)) => {
                     pending -= 1;
                     if decided.is_none() {
                         decided = match &outcome {
@@ -1026,9 +1049,22 @@ impl<'a> RunningVm<'a> {
         let restore_pages = space
             .source()
             .map(|src| (src.served.load(Ordering::Relaxed), src.remaining()));
-        // A lazy restore without prefetch records the order of first touches for the next one.
+        // A lazy restore without prefetch records the order of first touches for the next one,
+        // unless the run failed: a working set cut short by a fatal error or a timeout would
+        // replace a good one.
+        let failed = matches!(
+            decided,
+            Some(
+                RunOutcome::Fatal(_)
+                    | RunOutcome::TimedOut { .. }
+                    | RunOutcome::SetupFailed { .. }
+                    | RunOutcome::HandlerFailed { .. }
+            )
+        );
         let ws_recorded = match (&cfg.restore, space.source()) {
-            (Some(r), Some(src)) if r.prefetch.is_none() && r.mode != RestoreMode::Eager => {
+            (Some(r), Some(src))
+                if !failed && r.prefetch.is_none() && r.mode != RestoreMode::Eager =>
+            {
                 let runs = src.working_set();
                 let pages = runs.iter().map(|r| r.1).sum();
                 Some(
@@ -1375,15 +1411,24 @@ fn probe_fault_mode(wanted: FaultMode) -> FaultMode {
 }
 
 /// Starts the userfaultfd handler thread (`--fault-mode handler`): an RCU reader that is
-/// offline while it waits in `poll`, and services each fault under a read guard.
+/// offline while it waits in `poll`, and services each fault under a read guard. Its first
+/// failure to serve a fault is sent on `tx`, which ends the run.
 fn spawn_uffd_handler(
     space: &Arc<AddressSpace>,
+    tx: mpsc::Sender<ThreadEnd>,
 ) -> Result<(Arc<std::sync::atomic::AtomicBool>, JoinHandle<()>), VmError> {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (space, stop2) = (Arc::clone(space), Arc::clone(&stop));
     let h = std::thread::Builder::new()
         .name("uffd-handler".into())
-        .spawn(move || memory::fault::handler_loop(&space, &stop2))
+        .spawn(move || {
+            let mut reported = false;
+            memory::fault::handler_loop(&space, &stop2, |e| {
+                if !std::mem::replace(&mut reported, true) {
+                    let _ = tx.send(ThreadEnd::HandlerFailed(e.to_string()));
+                }
+            })
+        })
         .map_err(VmError::SpawnHandler)?;
     Ok((stop, h))
 }

@@ -620,8 +620,14 @@ enum ChunkAccess<'a> {
 
 /// The userfaultfd handler thread (`--fault-mode handler`, the Firecracker / QEMU postcopy
 /// design): an RCU reader, offline while it sleeps in `poll`, each batch of faults one
-/// read-side critical section. Runs until `stop` is set.
-pub fn handler_loop(space: &AddressSpace, stop: &std::sync::atomic::AtomicBool) {
+/// read-side critical section. Runs until `stop` is set. A fault it cannot serve (the page
+/// cannot be populated) is passed to `failed`, and the faulting thread is woken to retry: the
+/// owner of the thread decides whether the run goes on (the VM ends it).
+pub fn handler_loop(
+    space: &AddressSpace,
+    stop: &std::sync::atomic::AtomicBool,
+    mut failed: impl FnMut(&FaultError),
+) {
     let Some(uffd) = space.uffd() else {
         return;
     };
@@ -637,9 +643,10 @@ pub fn handler_loop(space: &AddressSpace, stop: &std::sync::atomic::AtomicBool) 
             }
         }
         let guard = reader.read();
-        let serve = |f: &super::uffd::PageFault| {
+        let mut serve = |f: &super::uffd::PageFault| {
             if let Err(e) = space.handle_userfault(&guard, f.host_addr, f.write) {
-                tracing::error!(error = %e, "servicing a userfault failed");
+                tracing::debug!(error = %e, "servicing a userfault failed");
+                failed(&e);
             }
         };
         if space.always_wake {
@@ -664,7 +671,7 @@ pub fn handler_loop(space: &AddressSpace, stop: &std::sync::atomic::AtomicBool) 
             loop {
                 match uffd.read_faults(&mut batch) {
                     Ok((kept, events)) => {
-                        batch[..kept].iter().for_each(serve);
+                        batch[..kept].iter().for_each(&mut serve);
                         if events < super::uffd::READ_BATCH {
                             break;
                         }

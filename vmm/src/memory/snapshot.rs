@@ -285,7 +285,9 @@ impl Source {
             if b.len() < bytes {
                 b.resize(bytes, 0);
             }
-            self.file.read_exact_at(&mut b[..bytes], off)?;
+            self.file
+                .read_exact_at(&mut b[..bytes], off)
+                .map_err(|e| self.explain(e, off + bytes as u64))?;
             Ok(f(&b[..bytes]))
         })
     }
@@ -307,6 +309,7 @@ impl Source {
         // as `self`; only the kernel reads it, and a page it cannot read fails the call.
         let r = unsafe { uffd.copy_from_raw(host, self.base.add(off as usize), n * PAGE) };
         let bytes = n * PAGE;
+        let r = r.map_err(|e| self.explain(e, off + bytes));
         if self.copied.fetch_add(bytes, Relaxed) + bytes >= DROP_SOURCE_EVERY {
             self.copied.store(0, Relaxed);
             // SAFETY: the mapping is a read-only private view of the file that nothing
@@ -321,6 +324,23 @@ impl Source {
             };
         }
         r
+    }
+
+    /// Names the cause of a failed read of the data file up to byte `end`, when it is that
+    /// the file is now shorter than that (truncated under the VM: the mapping's pages past
+    /// its end cannot be read, and a `pread` comes back short).
+    fn explain(&self, e: io::Error, end: u64) -> io::Error {
+        match self.file.metadata() {
+            Ok(m) if m.len() < end => io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the snapshot's data file is now {} bytes, short of the {end} this page \
+                     needs: it was truncated while the restore was reading it ({e})",
+                    m.len()
+                ),
+            ),
+            _ => e,
+        }
     }
 
     /// Forgets pages `[pfn, pfn + n)`: served, or their memory released.

@@ -519,6 +519,11 @@ fn run_once(
         RunOutcome::SetupFailed { vcpu, message } => {
             return Err(format!("vcpu {vcpu}: setup failed: {message}"))
         }
+        RunOutcome::HandlerFailed { message } => {
+            return Err(format!(
+                "the userfaultfd handler could not serve a guest access: {message}"
+            ))
+        }
         RunOutcome::AllParked => {
             return Err(format!("every vCPU parked without finishing{}", console()))
         }
