@@ -370,6 +370,47 @@ fn window_mode_changes_no_memslot_under_churn() {
     }
 }
 
+/// `--churn-populate false`: the churn thread maps, unmaps, splits and protects without
+/// populating anything, and the report says so; by default it populates what it maps.
+#[test]
+fn churn_without_populating_times_the_mapping_change_alone() {
+    require_kvm!();
+    for populate in ["true", "false"] {
+        let v = stress_json(&[
+            "--vcpus",
+            "1",
+            "--pages",
+            "2048",
+            "--churn",
+            "2000",
+            "--fault-around",
+            "1",
+            "--duration",
+            "1",
+            "--churn-populate",
+            populate,
+        ]);
+        let what = format!("--churn-populate {populate}: {v}");
+        assert_eq!(
+            v["churn_populate"].as_bool(),
+            Some(populate == "true"),
+            "{what}"
+        );
+        assert!(
+            u(&v, "churn.maps") > 0 && u(&v, "churn.unmaps") > 0,
+            "{what}"
+        );
+        assert_eq!(u(&v, "verify_errors"), 0, "{what}");
+        assert_eq!(u(&v, "rss.churn_residual_bytes"), 0, "{what}");
+        let populated = u(&v, "churn.populated_bytes");
+        if populate == "true" {
+            assert!(populated > 0, "{what}");
+        } else {
+            assert_eq!(populated, 0, "{what}");
+        }
+    }
+}
+
 /// `--regions 1000000` in window mode: a million regions in the tree (4 KiB each, side by
 /// side), the guest's touches verify clean.
 #[test]

@@ -41,6 +41,8 @@ pub struct ChurnConfig {
     pub max_live: usize,
     /// Seed of its random choices.
     pub seed: u64,
+    /// Populate each mapped region (`--churn-populate`).
+    pub populate: bool,
 }
 
 /// What the churn thread did (one run).
@@ -287,7 +289,7 @@ pub fn run(
     let mut pieces = vec![0u32; slots as usize];
     let mut live: Vec<Live> = Vec::new();
     let mut rng = Rng(cfg.seed.max(1) ^ 0x9e37_79b9_7f4a_7c15);
-    let populate = space.fault_mode() != FaultMode::Kernel;
+    let populate = cfg.populate && space.fault_mode() != FaultMode::Kernel;
     let interval = Duration::from_secs_f64(1.0 / cfg.ops_per_sec.max(1) as f64);
     let start = Instant::now();
     let mut next = start;

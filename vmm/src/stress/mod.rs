@@ -87,6 +87,12 @@ pub struct StressArgs {
     #[arg(long, value_name = "OPS_PER_SEC", default_value_t = 0)]
     pub churn: u64,
 
+    /// Whether the churn thread populates each region it maps (true: as a hot-plugged region
+    /// the guest used would be, so that unmapping, splitting and protecting it have pages to
+    /// free or change). false times the mapping change alone: no page to free, no TLB flush.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub churn_populate: bool,
+
     /// Extra regions mapped before the guest starts (4 KiB each, side by side at the start of
     /// the hot-plug window), so that lookups walk a real tree. Up to 1,000,000 with
     /// `--memslots window`; up to 30,000 per region (KVM's memslots).
@@ -305,6 +311,7 @@ pub fn cmd_stress(args: StressArgs, process_start: Instant) -> u8 {
         uffd_always_wake: args.fault_mode == crate::cli::FaultMode::Handler
             && std::env::var_os("VMM_UFFD_ALWAYS_WAKE").is_some_and(|v| v == "1"),
         churn_rate: args.churn,
+        churn_populate: args.churn_populate,
         regions: args.regions,
         ..Default::default()
     });
@@ -418,7 +425,7 @@ fn run_once(
     let churn_shared = churn::new_shared();
     if args.churn > 0 {
         let shared = Arc::clone(&churn_shared);
-        let (rate, seed) = (args.churn, args.seed);
+        let (rate, seed, populate) = (args.churn, args.seed, args.churn_populate);
         sidecars.push(Box::new(move |h: vm::VmHandle| {
             let Ok(l) = Layout::new(top, regions, h.space.host().size_bytes()) else {
                 return;
@@ -429,6 +436,7 @@ fn run_once(
                 span_bytes: l.churn_span,
                 max_live: CHURN_MAX_LIVE,
                 seed,
+                populate,
             };
             churn::run(&h.space, &cfg, &h.stop, &shared);
         }));

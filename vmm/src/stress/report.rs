@@ -184,6 +184,10 @@ fn anon() -> String {
     "anon".to_owned()
 }
 
+fn yes() -> bool {
+    true
+}
+
 /// The `--json` object. The first fields, in order, are the contract's (docs/interface.md);
 /// the rest extend it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -228,6 +232,9 @@ pub struct StressReport {
     pub ram_backing: String,
     /// `--churn`: churn operations per second asked for.
     pub churn_rate: u64,
+    /// `--churn-populate`: whether the churn thread populated the regions it mapped.
+    #[serde(default = "yes")]
+    pub churn_populate: bool,
     /// `--regions`: extra regions mapped up front.
     pub regions: u64,
     /// Runs (fresh VMs) done.
