@@ -484,6 +484,9 @@ pub struct VcpuShared {
     pub pause: PauseCtl,
     /// `KVM_GET_MSR_INDEX_LIST`: the MSRs a snapshot saves.
     pub msr_indices: Vec<u32>,
+    /// The size of the XSAVE image KVM reads and writes for these vCPUs (see
+    /// [`crate::kvm::state::xsave_image_bytes`]).
+    pub xsave_image_bytes: usize,
     /// The VM's shape, as a snapshot records it.
     pub shape: crate::snapshot::Shape,
 }
@@ -692,8 +695,12 @@ impl PauseCtl {
         let saved = crate::kvm::complete_pending_io(fd)
             .map_err(|e| format!("completing the pending access failed: {e}"))
             .and_then(|()| {
-                crate::kvm::state::VcpuState::save(fd, &shared.msr_indices)
-                    .map_err(|e| e.to_string())
+                crate::kvm::state::VcpuState::save(
+                    fd,
+                    &shared.msr_indices,
+                    shared.xsave_image_bytes,
+                )
+                .map_err(|e| e.to_string())
             });
         let mut g = self.lock();
         if !self.requested.load(Ordering::Acquire) {
@@ -868,7 +875,13 @@ fn run_once(fd: &mut VcpuFd) -> Result<VcpuExit<'_>, kvm_ioctls::Error> {
 pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> VcpuOutcome {
     let set_up = match &vcpu.restore {
         None => crate::boot::regs::configure(&vcpu.fd, vcpu.index as u32, vcpu.entry, cpuid),
-        Some(state) => crate::boot::regs::restore(&vcpu.fd, vcpu.index as u32, cpuid, state),
+        Some(state) => crate::boot::regs::restore(
+            &vcpu.fd,
+            vcpu.index as u32,
+            cpuid,
+            state,
+            shared.xsave_image_bytes,
+        ),
     };
     if let Err(e) = set_up {
         return VcpuOutcome::SetupFailed(e.to_string());

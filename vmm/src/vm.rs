@@ -681,6 +681,7 @@ impl<'a> Vm<'a> {
             exits: vcpu::ExitCounters::default(),
             pause: vcpu::PauseCtl::default(),
             msr_indices,
+            xsave_image_bytes: kvm::state::xsave_image_bytes(&res.vm),
             shape: crate::snapshot::Shape {
                 vcpus: cfg.vcpus,
                 mem_bytes: cfg.mem_bytes,

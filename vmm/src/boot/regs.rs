@@ -154,18 +154,20 @@ pub fn configure(
 }
 
 /// Puts vCPU `index` back into a saved state: the same CPUID as [`configure`] gives it, then
-/// every register of `state`. MSRs KVM refuses are skipped and logged.
+/// every register of `state` (`xsave_bytes`: the XSAVE image size of this VM, see
+/// [`crate::kvm::state::xsave_image_bytes`]). MSRs KVM refuses are skipped and logged.
 pub fn restore(
     vcpu: &VcpuFd,
     index: u32,
     supported_cpuid: &CpuId,
     state: &crate::kvm::state::VcpuState,
+    xsave_bytes: usize,
 ) -> Result<(), KvmError> {
     ioctl(
         "KVM_SET_CPUID2",
         vcpu.set_cpuid2(&cpuid_for(supported_cpuid, index)),
     )?;
-    let refused = state.restore(vcpu)?;
+    let refused = state.restore(vcpu, xsave_bytes)?;
     if !refused.is_empty() {
         tracing::info!(
             vcpu = index,
