@@ -859,7 +859,13 @@ fn resolve_fault(
                 // Another vCPU may have populated the page first: retry.
                 Ok(VcpuEmulation::Handled)
             } else {
-                Err(fatal(r.stuck_reason()))
+                // A `kernel`-mode restore whose data file was cut short: the pages look
+                // present (mapped), but the page cache has nothing past the file's end.
+                let why = match mem.space().mapped_file_cut_short() {
+                    Some(cut) => format!("cannot complete {}: {cut}", r.instruction),
+                    None => r.stuck_reason(),
+                };
+                Err(fatal(why))
             }
         }
         Err(e) => Err(fatal(e.to_string())),

@@ -447,6 +447,9 @@ pub struct AddressSpace {
     /// The snapshot being restored, which first touches are served from (set before any
     /// vCPU runs).
     pub(crate) source: std::sync::OnceLock<super::snapshot::Source>,
+    /// The snapshot data file mapped under guest RAM (`kernel` restore mode), and the length
+    /// those mappings need: a guest access past a shorter file's end cannot be served.
+    pub(crate) mapped_file: Mutex<Option<(std::fs::File, u64)>>,
     /// A teardown could not put a range of the hot-plug window back to an armed hole: holes are
     /// no longer all armed, and regions there are mapped in full ([`AddressSpace::armed`]).
     window_disarmed: std::sync::atomic::AtomicBool,
@@ -575,6 +578,7 @@ impl AddressSpace {
             }),
             counters: AsCounters::default(),
             source: std::sync::OnceLock::new(),
+            mapped_file: Mutex::new(None),
             // `VMM_PROT_NONE_HOLES=1`: holes go back to PROT_NONE as in the other modes (the
             // baseline the armed holes are measured against, `scripts/bench-ab.sh`).
             window_disarmed: std::sync::atomic::AtomicBool::new(

@@ -517,7 +517,27 @@ impl AddressSpace {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
+        let mut mapped = self.mapped_file.lock().unwrap_or_else(|e| e.into_inner());
+        match &mut *mapped {
+            Some((_, needed)) => *needed = (*needed).max(offset + size),
+            None => *mapped = Some((file.try_clone()?, offset + size)),
+        }
         Ok(())
+    }
+
+    /// Why guest memory cannot be served, when the reason is that a snapshot data file mapped
+    /// under it (`kernel` restore mode) is now shorter than the mappings need: it was
+    /// truncated under the VM, and the page cache has no page past its end.
+    pub fn mapped_file_cut_short(&self) -> Option<String> {
+        let mapped = self.mapped_file.lock().unwrap_or_else(|e| e.into_inner());
+        let (file, needed) = mapped.as_ref()?;
+        let len = file.metadata().ok()?.len();
+        (len < *needed).then(|| {
+            format!(
+                "the snapshot's data file is now {len} bytes, short of the {needed} mapped under \
+                 guest memory: it was truncated under the VM"
+            )
+        })
     }
 }
 
