@@ -9,6 +9,8 @@
 #
 # One page per exit (--fault-around 1), so that churn competes with a steady fault stream.
 # Knobs (environment): BENCH_PAGES (pages per vCPU, default 32768), BENCH_REPEATS (default 3),
+# BENCH_DURATION (seconds of fresh-VM runs averaged into each data point, default 3; one run
+# for the 1,000,000-region rows),
 # BENCH_OUT (default docs), VMM (the vmm binary; default: built with cargo, release).
 # Repeats are the outer loop, so that drift of the host spreads over every configuration.
 set -euo pipefail
@@ -16,6 +18,7 @@ cd "$(dirname "$0")/.."
 
 PAGES=${BENCH_PAGES:-32768}
 REPEATS=${BENCH_REPEATS:-3}
+DURATION=${BENCH_DURATION:-3}
 OUT=${BENCH_OUT:-docs}
 if [[ -z "${VMM:-}" ]]; then
     cargo build --release -p vmm --quiet
@@ -27,13 +30,13 @@ results="$OUT/bench-memslots.jsonl"
 
 run() {
     printf '\r%-100s' "repeat $rep: $*" >&2
-    "$VMM" stress --json --pages "$PAGES" --fault-around 1 --seed "$rep" "$@" >>"$results"
+    "$VMM" stress --json --pages "$PAGES" --fault-around 1 --seed "$rep" --duration "$DURATION" "$@" >>"$results"
 }
 
 # Window mode with the holes put back to PROT_NONE (the design before armed holes), tagged.
 run_prot_none() {
     printf '\r%-100s' "repeat $rep: PROT_NONE holes $*" >&2
-    VMM_PROT_NONE_HOLES=1 "$VMM" stress --json --pages "$PAGES" --fault-around 1 --seed "$rep" \
+    VMM_PROT_NONE_HOLES=1 "$VMM" stress --json --pages "$PAGES" --fault-around 1 --seed "$rep" --duration "$DURATION" \
         --memslots window "$@" | jq -c '.memslots = "window, PROT_NONE holes"' >>"$results"
 }
 
@@ -43,7 +46,7 @@ run_unpopulated() {
     local memslots=$1
     shift
     printf '\r%-100s' "repeat $rep: unpopulated churn $memslots $*" >&2
-    "$VMM" stress --json --pages "$PAGES" --fault-around 1 --seed "$rep" --memslots "$memslots" \
+    "$VMM" stress --json --pages "$PAGES" --fault-around 1 --seed "$rep" --duration "$DURATION" --memslots "$memslots" \
         --churn-populate false "$@" | jq -c --arg m "$memslots, unpopulated churn" '.memslots = $m' >>"$results"
 }
 
@@ -67,15 +70,16 @@ for rep in $(seq 1 "$REPEATS"); do
     done
 done
 # Host memory and fault latency with a million regions, against a thousand (one run each).
+DURATION=0
 for regions in 1000 1000000; do
     rep=1
     run --vcpus 2 --memslots window --regions "$regions" --churn 1000
 done
 echo >&2
 
-python3 - "$results" "$OUT/bench-memslots.md" "$PAGES" "$REPEATS" <<'EOF'
+python3 - "$results" "$OUT/bench-memslots.md" "$PAGES" "$REPEATS" "${BENCH_DURATION:-3}" <<'EOF'
 import json, statistics, sys
-path, out, pages, repeats = sys.argv[1:5]
+path, out, pages, repeats, duration = sys.argv[1:6]
 runs = [json.loads(l) for l in open(path) if l.strip()]
 def key(r):
     return (r["memslots"], r["vcpus"], r["regions"], r["address_space"], r["churn_rate"])
@@ -91,8 +95,9 @@ def get(r, path):
 lines = [
     "# Memslot windows vs a memslot per region (`scripts/bench-memslots.sh`)",
     "",
-    f"{pages} pages per vCPU, `vcpu` fault mode, `--fault-around 1`, medians of {repeats} runs (one run for the "
-    "1,000,000-region rows). Op latencies are p50 (ns) of the operation alone; "
+    f"{pages} pages per vCPU, `vcpu` fault mode, `--fault-around 1`, medians of {repeats} data points, each "
+    f"averaging the fresh-VM runs of {duration} s (`--duration`; one run for the "
+    f"1,000,000-region rows). Command: `BENCH_PAGES={pages} BENCH_REPEATS={repeats} BENCH_DURATION={duration} scripts/bench-memslots.sh`. Op latencies are p50 (ns) of the operation alone; "
     "`mmap` is a plain anonymous `mmap` + `munmap` of the same sizes timed by the churn "
     "thread in the same run.",
     "",
