@@ -244,6 +244,8 @@ fn damaged_snapshots_are_refused_before_the_guest_runs() {
         .find(|&g| g >= 8 << 20)
         .unwrap();
     type Damage = Box<dyn Fn(&Path)>;
+    // Each case with the default `--restore-verify full` (every page checked) unless named
+    // `meta-...`: then with `meta`, which reads runs.bin instead of pages.bin.
     let cases: Vec<(&str, Damage, &str)> = vec![
         (
             "missing-vcpus",
@@ -295,6 +297,31 @@ fn damaged_snapshots_are_refused_before_the_guest_runs() {
             "pages.bin",
         ),
         (
+            "meta-truncated-index",
+            Box::new(|d| truncate_by(&d.join("pages.bin"), 16)),
+            "pages.bin",
+        ),
+        (
+            "meta-missing-index",
+            Box::new(|d| std::fs::remove_file(d.join("pages.bin")).unwrap()),
+            "pages.bin is missing",
+        ),
+        (
+            "corrupt-runs",
+            Box::new(|d| flip_byte(&d.join("runs.bin"), 3)),
+            "runs.bin",
+        ),
+        (
+            "meta-corrupt-runs",
+            Box::new(|d| flip_byte(&d.join("runs.bin"), 3)),
+            "runs.bin",
+        ),
+        (
+            "meta-missing-runs",
+            Box::new(|d| std::fs::remove_file(d.join("runs.bin")).unwrap()),
+            "runs.bin is missing",
+        ),
+        (
             "truncated-memory",
             Box::new(|d| truncate_by(&d.join("memory.img"), 4096)),
             "memory.img",
@@ -316,7 +343,12 @@ fn damaged_snapshots_are_refused_before_the_guest_runs() {
     for (name, damage, want) in cases {
         let dir = copy_snapshot(&good, name);
         damage(&dir);
-        let o = restore(&dir, &["--passes", "1"]);
+        let verify = if name.starts_with("meta-") {
+            "meta"
+        } else {
+            "full"
+        };
+        let o = restore(&dir, &["--passes", "1", "--restore-verify", verify]);
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(1), "{name}: {err}");
         assert!(err.contains(want), "{name}: expected {want:?} in {err}");
@@ -637,4 +669,41 @@ fn a_data_file_truncated_under_a_lazy_restore_ends_the_run_with_a_diagnosis() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     let _ = std::fs::remove_dir_all(&snap);
+}
+
+/// A snapshot written before `runs.bin` existed (the file gone and the manifest not listing
+/// it) is read through `pages.bin`, with and without checking every page.
+#[test]
+fn a_snapshot_without_runs_restores_through_the_page_index() {
+    require_kvm!();
+    let snap = tmp("no-runs");
+    make_snapshot("no-runs", &snap);
+    let runs = std::fs::read(snap.join("runs.bin")).unwrap();
+    let pages = std::fs::metadata(snap.join("pages.bin")).unwrap().len();
+    // Adjacent pages make few runs: 16 bytes a run against 16 a page.
+    assert!(
+        runs.len() % 16 == 0 && (runs.len() as u64) < pages / 8,
+        "{} vs {pages}",
+        runs.len()
+    );
+    std::fs::remove_file(snap.join("runs.bin")).unwrap();
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(snap.join("manifest.json")).unwrap()).unwrap();
+    assert!(m["files"]
+        .as_object_mut()
+        .unwrap()
+        .remove("runs.bin")
+        .is_some());
+    let bytes = serde_json::to_vec_pretty(&m).unwrap();
+    std::fs::write(snap.join("manifest.json"), &bytes).unwrap();
+    std::fs::write(
+        snap.join("manifest.sum"),
+        format!("{:016x}\n", vmm::snapshot::checksum(&bytes)),
+    )
+    .unwrap();
+    for verify in ["meta", "full"] {
+        let o = restore(&snap, &["--passes", "1", "--restore-verify", verify]);
+        assert_restored_clean(&o, verify);
+    }
+    let _ = std::fs::remove_dir_all(snap);
 }

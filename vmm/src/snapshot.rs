@@ -9,6 +9,7 @@
 //! | `manifest.sum` | the checksum of `manifest.json` |
 //! | `memory.img` | guest memory: each region's pages at `file_offset + (gpa - region.gpa)`; only populated pages are written, the rest are holes (a sparse file) |
 //! | `pages.bin` | the index: one `(gpa, checksum)` pair of little-endian `u64`s per page held, by address |
+//! | `runs.bin` | the same pages as runs: one `(first gpa, pages)` pair of little-endian `u64`s per run of adjacent pages held, by address; what a restore that does not check every page reads instead of `pages.bin` (16 bytes a run instead of 16 a page). Snapshots written before it have none, and are read through `pages.bin` |
 //! | `vcpus.json` | every vCPU's KVM state |
 //! | `devices.json` | the UART's state and partial lines (the mailbox and exit port keep no state outside guest memory) |
 //!
@@ -45,6 +46,8 @@ pub const MANIFEST_SUM: &str = "manifest.sum";
 pub const MEMORY: &str = "memory.img";
 /// The page index.
 pub const PAGES: &str = "pages.bin";
+/// The page index as runs.
+pub const RUNS: &str = "runs.bin";
 /// vCPU state.
 pub const VCPUS: &str = "vcpus.json";
 /// Device state.
@@ -289,12 +292,14 @@ const COPY_CHUNK_PAGES: u64 = 256;
 fn write_memory(
     space: &AddressSpace,
     dir: &Path,
-) -> Result<(Vec<RegionRecord>, Vec<u8>, u64, u64), SnapshotError> {
+) -> Result<(Vec<RegionRecord>, Vec<u8>, Vec<u8>, u64, u64), SnapshotError> {
     let path = dir.join(MEMORY);
     let f = File::create(&path).map_err(io_err("cannot create", &path))?;
     let source = space.source();
     let mut regions = Vec::new();
     let mut index = Vec::new();
+    // Runs of adjacent pages held: (first gpa, pages).
+    let mut runs: Vec<(u64, u64)> = Vec::new();
     let mut pages_held = 0u64;
     let mut offset = 0u64;
     let mut buf = vec![0u8; (COPY_CHUNK_PAGES * PAGE) as usize];
@@ -350,6 +355,10 @@ fn write_memory(
                 index.extend_from_slice(&((pfn + k as u64) * PAGE).to_le_bytes());
                 index.extend_from_slice(&checksum(page).to_le_bytes());
             }
+            match runs.last_mut() {
+                Some((first, k)) if *first + *k * PAGE == pfn * PAGE => *k += n,
+                _ => runs.push((pfn * PAGE, n)),
+            }
             pages_held += n;
             p = e;
         }
@@ -365,7 +374,12 @@ fn write_memory(
     }
     f.set_len(offset).map_err(io_err("cannot size", &path))?;
     f.sync_all().map_err(io_err("cannot sync", &path))?;
-    Ok((regions, index, pages_held, offset))
+    let runs = runs
+        .iter()
+        .flat_map(|&(gpa, n)| [gpa.to_le_bytes(), n.to_le_bytes()])
+        .flatten()
+        .collect();
+    Ok((regions, index, runs, pages_held, offset))
 }
 
 /// Writes the snapshot into `dir` (atomically: a temporary directory renamed at the end; an
@@ -385,9 +399,10 @@ pub fn write(dir: &Path, force: bool, cap: &Capture<'_>) -> Result<(u64, u64), S
 
 fn write_into(tmp: &Path, cap: &Capture<'_>) -> Result<(u64, u64), SnapshotError> {
     fs::create_dir(tmp).map_err(io_err("cannot create", tmp))?;
-    let (regions, index, pages, memory_bytes) = write_memory(cap.space, tmp)?;
+    let (regions, index, runs, pages, memory_bytes) = write_memory(cap.space, tmp)?;
     let mut files = BTreeMap::new();
     files.insert(PAGES.to_owned(), write_file(tmp, PAGES, &index)?);
+    files.insert(RUNS.to_owned(), write_file(tmp, RUNS, &runs)?);
     let vcpus = serde_json::to_vec(cap.vcpus)
         .map_err(|e| SnapshotError::Vm(format!("cannot encode the vCPU state: {e}")))?;
     files.insert(VCPUS.to_owned(), write_file(tmp, VCPUS, &vcpus)?);
@@ -455,26 +470,102 @@ pub struct Loaded {
     pub devices: DeviceState,
 }
 
-/// The page index (`pages.bin`) as read: `(gpa, checksum)` entries of 16 bytes, decoded as they
-/// are walked (a copy of gigabytes' worth of entries would cost the restore milliseconds).
+/// The page index as read: `pages.bin`'s `(gpa, checksum)` entries of 16 bytes, decoded as
+/// they are walked (a copy of gigabytes' worth of entries would cost the restore
+/// milliseconds), or `runs.bin`'s runs when the pages are not checked one by one.
 #[derive(Debug)]
-pub struct PageIndex(Vec<u8>);
+pub enum PageIndex {
+    /// `pages.bin`: a `(gpa, checksum)` entry per page, by address.
+    Pages(Vec<u8>),
+    /// `runs.bin`: `(first gpa, end gpa)` of each run of adjacent pages, by address, and the
+    /// number of pages in all.
+    Runs(Vec<(u64, u64)>, usize),
+}
 
 impl PageIndex {
     /// Pages in the index.
     pub fn count(&self) -> usize {
-        self.0.len() / 16
+        match self {
+            PageIndex::Pages(b) => b.len() / 16,
+            PageIndex::Runs(_, n) => *n,
+        }
     }
 
-    /// `(gpa, checksum)` of every page, by address.
-    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.0.chunks_exact(16).map(|e| {
-            let (mut a, mut b) = ([0u8; 8], [0u8; 8]);
-            a.copy_from_slice(&e[..8]);
-            b.copy_from_slice(&e[8..]);
-            (u64::from_le_bytes(a), u64::from_le_bytes(b))
-        })
+    /// `(gpa, checksum)` of every page, by address: only `pages.bin` has the checksums.
+    pub fn checksums(&self) -> Option<impl Iterator<Item = (u64, u64)> + '_> {
+        match self {
+            PageIndex::Pages(b) => Some(b.chunks_exact(16).map(|e| {
+                let (mut a, mut b) = ([0u8; 8], [0u8; 8]);
+                a.copy_from_slice(&e[..8]);
+                b.copy_from_slice(&e[8..]);
+                (u64::from_le_bytes(a), u64::from_le_bytes(b))
+            })),
+            PageIndex::Runs(..) => None,
+        }
     }
+
+    /// `(first gpa, end gpa)` of every run of adjacent pages, by address.
+    pub fn runs(&self) -> Box<dyn Iterator<Item = (u64, u64)> + '_> {
+        match self {
+            PageIndex::Runs(r, _) => Box::new(r.iter().copied()),
+            PageIndex::Pages(_) => {
+                let mut pages = self
+                    .checksums()
+                    .into_iter()
+                    .flatten()
+                    .map(|(g, _)| g)
+                    .peekable();
+                Box::new(std::iter::from_fn(move || {
+                    let first = pages.next()?;
+                    let mut end = first + PAGE;
+                    while pages.peek() == Some(&end) {
+                        pages.next();
+                        end += PAGE;
+                    }
+                    Some((first, end))
+                }))
+            }
+        }
+    }
+
+    /// The address of every page, by address.
+    pub fn gpas(&self) -> impl Iterator<Item = u64> + '_ {
+        self.runs()
+            .flat_map(|(first, end)| (first..end).step_by(PAGE as usize))
+    }
+}
+
+/// Decodes `runs.bin`: `(first gpa, pages)` pairs, each run page-aligned, not empty, after the
+/// one before (not touching it: the writer merges adjacent runs).
+fn parse_runs(bytes: &[u8]) -> Result<PageIndex, String> {
+    if bytes.len() % 16 != 0 {
+        return Err(format!("{} bytes, not a whole number of runs", bytes.len()));
+    }
+    let mut runs = Vec::with_capacity(bytes.len() / 16);
+    let mut count = 0usize;
+    let mut prev_end = 0u64;
+    for e in bytes.chunks_exact(16) {
+        let (mut a, mut b) = ([0u8; 8], [0u8; 8]);
+        a.copy_from_slice(&e[..8]);
+        b.copy_from_slice(&e[8..]);
+        let (first, n) = (u64::from_le_bytes(a), u64::from_le_bytes(b));
+        let end = n
+            .checked_mul(PAGE)
+            .and_then(|len| first.checked_add(len))
+            .ok_or_else(|| format!("run {first:#x} of {n} pages ends beyond 2^64"))?;
+        if first % PAGE != 0 || n == 0 || (!runs.is_empty() && first <= prev_end) {
+            return Err(format!(
+                "run {first:#x} of {n} pages is empty, unaligned or out of order"
+            ));
+        }
+        runs.push((first, end));
+        count = usize::try_from(n)
+            .ok()
+            .and_then(|n| count.checked_add(n))
+            .ok_or("too many pages")?;
+        prev_end = end;
+    }
+    Ok(PageIndex::Runs(runs, count))
 }
 
 fn read_file(dir: &Path, name: &'static str) -> Result<Vec<u8>, SnapshotError> {
@@ -558,7 +649,54 @@ pub fn load(dir: &Path, verify: Verify) -> Result<Loaded, SnapshotError> {
         }
         Ok(bytes)
     };
-    let index = checked(PAGES)?;
+    // `pages.bin` is read whole only where its checksums are needed (every page checked) or
+    // there is no `runs.bin` (a snapshot written before it); otherwise only its size is
+    // checked, and the runs are read: 16 bytes a run instead of 16 a page, milliseconds less
+    // before the guest runs at gigabytes of snapshot.
+    let with_runs = manifest.files.contains_key(RUNS);
+    let read_runs = || -> Result<PageIndex, SnapshotError> {
+        parse_runs(&checked(RUNS)?).map_err(|why| corrupt(RUNS, why))
+    };
+    let pages = if verify == Verify::Meta && with_runs {
+        let want = manifest
+            .files
+            .get(PAGES)
+            .ok_or_else(|| corrupt(MANIFEST, format!("does not list {PAGES}")))?;
+        let path = dir.join(PAGES);
+        let len = fs::metadata(&path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => SnapshotError::Missing {
+                    dir: dir.to_owned(),
+                    file: PAGES,
+                },
+                _ => SnapshotError::Io {
+                    what: "cannot read",
+                    path: path.clone(),
+                    source: e,
+                },
+            })?
+            .len();
+        if len != want.bytes || len != manifest.pages.saturating_mul(16) {
+            return Err(corrupt(
+                PAGES,
+                format!("{len} bytes, the manifest says {}", want.bytes),
+            ));
+        }
+        read_runs()?
+    } else {
+        let index = checked(PAGES)?;
+        if index.len() % 16 != 0 {
+            return Err(corrupt(PAGES, "not a whole number of entries".into()));
+        }
+        let pages = PageIndex::Pages(index);
+        if with_runs && !read_runs()?.runs().eq(pages.runs()) {
+            return Err(corrupt(
+                RUNS,
+                format!("does not list the pages {PAGES} does"),
+            ));
+        }
+        pages
+    };
     let vcpus: Vec<VcpuState> =
         serde_json::from_slice(&checked(VCPUS)?).map_err(|e| corrupt(VCPUS, e.to_string()))?;
     let devices: DeviceState =
@@ -573,10 +711,14 @@ pub fn load(dir: &Path, verify: Verify) -> Result<Loaded, SnapshotError> {
             ),
         ));
     }
-    if index.len() % 16 != 0 || (index.len() / 16) as u64 != manifest.pages {
-        return Err(corrupt(PAGES, "wrong size for the number of pages".into()));
+    if pages.count() as u64 != manifest.pages {
+        let file = if matches!(pages, PageIndex::Runs(..)) {
+            RUNS
+        } else {
+            PAGES
+        };
+        return Err(corrupt(file, "wrong size for the number of pages".into()));
     }
-    let pages = PageIndex(index);
     check_layout(&manifest, &pages).map_err(|why| corrupt(MANIFEST, why))?;
     let path = dir.join(MEMORY);
     let memory = File::open(&path).map_err(|e| match e.kind() {
@@ -638,18 +780,28 @@ fn check_layout(m: &Manifest, pages: &PageIndex) -> Result<(), String> {
     if file_end > m.memory_bytes {
         return Err("regions lie beyond memory.img".into());
     }
-    let mut prev: Option<u64> = None;
+    // Pages sorted (checked here for `pages.bin`; `runs.bin`'s order was checked as it was
+    // read), each in a region.
+    if let Some(entries) = pages.checksums() {
+        let mut prev: Option<u64> = None;
+        for (gpa, _) in entries {
+            if gpa % PAGE != 0 || prev.is_some_and(|p| gpa <= p) {
+                return Err(format!("page {gpa:#x} out of order in the index"));
+            }
+            prev = Some(gpa);
+        }
+    }
     let mut ri = 0usize;
-    for (gpa, _) in pages.iter() {
-        if gpa % PAGE != 0 || prev.is_some_and(|p| gpa <= p) {
-            return Err(format!("page {gpa:#x} out of order in the index"));
-        }
-        prev = Some(gpa);
-        while ri < m.regions.len() && m.regions[ri].gpa + m.regions[ri].size <= gpa {
-            ri += 1;
-        }
-        if ri >= m.regions.len() || gpa < m.regions[ri].gpa {
-            return Err(format!("page {gpa:#x} lies in no region"));
+    for (first, end) in pages.runs() {
+        let mut at = first;
+        while at < end {
+            while ri < m.regions.len() && m.regions[ri].gpa + m.regions[ri].size <= at {
+                ri += 1;
+            }
+            match m.regions.get(ri) {
+                Some(r) if r.gpa <= at => at = end.min(r.gpa + r.size),
+                _ => return Err(format!("page {at:#x} lies in no region")),
+            }
         }
     }
     Ok(())
@@ -668,7 +820,12 @@ impl Loaded {
     pub fn verify_pages(&self) -> Result<(), SnapshotError> {
         let started = Instant::now();
         let mut buf = vec![0u8; PAGE as usize];
-        for (gpa, sum) in self.pages.iter() {
+        let Some(entries) = self.pages.checksums() else {
+            return Err(SnapshotError::Vm(
+                "the page checksums were not read (loaded without checking every page)".into(),
+            ));
+        };
+        for (gpa, sum) in entries {
             let off = self
                 .file_offset(gpa)
                 .ok_or_else(|| SnapshotError::Corrupt {
@@ -798,6 +955,41 @@ pub fn read_working_set(snap: &Loaded) -> Result<Vec<(u64, u64)>, SnapshotError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn runs_bytes(runs: &[(u64, u64)]) -> Vec<u8> {
+        runs.iter()
+            .flat_map(|&(g, n)| [g.to_le_bytes(), n.to_le_bytes()])
+            .flatten()
+            .collect()
+    }
+
+    #[test]
+    fn the_run_index_matches_the_page_index_and_refuses_bad_runs() {
+        // Pages 0-2 and 5 of a region at 1 MiB, as pages.bin and as runs.bin.
+        let gpas = [0u64, 1, 2, 5].map(|p| (1 << 20) + p * PAGE);
+        let pages = PageIndex::Pages(
+            gpas.iter()
+                .flat_map(|&g| [g.to_le_bytes(), 7u64.to_le_bytes()])
+                .flatten()
+                .collect(),
+        );
+        let runs = parse_runs(&runs_bytes(&[(1 << 20, 3), ((1 << 20) + 5 * PAGE, 1)])).unwrap();
+        assert_eq!(runs.count(), 4);
+        assert!(runs.runs().eq(pages.runs()));
+        assert!(runs.gpas().eq(gpas.iter().copied()));
+        assert!(runs.checksums().is_none() && pages.checksums().is_some());
+        for bad in [
+            vec![(1 << 20, 0)],                        // empty
+            vec![((1 << 20) + 8, 1)],                  // unaligned
+            vec![(2 << 20, 1), (1 << 20, 1)],          // out of order
+            vec![(1 << 20, 2), ((1 << 20) + PAGE, 1)], // overlapping
+            vec![(1 << 20, 1), ((1 << 20) + PAGE, 1)], // touching: the writer merges those
+            vec![(u64::MAX - PAGE + 1, 2)],            // beyond 2^64
+        ] {
+            assert!(parse_runs(&runs_bytes(&bad)).is_err(), "{bad:?}");
+        }
+        assert!(parse_runs(&[0u8; 15]).is_err());
+    }
 
     #[test]
     fn checksum_sees_every_word() {

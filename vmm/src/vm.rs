@@ -1185,7 +1185,7 @@ fn restore_memory(
     };
     let boot_end = abi::layout::BOOT_AREA_END;
     let mut buf = vec![0u8; memory::address_space::PAGE as usize];
-    for (gpa, _) in snap.pages.iter().take_while(|(g, _)| *g < boot_end) {
+    for gpa in snap.pages.gpas().take_while(|g| *g < boot_end) {
         let off = snap
             .file_offset(gpa)
             .ok_or_else(|| err(format!("page {gpa:#x} lies in no region")))?;
@@ -1195,7 +1195,13 @@ fn restore_memory(
             .write_slice(&buf, GuestAddress(gpa))
             .map_err(|e| err(format!("cannot write page {gpa:#x}: {e}")))?;
     }
-    let lazy = || snap.pages.iter().map(|(g, _)| g).filter(|&g| g >= boot_end);
+    // Runs of adjacent pages held above the boot area.
+    let lazy = || {
+        snap.pages
+            .runs()
+            .filter(move |&(_, end)| end > boot_end)
+            .map(move |(first, end)| (first.max(boot_end), end))
+    };
     let file = snap
         .memory
         .try_clone()
@@ -1236,12 +1242,12 @@ fn restore_memory(
             let started = Instant::now();
             // Runs of adjacent pages, each copied in with one call.
             let mut pages = 0u64;
-            memory::snapshot::for_each_run(lazy(), |first, end| {
+            for (first, end) in lazy() {
                 pages += (end - first) / memory::address_space::PAGE;
                 space
                     .populate_range(first, end - first)
-                    .map_err(|e| err(format!("cannot copy guest memory in: {e}")))
-            })?;
+                    .map_err(|e| err(format!("cannot copy guest memory in: {e}")))?;
+            }
             tracing::info!(
                 pages,
                 ms = started.elapsed().as_secs_f64() * 1e3,

@@ -2055,7 +2055,7 @@ mod tests {
                 size: 4 * MB,
                 file_offset: 0,
             }],
-            held.into_iter(),
+            super::super::snapshot::runs_of(held),
             1 << 30,
             record,
         )

@@ -37,28 +37,17 @@ fn scan_pagemap(host: u64, pages: u64, mut f: impl FnMut(bool)) -> io::Result<()
     Ok(())
 }
 
-/// Calls `f` with each run of adjacent pages in `pages` (guest-physical addresses, ascending),
-/// as `(first, end)` addresses, in order: a restore sets, copies or checks a run at once.
-pub fn for_each_run<E>(
-    pages: impl IntoIterator<Item = u64>,
-    mut f: impl FnMut(u64, u64) -> Result<(), E>,
-) -> Result<(), E> {
-    let mut run: Option<(u64, u64)> = None;
+/// The runs of adjacent pages in `pages` (guest-physical addresses, ascending), as
+/// `(first, end)` addresses, in order.
+pub fn runs_of(pages: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
     for gpa in pages {
-        match run {
-            Some((first, end)) if gpa == end => run = Some((first, end + PAGE)),
-            _ => {
-                if let Some((first, end)) = run {
-                    f(first, end)?;
-                }
-                run = Some((gpa, gpa + PAGE));
-            }
+        match runs.last_mut() {
+            Some((_, end)) if *end == gpa => *end += PAGE,
+            _ => runs.push((gpa, gpa + PAGE)),
         }
     }
-    match run {
-        Some((first, end)) => f(first, end),
-        None => Ok(()),
-    }
+    runs
 }
 
 /// Which of the `pages` pages at host address `host` hold data in this process (one entry
@@ -166,16 +155,16 @@ impl std::fmt::Debug for Source {
 }
 
 impl Source {
-    /// Serves from `file` (the data file, `len` bytes); `regions` sorted by address; `pages`:
-    /// the guest-physical addresses the snapshot holds, ascending; `space_bytes`:
-    /// guest-physical space.
+    /// Serves from `file` (the data file, `len` bytes); `regions` sorted by address; `runs`:
+    /// the pages the snapshot holds, as `(first, end)` guest-physical addresses of runs of
+    /// adjacent pages, ascending; `space_bytes`: guest-physical space.
     /// Every page must lie inside a region and inside the file. With `record`, the runs of
     /// pages served are logged in order ([`Source::working_set`]).
     pub fn open(
         file: File,
         len: u64,
         regions: Vec<SourceRegion>,
-        pages: impl Iterator<Item = u64>,
+        runs: impl IntoIterator<Item = (u64, u64)>,
         space_bytes: u64,
         record: bool,
     ) -> io::Result<Self> {
@@ -219,7 +208,7 @@ impl Source {
         // gigabytes of snapshot. A run whose ends lie in one region, at the right distance in
         // the file, lies in the file throughout.
         let mut held = 0;
-        for_each_run(pages, |first, end| -> io::Result<()> {
+        for (first, end) in runs {
             check(&s, first)?;
             check(&s, end - PAGE)?;
             let n = (end - first) / PAGE;
@@ -229,8 +218,7 @@ impl Source {
                 }
             }
             held += s.pages.set_range(first / PAGE, n);
-            Ok(())
-        })?;
+        }
         if record {
             s.log = Some(WsLog::new(held as usize));
         }
