@@ -287,12 +287,22 @@ fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileSum, SnapshotE
 /// Most bytes copied out of guest memory at once.
 const COPY_CHUNK_PAGES: u64 = 256;
 
-/// Writes guest memory into `memory.img` and returns the regions, the index and the file's
+/// What [`write_memory`] wrote.
+struct WrittenMemory {
+    regions: Vec<RegionRecord>,
+    /// `pages.bin`'s bytes.
+    index: Vec<u8>,
+    /// `runs.bin`'s bytes.
+    runs: Vec<u8>,
+    /// Pages written.
+    pages: u64,
+    /// `memory.img`'s size.
+    bytes: u64,
+}
+
+/// Writes guest memory into `memory.img` and returns the regions, the indexes and the file's
 /// size.
-fn write_memory(
-    space: &AddressSpace,
-    dir: &Path,
-) -> Result<(Vec<RegionRecord>, Vec<u8>, Vec<u8>, u64, u64), SnapshotError> {
+fn write_memory(space: &AddressSpace, dir: &Path) -> Result<WrittenMemory, SnapshotError> {
     let path = dir.join(MEMORY);
     let f = File::create(&path).map_err(io_err("cannot create", &path))?;
     let source = space.source();
@@ -379,7 +389,13 @@ fn write_memory(
         .flat_map(|&(gpa, n)| [gpa.to_le_bytes(), n.to_le_bytes()])
         .flatten()
         .collect();
-    Ok((regions, index, runs, pages_held, offset))
+    Ok(WrittenMemory {
+        regions,
+        index,
+        runs,
+        pages: pages_held,
+        bytes: offset,
+    })
 }
 
 /// Writes the snapshot into `dir` (atomically: a temporary directory renamed at the end; an
@@ -399,7 +415,13 @@ pub fn write(dir: &Path, force: bool, cap: &Capture<'_>) -> Result<(u64, u64), S
 
 fn write_into(tmp: &Path, cap: &Capture<'_>) -> Result<(u64, u64), SnapshotError> {
     fs::create_dir(tmp).map_err(io_err("cannot create", tmp))?;
-    let (regions, index, runs, pages, memory_bytes) = write_memory(cap.space, tmp)?;
+    let WrittenMemory {
+        regions,
+        index,
+        runs,
+        pages,
+        bytes: memory_bytes,
+    } = write_memory(cap.space, tmp)?;
     let mut files = BTreeMap::new();
     files.insert(PAGES.to_owned(), write_file(tmp, PAGES, &index)?);
     files.insert(RUNS.to_owned(), write_file(tmp, RUNS, &runs)?);
