@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
@@ -102,11 +103,17 @@ fn a_running_guest_is_snapshotted_and_restored_in_every_mode() {
         "manifest.sum",
         "memory.img",
         "pages.bin",
+        "runs.bin",
         "vcpus.json",
         "devices.json",
     ] {
         assert!(snap.join(file).is_file(), "{file} missing");
+        // Guest memory and register state are this user's only.
+        let mode = std::fs::metadata(snap.join(file)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{file}: mode {mode:o}");
     }
+    let mode = std::fs::metadata(&snap).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "the snapshot directory: mode {mode:o}");
     for mode in ["vcpu", "handler", "kernel", "eager"] {
         let o = restore(&snap, &["--restore-mode", mode, "--passes", "2"]);
         assert_restored_clean(&o, mode);

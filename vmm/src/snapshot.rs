@@ -273,9 +273,21 @@ pub fn check_target(dir: &Path, force: bool) -> Result<(), SnapshotError> {
     Ok(())
 }
 
+/// Creates (or truncates) `path` readable and writable by this user only: a snapshot holds
+/// guest memory and register state, which other local users must not read.
+fn create_private(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
 fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileSum, SnapshotError> {
     let path = dir.join(name);
-    let mut f = File::create(&path).map_err(io_err("cannot create", &path))?;
+    let mut f = create_private(&path).map_err(io_err("cannot create", &path))?;
     f.write_all(bytes).map_err(io_err("cannot write", &path))?;
     f.sync_all().map_err(io_err("cannot sync", &path))?;
     Ok(FileSum {
@@ -304,7 +316,7 @@ struct WrittenMemory {
 /// size.
 fn write_memory(space: &AddressSpace, dir: &Path) -> Result<WrittenMemory, SnapshotError> {
     let path = dir.join(MEMORY);
-    let f = File::create(&path).map_err(io_err("cannot create", &path))?;
+    let f = create_private(&path).map_err(io_err("cannot create", &path))?;
     let source = space.source();
     let mut regions = Vec::new();
     let mut index = Vec::new();
@@ -414,7 +426,14 @@ pub fn write(dir: &Path, force: bool, cap: &Capture<'_>) -> Result<(u64, u64), S
 }
 
 fn write_into(tmp: &Path, cap: &Capture<'_>) -> Result<(u64, u64), SnapshotError> {
-    fs::create_dir(tmp).map_err(io_err("cannot create", tmp))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        // This user's only, like the files in it (see `create_private`).
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(tmp)
+            .map_err(io_err("cannot create", tmp))?;
+    }
     let WrittenMemory {
         regions,
         index,
@@ -897,7 +916,7 @@ pub fn write_working_set(dir: &Path, runs: &[(u64, u64)]) -> Result<(), Snapshot
     bytes.extend_from_slice(&sum.to_le_bytes());
     let tmp = dir.join(format!(".{WORKING_SET}.tmp-{}", std::process::id()));
     let path = dir.join(WORKING_SET);
-    let written = File::create(&tmp)
+    let written = create_private(&tmp)
         .and_then(|f| {
             f.write_all_at(&bytes, 0)?;
             f.sync_all()
