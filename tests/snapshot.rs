@@ -109,7 +109,10 @@ fn a_running_guest_is_snapshotted_and_restored_in_every_mode() {
     ] {
         assert!(snap.join(file).is_file(), "{file} missing");
         // Guest memory and register state are this user's only.
-        let mode = std::fs::metadata(snap.join(file)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(snap.join(file))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o077, 0, "{file}: mode {mode:o}");
     }
     let mode = std::fs::metadata(&snap).unwrap().permissions().mode();
