@@ -857,16 +857,60 @@ impl Loaded {
         (gpa < r.gpa + r.size).then(|| r.file_offset + (gpa - r.gpa))
     }
 
-    /// Reads every page held and compares it with its checksum.
+    /// Reads every page held and compares it with its checksum: the index split between the
+    /// host's CPUs, runs of adjacent pages read with one call each (up to 1 MiB).
     pub fn verify_pages(&self) -> Result<(), SnapshotError> {
         let started = Instant::now();
-        let mut buf = vec![0u8; PAGE as usize];
-        let Some(entries) = self.pages.checksums() else {
+        let PageIndex::Pages(index) = &self.pages else {
             return Err(SnapshotError::Vm(
                 "the page checksums were not read (loaded without checking every page)".into(),
             ));
         };
-        for (gpa, sum) in entries {
+        let entries = index.len() / 16;
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, 8);
+        let per = entries.div_ceil(threads).max(1);
+        let results: Vec<Result<(), SnapshotError>> = std::thread::scope(|s| {
+            let parts: Vec<_> = index[..entries * 16]
+                .chunks(per * 16)
+                .map(|part| s.spawn(move || self.verify_part(part)))
+                .collect();
+            parts
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(SnapshotError::Vm("a page-checking thread panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        // The first damaged page by address (parts are in address order).
+        results.into_iter().collect::<Result<(), _>>()?;
+        tracing::info!(
+            pages = entries,
+            threads,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "restore: every page of the snapshot checked"
+        );
+        Ok(())
+    }
+
+    /// Checks the pages of `part`, a slice of `pages.bin`'s entries.
+    fn verify_part(&self, part: &[u8]) -> Result<(), SnapshotError> {
+        const RUN_PAGES: usize = 256;
+        let entry = |i: usize| {
+            let e = &part[i * 16..i * 16 + 16];
+            let (mut a, mut b) = ([0u8; 8], [0u8; 8]);
+            a.copy_from_slice(&e[..8]);
+            b.copy_from_slice(&e[8..]);
+            (u64::from_le_bytes(a), u64::from_le_bytes(b))
+        };
+        let n = part.len() / 16;
+        let mut buf = vec![0u8; RUN_PAGES * PAGE as usize];
+        let mut i = 0;
+        while i < n {
+            let (gpa, _) = entry(i);
             let off = self
                 .file_offset(gpa)
                 .ok_or_else(|| SnapshotError::Corrupt {
@@ -874,22 +918,31 @@ impl Loaded {
                     file: PAGES,
                     why: format!("page {gpa:#x} lies in no region"),
                 })?;
-            self.memory
-                .read_exact_at(&mut buf, off)
-                .map_err(io_err("cannot read", &self.dir.join(MEMORY)))?;
-            if checksum(&buf) != sum {
-                return Err(SnapshotError::Corrupt {
-                    dir: self.dir.clone(),
-                    file: MEMORY,
-                    why: format!("page {gpa:#x} does not match its checksum"),
-                });
+            // Adjacent pages that lie one after the other in the file too (one region).
+            let mut k = 1;
+            while i + k < n
+                && k < RUN_PAGES
+                && entry(i + k).0 == gpa + k as u64 * PAGE
+                && self.file_offset(gpa + k as u64 * PAGE) == Some(off + k as u64 * PAGE)
+            {
+                k += 1;
             }
+            let bytes = &mut buf[..k * PAGE as usize];
+            self.memory
+                .read_exact_at(bytes, off)
+                .map_err(io_err("cannot read", &self.dir.join(MEMORY)))?;
+            for (j, page) in bytes.chunks_exact(PAGE as usize).enumerate() {
+                let (gpa, sum) = entry(i + j);
+                if checksum(page) != sum {
+                    return Err(SnapshotError::Corrupt {
+                        dir: self.dir.clone(),
+                        file: MEMORY,
+                        why: format!("page {gpa:#x} does not match its checksum"),
+                    });
+                }
+            }
+            i += k;
         }
-        tracing::info!(
-            pages = self.pages.count(),
-            ms = started.elapsed().as_secs_f64() * 1e3,
-            "restore: every page of the snapshot checked"
-        );
         Ok(())
     }
 }
