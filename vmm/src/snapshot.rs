@@ -535,12 +535,7 @@ impl PageIndex {
     /// `(gpa, checksum)` of every page, by address: only `pages.bin` has the checksums.
     pub fn checksums(&self) -> Option<impl Iterator<Item = (u64, u64)> + '_> {
         match self {
-            PageIndex::Pages(b) => Some(b.chunks_exact(16).map(|e| {
-                let (mut a, mut b) = ([0u8; 8], [0u8; 8]);
-                a.copy_from_slice(&e[..8]);
-                b.copy_from_slice(&e[8..]);
-                (u64::from_le_bytes(a), u64::from_le_bytes(b))
-            })),
+            PageIndex::Pages(b) => Some(b.chunks_exact(16).map(pair)),
             PageIndex::Runs(..) => None,
         }
     }
@@ -585,11 +580,7 @@ fn parse_runs(bytes: &[u8]) -> Result<PageIndex, String> {
     let mut runs = Vec::with_capacity(bytes.len() / 16);
     let mut count = 0usize;
     let mut prev_end = 0u64;
-    for e in bytes.chunks_exact(16) {
-        let (mut a, mut b) = ([0u8; 8], [0u8; 8]);
-        a.copy_from_slice(&e[..8]);
-        b.copy_from_slice(&e[8..]);
-        let (first, n) = (u64::from_le_bytes(a), u64::from_le_bytes(b));
+    for (first, n) in bytes.chunks_exact(16).map(pair) {
         let end = n
             .checked_mul(PAGE)
             .and_then(|len| first.checked_add(len))
@@ -609,19 +600,36 @@ fn parse_runs(bytes: &[u8]) -> Result<PageIndex, String> {
     Ok(PageIndex::Runs(runs, count))
 }
 
-fn read_file(dir: &Path, name: &'static str) -> Result<Vec<u8>, SnapshotError> {
-    let path = dir.join(name);
-    fs::read(&path).map_err(|e| match e.kind() {
+/// The two little-endian `u64`s of a 16-byte index entry.
+fn pair(e: &[u8]) -> (u64, u64) {
+    let (mut a, mut b) = ([0u8; 8], [0u8; 8]);
+    a.copy_from_slice(&e[..8]);
+    b.copy_from_slice(&e[8..16]);
+    (u64::from_le_bytes(a), u64::from_le_bytes(b))
+}
+
+/// What a failed access to the snapshot's file `name` means: a missing file, or an I/O error
+/// while doing `what`.
+fn file_error<'a>(
+    dir: &'a Path,
+    name: &'static str,
+    what: &'static str,
+) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
+    move |e| match e.kind() {
         std::io::ErrorKind::NotFound => SnapshotError::Missing {
             dir: dir.to_owned(),
             file: name,
         },
         _ => SnapshotError::Io {
-            what: "cannot read",
-            path,
+            what,
+            path: dir.join(name),
             source: e,
         },
-    })
+    }
+}
+
+fn read_file(dir: &Path, name: &'static str) -> Result<Vec<u8>, SnapshotError> {
+    fs::read(dir.join(name)).map_err(file_error(dir, name, "cannot read"))
 }
 
 /// How much of the memory file to check when loading.
@@ -703,19 +711,8 @@ pub fn load(dir: &Path, verify: Verify) -> Result<Loaded, SnapshotError> {
             .files
             .get(PAGES)
             .ok_or_else(|| corrupt(MANIFEST, format!("does not list {PAGES}")))?;
-        let path = dir.join(PAGES);
-        let len = fs::metadata(&path)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => SnapshotError::Missing {
-                    dir: dir.to_owned(),
-                    file: PAGES,
-                },
-                _ => SnapshotError::Io {
-                    what: "cannot read",
-                    path: path.clone(),
-                    source: e,
-                },
-            })?
+        let len = fs::metadata(dir.join(PAGES))
+            .map_err(file_error(dir, PAGES, "cannot read"))?
             .len();
         if len != want.bytes || len != manifest.pages.saturating_mul(16) {
             return Err(corrupt(
@@ -762,17 +759,7 @@ pub fn load(dir: &Path, verify: Verify) -> Result<Loaded, SnapshotError> {
     }
     check_layout(&manifest, &pages).map_err(|why| corrupt(MANIFEST, why))?;
     let path = dir.join(MEMORY);
-    let memory = File::open(&path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => SnapshotError::Missing {
-            dir: dir.to_owned(),
-            file: MEMORY,
-        },
-        _ => SnapshotError::Io {
-            what: "cannot open",
-            path: path.clone(),
-            source: e,
-        },
-    })?;
+    let memory = File::open(&path).map_err(file_error(dir, MEMORY, "cannot open"))?;
     let len = memory
         .metadata()
         .map_err(io_err("cannot read", &path))?
@@ -899,13 +886,7 @@ impl Loaded {
     /// Checks the pages of `part`, a slice of `pages.bin`'s entries.
     fn verify_part(&self, part: &[u8]) -> Result<(), SnapshotError> {
         const RUN_PAGES: usize = 256;
-        let entry = |i: usize| {
-            let e = &part[i * 16..i * 16 + 16];
-            let (mut a, mut b) = ([0u8; 8], [0u8; 8]);
-            a.copy_from_slice(&e[..8]);
-            b.copy_from_slice(&e[8..]);
-            (u64::from_le_bytes(a), u64::from_le_bytes(b))
-        };
+        let entry = |i: usize| pair(&part[i * 16..i * 16 + 16]);
         let n = part.len() / 16;
         let mut buf = vec![0u8; RUN_PAGES * PAGE as usize];
         let mut i = 0;
