@@ -1066,6 +1066,27 @@ mod tests {
         assert!(parse_runs(&[0u8; 15]).is_err());
     }
 
+    proptest::proptest! {
+        /// Any set of pages, written both ways, reads back the same through either index;
+        /// any bytes at all are refused or read without panicking.
+        #[test]
+        fn both_indexes_list_the_same_pages(
+            set in proptest::collection::btree_set(0u64..4096, 0..300),
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..100),
+        ) {
+            let gpas: Vec<u64> = set.iter().map(|p| p * PAGE).collect();
+            let pages = PageIndex::Pages(
+                gpas.iter().flat_map(|&g| [g.to_le_bytes(), 0u64.to_le_bytes()]).flatten().collect(),
+            );
+            let runs: Vec<(u64, u64)> = pages.runs().map(|(f, e)| (f, (e - f) / PAGE)).collect();
+            let parsed = parse_runs(&runs_bytes(&runs)).unwrap();
+            proptest::prop_assert_eq!(parsed.count(), gpas.len());
+            proptest::prop_assert!(parsed.gpas().eq(gpas.iter().copied()));
+            proptest::prop_assert!(parsed.runs().eq(pages.runs()));
+            let _ = parse_runs(&noise);
+        }
+    }
+
     #[test]
     fn checksum_sees_every_word() {
         let a = vec![7u8; 4096];
