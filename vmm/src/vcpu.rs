@@ -489,6 +489,8 @@ pub struct VcpuShared {
     pub xsave_image_bytes: usize,
     /// The VM's shape, as a snapshot records it.
     pub shape: crate::snapshot::Shape,
+    /// When the first vCPU, its state set up, went to enter the guest for the first time.
+    pub first_entry: std::sync::OnceLock<std::time::Instant>,
 }
 
 /// The vCPUs paused for a snapshot: each one's state (in vCPU order) and the MSRs KVM refused
@@ -908,6 +910,8 @@ pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> Vcpu
     // offline again for the next KVM_RUN is its quiescent state.
     let mut reader = shared.space.domain().register();
     let mut stalled: Stall = None;
+    // Set up, about to run the guest: the first vCPU here marks the guest's first instruction.
+    shared.first_entry.get_or_init(std::time::Instant::now);
     loop {
         // Pairs with the Release store in `Vm::stop_all`, made before the kick signal: either
         // we see `stop` here, or the signal's `immediate_exit` makes the next KVM_RUN return.

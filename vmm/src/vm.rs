@@ -682,6 +682,7 @@ impl<'a> Vm<'a> {
             pause: vcpu::PauseCtl::default(),
             msr_indices,
             xsave_image_bytes: kvm::state::xsave_image_bytes(&res.vm),
+            first_entry: std::sync::OnceLock::new(),
             shape: crate::snapshot::Shape {
                 vcpus: cfg.vcpus,
                 mem_bytes: cfg.mem_bytes,
@@ -714,7 +715,6 @@ impl<'a> Vm<'a> {
             fault_mode,
             memslot_changes_after_setup,
             rss_at_start_bytes: 0,
-            resumed_at: None,
             waited: false,
             res,
         };
@@ -809,15 +809,13 @@ impl<'a> Vm<'a> {
                     )
                     .ok()
             });
-        running.resumed_at = cfg.restore.as_ref().map(|r| {
-            let t = cfg.process_start.elapsed();
+        if let Some(r) = &cfg.restore {
             tracing::info!(
                 mode = r.mode.name(),
-                "restore: vCPUs resume {:.2} ms after process start",
-                t.as_secs_f64() * 1e3
+                "restore: vCPUs started {:.2} ms after process start",
+                cfg.process_start.elapsed().as_secs_f64() * 1e3
             );
-            t
-        });
+        }
         Ok(running)
     }
 }
@@ -847,7 +845,7 @@ pub struct RunningVm<'a> {
     fault_mode: FaultMode,
     memslot_changes_after_setup: u64,
     rss_at_start_bytes: u64,
-    resumed_at: Option<Duration>,
+
     /// [`RunningVm::wait`] collected every thread.
     waited: bool,
     /// Last: released (or kept) once every thread above is joined.
@@ -1111,7 +1109,14 @@ impl<'a> RunningVm<'a> {
             exits,
             rcu,
             memslot_changes_after_setup: self.memslot_changes_after_setup,
-            resumed_at: self.resumed_at,
+            // The first vCPU's first entry into the guest (its state set up), not when its
+            // thread was started.
+            resumed_at: cfg.restore.as_ref().and(
+                self.shared
+                    .first_entry
+                    .get()
+                    .map(|t| t.saturating_duration_since(cfg.process_start)),
+            ),
             restore_pages,
             marks,
             prefetched,
