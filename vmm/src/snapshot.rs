@@ -285,11 +285,12 @@ fn create_private(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
+/// Writes `bytes` into `dir/name` (into the page cache: [`Pending::publish`] makes every file
+/// durable).
 fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileSum, SnapshotError> {
     let path = dir.join(name);
     let mut f = create_private(&path).map_err(io_err("cannot create", &path))?;
     f.write_all(bytes).map_err(io_err("cannot write", &path))?;
-    f.sync_all().map_err(io_err("cannot sync", &path))?;
     Ok(FileSum {
         bytes: bytes.len() as u64,
         checksum: hex(checksum(bytes)),
@@ -395,7 +396,6 @@ fn write_memory(space: &AddressSpace, dir: &Path) -> Result<WrittenMemory, Snaps
         offset += r.size_bytes;
     }
     f.set_len(offset).map_err(io_err("cannot size", &path))?;
-    f.sync_all().map_err(io_err("cannot sync", &path))?;
     let runs = runs
         .iter()
         .flat_map(|&(gpa, n)| [gpa.to_le_bytes(), n.to_le_bytes()])
@@ -413,18 +413,74 @@ fn write_memory(space: &AddressSpace, dir: &Path) -> Result<WrittenMemory, Snaps
 /// Writes the snapshot into `dir` (atomically: a temporary directory renamed at the end; an
 /// existing `dir` is replaced only with `force`). The caller has paused every vCPU.
 pub fn write(dir: &Path, force: bool, cap: &Capture<'_>) -> Result<(u64, u64), SnapshotError> {
-    check_target(dir, force)?;
-    let tmp = tmp_dir_for(dir)?;
-    let r = write_into(&tmp, cap).and_then(|sizes| {
-        publish(&tmp, dir, force)?;
-        Ok(sizes)
-    });
-    if r.is_err() {
-        let _ = fs::remove_dir_all(&tmp);
-    }
-    r
+    write_unpublished(dir, force, cap)?.publish()
 }
 
+/// Writes the snapshot's files into a temporary directory next to `dir`, through the page
+/// cache: what the guest's memory and vCPUs hold is captured when this returns, so the caller
+/// may resume the vCPUs, and then [`Pending::publish`] makes it durable and renames it to
+/// `dir`. (Waiting for the disk with the vCPUs paused made a 2 GiB snapshot pause the guest
+/// for the whole write: 6.5-7.5 s here, where the copy alone takes about 1.5 s.)
+pub fn write_unpublished(
+    dir: &Path,
+    force: bool,
+    cap: &Capture<'_>,
+) -> Result<Pending, SnapshotError> {
+    check_target(dir, force)?;
+    let tmp = tmp_dir_for(dir)?;
+    let mut pending = Pending {
+        tmp,
+        dir: dir.to_owned(),
+        force,
+        sizes: (0, 0),
+        published: false,
+    };
+    pending.sizes = write_into(&pending.tmp, cap)?;
+    Ok(pending)
+}
+
+/// A snapshot written into its temporary directory ([`write_unpublished`]), neither durable
+/// nor visible as `dir` yet. Dropped without [`publish`](Self::publish), the temporary
+/// directory is removed.
+#[must_use = "a pending snapshot is removed unless it is published"]
+pub struct Pending {
+    tmp: PathBuf,
+    dir: PathBuf,
+    force: bool,
+    sizes: (u64, u64),
+    published: bool,
+}
+
+impl Pending {
+    /// `fsync`s every file and the temporary directory, then renames it to the target (with
+    /// `force`, an existing target is moved aside first and removed after). Returns the pages
+    /// and bytes of guest memory written.
+    pub fn publish(mut self) -> Result<(u64, u64), SnapshotError> {
+        for e in fs::read_dir(&self.tmp).map_err(io_err("cannot read", &self.tmp))? {
+            let path = e.map_err(io_err("cannot read", &self.tmp))?.path();
+            File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err("cannot sync", &path))?;
+        }
+        File::open(&self.tmp)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("cannot sync", &self.tmp))?;
+        publish(&self.tmp, &self.dir, self.force)?;
+        self.published = true;
+        Ok(self.sizes)
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// Writes every file of the snapshot into `tmp` (created here), unsynced. On an error the
+/// caller removes `tmp`.
 fn write_into(tmp: &Path, cap: &Capture<'_>) -> Result<(u64, u64), SnapshotError> {
     {
         use std::os::unix::fs::DirBuilderExt;
@@ -465,9 +521,6 @@ fn write_into(tmp: &Path, cap: &Capture<'_>) -> Result<(u64, u64), SnapshotError
         .map_err(|e| SnapshotError::Vm(format!("cannot encode the manifest: {e}")))?;
     let sum = write_file(tmp, MANIFEST, &m)?;
     write_file(tmp, MANIFEST_SUM, format!("{}\n", sum.checksum).as_bytes())?;
-    File::open(tmp)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("cannot sync", tmp))?;
     Ok((pages, pages * PAGE))
 }
 

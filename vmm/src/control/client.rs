@@ -629,13 +629,14 @@ pub fn human(op: &CtlOp, r: Value) -> Result<Summary, String> {
         CtlOp::Snapshot { .. } => {
             let r: SnapshotView = decode(r)?;
             out += &format!(
-                "snapshot {}: {} pages ({} bytes) of guest memory, {} regions, {} vCPUs; vCPUs paused {:.1} ms{}\n",
+                "snapshot {}: {} pages ({} bytes) of guest memory, {} regions, {} vCPUs; vCPUs paused {:.1} ms, on disk after {:.1} ms{}\n",
                 r.dir,
                 r.pages,
                 r.memory_bytes,
                 r.regions,
                 r.vcpus,
                 r.paused_ms,
+                r.total_ms,
                 if r.stopped { "; the VM stopped" } else { "" }
             );
         }

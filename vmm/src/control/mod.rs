@@ -223,6 +223,10 @@ pub struct SnapshotView {
     pub vcpus: usize,
     /// Time the vCPUs were paused, in ms.
     pub paused_ms: f64,
+    /// Time until the snapshot was on disk and in place, in ms (the vCPUs go on after
+    /// `paused_ms`, unless the snapshot stops the VM).
+    #[serde(default)]
+    pub total_ms: f64,
     /// MSRs KVM refused to read.
     pub msrs_not_saved: Vec<String>,
     /// Whether the VM was stopped after it.
@@ -565,10 +569,27 @@ impl Vmm {
                 serial: self.shared.devices.serial.save(),
             },
         };
-        let written = snapshot::write(&path, force, &capture);
-        let paused_ms = started.elapsed().as_secs_f64() * 1e3;
-        let stopped = stop && written.is_ok();
-        paused.resume(stopped);
+        let pending = snapshot::write_unpublished(&path, force, &capture);
+        let (written, paused_ms, stopped) = if stop {
+            // The run ends with the vCPUs: the snapshot must be on disk and in place before
+            // they let the VMM exit.
+            let written = pending.and_then(snapshot::Pending::publish);
+            let paused_ms = started.elapsed().as_secs_f64() * 1e3;
+            let stopped = written.is_ok();
+            paused.resume(stopped);
+            (written, paused_ms, stopped)
+        } else {
+            // The guest's state is captured (in the page cache): the guest goes on while the
+            // files reach the disk.
+            let paused_ms = started.elapsed().as_secs_f64() * 1e3;
+            paused.resume(false);
+            (
+                pending.and_then(snapshot::Pending::publish),
+                paused_ms,
+                false,
+            )
+        };
+        let total_ms = started.elapsed().as_secs_f64() * 1e3;
         let (pages, memory_bytes) = written.map_err(to_ctl)?;
         Ok(Reply::Snapshot(SnapshotView {
             dir: dir.to_owned(),
@@ -577,6 +598,7 @@ impl Vmm {
             regions: self.space.len(),
             vcpus: states.states.len(),
             paused_ms,
+            total_ms,
             msrs_not_saved: states
                 .refused_msrs
                 .iter()
