@@ -303,8 +303,9 @@ const COPY_CHUNK_PAGES: u64 = 256;
 /// What [`write_memory`] wrote.
 struct WrittenMemory {
     regions: Vec<RegionRecord>,
-    /// `pages.bin`'s bytes.
-    index: Vec<u8>,
+    /// The runs of pages written, as `(gpa, pages, offset in memory.img)`, by address, at most
+    /// [`COPY_CHUNK_PAGES`] each: what `pages.bin` is computed from (see [`Pending::publish`]).
+    chunks: Vec<(u64, u64, u64)>,
     /// `runs.bin`'s bytes.
     runs: Vec<u8>,
     /// Pages written.
@@ -320,7 +321,7 @@ fn write_memory(space: &AddressSpace, dir: &Path) -> Result<WrittenMemory, Snaps
     let f = create_private(&path).map_err(io_err("cannot create", &path))?;
     let source = space.source();
     let mut regions = Vec::new();
-    let mut index = Vec::new();
+    let mut chunks = Vec::new();
     // Runs of adjacent pages held: (first gpa, pages).
     let mut runs: Vec<(u64, u64)> = Vec::new();
     let mut pages_held = 0u64;
@@ -374,10 +375,7 @@ fn write_memory(space: &AddressSpace, dir: &Path) -> Result<WrittenMemory, Snaps
             }
             f.write_all_at(bytes, offset + p * PAGE)
                 .map_err(io_err("cannot write", &path))?;
-            for (k, page) in bytes.chunks_exact(PAGE as usize).enumerate() {
-                index.extend_from_slice(&((pfn + k as u64) * PAGE).to_le_bytes());
-                index.extend_from_slice(&checksum(page).to_le_bytes());
-            }
+            chunks.push((pfn * PAGE, n, offset + p * PAGE));
             match runs.last_mut() {
                 Some((first, k)) if *first + *k * PAGE == pfn * PAGE => *k += n,
                 _ => runs.push((pfn * PAGE, n)),
@@ -403,7 +401,7 @@ fn write_memory(space: &AddressSpace, dir: &Path) -> Result<WrittenMemory, Snaps
         .collect();
     Ok(WrittenMemory {
         regions,
-        index,
+        chunks,
         runs,
         pages: pages_held,
         bytes: offset,
@@ -432,11 +430,18 @@ pub fn write_unpublished(
         tmp,
         dir: dir.to_owned(),
         force,
-        sizes: (0, 0),
+        staged: None,
         published: false,
     };
-    pending.sizes = write_into(&pending.tmp, cap)?;
+    pending.staged = Some(write_into(&pending.tmp, cap)?);
     Ok(pending)
+}
+
+/// What a snapshot still needs once the guest's state is written: the page index
+/// (`pages.bin`, a checksum per page, computed from `memory.img` as written) and the manifest.
+struct Staged {
+    manifest: Manifest,
+    chunks: Vec<(u64, u64, u64)>,
 }
 
 /// A snapshot written into its temporary directory ([`write_unpublished`]), neither durable
@@ -447,15 +452,50 @@ pub struct Pending {
     tmp: PathBuf,
     dir: PathBuf,
     force: bool,
-    sizes: (u64, u64),
+    staged: Option<Staged>,
     published: bool,
 }
 
 impl Pending {
+    /// Writes the page index (each page's checksum, read back from `memory.img` in the page
+    /// cache: computing them with the vCPUs paused was a tenth of the pause) and the manifest,
     /// `fsync`s every file and the temporary directory, then renames it to the target (with
     /// `force`, an existing target is moved aside first and removed after). Returns the pages
     /// and bytes of guest memory written.
     pub fn publish(mut self) -> Result<(u64, u64), SnapshotError> {
+        let Staged {
+            mut manifest,
+            chunks,
+        } = self
+            .staged
+            .take()
+            .ok_or_else(|| SnapshotError::Vm("nothing staged".into()))?;
+        let pages = manifest.pages;
+        let path = self.tmp.join(MEMORY);
+        let memory = File::open(&path).map_err(io_err("cannot open", &path))?;
+        let mut index = Vec::with_capacity(pages as usize * 16);
+        let mut buf = vec![0u8; (COPY_CHUNK_PAGES * PAGE) as usize];
+        for (gpa, n, offset) in chunks {
+            let bytes = &mut buf[..(n * PAGE) as usize];
+            memory
+                .read_exact_at(bytes, offset)
+                .map_err(io_err("cannot read", &path))?;
+            for (k, page) in bytes.chunks_exact(PAGE as usize).enumerate() {
+                index.extend_from_slice(&(gpa + k as u64 * PAGE).to_le_bytes());
+                index.extend_from_slice(&checksum(page).to_le_bytes());
+            }
+        }
+        manifest
+            .files
+            .insert(PAGES.to_owned(), write_file(&self.tmp, PAGES, &index)?);
+        let m = serde_json::to_vec_pretty(&manifest)
+            .map_err(|e| SnapshotError::Vm(format!("cannot encode the manifest: {e}")))?;
+        let sum = write_file(&self.tmp, MANIFEST, &m)?;
+        write_file(
+            &self.tmp,
+            MANIFEST_SUM,
+            format!("{}\n", sum.checksum).as_bytes(),
+        )?;
         for e in fs::read_dir(&self.tmp).map_err(io_err("cannot read", &self.tmp))? {
             let path = e.map_err(io_err("cannot read", &self.tmp))?.path();
             File::open(&path)
@@ -467,7 +507,7 @@ impl Pending {
             .map_err(io_err("cannot sync", &self.tmp))?;
         publish(&self.tmp, &self.dir, self.force)?;
         self.published = true;
-        Ok(self.sizes)
+        Ok((pages, pages * PAGE))
     }
 }
 
@@ -479,9 +519,10 @@ impl Drop for Pending {
     }
 }
 
-/// Writes every file of the snapshot into `tmp` (created here), unsynced. On an error the
+/// Writes the guest's state into `tmp` (created here), unsynced: `memory.img`, `runs.bin`,
+/// `vcpus.json` and `devices.json`; the rest is staged for [`Pending::publish`]. On an error the
 /// caller removes `tmp`.
-fn write_into(tmp: &Path, cap: &Capture<'_>) -> Result<(u64, u64), SnapshotError> {
+fn write_into(tmp: &Path, cap: &Capture<'_>) -> Result<Staged, SnapshotError> {
     {
         use std::os::unix::fs::DirBuilderExt;
         // This user's only, like the files in it (see `create_private`).
@@ -492,13 +533,12 @@ fn write_into(tmp: &Path, cap: &Capture<'_>) -> Result<(u64, u64), SnapshotError
     }
     let WrittenMemory {
         regions,
-        index,
+        chunks,
         runs,
         pages,
         bytes: memory_bytes,
     } = write_memory(cap.space, tmp)?;
     let mut files = BTreeMap::new();
-    files.insert(PAGES.to_owned(), write_file(tmp, PAGES, &index)?);
     files.insert(RUNS.to_owned(), write_file(tmp, RUNS, &runs)?);
     let vcpus = serde_json::to_vec(cap.vcpus)
         .map_err(|e| SnapshotError::Vm(format!("cannot encode the vCPU state: {e}")))?;
@@ -517,11 +557,7 @@ fn write_into(tmp: &Path, cap: &Capture<'_>) -> Result<(u64, u64), SnapshotError
         files,
         msrs_not_saved: cap.refused_msrs.iter().map(|m| format!("{m:#x}")).collect(),
     };
-    let m = serde_json::to_vec_pretty(&manifest)
-        .map_err(|e| SnapshotError::Vm(format!("cannot encode the manifest: {e}")))?;
-    let sum = write_file(tmp, MANIFEST, &m)?;
-    write_file(tmp, MANIFEST_SUM, format!("{}\n", sum.checksum).as_bytes())?;
-    Ok((pages, pages * PAGE))
+    Ok(Staged { manifest, chunks })
 }
 
 /// Renames the finished temporary directory to `dir` (moving an existing `dir` aside first
