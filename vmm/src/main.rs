@@ -199,8 +199,9 @@ struct RunArgs {
     restore_mode: RestoreModeArg,
 
     /// How much of the snapshot --restore checks before the guest runs: full (every page
-    /// against its checksum) or meta (manifest, index, vCPU and device files; pages are not
-    /// read ahead).
+    /// against its checksum: a damaged page is refused, at the cost of reading all of
+    /// memory.img first) or meta (manifest, runs.bin, vCPU and device files; pages are not read
+    /// ahead, and a lazy restore starts in milliseconds).
     #[arg(long, value_enum, default_value_t = RestoreVerify::Full, requires = "restore")]
     restore_verify: RestoreVerify,
 
