@@ -318,16 +318,15 @@ impl Source {
     /// the file is now shorter than that (truncated under the VM: the mapping's pages past
     /// its end cannot be read, and a `pread` comes back short).
     fn explain(&self, e: io::Error, end: u64) -> io::Error {
-        match self.file.metadata() {
-            Ok(m) if m.len() < end => io::Error::new(
+        match cut_short(&self.file, end) {
+            Some(len) => io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!(
-                    "the snapshot's data file is now {} bytes, short of the {end} this page \
-                     needs: it was truncated while the restore was reading it ({e})",
-                    m.len()
+                    "the snapshot's data file is now {len} bytes, short of the {end} this page \
+                     needs: it was truncated while the restore was reading it ({e})"
                 ),
             ),
-            _ => e,
+            None => e,
         }
     }
 
@@ -519,14 +518,21 @@ impl AddressSpace {
     pub fn mapped_file_cut_short(&self) -> Option<String> {
         let mapped = self.mapped_file.lock().unwrap_or_else(|e| e.into_inner());
         let (file, needed) = mapped.as_ref()?;
-        let len = file.metadata().ok()?.len();
-        (len < *needed).then(|| {
-            format!(
-                "the snapshot's data file is now {len} bytes, short of the {needed} mapped under \
-                 guest memory: it was truncated under the VM"
-            )
-        })
+        let len = cut_short(file, *needed)?;
+        Some(format!(
+            "the snapshot's data file is now {len} bytes, short of the {needed} mapped under \
+             guest memory: it was truncated under the VM"
+        ))
     }
+}
+
+/// The length of a snapshot's data file, if it is now shorter than `needed` bytes: truncated
+/// under the VM that reads it.
+fn cut_short(file: &File, needed: u64) -> Option<u64> {
+    file.metadata()
+        .ok()
+        .map(|m| m.len())
+        .filter(|&len| len < needed)
 }
 
 #[cfg(test)]
