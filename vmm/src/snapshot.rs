@@ -394,11 +394,7 @@ fn write_memory(space: &AddressSpace, dir: &Path) -> Result<WrittenMemory, Snaps
         offset += r.size_bytes;
     }
     f.set_len(offset).map_err(io_err("cannot size", &path))?;
-    let runs = runs
-        .iter()
-        .flat_map(|&(gpa, n)| [gpa.to_le_bytes(), n.to_le_bytes()])
-        .flatten()
-        .collect();
+    let runs = encode_runs(&runs);
     Ok(WrittenMemory {
         regions,
         chunks,
@@ -425,16 +421,32 @@ pub fn write_unpublished(
     cap: &Capture<'_>,
 ) -> Result<Pending, SnapshotError> {
     check_target(dir, force)?;
-    let tmp = tmp_dir_for(dir)?;
-    let mut pending = Pending {
+    let tmp = TmpDir {
+        path: tmp_dir_for(dir)?,
+        keep: false,
+    };
+    let staged = write_into(&tmp.path, cap)?;
+    Ok(Pending {
         tmp,
         dir: dir.to_owned(),
         force,
-        staged: None,
-        published: false,
-    };
-    pending.staged = Some(write_into(&pending.tmp, cap)?);
-    Ok(pending)
+        staged,
+    })
+}
+
+/// A snapshot's temporary directory, removed when dropped unless `keep` (it was renamed into
+/// place).
+struct TmpDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
 }
 
 /// What a snapshot still needs once the guest's state is written: the page index
@@ -445,15 +457,14 @@ struct Staged {
 }
 
 /// A snapshot written into its temporary directory ([`write_unpublished`]), neither durable
-/// nor visible as `dir` yet. Dropped without [`publish`](Self::publish), the temporary
-/// directory is removed.
+/// nor visible as `dir` yet. Dropped without [`publish`](Self::publish) (or if publishing
+/// fails), the temporary directory is removed.
 #[must_use = "a pending snapshot is removed unless it is published"]
 pub struct Pending {
-    tmp: PathBuf,
+    tmp: TmpDir,
     dir: PathBuf,
     force: bool,
-    staged: Option<Staged>,
-    published: bool,
+    staged: Staged,
 }
 
 impl Pending {
@@ -462,16 +473,18 @@ impl Pending {
     /// `fsync`s every file and the temporary directory, then renames it to the target (with
     /// `force`, an existing target is moved aside first and removed after). Returns the pages
     /// and bytes of guest memory written.
-    pub fn publish(mut self) -> Result<(u64, u64), SnapshotError> {
-        let Staged {
-            mut manifest,
-            chunks,
-        } = self
-            .staged
-            .take()
-            .ok_or_else(|| SnapshotError::Vm("nothing staged".into()))?;
+    pub fn publish(self) -> Result<(u64, u64), SnapshotError> {
+        let Pending {
+            mut tmp,
+            dir,
+            force,
+            staged: Staged {
+                mut manifest,
+                chunks,
+            },
+        } = self;
         let pages = manifest.pages;
-        let path = self.tmp.join(MEMORY);
+        let path = tmp.path.join(MEMORY);
         let memory = File::open(&path).map_err(io_err("cannot open", &path))?;
         let mut index = Vec::with_capacity(pages as usize * 16);
         let mut buf = vec![0u8; (COPY_CHUNK_PAGES * PAGE) as usize];
@@ -487,35 +500,27 @@ impl Pending {
         }
         manifest
             .files
-            .insert(PAGES.to_owned(), write_file(&self.tmp, PAGES, &index)?);
+            .insert(PAGES.to_owned(), write_file(&tmp.path, PAGES, &index)?);
         let m = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| SnapshotError::Vm(format!("cannot encode the manifest: {e}")))?;
-        let sum = write_file(&self.tmp, MANIFEST, &m)?;
+        let sum = write_file(&tmp.path, MANIFEST, &m)?;
         write_file(
-            &self.tmp,
+            &tmp.path,
             MANIFEST_SUM,
             format!("{}\n", sum.checksum).as_bytes(),
         )?;
-        for e in fs::read_dir(&self.tmp).map_err(io_err("cannot read", &self.tmp))? {
-            let path = e.map_err(io_err("cannot read", &self.tmp))?.path();
+        for e in fs::read_dir(&tmp.path).map_err(io_err("cannot read", &tmp.path))? {
+            let path = e.map_err(io_err("cannot read", &tmp.path))?.path();
             File::open(&path)
                 .and_then(|f| f.sync_all())
                 .map_err(io_err("cannot sync", &path))?;
         }
-        File::open(&self.tmp)
+        File::open(&tmp.path)
             .and_then(|d| d.sync_all())
-            .map_err(io_err("cannot sync", &self.tmp))?;
-        publish(&self.tmp, &self.dir, self.force)?;
-        self.published = true;
+            .map_err(io_err("cannot sync", &tmp.path))?;
+        publish(&tmp.path, &dir, force)?;
+        tmp.keep = true;
         Ok((pages, pages * PAGE))
-    }
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        if !self.published {
-            let _ = fs::remove_dir_all(&self.tmp);
-        }
     }
 }
 
@@ -633,23 +638,9 @@ impl PageIndex {
     pub fn runs(&self) -> Box<dyn Iterator<Item = (u64, u64)> + '_> {
         match self {
             PageIndex::Runs(r, _) => Box::new(r.iter().copied()),
-            PageIndex::Pages(_) => {
-                let mut pages = self
-                    .checksums()
-                    .into_iter()
-                    .flatten()
-                    .map(|(g, _)| g)
-                    .peekable();
-                Box::new(std::iter::from_fn(move || {
-                    let first = pages.next()?;
-                    let mut end = first + PAGE;
-                    while pages.peek() == Some(&end) {
-                        pages.next();
-                        end += PAGE;
-                    }
-                    Some((first, end))
-                }))
-            }
+            PageIndex::Pages(b) => Box::new(
+                crate::memory::snapshot::runs_of(b.chunks_exact(16).map(|e| pair(e).0)).into_iter(),
+            ),
         }
     }
 
@@ -658,6 +649,14 @@ impl PageIndex {
         self.runs()
             .flat_map(|(first, end)| (first..end).step_by(PAGE as usize))
     }
+}
+
+/// Encodes `runs.bin`: a `(first gpa, pages)` pair of little-endian `u64`s per run.
+fn encode_runs(runs: &[(u64, u64)]) -> Vec<u8> {
+    runs.iter()
+        .flat_map(|&(gpa, n)| [gpa.to_le_bytes(), n.to_le_bytes()])
+        .flatten()
+        .collect()
 }
 
 /// Decodes `runs.bin`: `(first gpa, pages)` pairs, each run page-aligned, not empty, after the
@@ -1120,13 +1119,6 @@ pub fn read_working_set(snap: &Loaded) -> Result<Vec<(u64, u64)>, SnapshotError>
 mod tests {
     use super::*;
 
-    fn runs_bytes(runs: &[(u64, u64)]) -> Vec<u8> {
-        runs.iter()
-            .flat_map(|&(g, n)| [g.to_le_bytes(), n.to_le_bytes()])
-            .flatten()
-            .collect()
-    }
-
     #[test]
     fn the_run_index_matches_the_page_index_and_refuses_bad_runs() {
         // Pages 0-2 and 5 of a region at 1 MiB, as pages.bin and as runs.bin.
@@ -1137,7 +1129,7 @@ mod tests {
                 .flatten()
                 .collect(),
         );
-        let runs = parse_runs(&runs_bytes(&[(1 << 20, 3), ((1 << 20) + 5 * PAGE, 1)])).unwrap();
+        let runs = parse_runs(&encode_runs(&[(1 << 20, 3), ((1 << 20) + 5 * PAGE, 1)])).unwrap();
         assert_eq!(runs.count(), 4);
         assert!(runs.runs().eq(pages.runs()));
         assert!(runs.gpas().eq(gpas.iter().copied()));
@@ -1150,7 +1142,7 @@ mod tests {
             vec![(1 << 20, 1), ((1 << 20) + PAGE, 1)], // touching: the writer merges those
             vec![(u64::MAX - PAGE + 1, 2)],            // beyond 2^64
         ] {
-            assert!(parse_runs(&runs_bytes(&bad)).is_err(), "{bad:?}");
+            assert!(parse_runs(&encode_runs(&bad)).is_err(), "{bad:?}");
         }
         assert!(parse_runs(&[0u8; 15]).is_err());
     }
@@ -1168,7 +1160,7 @@ mod tests {
                 gpas.iter().flat_map(|&g| [g.to_le_bytes(), 0u64.to_le_bytes()]).flatten().collect(),
             );
             let runs: Vec<(u64, u64)> = pages.runs().map(|(f, e)| (f, (e - f) / PAGE)).collect();
-            let parsed = parse_runs(&runs_bytes(&runs)).unwrap();
+            let parsed = parse_runs(&encode_runs(&runs)).unwrap();
             proptest::prop_assert_eq!(parsed.count(), gpas.len());
             proptest::prop_assert!(parsed.gpas().eq(gpas.iter().copied()));
             proptest::prop_assert!(parsed.runs().eq(pages.runs()));
