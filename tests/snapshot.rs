@@ -717,3 +717,73 @@ fn a_snapshot_without_runs_restores_through_the_page_index() {
     }
     let _ = std::fs::remove_dir_all(snap);
 }
+
+/// Guest RAM on 2 MiB huge pages: the snapshot restores in every mode, a lazy restore serves
+/// (and records) whole huge pages, and the recorded working set is replayed by a prefetch.
+#[test]
+fn a_hugetlb_guest_is_restored_in_huge_pages_and_its_working_set_replayed() {
+    require_kvm!();
+    require_hugetlb!(8);
+    let snap = tmp("hugetlb");
+    let vm = start(
+        "hugetlb",
+        &[
+            "--workload",
+            "pattern",
+            "--vcpus",
+            "2",
+            "--mem",
+            "16M",
+            "--ram-backing",
+            "hugetlb",
+        ],
+    );
+    vm.wait_for("ready", 2);
+    let reply = vm.ctl_ok(&["snapshot", "--dir", snap.to_str().unwrap(), "--stop"]);
+    assert!(reply.contains("the VM stopped"), "{reply}");
+    let (status, err) = vm.wait();
+    assert_eq!(status, Some(0), "{err}");
+    for mode in ["vcpu", "handler", "kernel", "eager"] {
+        let o = restore(&snap, &["--restore-mode", mode, "--passes", "1"]);
+        assert_restored_clean(&o, mode);
+    }
+    // A lazy restore reading 300 pages per vCPU records the huge pages it served, whole.
+    let o = restore(&snap, &["--pages", "300", "--passes", "1", "--json"]);
+    assert_restored_clean(&o, "recording");
+    let r = restore_json(&o);
+    let recorded = r["ws_recorded_pages"].as_u64().unwrap();
+    assert!(recorded >= 600 && recorded % 512 == 0, "{r}");
+    let lazy = r["pages_served"].as_u64().unwrap() + r["pages_never_touched"].as_u64().unwrap();
+    for mode in ["vcpu", "handler", "kernel"] {
+        let o = restore(
+            &snap,
+            &[
+                "--restore-mode",
+                mode,
+                "--prefetch",
+                "ws",
+                "--pages",
+                "300",
+                "--passes",
+                "1",
+                "--json",
+            ],
+        );
+        assert_restored_clean(&o, mode);
+        let r = restore_json(&o);
+        // The lazy modes' prefetcher races the vCPUs for the few huge pages (either may
+        // serve each); in `kernel` mode it reads the working set in regardless.
+        let prefetched = r["prefetched_pages"].as_u64().unwrap();
+        if mode == "kernel" {
+            assert!(prefetched >= 600, "{mode}: {r}");
+        } else {
+            let served = r["pages_served"].as_u64().unwrap();
+            assert_eq!(
+                served + r["pages_never_touched"].as_u64().unwrap(),
+                lazy,
+                "{mode}: {r}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(snap);
+}

@@ -272,35 +272,40 @@ impl AddressSpace {
         if self.residency.is_present(first) {
             return Ok(0);
         }
-        // From the snapshot being restored, if it holds any of the huge page's 4 KiB pages.
-        let from_source = match self
-            .source
-            .get()
-            .filter(|src| (first..first + n).any(|p| src.has(p)))
-        {
-            Some(src) => {
+        // From the snapshot being restored, if it holds any of the huge page's 4 KiB pages:
+        // all of them (the common case) in one copy straight from the data file; some of
+        // them through a buffer, the others zero.
+        let source = self.source.get();
+        let held = source.map_or(0, |src| (first..first + n).filter(|&p| src.has(p)).count());
+        let host = self.host.host_addr(start);
+        let r = match source {
+            Some(src) if held as u64 == n => src.copy_to(uffd, host, first, n),
+            Some(src) if held > 0 => {
                 let mut buf = vec![0u8; huge as usize];
-                for p in (first..first + n).filter(|&p| src.has(p)) {
+                let mut p = first;
+                while p < first + n {
+                    if !src.has(p) {
+                        p += 1;
+                        continue;
+                    }
+                    let mut e = p + 1;
+                    while e < first + n && src.has(e) {
+                        e += 1;
+                    }
                     let at = ((p - first) * PAGE) as usize;
-                    src.with_data(p, 1, |d| buf[at..at + PAGE as usize].copy_from_slice(d))
+                    src.with_data(p, e - p, |d| buf[at..at + d.len()].copy_from_slice(d))
                         .map_err(|source| FaultError {
                             gpa: p * PAGE,
                             source,
                         })?;
+                    p = e;
                 }
-                Some((src, buf))
+                uffd.copy(host, &buf)
             }
-            None => None,
+            _ => uffd.copy(host, &self.zeroes[..huge as usize]),
         };
-        let data = match &from_source {
-            Some((_, buf)) => &buf[..],
-            None => &self.zeroes[..huge as usize],
-        };
-        let r = uffd.copy(self.host.host_addr(start), data);
-        if let (Some((src, _)), Ok(_)) = (&from_source, &r) {
-            let held = (first..first + n).filter(|&p| src.has(p)).count() as u64;
-            src.forget(first, n);
-            src.served.fetch_add(held, Relaxed);
+        if let (Some(src), Ok(Populated::Done), true) = (source, &r, held > 0) {
+            src.served_huge(first, n, held as u64);
         }
         match r {
             Ok(Populated::Done) => {

@@ -107,8 +107,8 @@ pub struct SourceRegion {
 /// half of a restoring vCPU's time). The mapping's pages would count in the VMM's RSS, so they
 /// are dropped (`MADV_DONTNEED`) after every [`DROP_SOURCE_EVERY`] bytes copied. Only the kernel
 /// reads the mapping: a file truncated under the VM makes the copy fail (`EFAULT`), never
-/// raises `SIGBUS` in the VMM. Everything else (huge pages, snapshots of a restored VM) reads
-/// the file with `pread`.
+/// raises `SIGBUS` in the VMM. Everything else (a huge page the snapshot holds only in part,
+/// snapshots of a restored VM) reads the file with `pread`.
 pub struct Source {
     file: File,
     /// The read-only mapping of the file (null if it could not be made: then `pread`).
@@ -346,6 +346,17 @@ impl Source {
             return;
         }
         self.served.fetch_add(n, Relaxed);
+        if let Some(log) = &self.log {
+            log.push(pfn, n);
+        }
+    }
+
+    /// The huge page of pages `[pfn, pfn + n)` was just populated from the snapshot, which held
+    /// `held` of them (the others were zero): forgets them all, counts the held ones and, when
+    /// recording, logs the whole huge page (a prefetch populates it whole).
+    pub fn served_huge(&self, pfn: u64, n: u64, held: u64) {
+        self.forget(pfn, n);
+        self.served.fetch_add(held, Relaxed);
         if let Some(log) = &self.log {
             log.push(pfn, n);
         }
