@@ -105,7 +105,8 @@ pub struct SourceRegion {
 /// Pages are copied in (`UFFDIO_COPY`) straight from a read-only mapping of the file: one
 /// copy from the page cache, where reading into a buffer first would make two (the read was
 /// half of a restoring vCPU's time). The mapping's pages would count in the VMM's RSS, so they
-/// are dropped (`MADV_DONTNEED`) after every [`DROP_SOURCE_EVERY`] bytes copied. Only the kernel
+/// are dropped (`MADV_DONTNEED`) once copies may have mapped [`DROP_SOURCE_EVERY`] bytes of
+/// it (each copy counts its span rounded out to the kernel's fault-around). Only the kernel
 /// reads the mapping: a file truncated under the VM makes the copy fail (`EFAULT`), never
 /// raises `SIGBUS` in the VMM. Everything else (a huge page the snapshot holds only in part,
 /// snapshots of a restored VM) reads the file with `pread`.
@@ -113,7 +114,7 @@ pub struct Source {
     file: File,
     /// The read-only mapping of the file (null if it could not be made: then `pread`).
     base: *const u8,
-    /// Bytes copied from the mapping since its pages were last dropped.
+    /// Bytes of the mapping that copies may have mapped since its pages were last dropped.
     copied: AtomicU64,
     len: u64,
     regions: Vec<SourceRegion>,
@@ -126,8 +127,13 @@ pub struct Source {
     log: Option<WsLog>,
 }
 
-/// Bytes copied from the source mapping between two drops of its pages (see [`Source`]).
+/// Bytes of the source mapping that copies may have mapped between two drops of its pages
+/// (see [`Source`]).
 pub const DROP_SOURCE_EVERY: u64 = 8 << 20;
+
+/// The span the kernel maps around a page it faults in from the page cache (its default
+/// `fault_around_bytes`): a copy from the source mapping may map this much around each end.
+const FAULT_AROUND: u64 = 64 << 10;
 
 // SAFETY: the mapping is read-only and lives as long as the `Source`; it is only read (by the
 // kernel, in `UFFDIO_COPY`) and its pages dropped (`MADV_DONTNEED`), both safe from any thread;
@@ -298,7 +304,11 @@ impl Source {
         let r = unsafe { uffd.copy_from_raw(host, self.base.add(off as usize), n * PAGE) };
         let bytes = n * PAGE;
         let r = r.map_err(|e| self.explain(e, off + bytes));
-        if self.copied.fetch_add(bytes, Relaxed) + bytes >= DROP_SOURCE_EVERY {
+        // What the copy may have mapped: the kernel maps the page cache's pages around each
+        // page it faults in (fault-around, 64 KiB by default), so a copy of one page can map
+        // sixteen.
+        let span = (off + bytes).next_multiple_of(FAULT_AROUND) - off / FAULT_AROUND * FAULT_AROUND;
+        if self.copied.fetch_add(span, Relaxed) + span >= DROP_SOURCE_EVERY {
             self.copied.store(0, Relaxed);
             // SAFETY: the mapping is a read-only private view of the file that nothing
             // writes: dropping its pages loses nothing (a later read maps the page cache's
