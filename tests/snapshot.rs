@@ -787,3 +787,76 @@ fn a_hugetlb_guest_is_restored_in_huge_pages_and_its_working_set_replayed() {
     }
     let _ = std::fs::remove_dir_all(snap);
 }
+
+/// `snapshot --live` of a guest that rewrites all of its memory in every pass: memory is
+/// copied while the guest runs, the pages it wrote meanwhile again in the pause, and every
+/// restore finds every word of the generation the guest's registers expect.
+#[test]
+fn a_live_snapshot_of_a_guest_rewriting_its_memory_restores_clean() {
+    require_kvm!();
+    let o = support::run(&["run", "--rewrite"]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "--rewrite without pattern: {}",
+        stderr(&o)
+    );
+    let vm = start(
+        "live",
+        &[
+            "--workload",
+            "pattern",
+            "--rewrite",
+            "--vcpus",
+            "2",
+            "--mem",
+            "32M",
+        ],
+    );
+    vm.wait_for("ready", 2);
+    let (plain, live, stopped) = (tmp("live-plain"), tmp("live"), tmp("live-stop"));
+    vm.ctl_ok(&["snapshot", "--dir", plain.to_str().unwrap()]);
+    let reply: serde_json::Value = serde_json::from_str(&vm.ctl_ok(&[
+        "--json",
+        "snapshot",
+        "--dir",
+        live.to_str().unwrap(),
+        "--live",
+    ]))
+    .unwrap();
+    let r = &reply["result"];
+    let (pages, pre, again) = (
+        r["pages"].as_u64().unwrap(),
+        r["precopied_pages"].as_u64().unwrap(),
+        r["recopied_pages"].as_u64().unwrap(),
+    );
+    // The guest's slices (6144 pages in all) were copied while it ran, and it rewrote
+    // some of them before the pause.
+    assert!(pre >= 6144 && pre <= pages, "{reply}");
+    assert!(again > 0 && again <= pages, "{reply}");
+    let p0 = passes(&vm);
+    let reply = vm.ctl_ok(&[
+        "snapshot",
+        "--dir",
+        stopped.to_str().unwrap(),
+        "--live",
+        "--stop",
+    ]);
+    assert!(
+        reply.contains("live:") && reply.contains("the VM stopped"),
+        "{reply}"
+    );
+    let (status, err) = vm.wait();
+    assert_eq!(status, Some(0), "{err}");
+    assert!(err.contains("0 wrong words"), "{err}");
+    assert!(p0 > 0, "the guest rewrote its memory between snapshots");
+    for dir in [&plain, &live, &stopped] {
+        for mode in ["vcpu", "handler", "kernel", "eager"] {
+            let o = restore(dir, &["--restore-mode", mode, "--passes", "2"]);
+            assert_restored_clean(&o, &format!("{} {mode}", dir.display()));
+        }
+    }
+    for d in [plain, live, stopped] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

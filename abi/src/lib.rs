@@ -209,12 +209,22 @@ pub mod pattern_params {
     /// Pages of its slice each vCPU verifies after a restore (0: all it wrote): the restored
     /// guest's working set.
     pub const RESUME_PAGES: usize = 5;
+    /// Non-zero: every pass also rewrites each word it verified with the next generation's
+    /// value ([`super::rewritten_word`]), so the guest keeps writing all its memory (what a
+    /// live snapshot must catch). A restore then finishes the pass it was in, over every page.
+    pub const REWRITE: usize = 6;
 }
 
 /// The word the `pattern` workload keeps at guest-physical address `addr` (8-aligned): a
 /// function of the address alone, never zero, different in every word.
 pub const fn pattern_word(addr: u64) -> u64 {
     (addr.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (addr >> 12).rotate_left(40)) | 1
+}
+
+/// The word a rewriting `pattern` guest ([`pattern_params::REWRITE`]) keeps at `addr` after
+/// `generation` rewrites: [`pattern_word`] at generation 0, a different word at each next one.
+pub const fn rewritten_word(addr: u64, generation: u64) -> u64 {
+    pattern_word(addr) ^ (generation.wrapping_mul(0xd6e8_feb8_6659_fd93) << 1)
 }
 
 /// Access patterns of the `touch` workload: `params[3]` of [`workload::TOUCH`], with

@@ -688,6 +688,9 @@ fn pattern_workload(vcpu: u64, info: &BootInfo, boot_info: *const BootInfo) -> !
     let mut timing = false;
     let hist = abi::hist_addr(vcpu) as *mut u32;
     let (mut errors, mut passes) = (0u64, 0u64);
+    // Rewriting: the generation every page of the slice holds before this pass rewrites it.
+    let rewrite = info.params[pp::REWRITE] != 0;
+    let mut generation = 0u64;
     'passes: loop {
         for i in 0..limit {
             let Some(page) = ram_page(info, first + i) else {
@@ -695,14 +698,18 @@ fn pattern_workload(vcpu: u64, info: &BootInfo, boot_info: *const BootInfo) -> !
             };
             if boot_param(boot_info, pp::RESUME_GEN) != resume_gen {
                 // Restored from a snapshot: drop this pass; the VMM says what to run from here.
+                // (A rewriting pass cannot be dropped: the pages before this one hold the next
+                // generation already. It goes on, over every page.)
                 resume_gen = boot_param(boot_info, pp::RESUME_GEN);
                 remaining = boot_param(boot_info, pp::RESUME_PASSES);
-                limit = match boot_param(boot_info, pp::RESUME_PAGES) {
-                    0 => per,
-                    n => n.min(per),
-                };
                 timing = true;
-                continue 'passes;
+                if !rewrite {
+                    limit = match boot_param(boot_info, pp::RESUME_PAGES) {
+                        0 => per,
+                        n => n.min(per),
+                    };
+                    continue 'passes;
+                }
             }
             for w in 0..words {
                 let addr = page + w * 8;
@@ -717,10 +724,27 @@ fn pattern_workload(vcpu: u64, info: &BootInfo, boot_info: *const BootInfo) -> !
                         core::ptr::write_volatile(p, core::ptr::read_volatile(p) + 1);
                     }
                 }
-                if v != abi::pattern_word(addr) {
+                let want = if rewrite {
+                    abi::rewritten_word(addr, generation)
+                } else {
+                    abi::pattern_word(addr)
+                };
+                if v != want {
                     errors += 1;
                 }
+                if rewrite {
+                    // SAFETY: as above.
+                    unsafe {
+                        core::ptr::write_volatile(
+                            addr as *mut u64,
+                            abi::rewritten_word(addr, generation + 1),
+                        )
+                    };
+                }
             }
+        }
+        if rewrite {
+            generation += 1;
         }
         passes += 1;
         // SAFETY: as above.

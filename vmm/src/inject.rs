@@ -207,6 +207,21 @@ impl<M: Memslots> Memslots for RecordingMemslots<M> {
     fn capacity(&self) -> u32 {
         self.0.capacity()
     }
+
+    fn set_dirty_logging(
+        &self,
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        host_addr: u64,
+        on: bool,
+    ) -> io::Result<()> {
+        self.0.set_dirty_logging(slot, gpa, size, host_addr, on)
+    }
+
+    fn dirty_log(&self, slot: u32, size: u64) -> io::Result<Vec<u64>> {
+        self.0.dirty_log(slot, size)
+    }
 }
 
 #[cfg(test)]

@@ -141,6 +141,12 @@ struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     passes: u64,
 
+    /// `--workload pattern`: every verify pass also rewrites each word it checked with the
+    /// next generation's value, so the guest keeps writing all of its memory (a live
+    /// snapshot's hardest case); a restored guest finishes the pass it was in.
+    #[arg(long)]
+    rewrite: bool,
+
     /// Serve the control socket (JSON lines, mode 0600) at PATH: hot-plug memory with
     /// `vmm ctl` (see docs/control.md). Refuses a live socket, replaces a stale one.
     #[arg(long, value_name = "PATH", alias = "api-socket")]
@@ -311,6 +317,12 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
         );
         return EXIT_FAILURE;
     };
+    if args.rewrite && (workload != abi::workload::PATTERN || args.restore.is_some()) {
+        eprintln!(
+            "vmm: --rewrite is for a fresh --workload pattern guest (a restored one keeps what it was started with)"
+        );
+        return EXIT_USAGE;
+    }
     if args.thp && args.ram_backing == RamBacking::Hugetlb {
         eprintln!("vmm: --thp is for anonymous or memfd RAM; hugetlb RAM is on huge pages already");
         return EXIT_USAGE;
@@ -401,6 +413,11 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
             let mut p = vec![u64::from(args.exit_status), args.pages, args.passes];
             if shape.is_none() && workload != abi::workload::PATTERN {
                 p.extend(args.pattern.params(1));
+            }
+            if shape.is_none() && workload == abi::workload::PATTERN && args.rewrite {
+                use abi::pattern_params as pp;
+                p.resize(pp::REWRITE + 1, 0);
+                p[pp::REWRITE] = 1;
             }
             p
         },

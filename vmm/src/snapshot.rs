@@ -30,6 +30,7 @@ use crate::control::protocol::named;
 use crate::devices::serial::SerialSnapshot;
 use crate::kvm::state::VcpuState;
 use crate::memory::address_space::PAGE;
+use crate::memory::residency::Residency;
 use crate::memory::snapshot::populated_pages;
 use crate::memory::{AddressSpace, AddressSpaceKind, Backing, MemslotMode, RegionKind};
 
@@ -314,94 +315,183 @@ struct WrittenMemory {
     bytes: u64,
 }
 
+/// `memory.img` being written: the regions' layout in it, and the runs of pages copied in so
+/// far.
+struct MemoryImage {
+    file: File,
+    path: PathBuf,
+    regions: Vec<RegionRecord>,
+    /// The file's size.
+    bytes: u64,
+    /// `(gpa, pages)` copied, in the order copied (each pass by address; a page copied again
+    /// by a later pass appears again).
+    copied: Vec<(u64, u64)>,
+}
+
+impl MemoryImage {
+    /// Lays the regions of `space` out in a new `dir/memory.img` (each at an offset aligned to
+    /// its backing's page size), empty.
+    fn create(space: &AddressSpace, dir: &Path) -> Result<Self, SnapshotError> {
+        let path = dir.join(MEMORY);
+        let file = create_private(&path).map_err(io_err("cannot create", &path))?;
+        let mut regions = Vec::new();
+        let mut offset = 0u64;
+        for r in space.list() {
+            offset = offset.next_multiple_of(r.backing.align_bytes());
+            regions.push(RegionRecord {
+                gpa: r.gpa,
+                size: r.size_bytes,
+                kind: r.kind,
+                backing: r.backing,
+                readonly: r.readonly,
+                file_offset: offset,
+            });
+            offset += r.size_bytes;
+        }
+        file.set_len(offset).map_err(io_err("cannot size", &path))?;
+        Ok(MemoryImage {
+            file,
+            path,
+            regions,
+            bytes: offset,
+            copied: Vec::new(),
+        })
+    }
+
+    /// Copies into the file the pages that hold data (present in host memory, or still only
+    /// in the snapshot this VM was restored from) and that `pick(pfn, present)` selects.
+    /// Returns the pages copied.
+    fn copy(
+        &mut self,
+        space: &AddressSpace,
+        mut pick: impl FnMut(u64, bool) -> bool,
+    ) -> Result<u64, SnapshotError> {
+        let source = space.source();
+        let path = &self.path;
+        let mut buf = vec![0u8; (COPY_CHUNK_PAGES * PAGE) as usize];
+        let mut total = 0;
+        for r in &self.regions {
+            let npages = r.size / PAGE;
+            let present = populated_pages(space.host_addr(r.gpa), npages)
+                .map_err(io_err("cannot read", Path::new("/proc/self/pagemap")))?;
+            let first_pfn = r.gpa / PAGE;
+            let wanted = |p: u64, pick: &mut dyn FnMut(u64, bool) -> bool| {
+                let here = present[p as usize];
+                (here || source.is_some_and(|s| s.has(first_pfn + p))) && pick(first_pfn + p, here)
+            };
+            let mut p = 0u64;
+            while p < npages {
+                let pfn = first_pfn + p;
+                let here = present[p as usize];
+                if !wanted(p, &mut pick) {
+                    p += 1;
+                    continue;
+                }
+                // A run of wanted pages of the same kind (in host memory, or still only in
+                // the snapshot this VM was restored from).
+                let mut e = p + 1;
+                while e < npages
+                    && e - p < COPY_CHUNK_PAGES
+                    && present[e as usize] == here
+                    && wanted(e, &mut pick)
+                {
+                    e += 1;
+                }
+                let n = e - p;
+                let bytes = &mut buf[..(n * PAGE) as usize];
+                if here {
+                    space
+                        .copy_out(r.gpa + p * PAGE, bytes)
+                        .map_err(io_err("cannot read guest memory for", path))?;
+                } else {
+                    source
+                        .ok_or_else(|| "no snapshot".to_owned())
+                        .and_then(|s| {
+                            s.with_data(pfn, n, |d| bytes.copy_from_slice(d))
+                                .map_err(|e| e.to_string())
+                        })
+                        .map_err(|e| {
+                            SnapshotError::Vm(format!(
+                                "page {:#x} of the snapshot this VM was restored from is unreadable: {e}",
+                                pfn * PAGE
+                            ))
+                        })?;
+                }
+                self.file
+                    .write_all_at(bytes, r.file_offset + p * PAGE)
+                    .map_err(io_err("cannot write", path))?;
+                self.copied.push((pfn * PAGE, n));
+                total += n;
+                p = e;
+            }
+        }
+        Ok(total)
+    }
+
+    /// The pages copied in any pass, as a bitmap by page number.
+    fn copied_pages(&self) -> Residency {
+        let end = self
+            .regions
+            .iter()
+            .map(|r| r.gpa + r.size)
+            .max()
+            .unwrap_or(0);
+        let set = Residency::new(end);
+        for &(gpa, n) in &self.copied {
+            set.set_range(gpa / PAGE, n);
+        }
+        set
+    }
+
+    /// The file is complete: its regions, page runs and chunks.
+    fn finish(self) -> WrittenMemory {
+        let mut copied = self.copied;
+        copied.sort_unstable();
+        // Runs of adjacent pages held: (first gpa, pages), by address.
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (gpa, n) in copied {
+            let end = gpa + n * PAGE;
+            match runs.last_mut() {
+                Some((first, k)) if gpa <= *first + *k * PAGE => {
+                    *k = (*k).max((end - *first) / PAGE);
+                }
+                _ => runs.push((gpa, n)),
+            }
+        }
+        // Chunks for the page index: inside one region, at most COPY_CHUNK_PAGES each.
+        let mut chunks = Vec::new();
+        for &(first, n) in &runs {
+            let (mut gpa, end) = (first, first + n * PAGE);
+            while gpa < end {
+                let Some(r) = self
+                    .regions
+                    .iter()
+                    .find(|r| r.gpa <= gpa && gpa < r.gpa + r.size)
+                else {
+                    break;
+                };
+                let stop = end.min(r.gpa + r.size).min(gpa + COPY_CHUNK_PAGES * PAGE);
+                chunks.push((gpa, (stop - gpa) / PAGE, r.file_offset + (gpa - r.gpa)));
+                gpa = stop;
+            }
+        }
+        let pages = runs.iter().map(|(_, n)| n).sum();
+        WrittenMemory {
+            regions: self.regions,
+            chunks,
+            runs: encode_runs(&runs),
+            pages,
+            bytes: self.bytes,
+        }
+    }
+}
+
 /// Writes guest memory into `memory.img` and returns the regions, the indexes and the file's
 /// size.
 fn write_memory(space: &AddressSpace, dir: &Path) -> Result<WrittenMemory, SnapshotError> {
-    let path = dir.join(MEMORY);
-    let f = create_private(&path).map_err(io_err("cannot create", &path))?;
-    let source = space.source();
-    let mut regions = Vec::new();
-    let mut chunks = Vec::new();
-    // Runs of adjacent pages held: (first gpa, pages).
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    let mut pages_held = 0u64;
-    let mut offset = 0u64;
-    let mut buf = vec![0u8; (COPY_CHUNK_PAGES * PAGE) as usize];
-    for r in space.list() {
-        let align = r.backing.align_bytes();
-        offset = offset.next_multiple_of(align);
-        let npages = r.size_bytes / PAGE;
-        let present = populated_pages(space.host_addr(r.gpa), npages)
-            .map_err(io_err("cannot read", Path::new("/proc/self/pagemap")))?;
-        let first_pfn = r.gpa / PAGE;
-        let mut p = 0u64;
-        while p < npages {
-            let pfn = first_pfn + p;
-            let here = present[p as usize];
-            let from_source = !here && source.is_some_and(|s| s.has(pfn));
-            if !here && !from_source {
-                p += 1;
-                continue;
-            }
-            // A run of pages of the same kind (in host memory, or still only in the snapshot
-            // this VM was restored from).
-            let mut e = p + 1;
-            while e < npages
-                && e - p < COPY_CHUNK_PAGES
-                && present[e as usize] == here
-                && (here || source.is_some_and(|s| s.has(first_pfn + e)))
-            {
-                e += 1;
-            }
-            let n = e - p;
-            let bytes = &mut buf[..(n * PAGE) as usize];
-            if here {
-                space
-                    .copy_out(r.gpa + p * PAGE, bytes)
-                    .map_err(io_err("cannot read guest memory for", &path))?;
-            } else {
-                source
-                    .ok_or_else(|| "no snapshot".to_owned())
-                    .and_then(|s| {
-                        s.with_data(pfn, n, |d| bytes.copy_from_slice(d))
-                            .map_err(|e| e.to_string())
-                    })
-                    .map_err(|e| {
-                        SnapshotError::Vm(format!(
-                            "page {:#x} of the snapshot this VM was restored from is unreadable: {e}",
-                            pfn * PAGE
-                        ))
-                    })?;
-            }
-            f.write_all_at(bytes, offset + p * PAGE)
-                .map_err(io_err("cannot write", &path))?;
-            chunks.push((pfn * PAGE, n, offset + p * PAGE));
-            match runs.last_mut() {
-                Some((first, k)) if *first + *k * PAGE == pfn * PAGE => *k += n,
-                _ => runs.push((pfn * PAGE, n)),
-            }
-            pages_held += n;
-            p = e;
-        }
-        regions.push(RegionRecord {
-            gpa: r.gpa,
-            size: r.size_bytes,
-            kind: r.kind,
-            backing: r.backing,
-            readonly: r.readonly,
-            file_offset: offset,
-        });
-        offset += r.size_bytes;
-    }
-    f.set_len(offset).map_err(io_err("cannot size", &path))?;
-    let runs = encode_runs(&runs);
-    Ok(WrittenMemory {
-        regions,
-        chunks,
-        runs,
-        pages: pages_held,
-        bytes: offset,
-    })
+    let mut image = MemoryImage::create(space, dir)?;
+    image.copy(space, |_, _| true)?;
+    Ok(image.finish())
 }
 
 /// Writes the snapshot into `dir` (atomically: a temporary directory renamed at the end; an
@@ -524,25 +614,35 @@ impl Pending {
     }
 }
 
+/// Creates the snapshot's temporary directory, this user's only (like the files in it: see
+/// `create_private`).
+fn create_tmp(tmp: &Path) -> Result<(), SnapshotError> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(tmp)
+        .map_err(io_err("cannot create", tmp))
+}
+
 /// Writes the guest's state into `tmp` (created here), unsynced: `memory.img`, `runs.bin`,
 /// `vcpus.json` and `devices.json`; the rest is staged for [`Pending::publish`]. On an error the
 /// caller removes `tmp`.
 fn write_into(tmp: &Path, cap: &Capture<'_>) -> Result<Staged, SnapshotError> {
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        // This user's only, like the files in it (see `create_private`).
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(tmp)
-            .map_err(io_err("cannot create", tmp))?;
-    }
+    create_tmp(tmp)?;
+    let memory = write_memory(cap.space, tmp)?;
+    stage(tmp, cap, memory)
+}
+
+/// Writes `runs.bin`, `vcpus.json` and `devices.json` into `tmp` beside the finished
+/// `memory.img`, and stages the manifest.
+fn stage(tmp: &Path, cap: &Capture<'_>, memory: WrittenMemory) -> Result<Staged, SnapshotError> {
     let WrittenMemory {
         regions,
         chunks,
         runs,
         pages,
         bytes: memory_bytes,
-    } = write_memory(cap.space, tmp)?;
+    } = memory;
     let mut files = BTreeMap::new();
     files.insert(RUNS.to_owned(), write_file(tmp, RUNS, &runs)?);
     let vcpus = serde_json::to_vec(cap.vcpus)
@@ -563,6 +663,81 @@ fn write_into(tmp: &Path, cap: &Capture<'_>) -> Result<Staged, SnapshotError> {
         msrs_not_saved: cap.refused_msrs.iter().map(|m| format!("{m:#x}")).collect(),
     };
     Ok(Staged { manifest, chunks })
+}
+
+/// A live snapshot's first pass ([`precopy`]): guest memory copied into a temporary
+/// directory while the guest ran and its writes were logged.
+#[must_use = "a pre-copied snapshot is removed unless it is finished and published"]
+pub struct PreCopied {
+    tmp: TmpDir,
+    dir: PathBuf,
+    force: bool,
+    image: MemoryImage,
+    /// Pages copied by the first pass.
+    pub pages: u64,
+}
+
+impl std::fmt::Debug for PreCopied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreCopied")
+            .field("dir", &self.dir)
+            .field("pages", &self.pages)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The first pass of a live snapshot (`vmm ctl snapshot --live`), with the vCPUs running:
+/// copies every page that holds data into `memory.img` in a temporary directory next to
+/// `dir`. The caller has opened a [`crate::memory::DirtyLog`] first, so that every page
+/// written from then on is known; [`PreCopied::finish`] copies those again with the vCPUs
+/// paused.
+pub fn precopy(dir: &Path, force: bool, space: &AddressSpace) -> Result<PreCopied, SnapshotError> {
+    check_target(dir, force)?;
+    let tmp = TmpDir {
+        path: tmp_dir_for(dir)?,
+        keep: false,
+    };
+    create_tmp(&tmp.path)?;
+    let mut image = MemoryImage::create(space, &tmp.path)?;
+    let pages = image.copy(space, |_, _| true)?;
+    Ok(PreCopied {
+        tmp,
+        dir: dir.to_owned(),
+        force,
+        image,
+        pages,
+    })
+}
+
+impl PreCopied {
+    /// The second pass, with the vCPUs paused: copies again the pages written since the
+    /// first (`dirty`, page numbers from the write log) and the pages that came to hold data
+    /// since (populated by first touches), then writes the rest of the guest's state. Returns
+    /// the snapshot, to publish as [`write_unpublished`]'s, and the pages this pass copied.
+    pub fn finish(
+        mut self,
+        cap: &Capture<'_>,
+        dirty: &[u64],
+    ) -> Result<(Pending, u64), SnapshotError> {
+        let copied = self.image.copied_pages();
+        let written = Residency::new(copied.pages() * PAGE);
+        for &pfn in dirty.iter().filter(|&&p| p < written.pages()) {
+            written.set_range(pfn, 1);
+        }
+        let again = self.image.copy(cap.space, |pfn, present| {
+            written.is_present(pfn) || (present && !copied.is_present(pfn))
+        })?;
+        let staged = stage(&self.tmp.path, cap, self.image.finish())?;
+        Ok((
+            Pending {
+                tmp: self.tmp,
+                dir: self.dir,
+                force: self.force,
+                staged,
+            },
+            again,
+        ))
+    }
 }
 
 /// Renames the finished temporary directory to `dir` (moving an existing `dir` aside first

@@ -121,6 +121,10 @@ pub enum CtlOp {
         /// Replace DIR if it exists.
         #[arg(long)]
         force: bool,
+        /// Copy guest memory while the guest runs (KVM logs its writes), and pause it only
+        /// to copy again the pages it wrote meanwhile.
+        #[arg(long)]
+        live: bool,
     },
     /// Subscribe, and print each event (a region mapped, unmapped or protected; the guest's
     /// end) as it happens, until the VM's run ends (exit 0) or Ctrl-C.
@@ -165,13 +169,19 @@ impl CtlOp {
             CtlOp::Stats => Request::Stats {},
             CtlOp::Stop => Request::Stop {},
             CtlOp::Check => Request::Check {},
-            CtlOp::Snapshot { dir, stop, force } => {
+            CtlOp::Snapshot {
+                dir,
+                stop,
+                force,
+                live,
+            } => {
                 // The server resolves relative paths against its own directory: send ours.
                 let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
                 Request::Snapshot {
                     dir: dir.to_string_lossy().into_owned(),
                     stop: *stop,
                     force: *force,
+                    live: *live,
                 }
             }
             CtlOp::Events { kinds } => Request::Subscribe {
@@ -628,8 +638,14 @@ pub fn human(op: &CtlOp, r: Value) -> Result<Summary, String> {
         CtlOp::Stop => out += "the guest was asked to stop\n",
         CtlOp::Snapshot { .. } => {
             let r: SnapshotView = decode(r)?;
+            let live = match (r.precopied_pages, r.recopied_pages) {
+                (Some(pre), Some(again)) => format!(
+                    " (live: {pre} pages copied while the guest ran, {again} again in the pause)"
+                ),
+                _ => String::new(),
+            };
             out += &format!(
-                "snapshot {}: {} pages ({} bytes) of guest memory, {} regions, {} vCPUs; vCPUs paused {:.1} ms, on disk after {:.1} ms{}\n",
+                "snapshot {}: {} pages ({} bytes) of guest memory, {} regions, {} vCPUs; vCPUs paused {:.1} ms{live}, on disk after {:.1} ms{}\n",
                 r.dir,
                 r.pages,
                 r.memory_bytes,

@@ -231,6 +231,13 @@ pub struct SnapshotView {
     pub msrs_not_saved: Vec<String>,
     /// Whether the VM was stopped after it.
     pub stopped: bool,
+    /// `live`: pages copied while the guest ran (the first pass).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precopied_pages: Option<u64>,
+    /// `live`: pages copied again with the vCPUs paused (written, or first populated, during
+    /// the first pass).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recopied_pages: Option<u64>,
 }
 
 /// `stats`.
@@ -525,7 +532,12 @@ impl Vmm {
             Request::Subscribe { .. } | Request::Unsubscribe {} => Err(ControlError::invalid(
                 "subscribe and unsubscribe are answered by the connection's server thread",
             )),
-            Request::Snapshot { dir, stop, force } => self.snapshot(&dir, stop, force),
+            Request::Snapshot {
+                dir,
+                stop,
+                force,
+                live,
+            } => self.snapshot(&dir, stop, force, live),
             Request::Inject { step, nth } => {
                 if !self.inject {
                     return Err(ControlError::invalid(format!(
@@ -543,8 +555,16 @@ impl Vmm {
     }
 
     /// `snapshot`: pause every vCPU, write the snapshot, resume or stop. Other control ops
-    /// wait meanwhile (the ops lock), so regions cannot change under it.
-    fn snapshot(&self, dir: &str, stop: bool, force: bool) -> Result<Reply, ControlError> {
+    /// wait meanwhile (the ops lock), so regions cannot change under it. With `live`, guest
+    /// memory is copied first with the vCPUs running and their writes logged, and the pause
+    /// only copies again what was written meanwhile.
+    fn snapshot(
+        &self,
+        dir: &str,
+        stop: bool,
+        force: bool,
+        live: bool,
+    ) -> Result<Reply, ControlError> {
         use crate::snapshot::{self, SnapshotError};
         let _op = self.lock_ops();
         let path = std::path::PathBuf::from(dir);
@@ -555,6 +575,22 @@ impl Vmm {
         };
         snapshot::check_target(&path, force).map_err(to_ctl)?;
         let started = std::time::Instant::now();
+        // Live: log every write from here on, then copy with the guest running.
+        let log = if live {
+            Some(self.space.start_dirty_log().map_err(|e| {
+                ControlError::new(
+                    Code::Internal,
+                    format!("cannot log the guest's writes for a live snapshot: {e}"),
+                )
+            })?)
+        } else {
+            None
+        };
+        let precopied = match &log {
+            Some(_) => Some(snapshot::precopy(&path, force, &self.space).map_err(to_ctl)?),
+            None => None,
+        };
+        let pause_started = std::time::Instant::now();
         let (paused, states) = self
             .shared
             .pause
@@ -569,19 +605,34 @@ impl Vmm {
                 serial: self.shared.devices.serial.save(),
             },
         };
-        let pending = snapshot::write_unpublished(&path, force, &capture);
+        let (mut precopied_pages, mut recopied_pages) = (None, None);
+        let pending = match (precopied, &log) {
+            (Some(pre), Some(log)) => {
+                precopied_pages = Some(pre.pages);
+                log.take()
+                    .map_err(|e| {
+                        SnapshotError::Vm(format!("cannot read the log of the guest's writes: {e}"))
+                    })
+                    .and_then(|dirty| pre.finish(&capture, &dirty))
+                    .map(|(pending, again)| {
+                        recopied_pages = Some(again);
+                        pending
+                    })
+            }
+            _ => snapshot::write_unpublished(&path, force, &capture),
+        };
         let (written, paused_ms, stopped) = if stop {
             // The run ends with the vCPUs: the snapshot must be on disk and in place before
             // they let the VMM exit.
             let written = pending.and_then(snapshot::Pending::publish);
-            let paused_ms = started.elapsed().as_secs_f64() * 1e3;
+            let paused_ms = pause_started.elapsed().as_secs_f64() * 1e3;
             let stopped = written.is_ok();
             paused.resume(stopped);
             (written, paused_ms, stopped)
         } else {
             // The guest's state is captured (in the page cache): the guest goes on while the
             // files reach the disk.
-            let paused_ms = started.elapsed().as_secs_f64() * 1e3;
+            let paused_ms = pause_started.elapsed().as_secs_f64() * 1e3;
             paused.resume(false);
             (
                 pending.and_then(snapshot::Pending::publish),
@@ -589,6 +640,7 @@ impl Vmm {
                 false,
             )
         };
+        drop(log);
         let total_ms = started.elapsed().as_secs_f64() * 1e3;
         let (pages, memory_bytes) = written.map_err(to_ctl)?;
         Ok(Reply::Snapshot(SnapshotView {
@@ -605,6 +657,8 @@ impl Vmm {
                 .map(|m| format!("{m:#x}"))
                 .collect(),
             stopped,
+            precopied_pages,
+            recopied_pages,
         }))
     }
 

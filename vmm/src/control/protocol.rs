@@ -385,6 +385,10 @@ pub enum Request {
         /// Replace an existing `dir`.
         #[serde(default)]
         force: bool,
+        /// Copy guest memory while the guest runs, logging its writes, and pause it only to
+        /// copy again what it wrote meanwhile (extension).
+        #[serde(default)]
+        live: bool,
     },
     /// From now on, also send this connection the events of these kinds (all when absent).
     Subscribe {
@@ -750,7 +754,8 @@ mod tests {
             Ok(Request::Snapshot {
                 dir: "/x".into(),
                 stop: false,
-                force: false
+                force: false,
+                live: false
             })
         );
         assert_eq!(
@@ -935,6 +940,7 @@ mod tests {
                 dir: "/tmp/s".into(),
                 stop: true,
                 force: false,
+                live: true,
             },
             Request::Subscribe { events: None },
             Request::Subscribe {

@@ -178,6 +178,37 @@ impl crate::memory::Memslots for KvmMemslots {
     fn capacity(&self) -> u32 {
         self.capacity
     }
+
+    fn set_dirty_logging(
+        &self,
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        host_addr: u64,
+        on: bool,
+    ) -> std::io::Result<()> {
+        let mem_region = kvm_userspace_memory_region {
+            slot,
+            flags: if on {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host_addr,
+        };
+        // SAFETY: the same slot, range and host memory as installed (see `install`); only the
+        // flags change.
+        unsafe { self.vm.set_user_memory_region(mem_region) }
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn dirty_log(&self, slot: u32, size: u64) -> std::io::Result<Vec<u64>> {
+        self.vm
+            .get_dirty_log(slot, size as usize)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
 }
 
 /// The signal used to kick a vCPU thread out of `KVM_RUN`.

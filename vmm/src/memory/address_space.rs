@@ -22,7 +22,10 @@
 #![deny(unsafe_code)]
 
 mod backing;
+mod dirty;
+
 use backing::Teardown;
+pub use dirty::DirtyLog;
 use std::collections::BTreeMap;
 use std::io;
 use std::ops::Range;
@@ -73,6 +76,25 @@ pub trait Memslots: Send + Sync {
     fn delete(&self, slot: u32, gpa: u64) -> io::Result<()>;
     /// How many memslots the host allows.
     fn capacity(&self) -> u32;
+    /// Starts (`on`) or stops logging the guest's writes to memslot `slot`, installed as given
+    /// (`KVM_MEM_LOG_DIRTY_PAGES`). Unsupported unless implemented.
+    fn set_dirty_logging(
+        &self,
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        host_addr: u64,
+        on: bool,
+    ) -> io::Result<()> {
+        let _ = (slot, gpa, size, host_addr, on);
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    /// The pages of memslot `slot` (`size` bytes) the guest wrote since logging started or
+    /// since the last call, one bit per page from the slot's start (`KVM_GET_DIRTY_LOG`).
+    fn dirty_log(&self, slot: u32, size: u64) -> io::Result<Vec<u64>> {
+        let _ = (slot, size);
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// How first touches of guest memory are serviced.
@@ -453,6 +475,9 @@ pub struct AddressSpace {
     /// A teardown could not put a range of the hot-plug window back to an armed hole: holes are
     /// no longer all armed, and regions there are mapped in full ([`AddressSpace::armed`]).
     window_disarmed: std::sync::atomic::AtomicBool,
+    /// While a [`DirtyLog`] is open: the pages the VMM itself wrote (KVM logs the guest's).
+    host_dirty: Residency,
+    host_dirty_on: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for AddressSpace {
@@ -584,6 +609,8 @@ impl AddressSpace {
             window_disarmed: std::sync::atomic::AtomicBool::new(
                 std::env::var_os("VMM_PROT_NONE_HOLES").is_some_and(|v| v == "1"),
             ),
+            host_dirty: Residency::new(cfg.space_bytes),
+            host_dirty_on: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

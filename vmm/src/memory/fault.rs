@@ -537,6 +537,7 @@ impl AddressSpace {
     }
 
     fn write_present(&self, gpa: u64, src: &[u8]) {
+        self.host_wrote(gpa, src.len() as u64);
         #[allow(unsafe_code)]
         // SAFETY: as in `read_present`; the region is writable (checked by the caller).
         unsafe {

@@ -79,6 +79,9 @@ fn slice<'a>(
     space
         .populate_in_region(region, gpa, len as u64, write)
         .map_err(populate_error)?;
+    if write {
+        space.host_wrote(gpa, len as u64);
+    }
     let host = space.host_addr(gpa) as *mut u8;
     // SAFETY: `[host, host + len)` is the host mirror of part of `region`, which was found
     // under a read guard that outlives `'a`: its memory stays mapped (read-write on the host)

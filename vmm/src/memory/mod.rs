@@ -27,7 +27,8 @@ pub mod uffd;
 pub mod window;
 
 pub use address_space::{
-    AddressSpace, AsConfig, AsError, FaultAround, FaultMode, Limits, MemslotMode, Memslots,
+    AddressSpace, AsConfig, AsError, DirtyLog, FaultAround, FaultMode, Limits, MemslotMode,
+    Memslots,
 };
 pub use fault::{Access, FaultError, PageState, Serviced};
 pub use guest::GuardedMemory;

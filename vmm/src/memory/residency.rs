@@ -77,6 +77,23 @@ impl Residency {
         None
     }
 
+    /// Clears every page and returns those that were set, ascending (a word at a time: a
+    /// sparse bitmap of gigabytes is read in microseconds).
+    pub fn take_all(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (i, w) in self.words.iter().enumerate() {
+            if w.load(Relaxed) == 0 {
+                continue;
+            }
+            let mut bits = w.swap(0, Relaxed);
+            while bits != 0 {
+                out.push(i as u64 * 64 + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+        }
+        out
+    }
+
     /// The first page at or after `pfn` and before `end` that is known present (or `end`).
     pub fn next_present(&self, mut pfn: u64, end: u64) -> u64 {
         while pfn < end && !self.is_present(pfn) {
