@@ -359,8 +359,9 @@ impl MemoryImage {
     }
 
     /// Copies into the file the pages that hold data (present in host memory, or still only
-    /// in the snapshot this VM was restored from) and that `pick(pfn, present)` selects.
-    /// Returns the pages copied.
+    /// in the snapshot this VM was restored from: not served yet by a lazy restore, or
+    /// untouched under a `kernel` restore's file mapping) and that `pick(pfn, present)`
+    /// selects. Returns the pages copied.
     fn copy(
         &mut self,
         space: &AddressSpace,
@@ -368,6 +369,12 @@ impl MemoryImage {
     ) -> Result<u64, SnapshotError> {
         let source = space.source();
         let path = &self.path;
+        let file_held = space
+            .file_held()
+            .map_err(io_err("cannot read the data file mapped under", path))?;
+        let held = |pfn: u64| {
+            source.is_some_and(|s| s.has(pfn)) || file_held.as_ref().is_some_and(|f| f.has(pfn))
+        };
         let mut buf = vec![0u8; (COPY_CHUNK_PAGES * PAGE) as usize];
         let mut total = 0;
         for r in &self.regions {
@@ -377,7 +384,7 @@ impl MemoryImage {
             let first_pfn = r.gpa / PAGE;
             let wanted = |p: u64, pick: &mut dyn FnMut(u64, bool) -> bool| {
                 let here = present[p as usize];
-                (here || source.is_some_and(|s| s.has(first_pfn + p))) && pick(first_pfn + p, here)
+                (here || held(first_pfn + p)) && pick(first_pfn + p, here)
             };
             let mut p = 0u64;
             while p < npages {
@@ -403,6 +410,15 @@ impl MemoryImage {
                     space
                         .copy_out(r.gpa + p * PAGE, bytes)
                         .map_err(io_err("cannot read guest memory for", path))?;
+                } else if let Some(f) = file_held.as_ref().filter(|f| f.has(pfn)) {
+                    // Still the data file's page under a `kernel` restore: from the file (not
+                    // through the mapping, which would raise SIGBUS if the file was cut).
+                    f.read(pfn, bytes).map_err(|e| {
+                        SnapshotError::Vm(format!(
+                            "page {:#x} of the snapshot this VM was restored from is unreadable: {e}",
+                            pfn * PAGE
+                        ))
+                    })?;
                 } else {
                     source
                         .ok_or_else(|| "no snapshot".to_owned())
@@ -710,23 +726,34 @@ pub fn precopy(dir: &Path, force: bool, space: &AddressSpace) -> Result<PreCopie
 }
 
 impl PreCopied {
-    /// The second pass, with the vCPUs paused: copies again the pages written since the
-    /// first (`dirty`, page numbers from the write log) and the pages that came to hold data
-    /// since (populated by first touches), then writes the rest of the guest's state. Returns
-    /// the snapshot, to publish as [`write_unpublished`]'s, and the pages this pass copied.
-    pub fn finish(
-        mut self,
-        cap: &Capture<'_>,
+    /// Copies again the pages written since the last pass (`dirty`, page numbers from the
+    /// write log) and the pages that came to hold data since (populated by first touches);
+    /// returns how many. With the vCPUs running this is another pre-copy round (the log keeps
+    /// what they write meanwhile); with them paused, the last.
+    pub fn copy_again(
+        &mut self,
+        space: &AddressSpace,
         dirty: &[u64],
-    ) -> Result<(Pending, u64), SnapshotError> {
+    ) -> Result<u64, SnapshotError> {
         let copied = self.image.copied_pages();
         let written = Residency::new(copied.pages() * PAGE);
         for &pfn in dirty.iter().filter(|&&p| p < written.pages()) {
             written.set_range(pfn, 1);
         }
-        let again = self.image.copy(cap.space, |pfn, present| {
+        self.image.copy(space, |pfn, present| {
             written.is_present(pfn) || (present && !copied.is_present(pfn))
-        })?;
+        })
+    }
+
+    /// The last pass, with the vCPUs paused: [`copy_again`](Self::copy_again), then the rest
+    /// of the guest's state. Returns the snapshot, to publish as [`write_unpublished`]'s, and
+    /// the pages this pass copied.
+    pub fn finish(
+        mut self,
+        cap: &Capture<'_>,
+        dirty: &[u64],
+    ) -> Result<(Pending, u64), SnapshotError> {
+        let again = self.copy_again(cap.space, dirty)?;
         let staged = stage(&self.tmp.path, cap, self.image.finish())?;
         Ok((
             Pending {

@@ -639,9 +639,13 @@ pub fn human(op: &CtlOp, r: Value) -> Result<Summary, String> {
         CtlOp::Snapshot { .. } => {
             let r: SnapshotView = decode(r)?;
             let live = match (r.precopied_pages, r.recopied_pages) {
-                (Some(pre), Some(again)) => format!(
-                    " (live: {pre} pages copied while the guest ran, {again} again in the pause)"
-                ),
+                (Some(pre), Some(again)) => {
+                    let rounds = r.precopy_rounds.unwrap_or(1);
+                    format!(
+                        " (live: {pre} pages copied while the guest ran, in {rounds} round{}; {again} again in the pause)",
+                        if rounds == 1 { "" } else { "s" }
+                    )
+                }
                 _ => String::new(),
             };
             out += &format!(

@@ -208,6 +208,11 @@ pub struct Subscribed {
     pub subscribed: Vec<EventKind>,
 }
 
+/// Most copy rounds a live snapshot makes while the guest runs.
+const PRECOPY_ROUNDS: u32 = 4;
+/// Pages written during a round few enough to copy in the pause without another round.
+const PRECOPY_SMALL: u64 = 1024;
+
 /// `snapshot`: what was written.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SnapshotView {
@@ -231,9 +236,13 @@ pub struct SnapshotView {
     pub msrs_not_saved: Vec<String>,
     /// Whether the VM was stopped after it.
     pub stopped: bool,
-    /// `live`: pages copied while the guest ran (the first pass).
+    /// `live`: pages copied while the guest ran, in all rounds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precopied_pages: Option<u64>,
+    /// `live`: copy rounds while the guest ran (the first copies everything, each next one
+    /// what was written during the one before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precopy_rounds: Option<u32>,
     /// `live`: pages copied again with the vCPUs paused (written, or first populated, during
     /// the first pass).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -586,8 +595,38 @@ impl Vmm {
         } else {
             None
         };
+        let read_log = |log: &crate::memory::DirtyLog<'_>| {
+            log.take().map_err(|e| {
+                SnapshotError::Vm(format!("cannot read the log of the guest's writes: {e}"))
+            })
+        };
+        // Pre-copy rounds with the guest running: the first copies everything, each next one
+        // what was written during the one before, while that shrinks; what the last leaves
+        // (`carry`, taken from the log but not copied yet) goes to the pass in the pause.
+        let mut carry = Vec::new();
+        let mut rounds = 0;
         let precopied = match &log {
-            Some(_) => Some(snapshot::precopy(&path, force, &self.space).map_err(to_ctl)?),
+            Some(log) => {
+                let mut pre = snapshot::precopy(&path, force, &self.space).map_err(to_ctl)?;
+                rounds = 1;
+                let mut last = pre.pages;
+                while rounds < PRECOPY_ROUNDS {
+                    let dirty = read_log(log).map_err(to_ctl)?;
+                    if dirty.len() as u64 <= PRECOPY_SMALL {
+                        carry = dirty;
+                        break;
+                    }
+                    let n = pre.copy_again(&self.space, &dirty).map_err(to_ctl)?;
+                    pre.pages += n;
+                    rounds += 1;
+                    if n > last / 2 {
+                        // Written as fast as copied: another round would not shrink it.
+                        break;
+                    }
+                    last = n;
+                }
+                Some(pre)
+            }
             None => None,
         };
         let pause_started = std::time::Instant::now();
@@ -609,11 +648,11 @@ impl Vmm {
         let pending = match (precopied, &log) {
             (Some(pre), Some(log)) => {
                 precopied_pages = Some(pre.pages);
-                log.take()
-                    .map_err(|e| {
-                        SnapshotError::Vm(format!("cannot read the log of the guest's writes: {e}"))
+                read_log(log)
+                    .and_then(|mut dirty| {
+                        dirty.append(&mut carry);
+                        pre.finish(&capture, &dirty)
                     })
-                    .and_then(|dirty| pre.finish(&capture, &dirty))
                     .map(|(pending, again)| {
                         recopied_pages = Some(again);
                         pending
@@ -658,6 +697,7 @@ impl Vmm {
                 .collect(),
             stopped,
             precopied_pages,
+            precopy_rounds: (rounds > 0).then_some(rounds),
             recopied_pages,
         }))
     }

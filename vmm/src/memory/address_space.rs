@@ -471,7 +471,7 @@ pub struct AddressSpace {
     pub(crate) source: std::sync::OnceLock<super::snapshot::Source>,
     /// The snapshot data file mapped under guest RAM (`kernel` restore mode), and the length
     /// those mappings need: a guest access past a shorter file's end cannot be served.
-    pub(crate) mapped_file: Mutex<Option<(std::fs::File, u64)>>,
+    pub(crate) mapped_file: Mutex<Option<super::snapshot::MappedFile>>,
     /// A teardown could not put a range of the hot-plug window back to an armed hole: holes are
     /// no longer all armed, and regions there are mapped in full ([`AddressSpace::armed`]).
     window_disarmed: std::sync::atomic::AtomicBool,

@@ -526,11 +526,43 @@ impl AddressSpace {
             return Err(io::Error::last_os_error());
         }
         let mut mapped = self.mapped_file.lock().unwrap_or_else(|e| e.into_inner());
+        let region = SourceRegion {
+            gpa,
+            size,
+            file_offset: offset,
+        };
         match &mut *mapped {
-            Some((_, needed)) => *needed = (*needed).max(offset + size),
-            None => *mapped = Some((file.try_clone()?, offset + size)),
+            Some(m) => {
+                m.needed = m.needed.max(offset + size);
+                m.regions.push(region);
+            }
+            None => {
+                *mapped = Some(MappedFile {
+                    file: file.try_clone()?,
+                    needed: offset + size,
+                    regions: vec![region],
+                })
+            }
         }
         Ok(())
+    }
+
+    /// `kernel` restore mode: the pages that still read from the snapshot data file mapped
+    /// under guest memory (those it holds data for; the guest has not written them, so
+    /// they are not private pages of their own), to be read from the file when they are not
+    /// present (see [`FileHeld`]). `None` in the other modes.
+    pub(crate) fn file_held(&self) -> io::Result<Option<FileHeld>> {
+        let mapped = self.mapped_file.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(m) = mapped.as_ref() else {
+            return Ok(None);
+        };
+        let mut regions = m.regions.clone();
+        regions.sort_by_key(|r| r.gpa);
+        Ok(Some(FileHeld {
+            extents: data_extents(&m.file)?,
+            file: m.file.try_clone()?,
+            regions,
+        }))
     }
 
     /// Why guest memory cannot be served, when the reason is that a snapshot data file mapped
@@ -538,12 +570,89 @@ impl AddressSpace {
     /// truncated under the VM, and the page cache has no page past its end.
     pub fn mapped_file_cut_short(&self) -> Option<String> {
         let mapped = self.mapped_file.lock().unwrap_or_else(|e| e.into_inner());
-        let (file, needed) = mapped.as_ref()?;
+        let MappedFile { file, needed, .. } = mapped.as_ref()?;
         let len = cut_short(file, *needed)?;
         Some(format!(
             "the snapshot's data file is now {len} bytes, short of the {needed} mapped under \
              guest memory: it was truncated under the VM"
         ))
+    }
+}
+
+/// The snapshot data file mapped under guest memory (`kernel` restore mode), the length those
+/// mappings need, and the regions mapped.
+#[derive(Debug)]
+pub struct MappedFile {
+    file: File,
+    needed: u64,
+    regions: Vec<SourceRegion>,
+}
+
+/// The pages of a `kernel`-restored VM that read from the snapshot data file mapped under
+/// them: in a file-mapped region, at a file offset that holds data (the file is sparse: holes
+/// are pages the snapshot did not hold, which read as zeroes). A snapshot of such a VM must
+/// copy them even when they are not present: the guest has not touched them since the
+/// restore, and they hold its data all the same.
+pub(crate) struct FileHeld {
+    file: File,
+    regions: Vec<SourceRegion>,
+    /// `[start, end)` file offsets that hold data, ascending.
+    extents: Vec<(u64, u64)>,
+}
+
+impl FileHeld {
+    fn offset_of(&self, pfn: u64) -> Option<u64> {
+        let gpa = pfn * PAGE;
+        let i = self.regions.partition_point(|r| r.gpa <= gpa);
+        let r = self.regions.get(i.checked_sub(1)?)?;
+        (gpa < r.gpa + r.size).then(|| r.file_offset + (gpa - r.gpa))
+    }
+
+    /// Whether page `pfn` reads data from the file (when not present).
+    pub(crate) fn has(&self, pfn: u64) -> bool {
+        self.offset_of(pfn).is_some_and(|off| {
+            let i = self.extents.partition_point(|&(s, _)| s <= off);
+            i > 0 && off < self.extents[i - 1].1
+        })
+    }
+
+    /// Reads pages `[pfn, pfn + dst.len() / PAGE)` (in one file-mapped region) from the file.
+    pub(crate) fn read(&self, pfn: u64, dst: &mut [u8]) -> io::Result<()> {
+        let off = self.offset_of(pfn).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the page lies in no file-mapped region",
+            )
+        })?;
+        self.file.read_exact_at(dst, off)
+    }
+}
+
+/// The `[start, end)` byte ranges of `file` that hold data (`SEEK_DATA` / `SEEK_HOLE`).
+fn data_extents(file: &File) -> io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut at: libc::off_t = 0;
+    loop {
+        // SAFETY: lseek on a descriptor this `File` owns; it moves only the file position,
+        // which nothing else relies on (every read of the file is positioned).
+        let start = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if start < 0 {
+            let e = io::Error::last_os_error();
+            // ENXIO: no data at or after `at`.
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(out)
+            } else {
+                Err(e)
+            };
+        }
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+        if end < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        out.push((start as u64, end as u64));
+        at = end;
     }
 }
 
