@@ -619,7 +619,7 @@ impl Vmm {
                     let n = pre.copy_again(&self.space, &dirty).map_err(to_ctl)?;
                     pre.pages += n;
                     rounds += 1;
-                    if n > last / 2 {
+                    if n >= last {
                         // Written as fast as copied: another round would not shrink it.
                         break;
                     }
