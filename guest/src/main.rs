@@ -516,10 +516,35 @@ fn check_gone(g: u64, old: &[Plugged], fresh: &[Plugged], vcpu: u64, nr: u64) ->
                 return (checks, stale);
             }
             checks += 1;
-            stale += u64::from(got == hotplug_pattern(addr));
+            if got == hotplug_pattern(addr) {
+                stale += 1;
+                report_stale(vcpu, g, addr, r);
+            }
         }
     }
     (checks, stale)
+}
+
+/// Says on the console where a stale read was (the run fails on it anyway): the vCPU, the
+/// mailbox generation, the address, and the region the old list had there.
+fn report_stale(vcpu: u64, g: u64, addr: u64, r: &Plugged) {
+    // Labels (74 bytes) and six numbers of at most 20 digits each, and a newline.
+    let mut line = [0u8; 200];
+    let mut len = 0;
+    for (label, v) in [
+        (&b"hotplug: stale read: vcpu "[..], vcpu),
+        (b" generation ", g),
+        (b" gpa ", addr),
+        (b" in old region at ", r.start),
+        (b" size ", r.size),
+        (b" flags ", u64::from(r.flags)),
+    ] {
+        line[len..len + label.len()].copy_from_slice(label);
+        len += label.len();
+        len += fmt_u64(v, &mut line[len..]);
+    }
+    line[len] = b'\n';
+    puts(&line[..len + 1]);
 }
 
 /// `hotplug`: follow the mailbox; write a per-address pattern into this vCPU's share of each

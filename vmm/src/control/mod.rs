@@ -493,6 +493,11 @@ impl Vmm {
                 let update = self.mailbox.begin();
                 let r = self.space.unmap(gpa, size);
                 let _ = update.publish(&self.mailbox_list());
+                tracing::debug!(
+                    generation = self.mailbox.generation(),
+                    ok = r.is_ok(),
+                    "unmap {gpa:#x}+{size:#x}"
+                );
                 let removed: Vec<RegionView> = r?.iter().map(RegionView::from).collect();
                 self.events
                     .publish(EventKind::Unmapped, |seq| Event::Unmapped {
@@ -514,6 +519,11 @@ impl Vmm {
                 let update = self.mailbox.begin();
                 let r = self.space.protect(gpa, size, readonly);
                 let _ = update.publish(&self.mailbox_list());
+                tracing::debug!(
+                    generation = self.mailbox.generation(),
+                    ok = r.is_ok(),
+                    "protect {gpa:#x}+{size:#x} readonly {readonly}"
+                );
                 let changed: Vec<RegionView> = r?.iter().map(RegionView::from).collect();
                 self.events
                     .publish(EventKind::Protected, |seq| Event::Protected {
@@ -757,6 +767,11 @@ impl Vmm {
             .space
             .map(gpa, size, backing, readonly, RegionKind::Hotplug)?;
         let _ = self.mailbox.begin().publish(&self.mailbox_list());
+        tracing::debug!(
+            generation = self.mailbox.generation(),
+            "map {gpa:#x}+{size:#x} {} readonly {readonly}",
+            backing.name()
+        );
         let region = RegionView::from(&info);
         self.events.publish(EventKind::Mapped, |seq| Event::Mapped {
             seq,
