@@ -31,7 +31,7 @@ use crate::devices::serial::SerialSnapshot;
 use crate::kvm::state::VcpuState;
 use crate::memory::address_space::PAGE;
 use crate::memory::residency::Residency;
-use crate::memory::snapshot::populated_pages;
+use crate::memory::snapshot::{coalesce, populated_pages};
 use crate::memory::{AddressSpace, AddressSpaceKind, Backing, MemslotMode, RegionKind};
 
 /// The format's name in the manifest.
@@ -375,6 +375,12 @@ impl MemoryImage {
         let held = |pfn: u64| {
             source.is_some_and(|s| s.has(pfn)) || file_held.as_ref().is_some_and(|f| f.has(pfn))
         };
+        let unreadable = |pfn: u64, e: String| {
+            SnapshotError::Vm(format!(
+                "page {:#x} of the snapshot this VM was restored from is unreadable: {e}",
+                pfn * PAGE
+            ))
+        };
         let mut buf = vec![0u8; (COPY_CHUNK_PAGES * PAGE) as usize];
         let mut total = 0;
         for r in &self.regions {
@@ -413,12 +419,8 @@ impl MemoryImage {
                 } else if let Some(f) = file_held.as_ref().filter(|f| f.has(pfn)) {
                     // Still the data file's page under a `kernel` restore: from the file (not
                     // through the mapping, which would raise SIGBUS if the file was cut).
-                    f.read(pfn, bytes).map_err(|e| {
-                        SnapshotError::Vm(format!(
-                            "page {:#x} of the snapshot this VM was restored from is unreadable: {e}",
-                            pfn * PAGE
-                        ))
-                    })?;
+                    f.read(pfn, bytes)
+                        .map_err(|e| unreadable(pfn, e.to_string()))?;
                 } else {
                     source
                         .ok_or_else(|| "no snapshot".to_owned())
@@ -426,12 +428,7 @@ impl MemoryImage {
                             s.with_data(pfn, n, |d| bytes.copy_from_slice(d))
                                 .map_err(|e| e.to_string())
                         })
-                        .map_err(|e| {
-                            SnapshotError::Vm(format!(
-                                "page {:#x} of the snapshot this VM was restored from is unreadable: {e}",
-                                pfn * PAGE
-                            ))
-                        })?;
+                        .map_err(|e| unreadable(pfn, e))?;
                 }
                 self.file
                     .write_all_at(bytes, r.file_offset + p * PAGE)
@@ -461,19 +458,9 @@ impl MemoryImage {
 
     /// The file is complete: its regions, page runs and chunks.
     fn finish(self) -> WrittenMemory {
-        let mut copied = self.copied;
-        copied.sort_unstable();
-        // Runs of adjacent pages held: (first gpa, pages), by address.
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for (gpa, n) in copied {
-            let end = gpa + n * PAGE;
-            match runs.last_mut() {
-                Some((first, k)) if gpa <= *first + *k * PAGE => {
-                    *k = (*k).max((end - *first) / PAGE);
-                }
-                _ => runs.push((gpa, n)),
-            }
-        }
+        // Runs of adjacent pages held: (first gpa, pages), by address (a page copied again by
+        // a later pass counts once).
+        let runs = coalesce(&self.copied, usize::MAX);
         // Chunks for the page index: inside one region, at most COPY_CHUNK_PAGES each.
         let mut chunks = Vec::new();
         for &(first, n) in &runs {

@@ -845,7 +845,6 @@ pub struct RunningVm<'a> {
     fault_mode: FaultMode,
     memslot_changes_after_setup: u64,
     rss_at_start_bytes: u64,
-
     /// [`RunningVm::wait`] collected every thread.
     waited: bool,
     /// Last: released (or kept) once every thread above is joined.

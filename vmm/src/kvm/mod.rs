@@ -135,6 +135,35 @@ impl KvmMemslots {
     }
 }
 
+impl KvmMemslots {
+    /// `KVM_SET_USER_MEMORY_REGION` for memslot `slot`: `[gpa, gpa + size)` at `host_addr`,
+    /// with `flags`.
+    ///
+    /// # Safety
+    ///
+    /// `[host_addr, host_addr + size)` must stay mapped as long as the memslot exists (KVM
+    /// reaches guest memory through it), or `size` is 0 (the slot is deleted).
+    unsafe fn set_region(
+        &self,
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        host_addr: u64,
+        flags: u32,
+    ) -> std::io::Result<()> {
+        let mem_region = kvm_userspace_memory_region {
+            slot,
+            flags,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host_addr,
+        };
+        // SAFETY: the caller's contract.
+        unsafe { self.vm.set_user_memory_region(mem_region) }
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
 impl crate::memory::Memslots for KvmMemslots {
     fn install(
         &self,
@@ -144,35 +173,20 @@ impl crate::memory::Memslots for KvmMemslots {
         host_addr: u64,
         readonly: bool,
     ) -> std::io::Result<()> {
-        let mem_region = kvm_userspace_memory_region {
-            slot,
-            flags: if readonly {
-                kvm_bindings::KVM_MEM_READONLY
-            } else {
-                0
-            },
-            guest_phys_addr: gpa,
-            memory_size: size,
-            userspace_addr: host_addr,
+        let flags = if readonly {
+            kvm_bindings::KVM_MEM_READONLY
+        } else {
+            0
         };
         // SAFETY: the address space maps `host_addr..+size` before installing the memslot and
         // releases it only after deleting the memslot (and a grace period); guest memory is
         // never borrowed by a Rust object, only touched through raw host addresses.
-        unsafe { self.vm.set_user_memory_region(mem_region) }
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+        unsafe { self.set_region(slot, gpa, size, host_addr, flags) }
     }
 
     fn delete(&self, slot: u32, gpa: u64) -> std::io::Result<()> {
-        let mem_region = kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: gpa,
-            memory_size: 0,
-            userspace_addr: 0,
-        };
         // SAFETY: a zero-sized region deletes the slot; no host memory is handed to KVM.
-        unsafe { self.vm.set_user_memory_region(mem_region) }
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+        unsafe { self.set_region(slot, gpa, 0, 0, 0) }
     }
 
     fn capacity(&self) -> u32 {
@@ -187,21 +201,14 @@ impl crate::memory::Memslots for KvmMemslots {
         host_addr: u64,
         on: bool,
     ) -> std::io::Result<()> {
-        let mem_region = kvm_userspace_memory_region {
-            slot,
-            flags: if on {
-                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
-            } else {
-                0
-            },
-            guest_phys_addr: gpa,
-            memory_size: size,
-            userspace_addr: host_addr,
+        let flags = if on {
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
         };
         // SAFETY: the same slot, range and host memory as installed (see `install`); only the
         // flags change.
-        unsafe { self.vm.set_user_memory_region(mem_region) }
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+        unsafe { self.set_region(slot, gpa, size, host_addr, flags) }
     }
 
     fn dirty_log(&self, slot: u32, size: u64) -> std::io::Result<Vec<u64>> {

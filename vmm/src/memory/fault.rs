@@ -282,23 +282,13 @@ impl AddressSpace {
             Some(src) if held as u64 == n => src.copy_to(uffd, host, first, n),
             Some(src) if held > 0 => {
                 let mut buf = vec![0u8; huge as usize];
-                let mut p = first;
-                while p < first + n {
-                    if !src.has(p) {
-                        p += 1;
-                        continue;
-                    }
-                    let mut e = p + 1;
-                    while e < first + n && src.has(e) {
-                        e += 1;
-                    }
-                    let at = ((p - first) * PAGE) as usize;
-                    src.with_data(p, e - p, |d| buf[at..at + d.len()].copy_from_slice(d))
-                        .map_err(|source| FaultError {
-                            gpa: p * PAGE,
-                            source,
-                        })?;
-                    p = e;
+                let held_gpas = (first..first + n).filter(|&p| src.has(p)).map(|p| p * PAGE);
+                for (gpa, end) in super::snapshot::runs_of(held_gpas) {
+                    let at = (gpa - start) as usize;
+                    src.with_data(gpa / PAGE, (end - gpa) / PAGE, |d| {
+                        buf[at..at + d.len()].copy_from_slice(d)
+                    })
+                    .map_err(|source| FaultError { gpa, source })?;
                 }
                 uffd.copy(host, &buf)
             }

@@ -82,13 +82,8 @@ impl Residency {
     pub fn take_all(&self) -> Vec<u64> {
         let mut out = Vec::new();
         for (i, w) in self.words.iter().enumerate() {
-            if w.load(Relaxed) == 0 {
-                continue;
-            }
-            let mut bits = w.swap(0, Relaxed);
-            while bits != 0 {
-                out.push(i as u64 * 64 + u64::from(bits.trailing_zeros()));
-                bits &= bits - 1;
+            if w.load(Relaxed) != 0 {
+                push_set_bits(&mut out, i as u64 * 64, w.swap(0, Relaxed));
             }
         }
         out
@@ -130,6 +125,14 @@ impl Residency {
             f(&self.words[(p / 64) as usize], mask);
             p += n;
         }
+    }
+}
+
+/// Appends `base + i` for every bit `i` set in `word`, lowest first.
+pub fn push_set_bits(out: &mut Vec<u64>, base: u64, mut word: u64) {
+    while word != 0 {
+        out.push(base + u64::from(word.trailing_zeros()));
+        word &= word - 1;
     }
 }
 

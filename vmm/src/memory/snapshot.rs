@@ -97,6 +97,14 @@ pub struct SourceRegion {
     pub file_offset: u64,
 }
 
+/// Where guest-physical address `gpa` lies in the data file, given the `regions` laid out in
+/// it (sorted by address); `None` outside every region.
+fn file_offset(regions: &[SourceRegion], gpa: u64) -> Option<u64> {
+    let i = regions.partition_point(|r| r.gpa <= gpa);
+    let r = regions.get(i.checked_sub(1)?)?;
+    (gpa < r.gpa + r.size).then(|| r.file_offset + (gpa - r.gpa))
+}
+
 /// Snapshot data that first touches are served from: the data file, where each region's
 /// pages lie at `file_offset + (gpa - region.gpa)`, and a bitmap of the pages the snapshot
 /// holds. A page's bit is cleared once it has been served, or when its range is released (so
@@ -233,9 +241,7 @@ impl Source {
     }
 
     fn offset_of(&self, gpa: u64) -> Option<u64> {
-        let i = self.regions.partition_point(|r| r.gpa <= gpa);
-        let r = self.regions.get(i.checked_sub(1)?)?;
-        (gpa < r.gpa + r.size).then(|| r.file_offset + (gpa - r.gpa))
+        file_offset(&self.regions, gpa)
     }
 
     /// Whether the snapshot holds page `pfn` (and it has not been served yet).
@@ -602,10 +608,7 @@ pub(crate) struct FileHeld {
 
 impl FileHeld {
     fn offset_of(&self, pfn: u64) -> Option<u64> {
-        let gpa = pfn * PAGE;
-        let i = self.regions.partition_point(|r| r.gpa <= gpa);
-        let r = self.regions.get(i.checked_sub(1)?)?;
-        (gpa < r.gpa + r.size).then(|| r.file_offset + (gpa - r.gpa))
+        file_offset(&self.regions, pfn * PAGE)
     }
 
     /// Whether page `pfn` reads data from the file (when not present).

@@ -13,6 +13,7 @@ use std::io;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
 use super::{AddressSpace, AsError, PAGE};
+use crate::memory::residency::push_set_bits;
 
 /// An open write log; dropping it stops logging.
 pub struct DirtyLog<'a> {
@@ -90,12 +91,7 @@ impl DirtyLog<'_> {
             let bitmap = space.slots.dirty_log(slot, size)?;
             let first = gpa / PAGE;
             for (i, &word) in bitmap.iter().enumerate() {
-                let mut w = word;
-                while w != 0 {
-                    let bit = u64::from(w.trailing_zeros());
-                    pfns.push(first + i as u64 * 64 + bit);
-                    w &= w - 1;
-                }
+                push_set_bits(&mut pfns, first + i as u64 * 64, word);
             }
         }
         pfns.extend(space.host_dirty.take_all());
