@@ -796,10 +796,14 @@ fn a_hugetlb_guest_is_restored_in_huge_pages_and_its_working_set_replayed() {
         assert_restored_clean(&o, mode);
         let r = restore_json(&o);
         // The lazy modes' prefetcher races the vCPUs for the few huge pages (either may
-        // serve each); in `kernel` mode it reads the working set in regardless.
+        // serve each); in `kernel` mode it reads in recorded runs, whole huge pages, until the
+        // run ends (a guest that finishes its pass first can stop it before its first run).
         let prefetched = r["prefetched_pages"].as_u64().unwrap();
         if mode == "kernel" {
-            assert!(prefetched >= 600, "{mode}: {r}");
+            assert!(
+                prefetched % 512 == 0 && prefetched <= recorded,
+                "{mode}: {r}"
+            );
         } else {
             let served = r["pages_served"].as_u64().unwrap();
             assert_eq!(
@@ -855,11 +859,13 @@ fn a_live_snapshot_of_a_guest_rewriting_its_memory_restores_clean() {
         r["precopy_rounds"].as_u64().unwrap(),
         r["recopied_pages"].as_u64().unwrap(),
     );
-    // The guest's slices (6144 pages in all) were copied while it ran, some of them again
-    // in later rounds, and it rewrote some before the pause.
+    // The guest's slices (6144 pages in all) were copied while it ran, and the pages it
+    // rewrote meanwhile were copied again: in later rounds, or in the pause (which of the
+    // two depends on when the host schedules the vCPUs).
     assert!((1..=4).contains(&rounds), "{reply}");
     assert!(pre >= 6144 && pre <= rounds * pages, "{reply}");
-    assert!(again > 0 && again <= pages, "{reply}");
+    assert!(again <= pages, "{reply}");
+    assert!(pre > pages || again > 0, "{reply}");
     let p0 = passes(&vm);
     let reply = vm.ctl_ok(&[
         "snapshot",
