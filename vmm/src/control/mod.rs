@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::devices::mailbox::{Mailbox, MailboxRegion};
+use crate::devices::mailbox::Mailbox;
 use crate::inject;
 use crate::memory::address_space::{RegionInfo, PAGE};
 use crate::memory::{AddressSpace, AsError, Backing, FaultMode, RegionKind};
@@ -432,7 +432,7 @@ impl Vmm {
     /// The control view of a running VM. Publishes the mailbox with the run-time regions
     /// already mapped (none, except in a VM restored from a snapshot).
     pub fn new(h: &VmHandle, cfg: Config, inject: bool) -> Result<Self, String> {
-        let mailbox = Mailbox::with_list(Arc::clone(&h.space), &mailbox_list_of(&h.space))
+        let mailbox = Mailbox::listing(Arc::clone(&h.space))
             .map_err(|e| format!("cannot write the hot-plug mailbox: {e}"))?;
         let vmm = Vmm {
             space: Arc::clone(&h.space),
@@ -490,9 +490,7 @@ impl Vmm {
                 let _op = self.lock_ops();
                 self.check_split_limit(gpa, size, false)?;
                 // The generation goes odd before memory goes away (see devices::mailbox).
-                let update = self.mailbox.begin();
-                let r = self.space.unmap(gpa, size);
-                let _ = update.publish(&self.mailbox_list());
+                let r = self.mailbox.change(|space| space.unmap(gpa, size));
                 tracing::debug!(
                     generation = self.mailbox.generation(),
                     ok = r.is_ok(),
@@ -516,9 +514,9 @@ impl Vmm {
             } => {
                 let _op = self.lock_ops();
                 self.check_split_limit(gpa, size, true)?;
-                let update = self.mailbox.begin();
-                let r = self.space.protect(gpa, size, readonly);
-                let _ = update.publish(&self.mailbox_list());
+                let r = self
+                    .mailbox
+                    .change(|space| space.protect(gpa, size, readonly));
                 tracing::debug!(
                     generation = self.mailbox.generation(),
                     ok = r.is_ok(),
@@ -763,10 +761,11 @@ impl Vmm {
         if backing == Backing::Hugetlb {
             hugetlb_check(size)?;
         }
+        // The generation goes odd before the region is published, not after: at the even
+        // generation before, the guest must find the address a hole (see devices::mailbox).
         let info = self
-            .space
-            .map(gpa, size, backing, readonly, RegionKind::Hotplug)?;
-        let _ = self.mailbox.begin().publish(&self.mailbox_list());
+            .mailbox
+            .change(|space| space.map(gpa, size, backing, readonly, RegionKind::Hotplug))?;
         tracing::debug!(
             generation = self.mailbox.generation(),
             "map {gpa:#x}+{size:#x} {} readonly {readonly}",
@@ -810,10 +809,6 @@ impl Vmm {
             ));
         }
         Ok(())
-    }
-
-    fn mailbox_list(&self) -> Vec<MailboxRegion> {
-        mailbox_list_of(&self.space)
     }
 
     /// What the guest reported in its results slots, read like any device reads guest memory:
@@ -1223,19 +1218,6 @@ fn merge(ranges: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
 }
 
 pub use crate::size::fmt_units as fmt_size;
-
-/// The run-time regions as the mailbox lists them.
-fn mailbox_list_of(space: &AddressSpace) -> Vec<MailboxRegion> {
-    views(space)
-        .into_iter()
-        .filter(|r| r.kind == RegionKind::Hotplug)
-        .map(|r| MailboxRegion {
-            gpa: r.gpa,
-            size_bytes: r.size,
-            readonly: r.readonly,
-        })
-        .collect()
-}
 
 /// The companion-thread body for `vmm run --api-sock`: serves `listener` until the run ends.
 pub fn sidecar(listener: server::Listener, cfg: Config) -> crate::vm::Sidecar {

@@ -4,10 +4,15 @@
 //! Protocol with the guest (the `hotplug` workload):
 //!
 //! 1. [`Mailbox::begin`] makes `generation` odd (release) *before* the address space changes,
-//!    so that a guest access that sees the change (open bus, a dropped write) also sees an odd
-//!    or newer generation afterwards and knows not to count it as an error.
+//!    so that a guest access that sees the change (open bus, a dropped write, a new region's
+//!    memory) also sees an odd or newer generation afterwards and knows not to count it.
 //! 2. The caller changes the address space.
 //! 3. [`MailboxUpdate::publish`] writes the list, then (release fence) makes `generation` even.
+//!
+//! So whenever the generation is even, the list is exactly the address space's hot-plugged
+//! regions: an address the list does not cover is a hole (open bus) for as long as the
+//! generation stays the same. [`Mailbox::change`] is the one way the control server changes
+//! regions, and it keeps that order for maps as well as unmaps and protects.
 //!
 //! The mailbox is read and written like any device's guest memory: through vm-memory's `Bytes`
 //! on a [`GuardedMemory`], a view of the address space inside one short RCU read-side critical
@@ -23,7 +28,7 @@ use abi::layout::MAILBOX;
 use abi::{mailbox_flags, mem_kind, region_flags, Mailbox as Layout, MAILBOX_MAX_REGIONS};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::memory::{AddressSpace, GuardedMemory};
+use crate::memory::{AddressSpace, GuardedMemory, RegionKind};
 
 /// One listed region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +85,23 @@ impl Mailbox {
         Ok(m)
     }
 
+    /// The mailbox in `space`, listing the hot-plugged regions it has.
+    pub fn listing(space: Arc<AddressSpace>) -> Result<Self, vm_memory::GuestMemoryError> {
+        let list = hotplug_list(&space);
+        Self::with_list(space, &list)
+    }
+
+    /// Changes the regions the guest sees inside an update: the generation goes odd before
+    /// `change` runs, and even again, with the list of hot-plugged regions as they are then,
+    /// after it returns (failed or not). The guest may see any part of the change while the
+    /// generation is odd, and none of it at the even generation before.
+    pub fn change<R>(&self, change: impl FnOnce(&AddressSpace) -> R) -> R {
+        let update = self.begin();
+        let r = change(&self.space);
+        let _ = update.publish(&hotplug_list(&self.space));
+        r
+    }
+
     /// Runs `f` on a view of guest memory, inside one read-side critical section of a reader
     /// registered for the call (the caller may be about to change the address space, and a
     /// grace period must not wait for a reader this thread keeps).
@@ -132,6 +154,20 @@ impl Mailbox {
         self.with_mem(|mem| mem.load::<u32>(addr(Layout::FLAGS_OFFSET), Ordering::Acquire))
             .is_ok_and(|f| f & mailbox_flags::STOP != 0)
     }
+}
+
+/// The hot-plugged regions of `space`, as the mailbox lists them.
+fn hotplug_list(space: &AddressSpace) -> Vec<MailboxRegion> {
+    space
+        .list()
+        .iter()
+        .filter(|r| r.kind == RegionKind::Hotplug)
+        .map(|r| MailboxRegion {
+            gpa: r.gpa,
+            size_bytes: r.size_bytes,
+            readonly: r.readonly,
+        })
+        .collect()
 }
 
 impl MailboxUpdate<'_> {
@@ -263,5 +299,58 @@ mod tests {
         assert!(m.stop_requested());
         m.begin().publish(&[]).unwrap();
         assert!(m.stop_requested(), "publishing keeps the stop flag");
+    }
+
+    /// What the guest relies on: at an even generation that stays the same across its reads,
+    /// the list is exactly the hot-plugged regions in the tree. A reader polls both while
+    /// regions come and go through [`Mailbox::change`]; a map published before the generation
+    /// went odd (as maps once were) shows as a region in the tree that the list lacks.
+    #[test]
+    fn at_an_even_generation_the_list_is_the_tree() {
+        use crate::memory::{Backing, RegionKind};
+        use std::sync::atomic::AtomicBool;
+
+        let space = Arc::new(crate::memory::guest::tests::test_space(
+            FaultMode::Vcpu,
+            "bonsai",
+        ));
+        let m = Mailbox::listing(Arc::clone(&space)).unwrap();
+        let nr_listed = |m: &Mailbox| -> u32 {
+            m.with_mem(|mem| mem.load(addr(Layout::NR_REGIONS_OFFSET), Ordering::Acquire))
+                .unwrap()
+        };
+        // The boot area is in the tree but not listed.
+        assert_eq!(space.len(), nr_listed(&m) as usize + 1);
+        let done = AtomicBool::new(false);
+        let (checked, wrong) = std::thread::scope(|t| {
+            let poller = t.spawn(|| {
+                let (mut checked, mut wrong) = (0u64, 0u64);
+                while !done.load(Ordering::Relaxed) {
+                    let g = m.generation();
+                    if g & 1 == 1 {
+                        continue;
+                    }
+                    let (in_tree, listed) = (space.len(), nr_listed(&m) as usize + 1);
+                    if m.generation() == g {
+                        checked += 1;
+                        wrong += u64::from(in_tree != listed);
+                    }
+                }
+                (checked, wrong)
+            });
+            let gpa = 24 << 20;
+            for _ in 0..2000 {
+                m.change(|s| s.map(gpa, 1 << 20, Backing::Anon, false, RegionKind::Hotplug))
+                    .unwrap();
+                m.change(|s| s.unmap(gpa, 1 << 20)).unwrap();
+            }
+            done.store(true, Ordering::Relaxed);
+            poller.join().unwrap()
+        });
+        assert!(checked > 0);
+        assert_eq!(
+            wrong, 0,
+            "{wrong} of {checked} checks saw the tree and the list differ"
+        );
     }
 }
