@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fault-around by access pattern: the adaptive window against fixed windows, the host kernel's
-# own faults (4 KiB pages and THP) and the handler thread before and after the wake fix, on
+# own faults (4 KiB pages and THP), the floor of a one-page-per-exit first touch (--floor)
+# and the handler thread before and after the wake fix, on
 # 2 vCPUs x 32768 pages, no churn, bonsai. Every configuration is sampled BENCH_REPEATS
 # times; a sample is `vmm stress --duration BENCH_DURATION`: fresh-VM runs of 2 x 32768 pages
 # each, repeated for that long and summed (a sequential run with large windows touches its
@@ -37,6 +38,7 @@ CONFIGS=$(
     cat <<'EOF'
 - --pattern sequential --fault-around adaptive
 - --pattern sequential --fault-around 1
+- --pattern sequential --fault-around 1 --floor
 - --pattern sequential --fault-around 16
 - --pattern sequential --fault-around 64
 - --pattern sequential --fault-around 512

@@ -61,6 +61,7 @@ fn config(workload: u32, vcpus: u32, pages: u64) -> RunConfig {
         hotplug_window: 0,
         sidecars: Sidecars::default(),
         restore: None,
+        floor: false,
     }
 }
 

@@ -278,6 +278,32 @@ fn bad_flags_are_usage_errors() {
         &["stress", "--fault-around", "3"],
         &["stress", "--address-space", "list"],
         &["stress", "--duration", "-1"],
+        // The floor knows the next page of a sequential scan at one page per exit only.
+        &["stress", "--floor"],
+        &[
+            "stress",
+            "--floor",
+            "--fault-around",
+            "1",
+            "--fault-mode",
+            "handler",
+        ],
+        &[
+            "stress",
+            "--floor",
+            "--fault-around",
+            "1",
+            "--pattern",
+            "random",
+        ],
+        &[
+            "stress",
+            "--floor",
+            "--fault-around",
+            "1",
+            "--ram-backing",
+            "hugetlb",
+        ],
     ] {
         let o = run(bad);
         assert_eq!(o.status.code(), Some(2), "{bad:?}: {}", stderr(&o));
@@ -628,4 +654,41 @@ fn handler_mode_old_wake_behaviour_still_works() {
         assert_eq!(v["uffd_always_wake"], true, "{v}");
         assert_eq!(u(&v, "verify_errors"), 0, "{v}");
     }
+}
+
+/// `--floor`: every first touch is served at the floor (one exit and one populated page per
+/// touched page, none through the VMM's fault path), on anon and memfd RAM, with 1 and 2
+/// vCPUs, and the guest verifies every page; the report says so.
+#[test]
+fn the_floor_serves_every_first_touch_without_the_fault_path() {
+    require_kvm!();
+    for (vcpus, backing) in [("1", "anon"), ("2", "anon"), ("2", "memfd")] {
+        let v = stress_json(&[
+            "--floor",
+            "--fault-around",
+            "1",
+            "--vcpus",
+            vcpus,
+            "--pages",
+            "2048",
+            "--regions",
+            "10",
+            "--ram-backing",
+            backing,
+        ]);
+        let n: u64 = vcpus.parse().unwrap();
+        check_common(&v, n, 2048, "vcpu", "bonsai");
+        assert_eq!(v["floor"], true, "{v}");
+        assert_eq!(
+            u(&v, "faults"),
+            0,
+            "no fault went through the VMM's path: {v}"
+        );
+        assert_eq!(u(&v, "exits_by_reason.efault"), n * 2048, "{v}");
+        assert_eq!(u(&v, "pages_populated"), n * 2048, "{v}");
+    }
+    // Without --floor the same run goes through the fault path, one fault per page.
+    let v = stress_json(&["--fault-around", "1", "--pages", "2048", "--regions", "10"]);
+    assert_eq!(v["floor"], false, "{v}");
+    assert_eq!(u(&v, "faults"), 2 * 2048, "{v}");
 }

@@ -442,6 +442,7 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
         },
         sidecars,
         restore,
+        floor: false,
     };
     let pattern = cfg.workload == abi::workload::PATTERN;
     let restored = cfg.restore.is_some();

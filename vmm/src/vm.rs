@@ -68,6 +68,9 @@ pub struct RunConfig {
     pub sidecars: Sidecars,
     /// Resume a snapshot instead of booting (`vmm run --restore`).
     pub restore: Option<Restore>,
+    /// `vmm stress --floor`: serve the `touch` workload's sequential first touches at the floor
+    /// (see [`vcpu::FloorSlice`]); `params[1]` is the pages each vCPU touches.
+    pub floor: bool,
 }
 
 /// How guest memory is brought back from a snapshot (`--restore-mode`).
@@ -128,6 +131,37 @@ impl std::fmt::Debug for Restore {
             .field("mode", &self.mode)
             .finish_non_exhaustive()
     }
+}
+
+/// The `touch` workload's slice of vCPU `index` (`pages` each, 0: an equal share of RAM) as
+/// the guest computes it: RAM regions in address order, page `index * per` onwards. `None` if
+/// it does not lie in one region.
+fn floor_slice(
+    space: &AddressSpace,
+    vcpus: u32,
+    pages: u64,
+    index: usize,
+) -> Option<vcpu::FloorSlice> {
+    let mut ram: Vec<_> = space
+        .list()
+        .into_iter()
+        .filter(|r| r.kind == memory::RegionKind::Ram)
+        .map(|r| (r.gpa, r.size_bytes / abi::layout::PAGE_SIZE))
+        .collect();
+    ram.sort_unstable();
+    let share = ram.iter().map(|r| r.1).sum::<u64>() / u64::from(vcpus.max(1));
+    let per = if pages == 0 { share } else { pages.min(share) };
+    let mut first = index as u64 * per;
+    for (gpa, n) in ram {
+        if first < n {
+            return (first + per <= n).then_some(vcpu::FloorSlice {
+                next: gpa + first * abi::layout::PAGE_SIZE,
+                end: gpa + (first + per) * abi::layout::PAGE_SIZE,
+            });
+        }
+        first -= n;
+    }
+    None
 }
 
 /// Companion threads to start with the VM (see [`VmHandle`]), and set-up steps to run on the
@@ -774,6 +808,16 @@ impl<'a> Vm<'a> {
                     .as_ref()
                     .and_then(|r| r.snapshot.vcpus.get(index))
                     .map(|st| Arc::new(st.clone())),
+                floor: if cfg.floor {
+                    let pages = cfg.params.get(1).copied().unwrap_or(0);
+                    Some(floor_slice(&space, cfg.vcpus, pages, index).ok_or_else(|| {
+                        VmError::Setup(format!(
+                            "--floor: vCPU {index}'s pages do not lie in one RAM region"
+                        ))
+                    })?)
+                } else {
+                    None
+                },
             };
             let (thread_shared, cpuid, tx) = (Arc::clone(&shared), Arc::clone(&cpuid), tx.clone());
             let h = std::thread::Builder::new()
@@ -1510,6 +1554,7 @@ mod tests {
             hotplug_window: 0,
             sidecars: Sidecars::default(),
             restore: None,
+            floor: false,
         }
     }
 

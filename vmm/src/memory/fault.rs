@@ -262,6 +262,33 @@ impl AddressSpace {
         Ok(Ensured::Serviced { woken })
     }
 
+    /// The floor of a first touch (`vmm stress --floor`): populates the 4 KiB page of `gpa`
+    /// with zeroes for writing and marks it resident, with nothing of the fault path around it:
+    /// no lookup, no fault-around, no snapshot source. The caller (a vCPU thread that knows the
+    /// page its guest touches next) holds a read guard under which `gpa`'s region is an
+    /// anonymous or memfd RAM region. Returns `Ok(false)` when the page was present already, or
+    /// when there is no userfaultfd (the fault was about something else).
+    pub fn populate_floor_page(
+        &self,
+        _guard: &ReadGuard<'_>,
+        gpa: u64,
+    ) -> Result<bool, FaultError> {
+        let Some(uffd) = &self.uffd else {
+            return Ok(false);
+        };
+        let page = gpa & !(PAGE - 1);
+        match uffd.copy(self.host.host_addr(page), &self.zeroes[..PAGE as usize]) {
+            Ok(Populated::Done) => {
+                self.residency.set_range(page / PAGE, 1);
+                // Not a fault of the VMM's path: `faults` stays what that path served.
+                self.counters.pages_populated.fetch_add(1, Relaxed);
+                Ok(true)
+            }
+            Ok(_) => Ok(false),
+            Err(source) => Err(FaultError { gpa: page, source }),
+        }
+    }
+
     /// Populates the 2 MiB huge page of `gpa` (hugetlb backing: userfaultfd works in whole huge
     /// pages there, and has no zero-page ioctl) with zeroes, unless it is known present;
     /// returns how many 4 KiB pages this call populated (0 if another thread won).

@@ -66,6 +66,15 @@ pub struct StressArgs {
     #[arg(long, value_name = "PATTERN", default_value = "sequential", value_parser = crate::cli::Pattern::parse)]
     pub pattern: crate::cli::Pattern,
 
+    /// Serve first touches at this host's floor instead of through the VMM's fault path: each
+    /// vCPU thread knows the page its guest writes next and, on each bare EFAULT, populates
+    /// just that page (one UFFDIO_COPY) and re-enters: no decode, no lookup. The least a VMM
+    /// serving first touches on the vCPU thread must do here; `vcpu --fault-around 1` over it
+    /// is what the VMM's own fault path costs. Needs --fault-mode vcpu, --fault-around 1,
+    /// --pattern sequential and anon or memfd RAM.
+    #[arg(long)]
+    pub floor: bool,
+
     /// Ask for transparent huge pages on guest RAM (madvise MADV_HUGEPAGE; anon or memfd RAM):
     /// with --fault-mode kernel, the host kernel's own best case.
     #[arg(long)]
@@ -295,6 +304,18 @@ pub fn cmd_stress(args: StressArgs, process_start: Instant) -> u8 {
         );
         return 2;
     }
+    if args.floor
+        && (args.fault_mode != crate::cli::FaultMode::Vcpu
+            || args.fault_around != memory::FaultAround::Fixed(1)
+            || args.pattern != crate::cli::Pattern::Sequential
+            || args.ram_backing == crate::cli::RamBacking::Hugetlb
+            || args.thp)
+    {
+        eprintln!(
+            "vmm stress: --floor needs --fault-mode vcpu --fault-around 1 --pattern sequential on anon or memfd RAM without --thp (it knows each vCPU's next page only for a sequential scan, one page per exit)"
+        );
+        return 2;
+    }
     let started = Instant::now();
     let mut agg = Aggregate::new(StressReport {
         vcpus: args.vcpus,
@@ -308,6 +329,7 @@ pub fn cmd_stress(args: StressArgs, process_start: Instant) -> u8 {
         fault_around: args.fault_around.into(),
         pattern: args.pattern.name(),
         thp: args.thp,
+        floor: args.floor,
         uffd_always_wake: args.fault_mode == crate::cli::FaultMode::Handler
             && std::env::var_os("VMM_UFFD_ALWAYS_WAKE").is_some_and(|v| v == "1"),
         churn_rate: args.churn,
@@ -501,6 +523,7 @@ fn run_once(
         hotplug_window: Layout::new(top, regions, u64::MAX)?.window_bytes(),
         sidecars,
         restore: None,
+        floor: args.floor,
     };
     let report = vm::run(&cfg, Box::new(serial.clone())).map_err(|e| e.to_string())?;
     let console = || {

@@ -282,6 +282,9 @@ pub struct StressReport {
     /// (a `UFFDIO_WAKE` after every fault, reads until `EAGAIN`), for comparison.
     #[serde(default)]
     pub uffd_always_wake: bool,
+    /// `--floor`: first touches served at the host's floor, not by the VMM's fault path.
+    #[serde(default)]
+    pub floor: bool,
 }
 
 fn per_region() -> String {
@@ -521,7 +524,11 @@ impl fmt::Display for StressReport {
             "vmm stress: {} vCPUs, pattern {}, fault mode {mode}{}, fault-around {}, address space {}, {} RAM, {} extra regions, churn {} ops/s: {} run{} in {:.2} s",
             r.vcpus,
             r.pattern,
-            if r.thp { " (THP)" } else { "" },
+            match (r.thp, r.floor) {
+                (true, _) => " (THP)",
+                (false, true) => " at the floor (no fault path)",
+                _ => "",
+            },
             r.fault_around,
             r.address_space,
             if r.ram_backing.is_empty() { "anon" } else { &r.ram_backing },

@@ -102,6 +102,9 @@ fn group(reports: &[StressReport]) -> Vec<Group> {
         if r.uffd_always_wake && mode == "handler" {
             mode.push_str("-always-wake");
         }
+        if r.floor {
+            mode.push_str("-floor");
+        }
         let key: Key = (
             mode,
             // The kernel's faults know no fault-around of ours.
@@ -212,7 +215,22 @@ pub fn markdown(groups: &[Group]) -> String {
     let fa1 = |pattern: &str| fps(find_pattern(groups, "vcpu", "1", "bonsai", 2, 0, pattern));
     let handler = |fa: &str| fps(find(groups, "handler", fa, "bonsai", 2, 0));
     let handler_old = |fa: &str| fps(find(groups, "handler-always-wake", fa, "bonsai", 2, 0));
-    let targets: [Target; 14] = [
+    let targets: [Target; 15] = [
+        (
+            "sequential, fault-around 1: `vcpu` / the floor (`--floor`, report)",
+            fa1("sequential"),
+            fps(find_pattern(
+                groups,
+                "vcpu-floor",
+                "1",
+                "bonsai",
+                2,
+                0,
+                "sequential",
+            )),
+            0.0,
+            false,
+        ),
         (
             "sequential: adaptive / best fixed of 16, 64, 512 (vcpu)",
             adaptive("sequential"),
