@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vmm::cli::Pattern;
-use vmm::memory::{self, AddressSpaceKind, Backing, FaultMode, MemslotMode, RegionKind};
-use vmm::vm::{RunConfig, RunOutcome, Sidecars, Vm, VmError};
+use vmm::memory::{FaultMode, RegionKind};
+use vmm::vm::{RunConfig, RunOutcome, Vm, VmError};
 
 /// One VM at a time: the teardown checks count the process's file descriptors and threads.
 fn serial() -> MutexGuard<'static, ()> {
@@ -44,24 +44,8 @@ fn config(workload: u32, vcpus: u32, pages: u64) -> RunConfig {
     let mut params = vec![0, pages, 0];
     params.extend(Pattern::Sequential.params(1));
     RunConfig {
-        kvm_dev: PathBuf::from("/dev/kvm"),
-        vcpus,
-        mem_bytes: 64 << 20,
-        kernel: None,
-        workload,
-        params,
         timeout: Some(Duration::from_secs(30)),
-        process_start: Instant::now(),
-        fault_mode: FaultMode::Vcpu,
-        fault_around: memory::FaultAround::Adaptive,
-        thp: false,
-        address_space: AddressSpaceKind::Bonsai,
-        ram_backing: Backing::Anon,
-        memslots: MemslotMode::Window,
-        hotplug_window: 0,
-        sidecars: Sidecars::default(),
-        restore: None,
-        floor: false,
+        ..RunConfig::new(workload, params, vcpus, 64 << 20)
     }
 }
 

@@ -826,7 +826,9 @@ pub struct Vcpu {
 /// writes page by page. Each bare `EFAULT` then populates page `next` and re-enters at once:
 /// no decode, no lookup, no fault-around. That is the least any VMM serving first touches on
 /// the vCPU thread must do here, so `vcpu` mode's rate over this one says what the VMM's own
-/// fault path costs. A fault that page does not explain (it was present) goes the usual way.
+/// fault path costs. It is only meant for that workload, whose other memory is populated before
+/// it starts: a bare `EFAULT` on another page would populate the next page of the slice instead
+/// and retry, and go the usual way only once the slice is all present.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FloorSlice {
     /// The page the guest touches next.

@@ -73,6 +73,35 @@ pub struct RunConfig {
     pub floor: bool,
 }
 
+impl RunConfig {
+    /// A VM of `vcpus` vCPUs and `mem_bytes` of RAM running the built-in guest's `workload`
+    /// with `params`, and everything else as `vmm run` has it by default: `/dev/kvm`, no
+    /// timeout, `vcpu` mode with adaptive fault-around, Bonsai, anonymous RAM, memslot windows
+    /// without a hot-plug window, no companion thread, no snapshot.
+    pub fn new(workload: u32, params: Vec<u64>, vcpus: u32, mem_bytes: u64) -> Self {
+        RunConfig {
+            kvm_dev: PathBuf::from("/dev/kvm"),
+            vcpus,
+            mem_bytes,
+            kernel: None,
+            workload,
+            params,
+            timeout: None,
+            process_start: Instant::now(),
+            fault_mode: FaultMode::Vcpu,
+            fault_around: memory::FaultAround::Adaptive,
+            thp: false,
+            address_space: AddressSpaceKind::Bonsai,
+            ram_backing: Backing::Anon,
+            memslots: MemslotMode::Window,
+            hotplug_window: 0,
+            sidecars: Sidecars::default(),
+            restore: None,
+            floor: false,
+        }
+    }
+}
+
 /// How guest memory is brought back from a snapshot (`--restore-mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RestoreMode {
@@ -1537,24 +1566,9 @@ mod tests {
 
     fn small_vm_config() -> RunConfig {
         RunConfig {
-            kvm_dev: PathBuf::from("/dev/kvm"),
-            vcpus: 1,
-            mem_bytes: memory::MIN_MEM_BYTES,
-            kernel: None,
-            workload: abi::workload::HELLO,
-            params: Vec::new(),
-            timeout: None,
-            process_start: Instant::now(),
             fault_mode: FaultMode::Kernel,
             fault_around: memory::FaultAround::Fixed(1),
-            thp: false,
-            address_space: AddressSpaceKind::Bonsai,
-            ram_backing: Backing::Anon,
-            memslots: MemslotMode::Window,
-            hotplug_window: 0,
-            sidecars: Sidecars::default(),
-            restore: None,
-            floor: false,
+            ..RunConfig::new(abi::workload::HELLO, Vec::new(), 1, memory::MIN_MEM_BYTES)
         }
     }
 
