@@ -488,7 +488,8 @@ fn hotplug_pattern(addr: u64) -> u64 {
 }
 
 /// After the mailbox moved to generation `g` (`fresh`), reads back one word this vCPU wrote in
-/// up to 8 pages spread over its share of every region of `old`, where `fresh` no longer
+/// up to 8 pages spread over its share of every region of `old` and in the last page it wrote
+/// there, where `fresh` no longer
 /// covers them: unmapping has finished, so each must read as open bus (all ones), never as what
 /// was written (the old page still reachable) nor as anything else (a region the list does not
 /// show yet: the VMM makes the generation odd before it maps, too). A read is counted only if
@@ -504,10 +505,17 @@ fn check_gone(g: u64, old: &[Plugged], fresh: &[Plugged], vcpu: u64, nr: u64) ->
         .iter()
         .filter(|r| r.flags & abi::region_flags::READONLY == 0)
     {
-        // Up to 8 pages spread over what this vCPU touched.
+        // Up to 8 pages spread over what this vCPU touched, and the last one it wrote (the
+        // write most likely to have raced with the unmap).
         let samples = r.next.min(8);
-        for j in 0..samples {
-            let k = j * r.next / samples;
+        for j in 0..=samples {
+            let k = if j < samples {
+                j * r.next / samples
+            } else if r.next > 8 {
+                r.next - 1
+            } else {
+                break;
+            };
             let addr = word_of(r.start, k * nr + vcpu);
             if fresh
                 .iter()

@@ -65,6 +65,15 @@ pub fn free_huge_pages() -> u64 {
     read("free_hugepages").saturating_sub(read("resv_hugepages"))
 }
 
+/// How a fresh mapping of guest memory starts out ([`HostSpace::map`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostAccess {
+    /// Readable and writable at once.
+    ReadWrite,
+    /// `PROT_NONE` until [`HostSpace::protect`] opens it: registered with userfaultfd first.
+    None,
+}
+
 /// The host-side reservation mirroring guest-physical space.
 #[derive(Debug)]
 pub struct HostSpace {
@@ -172,16 +181,31 @@ impl HostSpace {
     }
 
     /// Backs `[gpa, gpa + len)` with fresh, zero, lazily allocated memory, replacing whatever
-    /// was mapped there (`MAP_FIXED`). Returns the memfd for shared backings.
+    /// was mapped there (`MAP_FIXED`), accessible at once or not at all (`access`). Returns the
+    /// memfd for shared backings.
+    ///
+    /// A mapping that is to be registered with userfaultfd starts [`HostAccess::None`] and is
+    /// opened ([`protect`](Self::protect)) only once registered: between a read-write `mmap`
+    /// and the registration, a vCPU's access through the hot-plug window's memslot would make
+    /// the kernel populate the page itself, and a guest write would land there and stay.
     ///
     /// # Safety
     ///
     /// No thread may be using the range: it is not published (no guest access and no VMM
     /// thread can reach it through the address space), or a grace period has passed since it
     /// was unpublished; no Rust reference into it exists.
-    pub unsafe fn map(&self, gpa: u64, len: u64, backing: Backing) -> io::Result<Option<OwnedFd>> {
+    pub unsafe fn map(
+        &self,
+        gpa: u64,
+        len: u64,
+        backing: Backing,
+        access: HostAccess,
+    ) -> io::Result<Option<OwnedFd>> {
         self.check(gpa, len)?;
-        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let rw = match access {
+            HostAccess::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
+            HostAccess::None => libc::PROT_NONE,
+        };
         let addr = self.host_addr(gpa);
         match backing {
             Backing::Anon => {
@@ -458,7 +482,7 @@ mod tests {
         let hs = HostSpace::reserve(1 << 30).unwrap();
         assert_eq!(hs.host_addr(0) % (1 << 30), 0);
         // SAFETY: the test owns this reservation; nothing else uses the range.
-        unsafe { hs.map(0x10000, 0x4000, Backing::Anon) }.unwrap();
+        unsafe { hs.map(0x10000, 0x4000, Backing::Anon, HostAccess::ReadWrite) }.unwrap();
         // SAFETY: just mapped, anonymous, not registered with userfaultfd.
         unsafe {
             hs.write(0x10008, &[1, 2, 3]);
@@ -469,7 +493,7 @@ mod tests {
         // SAFETY: the test owns this reservation; nothing else uses the range.
         unsafe { hs.release(0x10000, 0x4000) }.unwrap();
         // SAFETY: the test owns this reservation; nothing else uses the range.
-        unsafe { hs.map(0x10000, 0x4000, Backing::Memfd) }.unwrap();
+        unsafe { hs.map(0x10000, 0x4000, Backing::Memfd, HostAccess::ReadWrite) }.unwrap();
         let mut b = [9u8; 4];
         // SAFETY: just mapped again.
         unsafe { hs.read(0x10007, &mut b) };
@@ -495,7 +519,7 @@ mod tests {
         let hs = HostSpace::reserve(1 << 30).unwrap();
         let (gpa, len) = (16 << 20, 4 * page);
         // SAFETY: the test owns this reservation; nothing else uses the range.
-        let fd = unsafe { hs.map(gpa, len, backing) }
+        let fd = unsafe { hs.map(gpa, len, backing, HostAccess::ReadWrite) }
             .unwrap()
             .expect("shared backings have a file");
         for p in 0..4 {
@@ -549,14 +573,15 @@ mod tests {
     fn rejects_ranges_outside_or_unaligned() {
         let hs = HostSpace::reserve(1 << 30).unwrap();
         // SAFETY: the test owns this reservation; nothing else uses the range.
-        assert!(unsafe { hs.map(0x10001, 0x1000, Backing::Anon) }.is_err());
+        assert!(unsafe { hs.map(0x10001, 0x1000, Backing::Anon, HostAccess::ReadWrite) }.is_err());
         // SAFETY: the test owns this reservation; nothing else uses the range.
-        assert!(unsafe { hs.map(1 << 30, 0x1000, Backing::Anon) }.is_err());
+        assert!(unsafe { hs.map(1 << 30, 0x1000, Backing::Anon, HostAccess::ReadWrite) }.is_err());
         // SAFETY: the test owns this reservation; nothing else uses the range.
-        assert!(unsafe { hs.map(0, 0, Backing::Anon) }.is_err());
+        assert!(unsafe { hs.map(0, 0, Backing::Anon, HostAccess::ReadWrite) }.is_err());
         // SAFETY: the test owns this reservation; nothing else uses the range.
-        assert!(unsafe { hs.map(0x1000, 0x1000, Backing::Memfd) }.is_ok());
+        assert!(unsafe { hs.map(0x1000, 0x1000, Backing::Memfd, HostAccess::ReadWrite) }.is_ok());
+        let rw = HostAccess::ReadWrite;
         // SAFETY: the test owns this reservation; nothing else uses the range.
-        assert!(unsafe { hs.map(0x1000, 0x1000, Backing::Hugetlb) }.is_err());
+        assert!(unsafe { hs.map(0x1000, 0x1000, Backing::Hugetlb, rw) }.is_err());
     }
 }

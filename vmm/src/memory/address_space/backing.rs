@@ -10,6 +10,7 @@ use std::io;
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::{AddressSpace, AsError, Backing, PAGE};
+use crate::memory::host::HostAccess;
 
 /// How a range's host memory goes back to being a hole ([`AddressSpace::teardown`]).
 #[derive(Clone, Copy, Debug)]
@@ -27,14 +28,20 @@ impl AddressSpace {
     /// Maps `[gpa, gpa + size)` anonymous, read-write, registered with userfaultfd, holding no
     /// page: an armed hole. The range must be unpublished and past a grace period.
     pub(super) fn arm(&self, gpa: u64, size: u64) -> io::Result<()> {
+        // Inaccessible until registered: the window's memslot covers the range, and a vCPU
+        // access in between would have the kernel populate a page that then stays in the hole
+        // (a guest write racing with the unmap that is making this hole would land there, and
+        // be read back once the unmap had replied).
         // SAFETY: per the contract, no thread uses the range.
-        unsafe { self.host.map(gpa, size, Backing::Anon) }?;
-        if let Some(u) = &self.uffd {
-            if let Err(e) = u.register(self.host.host_addr(gpa), size) {
-                // SAFETY: as above.
-                let _ = unsafe { self.host.release(gpa, size) };
-                return Err(e);
-            }
+        unsafe { self.host.map(gpa, size, Backing::Anon, HostAccess::None) }?;
+        let registered = match &self.uffd {
+            Some(u) => u.register(self.host.host_addr(gpa), size),
+            None => Ok(()),
+        };
+        if let Err(e) = registered.and_then(|()| self.host.protect(gpa, size, false)) {
+            // SAFETY: as above.
+            let _ = unsafe { self.host.release(gpa, size) };
+            return Err(e);
         }
         Ok(())
     }
@@ -87,17 +94,13 @@ impl AddressSpace {
                 tracing::error!(gpa, size, error = %e, "putting a hole back after a failed map failed");
             }
         };
+        // Mapped inaccessible, registered with userfaultfd, and only then opened (see
+        // `HostSpace::map`): a vCPU's access to the range before it is published is then a
+        // fault the VMM answers as open bus, not a page the kernel fills behind its back.
         let mapped = crate::inject::hit(crate::inject::Step::Mmap)
             // SAFETY: the range is not published yet (the caller publishes it after this
             // returns), so no thread uses it, and no Rust reference into it exists.
-            .and_then(|()| unsafe { self.host.map(gpa, size, backing) })
-            .and_then(|_| {
-                if host_readonly {
-                    self.host.protect(gpa, size, true).inspect_err(|_| hole())
-                } else {
-                    Ok(())
-                }
-            });
+            .and_then(|()| unsafe { self.host.map(gpa, size, backing, HostAccess::None) });
         if let Err(source) = mapped {
             if backing == Backing::Hugetlb && source.raw_os_error() == Some(libc::ENOMEM) {
                 // The huge pages were taken between the caller's check and our reservation.
@@ -121,6 +124,13 @@ impl AddressSpace {
                     source,
                 });
             }
+        }
+        if let Err(source) = self.host.protect(gpa, size, host_readonly) {
+            hole();
+            return Err(AsError::Host {
+                what: "changing the host protection of guest memory",
+                source,
+            });
         }
         Ok(())
     }
