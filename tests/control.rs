@@ -863,7 +863,7 @@ fn fuzzed_requests_never_hurt_the_vm() {
 /// with a fresh anonymous mapping. It used to be read-write before it was registered with
 /// userfaultfd, and a vCPU write in that gap was populated by the kernel and read back after
 /// the unmap had replied: about 30 stale reads in 20 s of this, none with anonymous regions,
-/// which stay registered.)
+/// which stay registered.) `CTL_FLIP_SECS` sets how long (6 s by default).
 #[test]
 fn shared_regions_unmapped_under_guest_writes_leave_nothing_behind() {
     require_kvm!();
@@ -883,9 +883,13 @@ fn shared_regions_unmapped_under_guest_writes_leave_nothing_behind() {
     let mut c = vm.client();
     let mut rng = Rng(7);
     let mut live = [0u64; 16];
+    let secs: u64 = std::env::var("CTL_FLIP_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(6);
     let t0 = Instant::now();
     let mut ops = 0;
-    while t0.elapsed() < Duration::from_secs(6) {
+    while t0.elapsed() < Duration::from_secs(secs) {
         let slot = rng.below(16) as usize;
         let gpa = 4 * GIB + slot as u64 * 8 * MIB;
         if live[slot] == 0 {
