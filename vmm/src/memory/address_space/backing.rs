@@ -94,13 +94,29 @@ impl AddressSpace {
                 tracing::error!(gpa, size, error = %e, "putting a hole back after a failed map failed");
             }
         };
-        // Mapped inaccessible, registered with userfaultfd, and only then opened (see
-        // `HostSpace::map`): a vCPU's access to the range before it is published is then a
-        // fault the VMM answers as open bus, not a page the kernel fills behind its back.
+        // In the hot-plug window, whose memslot lets vCPUs reach the range before it is
+        // published, memory to be registered with userfaultfd is mapped inaccessible and opened
+        // only once registered (see `HostSpace::map`): an access in between is then a fault the
+        // VMM answers as open bus, not a page the kernel fills behind its back. Elsewhere (no
+        // memslot yet, or nothing to register) it is mapped as it is to be at once.
+        let registers = demand_paged && self.uffd.is_some();
+        let closed = registers && self.reachable_unpublished(gpa, size);
+        let access = if closed {
+            HostAccess::None
+        } else {
+            HostAccess::ReadWrite
+        };
         let mapped = crate::inject::hit(crate::inject::Step::Mmap)
             // SAFETY: the range is not published yet (the caller publishes it after this
             // returns), so no thread uses it, and no Rust reference into it exists.
-            .and_then(|()| unsafe { self.host.map(gpa, size, backing, HostAccess::None) });
+            .and_then(|()| unsafe { self.host.map(gpa, size, backing, access) })
+            .and_then(|_| {
+                if host_readonly && !closed {
+                    self.host.protect(gpa, size, true).inspect_err(|_| hole())
+                } else {
+                    Ok(())
+                }
+            });
         if let Err(source) = mapped {
             if backing == Backing::Hugetlb && source.raw_os_error() == Some(libc::ENOMEM) {
                 // The huge pages were taken between the caller's check and our reservation.
@@ -125,14 +141,26 @@ impl AddressSpace {
                 });
             }
         }
-        if let Err(source) = self.host.protect(gpa, size, host_readonly) {
-            hole();
-            return Err(AsError::Host {
-                what: "changing the host protection of guest memory",
-                source,
-            });
+        if closed {
+            if let Err(source) = self.host.protect(gpa, size, host_readonly) {
+                hole();
+                return Err(AsError::Host {
+                    what: "changing the host protection of guest memory",
+                    source,
+                });
+            }
         }
         Ok(())
+    }
+
+    /// Whether a vCPU can reach `[gpa, gpa + size)` while no region is published there: it lies
+    /// in the hot-plug window, whose memslot covers it all along.
+    fn reachable_unpublished(&self, gpa: u64, size: u64) -> bool {
+        self.memslots == super::MemslotMode::Window
+            && self
+                .window
+                .as_ref()
+                .is_some_and(|(w, _)| w.start <= gpa && gpa.saturating_add(size) <= w.end)
     }
 
     /// Frees the host memory of `[gpa, gpa + size)`, unpublished and past a grace period, and
