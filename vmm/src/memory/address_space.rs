@@ -908,7 +908,7 @@ impl AddressSpace {
             armed: windowed && self.armed(),
         };
         // 1-2. Host memory and its userfaultfd registration.
-        if let Err(e) = self.back(gpa, size, backing, how.readonly, demand_paged, how.armed) {
+        if let Err(e) = self.back(gpa, size, how, windowed) {
             free_own(&mut w);
             return Err(e);
         }
@@ -1017,7 +1017,8 @@ impl AddressSpace {
                     existing: *s..p.end,
                 });
             }
-            if let Err(e) = self.back(gpa, size, backing, false, demand_paged, how.armed) {
+            // Every region here lies in the window (checked above).
+            if let Err(e) = self.back(gpa, size, how, true) {
                 undo(&done);
                 return Err(e);
             }

@@ -54,19 +54,24 @@ impl AddressSpace {
         let _ = unsafe { self.host.release(gpa, size) };
     }
 
-    /// Backs `[gpa, gpa + size)` with fresh host memory (read-only on the host if
-    /// `host_readonly`: in the window the guest sees it through the window memslot, so the
-    /// host protection is what stops its writes) and registers it with userfaultfd if
-    /// `demand_paged`. On a failure nothing stays mapped, and the error says which step failed.
+    /// Backs `[gpa, gpa + size)` with fresh host memory of `how.backing` (read-only on the
+    /// host if `how.readonly`: in the window the guest sees it through the window memslot, so
+    /// the host protection is what stops its writes) and registers it with userfaultfd if
+    /// `how.demand_paged`; `windowed`: the range lies in the hot-plug window. On a failure
+    /// nothing stays mapped, and the error says which step failed.
     pub(super) fn back(
         &self,
         gpa: u64,
         size: u64,
-        backing: Backing,
-        host_readonly: bool,
-        demand_paged: bool,
-        armed: bool,
+        how: Teardown,
+        windowed: bool,
     ) -> Result<(), AsError> {
+        let Teardown {
+            demand_paged,
+            backing,
+            readonly: host_readonly,
+            armed,
+        } = how;
         if armed && backing == Backing::Anon {
             // An armed hole already is what an anonymous region needs: nothing to map or
             // register. A read-only one only loses write access.
@@ -98,9 +103,9 @@ impl AddressSpace {
         // published, memory to be registered with userfaultfd is mapped inaccessible and opened
         // only once registered (see `HostSpace::map`): an access in between is then a fault the
         // VMM answers as open bus, not a page the kernel fills behind its back. Elsewhere (no
-        // memslot yet, or nothing to register) it is mapped as it is to be at once.
-        let registers = demand_paged && self.uffd.is_some();
-        let closed = registers && self.reachable_unpublished(gpa, size);
+        // memslot yet, or nothing to register) it is mapped read-write at once.
+        let uffd = self.uffd.as_ref().filter(|_| demand_paged);
+        let closed = windowed && uffd.is_some();
         let access = if closed {
             HostAccess::None
         } else {
@@ -109,14 +114,7 @@ impl AddressSpace {
         let mapped = crate::inject::hit(crate::inject::Step::Mmap)
             // SAFETY: the range is not published yet (the caller publishes it after this
             // returns), so no thread uses it, and no Rust reference into it exists.
-            .and_then(|()| unsafe { self.host.map(gpa, size, backing, access) })
-            .and_then(|_| {
-                if host_readonly && !closed {
-                    self.host.protect(gpa, size, true).inspect_err(|_| hole())
-                } else {
-                    Ok(())
-                }
-            });
+            .and_then(|()| unsafe { self.host.map(gpa, size, backing, access) });
         if let Err(source) = mapped {
             if backing == Backing::Hugetlb && source.raw_os_error() == Some(libc::ENOMEM) {
                 // The huge pages were taken between the caller's check and our reservation.
@@ -130,7 +128,7 @@ impl AddressSpace {
                 source,
             });
         }
-        if let (true, Some(u)) = (demand_paged, &self.uffd) {
+        if let Some(u) = uffd {
             let registered = crate::inject::hit(crate::inject::Step::Uffd)
                 .and_then(|()| u.register(self.host.host_addr(gpa), size));
             if let Err(source) = registered {
@@ -141,7 +139,7 @@ impl AddressSpace {
                 });
             }
         }
-        if closed {
+        if closed || host_readonly {
             if let Err(source) = self.host.protect(gpa, size, host_readonly) {
                 hole();
                 return Err(AsError::Host {
@@ -151,16 +149,6 @@ impl AddressSpace {
             }
         }
         Ok(())
-    }
-
-    /// Whether a vCPU can reach `[gpa, gpa + size)` while no region is published there: it lies
-    /// in the hot-plug window, whose memslot covers it all along.
-    fn reachable_unpublished(&self, gpa: u64, size: u64) -> bool {
-        self.memslots == super::MemslotMode::Window
-            && self
-                .window
-                .as_ref()
-                .is_some_and(|(w, _)| w.start <= gpa && gpa.saturating_add(size) <= w.end)
     }
 
     /// Frees the host memory of `[gpa, gpa + size)`, unpublished and past a grace period, and
