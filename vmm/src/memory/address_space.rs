@@ -1075,17 +1075,131 @@ impl AddressSpace {
     /// are split, and what remains of them stays accessible to the guest at every instant.
     /// Returns the removed pieces; host memory is released before it returns.
     pub fn unmap(&self, gpa: u64, size: u64) -> Result<Vec<RegionInfo>, AsError> {
-        let range = self.validate(gpa, size, PAGE)?;
+        let mut removed = self.unmap_many(&[(gpa, size)])?;
+        Ok(removed.pop().unwrap_or_default())
+    }
+
+    /// Unmaps several ranges as one operation, each as [`unmap`](Self::unmap) would, with one
+    /// grace period for all of them and their pages freed together (one TLB flush where the
+    /// host allows it, `HostSpace::zap_anon_many`). The ranges must not overlap one another.
+    /// Every range is checked before anything changes: if one is refused, none is unmapped.
+    /// (Only a host call failing part way, deleting a KVM memslot in per-region mode, can
+    /// leave the ranges before it unmapped and the rest mapped; the error is logged with how
+    /// many went.) Returns the removed pieces of each range, in the order given.
+    pub fn unmap_many(&self, ranges: &[(u64, u64)]) -> Result<Vec<Vec<RegionInfo>>, AsError> {
+        let mut checked = Vec::with_capacity(ranges.len());
+        for &(gpa, size) in ranges {
+            checked.push(self.validate(gpa, size, PAGE)?);
+        }
+        let mut sorted: Vec<&Range<u64>> = checked.iter().collect();
+        sorted.sort_by_key(|r| r.start);
+        if let Some(w) = sorted.windows(2).find(|w| w[1].start < w[0].end) {
+            return Err(AsError::Invalid(format!(
+                "the ranges [{:#x}, {:#x}) and [{:#x}, {:#x}) overlap",
+                w[0].start, w[0].end, w[1].start, w[1].end
+            )));
+        }
         let mut w = self.writer();
-        let affected = w.overlapping(&range);
+        // Everything that does not depend on the ranges before it, for every range first:
+        // the ranges are disjoint, so what each covers is the same before and after the
+        // others go.
+        let mut needed = 0usize;
+        let mut freed = 0usize;
+        for range in &checked {
+            let affected = w.overlapping(range);
+            if affected.is_empty() {
+                return Err(AsError::NotFound {
+                    gpa: range.start,
+                    end: range.end,
+                });
+            }
+            only_hotplug(&affected, range)?;
+            cuts_on_page_boundaries(&affected, range)?;
+            freed += own_slots(&affected);
+            needed += affected
+                .iter()
+                .filter(|(_, p)| !p.windowed)
+                .map(|(s, p)| usize::from(*s < range.start) + usize::from(p.end > range.end))
+                .sum::<usize>();
+        }
+        if needed > freed + w.slots_available(self.slots.capacity()) {
+            return Err(AsError::Limit(format!(
+                "splitting needs {} more KVM memslots than are free",
+                needed - freed
+            )));
+        }
+        let mut unpublished = Vec::with_capacity(checked.len());
+        let mut failed = None;
+        for range in &checked {
+            match self.unpublish_range(&mut w, range) {
+                Ok(removed) => unpublished.push(removed),
+                Err(e) => {
+                    if !unpublished.is_empty() {
+                        tracing::warn!(unmapped = unpublished.len(), of = checked.len(), error = %e, "a batched unmap failed part way; the ranges before the failing one are unmapped");
+                    }
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        // Grace period: no vCPU or handler thread is still servicing a fault in the ranges.
+        if !unpublished.is_empty() {
+            self.domain.synchronize();
+        }
+        // Only now: free the host memory, all of it together.
+        let mut out = Vec::with_capacity(unpublished.len());
+        let mut teardowns = Vec::new();
+        for removed in unpublished {
+            let mut infos = Vec::with_capacity(removed.len());
+            for (r, region) in removed {
+                let len = r.end - r.start;
+                let faults = region.counters.faults.load(Relaxed);
+                infos.push(self.info(
+                    r.start,
+                    len,
+                    None,
+                    region.backing,
+                    region.kind,
+                    region.readonly,
+                    faults,
+                ));
+                let windowed = self.window.as_ref().is_some_and(|(w, _)| {
+                    w.start <= r.start && r.end <= w.end && region.kind == RegionKind::Hotplug
+                }) && self.memslots == MemslotMode::Window;
+                let how = Teardown {
+                    demand_paged: region.demand_paged,
+                    backing: region.backing,
+                    readonly: windowed && region.readonly,
+                    armed: windowed && self.armed(),
+                };
+                teardowns.push((r.start, len, how));
+                w.mapped_bytes = w.mapped_bytes.saturating_sub(len);
+            }
+            self.counters.unmaps.fetch_add(1, Relaxed);
+            out.push(infos);
+        }
+        self.teardown_many(&teardowns);
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// Steps 1 and 2 of an unmap of `range`: takes it out of the tree (the pieces of partly
+    /// covered regions published in the same store) and out of KVM's memslots. Returns what
+    /// was removed; its host memory is still there, for after a grace period.
+    fn unpublish_range(
+        &self,
+        w: &mut WriterState,
+        range: &Range<u64>,
+    ) -> Result<Vec<(Range<u64>, RegionRef)>, AsError> {
+        let affected = w.overlapping(range);
         if affected.is_empty() {
             return Err(AsError::NotFound {
-                gpa,
+                gpa: range.start,
                 end: range.end,
             });
         }
-        only_hotplug(&affected, &range)?;
-        cuts_on_page_boundaries(&affected, &range)?;
         // Pieces that remain: each affected region split at most in two.
         let mut remaining = Vec::new();
         for (s, p) in &affected {
@@ -1096,17 +1210,6 @@ impl AddressSpace {
                 remaining.push((range.end..p.end, *p));
             }
         }
-        let capacity = self.slots.capacity();
-        // The affected regions' own slots are freed first, so this many are needed beyond
-        // them (pieces in the hot-plug window need none).
-        let freed = own_slots(&affected);
-        let needed = remaining.iter().filter(|(_, p)| !p.windowed).count();
-        if needed > freed + w.slots_available(capacity) {
-            return Err(AsError::Limit(format!(
-                "splitting needs {} more KVM memslots than are free",
-                needed - freed
-            )));
-        }
         // 1. Unpublish, with the remaining pieces published in the same store.
         let removed = match self.map.remove_range(range.clone()) {
             Ok(r) => r,
@@ -1115,41 +1218,11 @@ impl AddressSpace {
         // 2. Memslots: delete the affected regions' (KVM waits for vCPUs in guest mode);
         //    install slots for the remaining pieces. Between the two, their accesses exit and
         //    are serviced through the tree.
-        self.delete_slots_or_restore(&mut w, &affected)?;
+        self.delete_slots_or_restore(w, &affected)?;
         for (r, p) in remaining {
-            self.install_piece(&mut w, r, p);
+            self.install_piece(w, r, p);
         }
-        // 3. Grace period: no vCPU or handler thread is still servicing a fault in the range.
-        self.domain.synchronize();
-        // 4. Only now: unregister and free the host memory.
-        let mut out = Vec::with_capacity(removed.len());
-        for (r, region) in removed {
-            let len = r.end - r.start;
-            let faults = region.counters.faults.load(Relaxed);
-            let info = self.info(
-                r.start,
-                len,
-                None,
-                region.backing,
-                region.kind,
-                region.readonly,
-                faults,
-            );
-            let windowed = self.window.as_ref().is_some_and(|(w, _)| {
-                w.start <= r.start && r.end <= w.end && region.kind == RegionKind::Hotplug
-            }) && self.memslots == MemslotMode::Window;
-            let how = Teardown {
-                demand_paged: region.demand_paged,
-                backing: region.backing,
-                readonly: windowed && region.readonly,
-                armed: windowed && self.armed(),
-            };
-            self.teardown(r.start, len, how);
-            w.mapped_bytes = w.mapped_bytes.saturating_sub(len);
-            out.push(info);
-        }
-        self.counters.unmaps.fetch_add(1, Relaxed);
-        Ok(out)
+        Ok(removed)
     }
 
     /// Installs a memslot for a piece left by a split or a protection change and records the
@@ -1491,6 +1564,109 @@ mod tests {
             }
         }
         "unmapped".into()
+    }
+
+    /// A batched unmap refuses as a whole (overlapping ranges, one range that maps nothing,
+    /// a reserved region) and then changes nothing; otherwise it takes out every range as
+    /// `unmap` would, splits included, frees every page (freed together or one by one, by
+    /// backing) and leaves the holes as `unmap` leaves them.
+    #[test]
+    fn a_batched_unmap_takes_every_range_or_none() {
+        for mode in [FaultMode::Vcpu, FaultMode::Handler, FaultMode::Kernel] {
+            for per_region in [false, true] {
+                let (s, _slots) = if per_region {
+                    space(mode, "bonsai")
+                } else {
+                    window_space(mode)
+                };
+                let what = format!("{mode:?} per-region {per_region}");
+                for i in [0, 1, 2, 4, 5u64] {
+                    let backing = if i == 5 {
+                        Backing::Memfd
+                    } else {
+                        Backing::Anon
+                    };
+                    s.map(
+                        16 * MB + i * 2 * MB,
+                        MB,
+                        backing,
+                        i == 4,
+                        RegionKind::Hotplug,
+                    )
+                    .unwrap();
+                    s.populate_range(16 * MB + i * 2 * MB, MB).unwrap();
+                }
+                let before: Vec<_> = s.list().iter().map(|r| (r.gpa, r.size_bytes)).collect();
+                for bad in [
+                    vec![(16 * MB, MB), (16 * MB + PAGE, PAGE)],
+                    vec![(16 * MB, MB), (17 * MB, MB)],
+                    vec![(16 * MB, MB), (18 * MB, MB + 1)],
+                ] {
+                    assert!(s.unmap_many(&bad).is_err(), "{what}: {bad:x?}");
+                    let now: Vec<_> = s.list().iter().map(|r| (r.gpa, r.size_bytes)).collect();
+                    assert_eq!(now, before, "{what}: a refused batch changes nothing");
+                }
+                // Whole regions (anonymous, read-only, memfd) and a middle part.
+                let removed = s
+                    .unmap_many(&[
+                        (16 * MB, MB),
+                        (24 * MB, MB),
+                        (26 * MB, MB),
+                        (18 * MB, MB),
+                        (20 * MB + PAGE, 2 * PAGE),
+                    ])
+                    .unwrap();
+                let got: Vec<Vec<(u64, u64)>> = removed
+                    .iter()
+                    .map(|v| v.iter().map(|r| (r.gpa, r.size_bytes)).collect())
+                    .collect();
+                assert_eq!(
+                    got,
+                    vec![
+                        vec![(16 * MB, MB)],
+                        vec![(24 * MB, MB)],
+                        vec![(26 * MB, MB)],
+                        vec![(18 * MB, MB)],
+                        vec![(20 * MB + PAGE, 2 * PAGE)],
+                    ],
+                    "{what}"
+                );
+                let left: Vec<_> = s.list().iter().map(|r| (r.gpa, r.size_bytes)).collect();
+                assert_eq!(
+                    left,
+                    vec![(20 * MB, PAGE), (20 * MB + 3 * PAGE, MB - 3 * PAGE)],
+                    "{what}"
+                );
+                for (gpa, len) in [
+                    (16 * MB, 4 * MB),
+                    (20 * MB + PAGE, 2 * PAGE),
+                    (24 * MB, 4 * MB),
+                ] {
+                    let populated =
+                        crate::memory::snapshot::count_populated(s.host_addr(gpa), len / PAGE);
+                    if mode != FaultMode::Kernel {
+                        assert_eq!(populated.unwrap(), 0, "{what}: freed at {gpa:#x}");
+                    }
+                }
+                let hole = if per_region || mode != FaultMode::Vcpu {
+                    "---p"
+                } else {
+                    "rw-p"
+                };
+                for gpa in [16 * MB, 24 * MB, 26 * MB] {
+                    assert_eq!(host_prot(s.host_addr(gpa)), hole, "{what} at {gpa:#x}");
+                }
+                // The pieces left keep their data.
+                let kept =
+                    crate::memory::snapshot::count_populated(s.host_addr(20 * MB), 1).unwrap();
+                if mode != FaultMode::Kernel {
+                    assert_eq!(kept, 1, "{what}");
+                }
+                s.unmap_many(&[(20 * MB, 4 * MB)]).unwrap();
+                assert!(s.list().is_empty(), "{what}");
+                assert_eq!(s.counters.snapshot().teardown_errors, 0, "{what}");
+            }
+        }
     }
 
     #[test]

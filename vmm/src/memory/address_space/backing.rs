@@ -161,6 +161,49 @@ impl AddressSpace {
         } else {
             self.teardown_to_none(gpa, size, how.demand_paged);
         }
+        self.forget_pages(gpa, size);
+    }
+
+    /// [`teardown`](Self::teardown) of many ranges, unpublished and past one grace period.
+    /// Ranges that go back to an armed hole and only need their pages dropped (anonymous,
+    /// read-write) are freed together, with one TLB flush where the host allows it
+    /// ([`HostSpace::zap_anon_many`](crate::memory::host::HostSpace::zap_anon_many)); the
+    /// others, and all of them if that fails, one by one as `teardown` does.
+    pub(super) fn teardown_many(&self, items: &[(u64, u64, Teardown)]) {
+        let (together, alone): (Vec<_>, Vec<_>) = items
+            .iter()
+            .partition(|(_, _, how)| how.armed && how.backing == Backing::Anon && !how.readonly);
+        let mut one_by_one = alone;
+        if together.len() > 1 {
+            let ranges: Vec<(u64, u64)> = together.iter().map(|&&(g, s, _)| (g, s)).collect();
+            let done = crate::inject::hit(crate::inject::Step::Release).and_then(|()| {
+                // SAFETY: every range is unpublished and a grace period has passed (the
+                // caller's contract): no thread uses them; each is anonymous memory.
+                unsafe { self.host.zap_anon_many(&ranges) }
+            });
+            match done {
+                Ok(_) => {
+                    for &&(gpa, size, _) in &together {
+                        self.forget_pages(gpa, size);
+                    }
+                }
+                Err(error) => {
+                    self.counters.teardown_errors.fetch_add(1, Relaxed);
+                    tracing::warn!(ranges = ranges.len(), %error, "freeing unmapped guest memory in one batch failed; freeing it range by range");
+                    one_by_one.extend(together);
+                }
+            }
+        } else {
+            one_by_one.extend(together);
+        }
+        for &(gpa, size, how) in one_by_one {
+            self.teardown(gpa, size, how);
+        }
+    }
+
+    /// What the address space knows of the pages of a range that went: not resident, and
+    /// nothing left to restore into them.
+    fn forget_pages(&self, gpa: u64, size: u64) {
         self.residency.clear_range(gpa / PAGE, size / PAGE);
         if let Some(src) = self.source.get() {
             src.forget(gpa / PAGE, size / PAGE);
