@@ -446,6 +446,130 @@ fn hotplug_guest_touches_splits_and_rss_falls_after_unmap() {
     eprintln!("{line}");
 }
 
+fn batch(ranges: &[(u64, u64)]) -> Value {
+    let ranges: Vec<Value> = ranges
+        .iter()
+        .map(|(g, s)| json!({"gpa": format!("{g:#x}"), "size": s}))
+        .collect();
+    json!({"op": "unmap_batch", "ranges": ranges})
+}
+
+/// `unmap_batch` (and `vmm ctl unmap` with several ranges) under a guest touching every
+/// region: a batch with any bad range is refused whole and changes nothing; a good one takes
+/// out whole regions and middle parts at once, frees their memory before it replies, sends
+/// one `unmapped` event per range, and the guest never reads old data from any of them.
+#[test]
+fn a_batched_unmap_goes_whole_or_not_at_all() {
+    require_kvm!();
+    let vm = Vm::start("batch", &["--workload", "hotplug", "--timeout", "120"]);
+    let mut c = vm.client();
+    let mut events = vm.client();
+    events.ok(json!({"op": "subscribe", "events": ["unmapped"]}));
+    let base = 4 * GIB;
+    for i in 0..4 {
+        c.ok(map(base + i * 16 * MIB, "8M"));
+    }
+    let s = wait_stats(&mut c, 30, "the guest to touch every region", |s| {
+        s["regions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["resident_pages"].as_u64() == Some(8 * MIB / 4096))
+            .count()
+            == 4
+    });
+    assert_eq!(s["guest"]["verify_errors"], json!(0), "{s}");
+    let before = c.layout();
+    for (bad, code) in [
+        // One range maps nothing.
+        (vec![(base, 8 * MIB), (base + 8 * MIB, 4096)], "not_found"),
+        // Two overlap.
+        (vec![(base, 8 * MIB), (base + 4 * MIB, 8 * MIB)], "invalid"),
+        // One is unaligned.
+        (
+            vec![(base, 8 * MIB), (base + 16 * MIB + 1, 4096)],
+            "invalid",
+        ),
+        // One is the guest's boot RAM.
+        (vec![(base, 8 * MIB), (0, 4096)], "reserved"),
+        (vec![], "invalid"),
+    ] {
+        c.err(batch(&bad), code);
+        assert_eq!(c.layout(), before, "{bad:x?} changed something");
+    }
+    let too_many: Vec<(u64, u64)> = (0..1025).map(|i| (base + i * 4096, 4096)).collect();
+    c.err(batch(&too_many), "limit");
+    assert_eq!(c.layout(), before);
+    let rss_full = vm.rss_bytes();
+    // Two whole regions and the middle of a third, at once.
+    let r = c.ok(batch(&[
+        (base, 8 * MIB),
+        (base + 32 * MIB + 2 * MIB, 4 * MIB),
+        (base + 48 * MIB, 8 * MIB),
+    ]));
+    assert_eq!(r["removed"].as_array().unwrap().len(), 3, "{r}");
+    assert_eq!(
+        c.hotplug_regions(),
+        vec![
+            (base + 16 * MIB, 8 * MIB),
+            (base + 32 * MIB, 2 * MIB),
+            (base + 38 * MIB, 2 * MIB)
+        ]
+    );
+    // The reply came after the memory was freed: 20 MiB of touched pages.
+    let rss_after = vm.rss_bytes();
+    assert!(
+        rss_full - rss_after > 18 * MIB,
+        "RSS {rss_full} -> {rss_after} after unmapping 20 MiB of touched memory in one batch"
+    );
+    let e: Vec<Value> = (0..3).map(|_| read_event(&mut events)).collect();
+    let got: Vec<(u64, u64)> = e
+        .iter()
+        .map(|v| (hex(&v["gpa"]), v["size"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (base, 8 * MIB),
+            (base + 34 * MIB, 4 * MIB),
+            (base + 48 * MIB, 8 * MIB)
+        ]
+    );
+    c.assert_consistent();
+    // `vmm ctl unmap` with several ranges sends one batch; a --gpa without its --size is a
+    // usage error that sends nothing.
+    let ctl = |args: &[&str]| support::ctl(&vm.sock, args);
+    let o = ctl(&[
+        "unmap",
+        "--gpa",
+        "0x101000000",
+        "--gpa",
+        "0x102000000",
+        "--size",
+        "2M",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", support::stderr(&o));
+    assert!(support::stderr(&o).contains("one --size per --gpa"));
+    let o = ctl(&[
+        "unmap",
+        "--gpa",
+        "0x101000000",
+        "--size",
+        "8M",
+        "--gpa",
+        "0x102000000",
+        "--size",
+        "2M",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", support::stderr(&o));
+    let out = support::stdout(&o);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert_eq!(c.hotplug_regions(), vec![(base + 38 * MIB, 2 * MIB)]);
+    c.assert_consistent();
+    let line = stop_and_verify(vm, &mut c);
+    eprintln!("{line}");
+}
+
 #[test]
 fn concurrent_clients_and_hostile_ones_harm_no_one() {
     require_kvm!();
@@ -689,7 +813,17 @@ fn fuzz_line(r: &mut Rng, id: u64) -> String {
             format!("\"{addr}\"")
         };
     let op = r.pick(&[
-        "map", "unmap", "protect", "list", "stats", "map", "unmap", "check", "dance", "",
+        "map",
+        "unmap",
+        "protect",
+        "list",
+        "stats",
+        "map",
+        "unmap",
+        "check",
+        "dance",
+        "",
+        "unmap_batch",
     ]);
     let mut line = format!(
         r#"{{"id":{id},"op":"{op}","gpa":{addr},"size":"{}""#,
@@ -706,6 +840,19 @@ fn fuzz_line(r: &mut Rng, id: u64) -> String {
         _ => {}
     }
     line.push('}');
+    if op == "unmap_batch" {
+        // Up to 4 ranges, some adjacent, some overlapping, some of them bad.
+        let ranges: Vec<String> = (0..r.below(5))
+            .map(|_| {
+                let g = 4 * GIB + r.below(128) * 2 * MIB + r.below(4) * 512 * 1024;
+                format!(r#"{{"gpa":"{g:#x}","size":"{}"}}"#, r.pick(&size))
+            })
+            .collect();
+        line = format!(
+            r#"{{"id":{id},"op":"unmap_batch","ranges":[{}]}}"#,
+            ranges.join(",")
+        );
+    }
     if matches!(op, "list" | "stats" | "check") && r.below(2) == 0 {
         line = format!(r#"{{"id":{id},"op":"{op}"}}"#);
     }

@@ -20,7 +20,8 @@ use serde_json::Value;
 
 use super::fmt_size;
 use super::protocol::{
-    parse_addr, Event, EventKind, Greeting, Request, RequestLine, Response, WireName, PROTOCOL,
+    parse_addr, Event, EventKind, GpaRange, Greeting, Request, RequestLine, Response, WireName,
+    PROTOCOL,
 };
 use super::server::{our_uid, peer_uid, trusted_owner};
 use super::{Check, Listing, Protected, RegionView, SnapshotView, Stats, Subscribed, Unmapped};
@@ -73,14 +74,15 @@ pub enum CtlOp {
         readonly: bool,
     },
     /// Unmap every address in [GPA, GPA+SIZE); partly covered regions are split. The reply
-    /// comes after the host memory is released.
+    /// comes after the host memory is released. Several --gpa/--size pairs unmap their ranges
+    /// as one operation (`unmap_batch`): all or none, one grace period, pages freed together.
     Unmap {
-        /// Guest-physical address.
-        #[arg(long, value_parser = parse_addr)]
-        gpa: u64,
-        /// Size.
-        #[arg(long, value_parser = parse_size)]
-        size: u64,
+        /// Guest-physical address (repeat it, with --size, for several ranges).
+        #[arg(long, value_parser = parse_addr, required = true)]
+        gpa: Vec<u64>,
+        /// Size (one per --gpa, in the same order).
+        #[arg(long, value_parser = parse_size, required = true)]
+        size: Vec<u64>,
     },
     /// Make [GPA, GPA+SIZE) read-only or writable again (it must be fully mapped).
     Protect {
@@ -151,9 +153,16 @@ impl CtlOp {
                 backing: *backing,
                 readonly: *readonly,
             },
-            CtlOp::Unmap { gpa, size } => Request::Unmap {
-                gpa: *gpa,
-                size: *size,
+            CtlOp::Unmap { gpa, size } if gpa.len() == 1 && size.len() == 1 => Request::Unmap {
+                gpa: gpa[0],
+                size: size[0],
+            },
+            CtlOp::Unmap { gpa, size } => Request::UnmapBatch {
+                ranges: gpa
+                    .iter()
+                    .zip(size)
+                    .map(|(&gpa, &size)| GpaRange { gpa, size })
+                    .collect(),
             },
             CtlOp::Protect {
                 gpa,
@@ -193,6 +202,16 @@ impl CtlOp {
 
 /// Runs `vmm ctl`; returns the exit status.
 pub fn run(args: &CtlArgs) -> u8 {
+    if let CtlOp::Unmap { gpa, size } = &args.op {
+        if gpa.len() != size.len() {
+            eprintln!(
+                "vmm ctl: unmap takes one --size per --gpa ({} --gpa, {} --size)",
+                gpa.len(),
+                size.len()
+            );
+            return 2;
+        }
+    }
     let request = args.op.request();
     let mut conn = match Conn::open(args, request.op()) {
         Ok(c) => c,

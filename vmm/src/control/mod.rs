@@ -30,7 +30,7 @@ use crate::memory::address_space::{RegionInfo, PAGE};
 use crate::memory::{AddressSpace, AsError, Backing, FaultMode, RegionKind};
 use crate::vcpu::VcpuShared;
 use crate::vm::VmHandle;
-use protocol::{addr, named, Event, EventKind};
+use protocol::{addr, named, Event, EventKind, GpaRange, MAX_BATCH};
 pub use protocol::{Code, ControlError, Request};
 
 /// The default `--client-idle-timeout`.
@@ -486,26 +486,23 @@ impl Vmm {
                 backing,
                 readonly,
             } => self.map(gpa, size, backing, readonly),
-            Request::Unmap { gpa, size } => {
-                let _op = self.lock_ops();
-                self.check_split_limit(gpa, size, false)?;
-                // The generation goes odd before memory goes away (see devices::mailbox).
-                let r = self.mailbox.change(|space| space.unmap(gpa, size));
-                tracing::debug!(
-                    generation = self.mailbox.generation(),
-                    ok = r.is_ok(),
-                    "unmap {gpa:#x}+{size:#x}"
-                );
-                let removed: Vec<RegionView> = r?.iter().map(RegionView::from).collect();
-                self.events
-                    .publish(EventKind::Unmapped, |seq| Event::Unmapped {
-                        seq,
-                        gpa,
-                        size,
-                        end: gpa + size,
-                        removed: removed.clone(),
-                    });
-                Ok(Reply::Unmapped(Unmapped { removed }))
+            Request::Unmap { gpa, size } => self.unmap(&[GpaRange { gpa, size }]),
+            Request::UnmapBatch { ranges } => {
+                if ranges.is_empty() {
+                    return Err(ControlError::invalid(
+                        "unmap_batch needs at least one range",
+                    ));
+                }
+                if ranges.len() > MAX_BATCH {
+                    return Err(ControlError::new(
+                        Code::Limit,
+                        format!(
+                            "unmap_batch takes at most {MAX_BATCH} ranges, not {}",
+                            ranges.len()
+                        ),
+                    ));
+                }
+                self.unmap(&ranges)
             }
             Request::Protect {
                 gpa,
@@ -513,7 +510,7 @@ impl Vmm {
                 readonly,
             } => {
                 let _op = self.lock_ops();
-                self.check_split_limit(gpa, size, true)?;
+                self.check_split_limit(&[(gpa, size)], true)?;
                 let r = self
                     .mailbox
                     .change(|space| space.protect(gpa, size, readonly));
@@ -779,25 +776,61 @@ impl Vmm {
         Ok(Reply::Mapped(region))
     }
 
+    /// Unmaps `ranges` as one operation (`unmap`, `unmap_batch`): one event per range, and
+    /// one reply with every piece removed.
+    fn unmap(&self, ranges: &[GpaRange]) -> Result<Reply, ControlError> {
+        let _op = self.lock_ops();
+        let pairs: Vec<(u64, u64)> = ranges.iter().map(|r| (r.gpa, r.size)).collect();
+        self.check_split_limit(&pairs, false)?;
+        // The generation goes odd before memory goes away (see devices::mailbox).
+        let r = self.mailbox.change(|space| space.unmap_many(&pairs));
+        tracing::debug!(
+            generation = self.mailbox.generation(),
+            ok = r.is_ok(),
+            ranges = pairs.len(),
+            "unmap {:#x}+{:#x}",
+            pairs[0].0,
+            pairs[0].1
+        );
+        let mut all = Vec::new();
+        for (&GpaRange { gpa, size }, removed) in ranges.iter().zip(r?) {
+            let removed: Vec<RegionView> = removed.iter().map(RegionView::from).collect();
+            self.events
+                .publish(EventKind::Unmapped, |seq| Event::Unmapped {
+                    seq,
+                    gpa,
+                    size,
+                    end: gpa + size,
+                    removed: removed.clone(),
+                });
+            all.extend(removed);
+        }
+        Ok(Reply::Unmapped(Unmapped { removed: all }))
+    }
+
     /// Refuses an unmap/protect whose splits would take the hot-plugged regions over the
     /// limit. Malformed ranges are left to the address space to refuse.
-    fn check_split_limit(&self, gpa: u64, size: u64, protect: bool) -> Result<(), ControlError> {
-        if size == 0 || gpa % PAGE != 0 || size % PAGE != 0 {
-            return Ok(());
-        }
-        let Some(end) = gpa.checked_add(size) else {
-            return Ok(());
-        };
+    fn check_split_limit(&self, ranges: &[(u64, u64)], protect: bool) -> Result<(), ControlError> {
         let hot: Vec<_> = views(&self.space)
             .into_iter()
             .filter(|r| r.kind == RegionKind::Hotplug)
             .collect();
         let mut after = hot.len();
-        for r in hot.iter().filter(|r| r.gpa < end && gpa < r.end) {
-            let left = r.gpa < gpa;
-            let right = r.end > end;
-            // unmap: the region goes, its outside parts stay; protect: its inside part too.
-            after = after - 1 + usize::from(left) + usize::from(right) + usize::from(protect);
+        for &(gpa, size) in ranges {
+            if size == 0 || gpa % PAGE != 0 || size % PAGE != 0 {
+                continue;
+            }
+            let Some(end) = gpa.checked_add(size) else {
+                continue;
+            };
+            for r in hot.iter().filter(|r| r.gpa < end && gpa < r.end) {
+                let left = r.gpa < gpa;
+                let right = r.end > end;
+                // unmap: the region goes, its outside parts stay; protect: its inside part
+                // too.
+                after = (after + usize::from(left) + usize::from(right) + usize::from(protect))
+                    .saturating_sub(1);
+            }
         }
         if after > self.cfg.max_regions {
             return Err(ControlError::new(

@@ -355,6 +355,13 @@ pub enum Request {
         #[serde(with = "size")]
         size: u64,
     },
+    /// Unmap several ranges as one operation (extension): each as `unmap` would, checked
+    /// together first (one refused range refuses the batch and nothing changes), with one
+    /// grace period and their pages freed together.
+    UnmapBatch {
+        /// The ranges, pairwise disjoint; at most [`MAX_BATCH`].
+        ranges: Vec<GpaRange>,
+    },
     /// Change the protection of `[gpa, gpa + size)` (fully mapped).
     Protect {
         /// Start.
@@ -409,12 +416,28 @@ pub enum Request {
     },
 }
 
+/// The most ranges one `unmap_batch` takes.
+pub const MAX_BATCH: usize = 1024;
+
+/// A guest-physical range in a request: `{"gpa": .., "size": ..}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpaRange {
+    /// Start.
+    #[serde(with = "addr")]
+    pub gpa: u64,
+    /// Bytes.
+    #[serde(with = "size")]
+    pub size: u64,
+}
+
 impl Request {
     /// The op's wire name.
     pub fn op(&self) -> &'static str {
         match self {
             Request::Map { .. } => "map",
             Request::Unmap { .. } => "unmap",
+            Request::UnmapBatch { .. } => "unmap_batch",
             Request::Protect { .. } => "protect",
             Request::List {} => "list",
             Request::Stats {} => "stats",
@@ -513,9 +536,10 @@ fn parse_request(obj: Map<String, Value>) -> Result<Request, ControlError> {
 }
 
 /// The ops every server serves, as the greeting lists them.
-pub const OPS: [&str; 10] = [
+pub const OPS: [&str; 11] = [
     "map",
     "unmap",
+    "unmap_batch",
     "protect",
     "list",
     "stats",
@@ -725,6 +749,31 @@ mod tests {
                 size: 1 << 30
             })
         );
+        assert_eq!(
+            req(
+                r#"{"id":4,"op":"unmap_batch","ranges":[{"gpa":"0x100000000","size":"4K"},{"gpa":4294975488,"size":8192}]}"#
+            ),
+            Ok(Request::UnmapBatch {
+                ranges: vec![
+                    GpaRange {
+                        gpa: 1 << 32,
+                        size: 4096
+                    },
+                    GpaRange {
+                        gpa: (1 << 32) + 8192,
+                        size: 8192
+                    }
+                ]
+            })
+        );
+        for bad in [
+            r#"{"id":4,"op":"unmap_batch"}"#,
+            r#"{"id":4,"op":"unmap_batch","ranges":{"gpa":0,"size":4096}}"#,
+            r#"{"id":4,"op":"unmap_batch","ranges":[{"gpa":0}]}"#,
+            r#"{"id":4,"op":"unmap_batch","ranges":[{"gpa":0,"size":4096,"readonly":true}]}"#,
+        ] {
+            assert_eq!(req(bad).unwrap_err().code, Code::Invalid, "{bad}");
+        }
         assert_eq!(
             req(r#"{"id":3,"op":"protect","gpa":"0x1000","size":"4K","readonly":false}"#),
             Ok(Request::Protect {
@@ -988,7 +1037,15 @@ mod tests {
         assert_eq!(back.greeting.protocol, PROTOCOL);
         let caps = &back.greeting.capabilities;
         for op in [
-            "map", "unmap", "protect", "list", "stats", "check", "stop", "snapshot",
+            "map",
+            "unmap",
+            "unmap_batch",
+            "protect",
+            "list",
+            "stats",
+            "check",
+            "stop",
+            "snapshot",
         ] {
             assert!(caps.iter().any(|c| c == op), "{op}: {line}");
         }

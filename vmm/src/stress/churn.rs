@@ -43,6 +43,8 @@ pub struct ChurnConfig {
     pub seed: u64,
     /// Populate each mapped region (`--churn-populate`).
     pub populate: bool,
+    /// Unmaps gathered into one batched unmap (`--churn-batch`; 1 = each alone).
+    pub batch: usize,
 }
 
 /// What the churn thread did (one run).
@@ -206,6 +208,14 @@ pub struct ChurnShared {
     pub result: Mutex<Option<ChurnResult>>,
 }
 
+/// An unmap waiting for its batch: a whole region, or the middle part of one (a split).
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    gpa: u64,
+    size: u64,
+    split: bool,
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Live {
     gpa: u64,
@@ -300,6 +310,48 @@ pub fn run(
         }
     };
     let slot_of = |gpa: u64| ((gpa - cfg.base) / SLOT_BYTES) as usize;
+    // Unmaps waiting to go in one batch (`cfg.batch` > 1). Their ranges are already out of
+    // `live`, so nothing else picks them, and their slots stay taken until they are done.
+    let mut pending: Vec<Pending> = Vec::new();
+    let flush = |pending: &mut Vec<Pending>,
+                 res: &mut ChurnResult,
+                 pieces: &mut Vec<u32>,
+                 free: &mut Vec<u64>| {
+        if pending.is_empty() {
+            return;
+        }
+        let ranges: Vec<(u64, u64)> = pending.iter().map(|p| (p.gpa, p.size)).collect();
+        let t0 = Instant::now();
+        let done = space.unmap_many(&ranges);
+        // Each range's share of the batch.
+        let share = t0.elapsed() / ranges.len() as u32;
+        for p in pending.drain(..) {
+            let r = match &done {
+                Ok(_) => Ok(()),
+                // Refused as a whole (nothing changed): one by one, each counted on its own.
+                Err(_) => space.unmap(p.gpa, p.size).map(drop),
+            };
+            if let Err(e) = r {
+                res.failed += 1;
+                res.first_error.get_or_insert(e.to_string());
+                continue;
+            }
+            if p.split {
+                res.splits += 1;
+                record(&mut res.op_latency.split, share);
+                res.op_time.split.add(share);
+            } else {
+                res.unmaps += 1;
+                record(&mut res.op_latency.unmap, share);
+                res.op_time.unmap.add(share);
+                let s = ((p.gpa - cfg.base) / SLOT_BYTES) as usize;
+                pieces[s] -= 1;
+                if pieces[s] == 0 {
+                    free.push(s as u64);
+                }
+            }
+        }
+    };
     while !stop.load(Ordering::Acquire) {
         let now = Instant::now();
         if now < next {
@@ -372,6 +424,18 @@ pub fn run(
                     }
                 }
             }
+            1 if cfg.batch > 1 => {
+                let i = rng.below(live.len() as u64) as usize;
+                let r = live.swap_remove(i);
+                pending.push(Pending {
+                    gpa: r.gpa,
+                    size: r.size,
+                    split: false,
+                });
+                if pending.len() >= cfg.batch {
+                    flush(&mut pending, &mut res, &mut pieces, &mut free);
+                }
+            }
             1 => {
                 let i = rng.below(live.len() as u64) as usize;
                 let r = live.swap_remove(i);
@@ -402,6 +466,27 @@ pub fn run(
                 // Unmap [a, b) pages, 1 <= a < b <= pages - 1: two pieces remain.
                 let a = 1 + rng.below(pages - 2);
                 let b = a + 1 + rng.below(pages - 1 - a);
+                if cfg.batch > 1 {
+                    // The two pieces are live at once; the middle goes with the batch.
+                    live[i].size = a * PAGE;
+                    live.push(Live {
+                        gpa: r.gpa + b * PAGE,
+                        size: r.size - b * PAGE,
+                        readonly: r.readonly,
+                    });
+                    pieces[slot_of(r.gpa)] += 1;
+                    res.peak_live_regions = res.peak_live_regions.max(live.len() as u64);
+                    pending.push(Pending {
+                        gpa: r.gpa + a * PAGE,
+                        size: (b - a) * PAGE,
+                        split: true,
+                    });
+                    if pending.len() >= cfg.batch {
+                        flush(&mut pending, &mut res, &mut pieces, &mut free);
+                    }
+                    shared.ops.store(res.ops(), Ordering::Relaxed);
+                    continue;
+                }
                 match space.unmap(r.gpa + a * PAGE, (b - a) * PAGE) {
                     Ok(_) => {
                         res.splits += 1;
@@ -436,14 +521,23 @@ pub fn run(
         }
         shared.ops.store(res.ops(), Ordering::Relaxed);
     }
+    flush(&mut pending, &mut res, &mut pieces, &mut free);
     res.seconds = start.elapsed().as_secs_f64();
     // Clean up: everything this thread mapped goes, and its memory with it.
-    for r in live.drain(..) {
-        match space.unmap(r.gpa, r.size) {
-            Ok(_) => res.cleanup_unmaps += 1,
-            Err(e) => note(&mut res, e.to_string()),
+    for chunk in live.chunks(cfg.batch.max(1)) {
+        let ranges: Vec<(u64, u64)> = chunk.iter().map(|r| (r.gpa, r.size)).collect();
+        if space.unmap_many(&ranges).is_ok() {
+            res.cleanup_unmaps += ranges.len() as u64;
+            continue;
+        }
+        for r in chunk {
+            match space.unmap(r.gpa, r.size) {
+                Ok(_) => res.cleanup_unmaps += 1,
+                Err(e) => note(&mut res, e.to_string()),
+            }
         }
     }
+    live.clear();
     res.rss_after_bytes = rss_bytes();
     let host_start = space.host_addr(cfg.base);
     res.residual_bytes = resident_in(host_start, host_start + cfg.span_bytes).unwrap_or(0);

@@ -102,6 +102,13 @@ pub struct StressArgs {
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub churn_populate: bool,
 
+    /// Unmaps (whole regions and middle parts) the churn thread gathers into one batched
+    /// unmap (`AddressSpace::unmap_many`: one grace period, and one TLB flush for the pages of
+    /// all of them where the host allows it). 1 = each unmap alone. Each range still counts
+    /// as one operation of the `--churn` rate.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub churn_batch: u64,
+
     /// Extra regions mapped before the guest starts (4 KiB each, side by side at the start of
     /// the hot-plug window), so that lookups walk a real tree. Up to 1,000,000 with
     /// `--memslots window`; up to 30,000 per region (KVM's memslots).
@@ -334,6 +341,7 @@ pub fn cmd_stress(args: StressArgs, process_start: Instant) -> u8 {
             && std::env::var_os("VMM_UFFD_ALWAYS_WAKE").is_some_and(|v| v == "1"),
         churn_rate: args.churn,
         churn_populate: args.churn_populate,
+        churn_batch: args.churn_batch,
         regions: args.regions,
         ..Default::default()
     });
@@ -448,6 +456,7 @@ fn run_once(
     if args.churn > 0 {
         let shared = Arc::clone(&churn_shared);
         let (rate, seed, populate) = (args.churn, args.seed, args.churn_populate);
+        let batch = args.churn_batch as usize;
         sidecars.push(Box::new(move |h: vm::VmHandle| {
             let Ok(l) = Layout::new(top, regions, h.space.host().size_bytes()) else {
                 return;
@@ -459,6 +468,7 @@ fn run_once(
                 max_live: CHURN_MAX_LIVE,
                 seed,
                 populate,
+                batch,
             };
             churn::run(&h.space, &cfg, &h.stop, &shared);
         }));

@@ -188,6 +188,10 @@ fn yes() -> bool {
     true
 }
 
+fn one() -> u64 {
+    1
+}
+
 /// The `--json` object. The first fields, in order, are the contract's (docs/interface.md);
 /// the rest extend it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -235,6 +239,10 @@ pub struct StressReport {
     /// `--churn-populate`: whether the churn thread populated the regions it mapped.
     #[serde(default = "yes")]
     pub churn_populate: bool,
+    /// `--churn-batch`: unmaps gathered into one batched unmap (absent in reports from before
+    /// the flag: 1).
+    #[serde(default = "one")]
+    pub churn_batch: u64,
     /// `--regions`: extra regions mapped up front.
     pub regions: u64,
     /// Runs (fresh VMs) done.
