@@ -9,7 +9,7 @@
 #                       "VMM_UFFD_ALWAYS_WAKE=1 --fault-mode handler --fault-around 1"
 #
 # Leading NAME=VALUE words of a configuration are set in the environment of its runs.
-# Knobs (environment): AB_ROUNDS (5), AB_DURATION (3), AB_PAGES (32768), VMM (the binary;
+# Knobs (environment): AB_ROUNDS (5), AB_DURATION (3), AB_PAGES (32768), AB_VCPUS (2), VMM (the binary;
 # default: built with cargo, release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +21,7 @@ fi
 ROUNDS=${AB_ROUNDS:-5}
 DURATION=${AB_DURATION:-3}
 PAGES=${AB_PAGES:-32768}
+VCPUS=${AB_VCPUS:-2}
 if [[ -z "${VMM:-}" ]]; then
     cargo build --release -p vmm --quiet
     VMM="${CARGO_TARGET_DIR:-target}/release/vmm"
@@ -31,7 +32,7 @@ sample() {
     for w in $1; do
         if [[ ${#flags[@]} -eq 0 && "$w" == *=* ]]; then envs+=("$w"); else flags+=("$w"); fi
     done
-    env "${envs[@]}" "$VMM" stress --json --vcpus 2 --pages "$PAGES" --duration "$DURATION" \
+    env "${envs[@]}" "$VMM" stress --json --vcpus "$VCPUS" --pages "$PAGES" --duration "$DURATION" \
         "${flags[@]}" | python3 -c 'import json, sys; v = json.load(sys.stdin); assert v["verify_errors"] == 0, v; print(v["faults_per_sec"])'
 }
 

@@ -280,6 +280,9 @@ fn bad_flags_are_usage_errors() {
         &["stress", "--duration", "-1"],
         &["stress", "--churn-batch", "0"],
         &["stress", "--churn-batch", "1025"],
+        &["stress", "--churn-ops", "map,protect"],
+        &["stress", "--churn-ops", "unmap"],
+        &["stress", "--churn-ops", "map,unmap,dance"],
         // The floor knows the next page of a sequential scan at one page per exit only.
         &["stress", "--floor"],
         &[
@@ -441,11 +444,14 @@ fn churn_without_populating_times_the_mapping_change_alone() {
 
 /// `--churn-batch 16`: the churn thread's unmaps and splits go in batches, in window mode and
 /// per region; the guest verifies clean, the churn area is empty afterwards, and the report
-/// carries the batch size.
+/// carries the batch size. `--churn-ops` without protect does no protect.
 #[test]
 fn batched_churn_unmaps_leave_nothing_behind() {
     require_kvm!();
-    for memslots in ["window", "per-region"] {
+    for (memslots, ops) in [
+        ("window", "map,unmap,split,protect"),
+        ("per-region", "map,unmap,split"),
+    ] {
         let v = stress_json(&[
             "--vcpus",
             "2",
@@ -455,6 +461,8 @@ fn batched_churn_unmaps_leave_nothing_behind() {
             "3000",
             "--churn-batch",
             "16",
+            "--churn-ops",
+            ops,
             "--memslots",
             memslots,
             "--fault-around",
@@ -464,6 +472,18 @@ fn batched_churn_unmaps_leave_nothing_behind() {
         ]);
         let what = format!("--memslots {memslots}: {v}");
         assert_eq!(v["churn_batch"].as_u64(), Some(16), "{what}");
+        let kinds: Vec<&str> = v["churn_kinds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().unwrap())
+            .collect();
+        assert_eq!(kinds.join(","), ops, "{what}");
+        assert_eq!(
+            u(&v, "churn.protects") > 0,
+            ops.contains("protect"),
+            "{what}"
+        );
         assert!(
             u(&v, "churn.unmaps") >= 16 && u(&v, "churn.splits") > 0,
             "{what}"

@@ -45,6 +45,10 @@ pub struct ChurnConfig {
     pub populate: bool,
     /// Unmaps gathered into one batched unmap (`--churn-batch`; 1 = each alone).
     pub batch: usize,
+    /// Split regions (else those turns unmap whole regions; `--churn-ops`).
+    pub split: bool,
+    /// Protect regions (else those turns unmap whole regions; `--churn-ops`).
+    pub protect: bool,
 }
 
 /// What the churn thread did (one run).
@@ -362,25 +366,23 @@ pub fn run(
         if now.saturating_duration_since(next) > MAX_LAG {
             next = now;
         }
-        // Pick an operation: map while there is little, unmap when there is a lot.
-        let roll = rng.below(100);
-        let op = if live.is_empty() || (!free.is_empty() && live.len() < 4) {
-            0
+        // Pick an operation: map while there is little, unmap when there is a lot. Weights
+        // of map, unmap, split, protect; kinds left out (`--churn-ops`) are never picked, and
+        // the others keep their proportions.
+        let (split, protect) = (u64::from(cfg.split), u64::from(cfg.protect));
+        let weights = if live.is_empty() || (!free.is_empty() && live.len() < 4) {
+            [1, 0, 0, 0]
         } else if live.len() >= cfg.max_live || free.is_empty() {
-            if roll < 50 {
-                1
-            } else {
-                3
-            }
-        } else if roll < 35 {
-            0
-        } else if roll < 60 {
-            1
-        } else if roll < 80 {
-            2
+            [0, 50, 0, 50 * protect]
         } else {
-            3
+            [35, 25, 20 * split, 20 * protect]
         };
+        let mut roll = rng.below(weights.iter().sum());
+        let mut op = 0;
+        while roll >= weights[op] {
+            roll -= weights[op];
+            op += 1;
+        }
         let t0 = Instant::now();
         match op {
             0 if !free.is_empty() => {

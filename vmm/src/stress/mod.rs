@@ -109,6 +109,12 @@ pub struct StressArgs {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub churn_batch: u64,
 
+    /// Which operations the churn thread does, comma-separated. map and unmap are always in
+    /// (they make the churn); leaving out split or protect turns those turns into unmaps of
+    /// whole regions, to see what each kind of operation costs the guest.
+    #[arg(long, value_name = "OPS", value_enum, value_delimiter = ',', default_values_t = [ChurnOp::Map, ChurnOp::Unmap, ChurnOp::Split, ChurnOp::Protect])]
+    pub churn_ops: Vec<ChurnOp>,
+
     /// Extra regions mapped before the guest starts (4 KiB each, side by side at the start of
     /// the hot-plug window), so that lookups walk a real tree. Up to 1,000,000 with
     /// `--memslots window`; up to 30,000 per region (KVM's memslots).
@@ -297,6 +303,31 @@ impl Progress {
     }
 }
 
+/// `--churn-ops`: one kind of churn operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ChurnOp {
+    /// Map a region (2-64 pages).
+    Map,
+    /// Unmap a whole region.
+    Unmap,
+    /// Unmap a middle part of a region, leaving two.
+    Split,
+    /// Make a region read-only, or writable again.
+    Protect,
+}
+
+impl ChurnOp {
+    /// The name on the command line and in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChurnOp::Map => "map",
+            ChurnOp::Unmap => "unmap",
+            ChurnOp::Split => "split",
+            ChurnOp::Protect => "protect",
+        }
+    }
+}
+
 /// Samples of one run: (seconds since the command started, pages first-touched so far).
 type Samples = Arc<Mutex<Vec<(f64, u64)>>>;
 
@@ -323,6 +354,10 @@ pub fn cmd_stress(args: StressArgs, process_start: Instant) -> u8 {
         );
         return 2;
     }
+    if !(args.churn_ops.contains(&ChurnOp::Map) && args.churn_ops.contains(&ChurnOp::Unmap)) {
+        eprintln!("vmm stress: --churn-ops must include map and unmap (they make the churn)");
+        return 2;
+    }
     let started = Instant::now();
     let mut agg = Aggregate::new(StressReport {
         vcpus: args.vcpus,
@@ -342,6 +377,16 @@ pub fn cmd_stress(args: StressArgs, process_start: Instant) -> u8 {
         churn_rate: args.churn,
         churn_populate: args.churn_populate,
         churn_batch: args.churn_batch,
+        churn_kinds: [
+            ChurnOp::Map,
+            ChurnOp::Unmap,
+            ChurnOp::Split,
+            ChurnOp::Protect,
+        ]
+        .into_iter()
+        .filter(|o| args.churn_ops.contains(o))
+        .map(|o| o.name().to_owned())
+        .collect(),
         regions: args.regions,
         ..Default::default()
     });
@@ -457,6 +502,10 @@ fn run_once(
         let shared = Arc::clone(&churn_shared);
         let (rate, seed, populate) = (args.churn, args.seed, args.churn_populate);
         let batch = args.churn_batch as usize;
+        let (split, protect) = (
+            args.churn_ops.contains(&ChurnOp::Split),
+            args.churn_ops.contains(&ChurnOp::Protect),
+        );
         sidecars.push(Box::new(move |h: vm::VmHandle| {
             let Ok(l) = Layout::new(top, regions, h.space.host().size_bytes()) else {
                 return;
@@ -469,6 +518,8 @@ fn run_once(
                 seed,
                 populate,
                 batch,
+                split,
+                protect,
             };
             churn::run(&h.space, &cfg, &h.stop, &shared);
         }));

@@ -192,6 +192,12 @@ fn one() -> u64 {
     1
 }
 
+fn all_churn_ops() -> Vec<String> {
+    ["map", "unmap", "split", "protect"]
+        .map(String::from)
+        .to_vec()
+}
+
 /// The `--json` object. The first fields, in order, are the contract's (docs/interface.md);
 /// the rest extend it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -243,6 +249,10 @@ pub struct StressReport {
     /// the flag: 1).
     #[serde(default = "one")]
     pub churn_batch: u64,
+    /// `--churn-ops`: the kinds of churn operation done (absent in reports from before the
+    /// flag: all four).
+    #[serde(default = "all_churn_ops")]
+    pub churn_kinds: Vec<String>,
     /// `--regions`: extra regions mapped up front.
     pub regions: u64,
     /// Runs (fresh VMs) done.
