@@ -362,7 +362,7 @@ fn stop_and_verify(vm: Vm, c: &mut Client) -> String {
     let out = support::stdout(&o);
     let stale = out
         .lines()
-        .filter(|l| l.contains("stale read:"))
+        .filter(|l| l.contains("hotplug: stale"))
         .collect::<Vec<_>>()
         .join("\n");
     assert_eq!(o.status.code(), Some(0), "stderr:\n{err}\n{stale}");

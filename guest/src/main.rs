@@ -432,6 +432,36 @@ struct Plugged {
     next: u64,
 }
 
+/// Word addresses this vCPU wrote and then saw unmapped (read as open bus at an even mailbox
+/// generation, by [`check_gone`]): if a region covers one again, it is a new one, and its
+/// first contents there must be zero, not the old word. Keeps the last [`Gone::LEN`].
+struct Gone {
+    addrs: [u64; Gone::LEN],
+    next: usize,
+}
+
+impl Gone {
+    const LEN: usize = 64;
+
+    fn push(&mut self, addr: u64) {
+        if !self.addrs.contains(&addr) {
+            self.addrs[self.next] = addr;
+            self.next = (self.next + 1) % Self::LEN;
+        }
+    }
+
+    /// Forgets `addr`; says whether it was there.
+    fn take(&mut self, addr: u64) -> bool {
+        match self.addrs.iter().position(|&a| a == addr) {
+            Some(i) => {
+                self.addrs[i] = 0;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// Pages each vCPU touches per pass before it looks at the mailbox again.
 const HOTPLUG_PAGES_PER_PASS: u64 = 256;
 
@@ -496,7 +526,14 @@ fn hotplug_pattern(addr: u64) -> u64 {
 /// the generation is still `g` after it (a later change could legitimately bring the address
 /// back), and not at all when the list was cut short (`TRUNCATED`: an address it lacks may be
 /// mapped). Returns (checks, stale reads).
-fn check_gone(g: u64, old: &[Plugged], fresh: &[Plugged], vcpu: u64, nr: u64) -> (u64, u64) {
+fn check_gone(
+    g: u64,
+    old: &[Plugged],
+    fresh: &[Plugged],
+    vcpu: u64,
+    nr: u64,
+    gone: &mut Gone,
+) -> (u64, u64) {
     let (mut checks, mut stale) = (0, 0);
     if mailbox_flags() & abi::mailbox_flags::TRUNCATED != 0 {
         return (0, 0);
@@ -532,33 +569,43 @@ fn check_gone(g: u64, old: &[Plugged], fresh: &[Plugged], vcpu: u64, nr: u64) ->
             checks += 1;
             if got != u64::MAX {
                 stale += 1;
-                report_stale(vcpu, g, addr, got, r);
+                report_stale(b"stale read", vcpu, g, addr, got, (b"old region", r));
+            } else {
+                gone.push(addr);
             }
         }
     }
     (checks, stale)
 }
 
-/// Says on the console where a stale read was (the run fails on it anyway): the vCPU, the
-/// mailbox generation, the address, what it read (this vCPU's own pattern there: the old page),
-/// and the region the old list had there.
-fn report_stale(vcpu: u64, g: u64, addr: u64, got: u64, r: &Plugged) {
-    // Labels (85 bytes) and eight numbers of at most 20 digits each, and a newline.
-    let mut line = [0u8; 256];
+/// Says on the console where a stale read was (the run fails on it anyway): `what` it was,
+/// the vCPU, the mailbox generation, the address, what it read (whether it is this vCPU's own
+/// pattern there: the old page), and the region the list had there (`region`: "old region"
+/// for a read after an unmap, "new region" for the first contents of a region mapped again).
+fn report_stale(what: &[u8], vcpu: u64, g: u64, addr: u64, got: u64, region: (&[u8], &Plugged)) {
+    // Labels (at most 100 bytes) and eight numbers of at most 20 digits each, and a newline.
+    let mut line = [0u8; 288];
     let mut len = 0;
+    let (name, r) = region;
     for (label, v) in [
-        (&b"hotplug: stale read: vcpu "[..], vcpu),
-        (b" generation ", g),
-        (b" gpa ", addr),
-        (b" read ", got),
-        (b" own ", u64::from(got == hotplug_pattern(addr))),
-        (b" in old region at ", r.start),
-        (b" size ", r.size),
-        (b" flags ", u64::from(r.flags)),
+        (&b"hotplug: "[..], None),
+        (what, None),
+        (b": vcpu ", Some(vcpu)),
+        (b" generation ", Some(g)),
+        (b" gpa ", Some(addr)),
+        (b" read ", Some(got)),
+        (b" own ", Some(u64::from(got == hotplug_pattern(addr)))),
+        (b" in ", None),
+        (name, None),
+        (b" at ", Some(r.start)),
+        (b" size ", Some(r.size)),
+        (b" flags ", Some(u64::from(r.flags))),
     ] {
         line[len..len + label.len()].copy_from_slice(label);
         len += label.len();
-        len += fmt_u64(v, &mut line[len..]);
+        if let Some(v) = v {
+            len += fmt_u64(v, &mut line[len..]);
+        }
     }
     line[len] = b'\n';
     puts(&line[..len + 1]);
@@ -583,6 +630,10 @@ fn hotplug(vcpu: u64, info: &BootInfo) -> ! {
     let mut seen = 0u64;
     let (mut touched, mut errors, mut vanished, mut passes) = (0u64, 0u64, 0u64, 0u64);
     let (mut checks, mut stale) = (0u64, 0u64);
+    let mut gone = Gone {
+        addrs: [0; Gone::LEN],
+        next: 0,
+    };
     let result = abi::result_addr(vcpu) as *mut u64;
     while mailbox_flags() & abi::mailbox_flags::STOP == 0 {
         let g = mailbox_generation();
@@ -594,7 +645,7 @@ fn hotplug(vcpu: u64, info: &BootInfo) -> ! {
             let Some(m) = mailbox_list(g, &mut fresh) else {
                 continue;
             };
-            let (c, st) = check_gone(g, &list[..n], &fresh[..m], vcpu, nr);
+            let (c, st) = check_gone(g, &list[..n], &fresh[..m], vcpu, nr, &mut gone);
             checks += c;
             stale += st;
             // Keep the progress of regions that are still listed unchanged.
@@ -626,6 +677,27 @@ fn hotplug(vcpu: u64, info: &BootInfo) -> ! {
                     let _ = unsafe { core::ptr::read_volatile(addr as *const u64) };
                 } else {
                     let want = hotplug_pattern(addr);
+                    if gone.take(addr) {
+                        // This vCPU wrote here, then saw it unmapped: the region here now is
+                        // a new one, and nothing but this vCPU writes this word of it.
+                        // SAFETY: as below.
+                        let first = unsafe { core::ptr::read_volatile(addr as *const u64) };
+                        if mailbox_generation() != seen {
+                            break 'regions;
+                        }
+                        checks += 1;
+                        if first != 0 {
+                            stale += 1;
+                            report_stale(
+                                b"stale contents",
+                                vcpu,
+                                seen,
+                                addr,
+                                first,
+                                (b"new region", &*r),
+                            );
+                        }
+                    }
                     // SAFETY: as above; only this vCPU writes its share of the region.
                     let got = unsafe {
                         core::ptr::write_volatile(addr as *mut u64, want);
