@@ -399,6 +399,7 @@ impl HostSpace {
                     ) {
                         // This kernel does not do it: one range at a time from now on.
                         BATCH_ZAP_REFUSED.store(true, std::sync::atomic::Ordering::Relaxed);
+                        tracing::info!(error = %e, "process_madvise(MADV_DONTNEED) refused; unmapped memory is freed one range at a time from now on");
                     }
                     break;
                 }
