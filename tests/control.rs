@@ -1233,12 +1233,28 @@ fn teardown_failures_free_the_memory_and_a_refused_memslot_delete_is_undone() {
     c.ok(json!({"op": "inject", "step": "off"}));
     c.ok(unmap(b, 8 * MIB));
 
+    // A batch whose second memslot delete is refused: the first range is gone, and the error
+    // says so; the second is as it was.
+    c.ok(map(a, "4M"));
+    c.ok(map(b, "4M"));
+    c.ok(json!({"op": "inject", "step": "memslot-delete", "nth": 2}));
+    let v = c.err(batch(&[(a, 4 * MIB), (b, 4 * MIB)]), "internal");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("injected failure")
+            && msg.contains("the first 1 of the 2 ranges were unmapped"),
+        "{msg}"
+    );
+    assert_eq!(c.hotplug_regions(), vec![(b, 4 * MIB)]);
+    c.assert_consistent();
+    c.ok(unmap(b, 4 * MIB));
+
     // The range whose release failed maps again, and the guest uses it.
     c.ok(map(a, "16M"));
     touched(&mut c, 16 * MIB);
     c.ok(unmap(a, 16 * MIB));
     let check = c.assert_consistent();
-    assert_eq!(check["injected"].as_u64(), Some(3), "{check}");
+    assert_eq!(check["injected"].as_u64(), Some(4), "{check}");
     let line = stop_and_verify(vm, &mut c);
     eprintln!("{line}");
 }

@@ -792,8 +792,13 @@ impl Vmm {
             pairs[0].0,
             pairs[0].1
         );
+        let (done, failed) = match r {
+            Ok(done) => (done, None),
+            Err(p) => (p.done, Some(p.error)),
+        };
+        let unmapped = done.len();
         let mut all = Vec::new();
-        for (&GpaRange { gpa, size }, removed) in ranges.iter().zip(r?) {
+        for (&GpaRange { gpa, size }, removed) in ranges.iter().zip(done) {
             let removed: Vec<RegionView> = removed.iter().map(RegionView::from).collect();
             self.events
                 .publish(EventKind::Unmapped, |seq| Event::Unmapped {
@@ -804,6 +809,18 @@ impl Vmm {
                     removed: removed.clone(),
                 });
             all.extend(removed);
+        }
+        if let Some(e) = failed {
+            let mut e = ControlError::from(e);
+            if unmapped > 0 {
+                // A host failure part way: say what is already gone (their events went out).
+                tracing::warn!(unmapped, of = ranges.len(), error = %e, "a batched unmap failed part way");
+                e.message += &format!(
+                    "; the first {unmapped} of the {} ranges were unmapped before it, the rest are as they were",
+                    ranges.len()
+                );
+            }
+            return Err(e);
         }
         Ok(Reply::Unmapped(Unmapped { removed: all }))
     }

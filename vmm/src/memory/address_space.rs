@@ -43,6 +43,16 @@ use super::uffd::{Uffd, UffdMode};
 /// Page size.
 pub const PAGE: u64 = abi::layout::PAGE_SIZE;
 
+/// A batched unmap ([`AddressSpace::unmap_many`]) that failed: what it did before the failure
+/// (nothing, unless a host call failed part way) and the failure.
+#[derive(Debug)]
+pub struct PartialUnmap {
+    /// The removed pieces of the ranges unmapped before the failure, in the order given.
+    pub done: Vec<Vec<RegionInfo>>,
+    /// What failed.
+    pub error: AsError,
+}
+
 /// A region as the range map stores it: shared between the map, readers and the writer.
 #[derive(Clone, Debug)]
 pub struct RegionRef(pub Arc<Region>);
@@ -1075,18 +1085,31 @@ impl AddressSpace {
     /// are split, and what remains of them stays accessible to the guest at every instant.
     /// Returns the removed pieces; host memory is released before it returns.
     pub fn unmap(&self, gpa: u64, size: u64) -> Result<Vec<RegionInfo>, AsError> {
-        let mut removed = self.unmap_many(&[(gpa, size)])?;
+        let mut removed = self.unmap_many(&[(gpa, size)]).map_err(|p| p.error)?;
         Ok(removed.pop().unwrap_or_default())
     }
 
     /// Unmaps several ranges as one operation, each as [`unmap`](Self::unmap) would, with one
     /// grace period for all of them and their pages freed together (one TLB flush where the
     /// host allows it, `HostSpace::zap_anon_many`). The ranges must not overlap one another.
-    /// Every range is checked before anything changes: if one is refused, none is unmapped.
-    /// (Only a host call failing part way, deleting a KVM memslot in per-region mode, can
-    /// leave the ranges before it unmapped and the rest mapped; the error is logged with how
-    /// many went.) Returns the removed pieces of each range, in the order given.
-    pub fn unmap_many(&self, ranges: &[(u64, u64)]) -> Result<Vec<Vec<RegionInfo>>, AsError> {
+    /// Every range is checked before anything changes: if one is refused, none is unmapped
+    /// (`PartialUnmap::done` is empty). Only a host call failing part way, deleting a KVM
+    /// memslot in per-region mode, can leave the ranges before it unmapped (their pieces in
+    /// `done`) and the rest as they were. Returns the removed pieces of each range, in the
+    /// order given.
+    pub fn unmap_many(&self, ranges: &[(u64, u64)]) -> Result<Vec<Vec<RegionInfo>>, PartialUnmap> {
+        self.unmap_batch(ranges).map_err(|error| PartialUnmap {
+            done: Vec::new(),
+            error,
+        })?
+    }
+
+    /// [`unmap_many`](Self::unmap_many): its checks fail with the outer error, a failure part
+    /// way with the inner one.
+    fn unmap_batch(
+        &self,
+        ranges: &[(u64, u64)],
+    ) -> Result<Result<Vec<Vec<RegionInfo>>, PartialUnmap>, AsError> {
         let mut checked = Vec::with_capacity(ranges.len());
         for &(gpa, size) in ranges {
             checked.push(self.validate(gpa, size, PAGE)?);
@@ -1134,9 +1157,6 @@ impl AddressSpace {
             match self.unpublish_range(&mut w, range) {
                 Ok(removed) => unpublished.push(removed),
                 Err(e) => {
-                    if !unpublished.is_empty() {
-                        tracing::warn!(unmapped = unpublished.len(), of = checked.len(), error = %e, "a batched unmap failed part way; the ranges before the failing one are unmapped");
-                    }
                     failed = Some(e);
                     break;
                 }
@@ -1179,10 +1199,10 @@ impl AddressSpace {
             out.push(infos);
         }
         self.teardown_many(&teardowns);
-        match failed {
-            Some(e) => Err(e),
+        Ok(match failed {
+            Some(error) => Err(PartialUnmap { done: out, error }),
             None => Ok(out),
-        }
+        })
     }
 
     /// Steps 1 and 2 of an unmap of `range`: takes it out of the tree (the pieces of partly
@@ -1490,6 +1510,8 @@ mod tests {
         installed: Mutex<BTreeMap<u32, (u64, u64, bool)>>,
         fail_install: AtomicBool,
         fail_delete: AtomicBool,
+        /// Refuse to delete the memslot of the region at this address.
+        fail_delete_at: Mutex<Option<u64>>,
     }
 
     impl Memslots for Arc<FakeSlots> {
@@ -1500,8 +1522,8 @@ mod tests {
             self.installed.lock().unwrap().insert(slot, (gpa, size, ro));
             Ok(())
         }
-        fn delete(&self, slot: u32, _gpa: u64) -> io::Result<()> {
-            if self.fail_delete.load(Relaxed) {
+        fn delete(&self, slot: u32, gpa: u64) -> io::Result<()> {
+            if self.fail_delete.load(Relaxed) || *self.fail_delete_at.lock().unwrap() == Some(gpa) {
                 return Err(io::Error::from_raw_os_error(libc::EINVAL));
             }
             self.installed.lock().unwrap().remove(&slot);
@@ -2196,6 +2218,47 @@ mod tests {
         drop(reader);
         assert_eq!(s.unmap(17 * MB, MB).unwrap().len(), 1);
         assert_eq!(s.list().len(), 3);
+    }
+
+    /// A batched unmap whose second memslot delete is refused: the first range is unmapped
+    /// and its memory freed (and says so), the second is as it was.
+    #[test]
+    fn a_batched_unmap_refused_part_way_says_what_went() {
+        let (s, slots) = space(FaultMode::Vcpu, "bonsai");
+        for gpa in [16 * MB, 20 * MB] {
+            s.map(gpa, 4 * MB, Backing::Anon, false, RegionKind::Hotplug)
+                .unwrap();
+            s.populate_range(gpa, 4 * MB).unwrap();
+        }
+        *slots.fail_delete_at.lock().unwrap() = Some(20 * MB);
+        let p = s
+            .unmap_many(&[(16 * MB, 4 * MB), (20 * MB, 4 * MB)])
+            .unwrap_err();
+        assert_eq!(p.error.code(), "internal", "{}", p.error);
+        assert_eq!(p.done.len(), 1);
+        assert_eq!(
+            (p.done[0][0].gpa, p.done[0][0].size_bytes),
+            (16 * MB, 4 * MB)
+        );
+        let left: Vec<_> = s.list().iter().map(|r| (r.gpa, r.size_bytes)).collect();
+        assert_eq!(left, vec![(20 * MB, 4 * MB)]);
+        assert_eq!(slots.installed.lock().unwrap().len(), 1);
+        let populated = |gpa| {
+            crate::memory::snapshot::count_populated(s.host_addr(gpa), 4 * MB / PAGE).unwrap()
+        };
+        assert_eq!(
+            populated(16 * MB),
+            0,
+            "the unmapped range's memory is freed"
+        );
+        assert_eq!(
+            populated(20 * MB),
+            4 * MB / PAGE,
+            "the other keeps its pages"
+        );
+        *slots.fail_delete_at.lock().unwrap() = None;
+        s.unmap_many(&[(20 * MB, 4 * MB)]).unwrap();
+        assert!(s.list().is_empty());
     }
 
     #[test]

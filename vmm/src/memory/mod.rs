@@ -28,7 +28,7 @@ pub mod window;
 
 pub use address_space::{
     AddressSpace, AsConfig, AsError, DirtyLog, FaultAround, FaultMode, Limits, MemslotMode,
-    Memslots,
+    Memslots, PartialUnmap,
 };
 pub use fault::{Access, FaultError, PageState, Serviced};
 pub use guest::GuardedMemory;

@@ -329,11 +329,17 @@ pub fn run(
         let done = space.unmap_many(&ranges);
         // Each range's share of the batch.
         let share = t0.elapsed() / ranges.len() as u32;
-        for p in pending.drain(..) {
-            let r = match &done {
-                Ok(_) => Ok(()),
-                // Refused as a whole (nothing changed): one by one, each counted on its own.
-                Err(_) => space.unmap(p.gpa, p.size).map(drop),
+        // The ranges the batch took; after a failure, the rest one by one, each counted on
+        // its own.
+        let took = match &done {
+            Ok(_) => ranges.len(),
+            Err(partial) => partial.done.len(),
+        };
+        for (i, p) in pending.drain(..).enumerate() {
+            let r = if i < took {
+                Ok(())
+            } else {
+                space.unmap(p.gpa, p.size).map(drop)
             };
             if let Err(e) = r {
                 res.failed += 1;
@@ -528,11 +534,12 @@ pub fn run(
     // Clean up: everything this thread mapped goes, and its memory with it.
     for chunk in live.chunks(cfg.batch.max(1)) {
         let ranges: Vec<(u64, u64)> = chunk.iter().map(|r| (r.gpa, r.size)).collect();
-        if space.unmap_many(&ranges).is_ok() {
-            res.cleanup_unmaps += ranges.len() as u64;
-            continue;
-        }
-        for r in chunk {
+        let took = match space.unmap_many(&ranges) {
+            Ok(_) => ranges.len(),
+            Err(partial) => partial.done.len(),
+        };
+        res.cleanup_unmaps += took as u64;
+        for r in &chunk[took..] {
             match space.unmap(r.gpa, r.size) {
                 Ok(_) => res.cleanup_unmaps += 1,
                 Err(e) => note(&mut res, e.to_string()),
