@@ -284,7 +284,6 @@ fn pages_per_vcpu(info: &BootInfo, asked: u64) -> u64 {
 /// `--pattern` (each page's first write its first touch), timing each write with rdtsc into
 /// the histogram (first visits only), then read back every page written.
 fn touch(vcpu: u64, info: &BootInfo) -> ! {
-    let nr = u64::from(info.nr_vcpus);
     let per = pages_per_vcpu(info, info.params[1]);
     let rounds = info.params[2].max(1);
     let kind = info.params[3];
@@ -763,6 +762,9 @@ fn boot_param(boot_info: *const BootInfo, i: usize) -> u64 {
 
 /// `pattern`: write [`abi::pattern_word`] over every word of this vCPU's slice of RAM, say
 /// ready, then verify the slice in passes until told to stop (see `abi::workload::PATTERN`).
+// A restore changes `limit` inside the pass that uses it as a bound, and then starts the next
+// pass (`continue 'passes`), which takes the new bound.
+#[allow(clippy::mut_range_bound)]
 fn pattern_workload(vcpu: u64, info: &BootInfo, boot_info: *const BootInfo) -> ! {
     use abi::pattern_params as pp;
     let per = pages_per_vcpu(info, info.params[pp::PAGES]);
