@@ -474,42 +474,37 @@ pub fn run(
                 // Unmap [a, b) pages, 1 <= a < b <= pages - 1: two pieces remain.
                 let a = 1 + rng.below(pages - 2);
                 let b = a + 1 + rng.below(pages - 1 - a);
+                let (gpa, size) = (r.gpa + a * PAGE, (b - a) * PAGE);
                 if cfg.batch > 1 {
-                    // The two pieces are live at once; the middle goes with the batch.
-                    live[i].size = a * PAGE;
-                    live.push(Live {
-                        gpa: r.gpa + b * PAGE,
-                        size: r.size - b * PAGE,
-                        readonly: r.readonly,
-                    });
-                    pieces[slot_of(r.gpa)] += 1;
-                    res.peak_live_regions = res.peak_live_regions.max(live.len() as u64);
+                    // The middle goes with the batch; the two pieces are live at once.
                     pending.push(Pending {
-                        gpa: r.gpa + a * PAGE,
-                        size: (b - a) * PAGE,
+                        gpa,
+                        size,
                         split: true,
                     });
-                    if pending.len() >= cfg.batch {
-                        flush(&mut pending, &mut res, &mut pieces, &mut free);
+                } else {
+                    match space.unmap(gpa, size) {
+                        Ok(_) => {
+                            res.splits += 1;
+                            record(&mut res.op_latency.split, t0.elapsed());
+                            res.op_time.split.add(t0.elapsed());
+                        }
+                        Err(e) => {
+                            note(&mut res, e.to_string());
+                            continue;
+                        }
                     }
-                    shared.ops.store(res.ops(), Ordering::Relaxed);
-                    continue;
                 }
-                match space.unmap(r.gpa + a * PAGE, (b - a) * PAGE) {
-                    Ok(_) => {
-                        res.splits += 1;
-                        record(&mut res.op_latency.split, t0.elapsed());
-                        res.op_time.split.add(t0.elapsed());
-                        live[i].size = a * PAGE;
-                        live.push(Live {
-                            gpa: r.gpa + b * PAGE,
-                            size: r.size - b * PAGE,
-                            readonly: r.readonly,
-                        });
-                        pieces[slot_of(r.gpa)] += 1;
-                        res.peak_live_regions = res.peak_live_regions.max(live.len() as u64);
-                    }
-                    Err(e) => note(&mut res, e.to_string()),
+                live[i].size = a * PAGE;
+                live.push(Live {
+                    gpa: r.gpa + b * PAGE,
+                    size: r.size - b * PAGE,
+                    readonly: r.readonly,
+                });
+                pieces[slot_of(r.gpa)] += 1;
+                res.peak_live_regions = res.peak_live_regions.max(live.len() as u64);
+                if pending.len() >= cfg.batch.max(2) {
+                    flush(&mut pending, &mut res, &mut pieces, &mut free);
                 }
             }
             3 => {
