@@ -633,6 +633,11 @@ fn hotplug(vcpu: u64, info: &BootInfo) -> ! {
         addrs: [0; Gone::LEN],
         next: 0,
     };
+    // Whatever a region's start, only this vCPU writes a word that it writes: page `p` of a
+    // region is vCPU `p mod nr`'s and its word lies at `(p mod 512) * 8`, so two regions
+    // whose pages put the same word in the same place agree on `p mod 512`, and so on the
+    // owner, when `nr` divides 512. With other counts the first-contents check is skipped.
+    let exclusive_words = 512 % nr == 0;
     let result = abi::result_addr(vcpu) as *mut u64;
     while mailbox_flags() & abi::mailbox_flags::STOP == 0 {
         let g = mailbox_generation();
@@ -676,7 +681,7 @@ fn hotplug(vcpu: u64, info: &BootInfo) -> ! {
                     let _ = unsafe { core::ptr::read_volatile(addr as *const u64) };
                 } else {
                     let want = hotplug_pattern(addr);
-                    if gone.take(addr) {
+                    if gone.take(addr) && exclusive_words {
                         // This vCPU wrote here, then saw it unmapped: the region here now is
                         // a new one, and nothing but this vCPU writes this word of it.
                         // SAFETY: as below.
