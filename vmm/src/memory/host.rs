@@ -654,6 +654,51 @@ mod tests {
         assert_eq!(allocated(&fd), 0);
     }
 
+    /// Many anonymous ranges are freed in one `process_madvise` call here (kernel 6.13 and
+    /// later), or one `madvise` each once the host has refused it; either way every page goes
+    /// and the mappings stay.
+    #[test]
+    fn zapping_many_ranges_frees_them_in_one_call_or_one_by_one() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let hs = HostSpace::reserve(1 << 30).unwrap();
+        let ranges: Vec<(u64, u64)> = (0..8).map(|i| (16 << 20 | i << 21, 16 << 12)).collect();
+        let one_call = self_pidfd().is_some();
+        for refused in [false, true] {
+            for &(gpa, len) in &ranges {
+                // SAFETY: the test owns this reservation; nothing else uses the range.
+                unsafe { hs.map(gpa, len, Backing::Anon, HostAccess::ReadWrite) }.unwrap();
+                for p in (0..len).step_by(4096) {
+                    // SAFETY: just mapped read-write, not registered with userfaultfd.
+                    unsafe { hs.write(gpa + p, &[1]) };
+                }
+            }
+            let populated =
+                |gpa| crate::memory::snapshot::count_populated(hs.host_addr(gpa), 16).unwrap();
+            assert_eq!(populated(ranges[3].0), 16);
+            if refused {
+                BATCH_ZAP_REFUSED.store(true, Relaxed);
+            }
+            // SAFETY: the test owns this reservation; nothing else uses the ranges.
+            let calls = unsafe { hs.zap_anon_many(&ranges) }.unwrap();
+            // A kernel before 6.13 refuses the batch (one call) and it goes range by range.
+            let refused_by_host = BATCH_ZAP_REFUSED.swap(false, Relaxed) && !refused;
+            let expected = match (refused, refused_by_host) {
+                (true, _) => ranges.len(),
+                (false, true) => ranges.len() + 1,
+                (false, false) if one_call => 1,
+                (false, false) => ranges.len(),
+            };
+            assert_eq!(calls, expected, "refused {refused}");
+            for &(gpa, _) in &ranges {
+                assert_eq!(populated(gpa), 0, "refused {refused}: {gpa:#x} freed");
+            }
+            let mut b = [9u8];
+            // SAFETY: still mapped read-write (its pages were dropped, not the mapping).
+            unsafe { hs.read(ranges[0].0, &mut b) };
+            assert_eq!(b, [0]);
+        }
+    }
+
     #[test]
     fn release_frees_memfd_pages_of_a_partly_released_region() {
         release_frees_file_pages(Backing::Memfd, 4096);
