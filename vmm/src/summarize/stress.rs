@@ -105,6 +105,20 @@ fn group(reports: &[StressReport]) -> Vec<Group> {
         if r.floor {
             mode.push_str("-floor");
         }
+        // Configurations that change what a run measures, when not the default: each its
+        // own row (reports from before these flags have the defaults).
+        if !r.ram_backing.is_empty() && r.ram_backing != "anon" {
+            mode.push_str(&format!("+{}", r.ram_backing));
+        }
+        if r.churn_rate > 0 && !r.churn_populate {
+            mode.push_str("+unpopulated-churn");
+        }
+        if r.churn_batch > 1 {
+            mode.push_str(&format!("+churn-batch-{}", r.churn_batch));
+        }
+        if !r.churn_kinds.is_empty() && r.churn_kinds.len() < 4 {
+            mode.push_str(&format!("+churn-ops-{}", r.churn_kinds.join("-")));
+        }
         let key: Key = (
             mode,
             // The kernel's faults know no fault-around of ours.
@@ -402,5 +416,45 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("not measured"), "{md}");
+    }
+
+    /// Runs that batch their churn, leave out kinds of operation or do not populate are
+    /// rows of their own, not repeats of the plain configuration.
+    #[test]
+    fn churn_variants_are_rows_of_their_own() {
+        let mk = |batch: u64, kinds: &[&str], populate: bool| StressReport {
+            vcpus: 2,
+            fault_mode: "vcpu".into(),
+            fault_around: report::FaultAroundField::Pages(1),
+            pattern: "sequential".into(),
+            address_space: "bonsai".into(),
+            churn_rate: 10000,
+            churn_batch: batch,
+            churn_kinds: kinds.iter().map(|k| k.to_string()).collect(),
+            churn_populate: populate,
+            ram_backing: "anon".into(),
+            faults_per_sec: 100.0,
+            pages: 10,
+            exits: 10,
+            ..Default::default()
+        };
+        let all = ["map", "unmap", "split", "protect"];
+        let rs = vec![
+            mk(1, &all, true),
+            mk(1, &all, true),
+            mk(16, &all, true),
+            mk(16, &["map", "unmap", "split"], true),
+            mk(1, &all, false),
+        ];
+        let labels: Vec<String> = group(&rs).iter().map(|g| g.key.0.clone()).collect();
+        assert_eq!(
+            labels,
+            [
+                "vcpu",
+                "vcpu+churn-batch-16",
+                "vcpu+churn-batch-16+churn-ops-map-unmap-split",
+                "vcpu+unpopulated-churn"
+            ]
+        );
     }
 }
