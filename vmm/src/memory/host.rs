@@ -353,7 +353,7 @@ impl HostSpace {
     /// over the whole list (the kernel gathers the ranges' pages and flushes the TLBs of the
     /// process's CPUs once, where one `madvise` per range flushes per range: with vCPU threads
     /// running, each flush is an IPI into a running guest). Where `process_madvise` cannot do
-    /// it (kernels before 6.13 refuse `MADV_DONTNEED` there), the ranges it did not reach are
+    /// it (older kernels refuse `MADV_DONTNEED` there), the ranges it did not reach are
     /// zapped one by one. Returns how many host calls it made.
     ///
     /// # Safety
@@ -654,9 +654,9 @@ mod tests {
         assert_eq!(allocated(&fd), 0);
     }
 
-    /// Many anonymous ranges are freed in one `process_madvise` call here (kernel 6.13 and
-    /// later), or one `madvise` each once the host has refused it; either way every page goes
-    /// and the mappings stay.
+    /// Many anonymous ranges are freed in one `process_madvise` call where the kernel takes
+    /// it, or one `madvise` each once the host has refused it; either way every page goes and
+    /// the mappings stay.
     #[test]
     fn zapping_many_ranges_frees_them_in_one_call_or_one_by_one() {
         use std::sync::atomic::Ordering::Relaxed;
@@ -680,7 +680,7 @@ mod tests {
             }
             // SAFETY: the test owns this reservation; nothing else uses the ranges.
             let calls = unsafe { hs.zap_anon_many(&ranges) }.unwrap();
-            // A kernel before 6.13 refuses the batch (one call) and it goes range by range.
+            // An older kernel refuses the batch (one call) and it goes range by range.
             let refused_by_host = BATCH_ZAP_REFUSED.swap(false, Relaxed) && !refused;
             let expected = match (refused, refused_by_host) {
                 (true, _) => ranges.len(),
