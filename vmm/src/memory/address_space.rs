@@ -317,6 +317,21 @@ fn own_slots(affected: &[(u64, Planned)]) -> usize {
         .count()
 }
 
+/// The pieces of the `affected` regions that stay when `range` is unmapped: each split at most
+/// in two.
+fn remaining_pieces(affected: &[(u64, Planned)], range: &Range<u64>) -> Vec<(Range<u64>, Planned)> {
+    let mut remaining = Vec::new();
+    for (s, p) in affected {
+        if *s < range.start {
+            remaining.push((*s..range.start, *p));
+        }
+        if p.end > range.end {
+            remaining.push((range.end..p.end, *p));
+        }
+    }
+    remaining
+}
+
 /// Refuses a change that touches boot memory or boot-time RAM (only run-time regions change).
 fn only_hotplug(affected: &[(u64, Planned)], range: &Range<u64>) -> Result<(), AsError> {
     match affected.iter().find(|(_, p)| p.kind != RegionKind::Hotplug) {
@@ -1138,12 +1153,13 @@ impl AddressSpace {
             }
             only_hotplug(&affected, range)?;
             cuts_on_page_boundaries(&affected, range)?;
+            // The affected regions' own slots are freed first, so this many are needed beyond
+            // them (pieces in the hot-plug window need none).
             freed += own_slots(&affected);
-            needed += affected
+            needed += remaining_pieces(&affected, range)
                 .iter()
                 .filter(|(_, p)| !p.windowed)
-                .map(|(s, p)| usize::from(*s < range.start) + usize::from(p.end > range.end))
-                .sum::<usize>();
+                .count();
         }
         if needed > freed + w.slots_available(self.slots.capacity()) {
             return Err(AsError::Limit(format!(
@@ -1183,9 +1199,8 @@ impl AddressSpace {
                     region.readonly,
                     faults,
                 ));
-                let windowed = self.window.as_ref().is_some_and(|(w, _)| {
-                    w.start <= r.start && r.end <= w.end && region.kind == RegionKind::Hotplug
-                }) && self.memslots == MemslotMode::Window;
+                // (A run-time region outside the window cannot exist in window mode.)
+                let windowed = self.windowed(region.kind, &r).unwrap_or(false);
                 let how = Teardown {
                     demand_paged: region.demand_paged,
                     backing: region.backing,
@@ -1220,16 +1235,7 @@ impl AddressSpace {
                 end: range.end,
             });
         }
-        // Pieces that remain: each affected region split at most in two.
-        let mut remaining = Vec::new();
-        for (s, p) in &affected {
-            if *s < range.start {
-                remaining.push((*s..range.start, *p));
-            }
-            if p.end > range.end {
-                remaining.push((range.end..p.end, *p));
-            }
-        }
+        let remaining = remaining_pieces(&affected, range);
         // 1. Unpublish, with the remaining pieces published in the same store.
         let removed = match self.map.remove_range(range.clone()) {
             Ok(r) => r,
