@@ -342,8 +342,7 @@ pub fn run(
                 space.unmap(p.gpa, p.size).map(drop)
             };
             if let Err(e) = r {
-                res.failed += 1;
-                res.first_error.get_or_insert(e.to_string());
+                note(res, e.to_string());
                 continue;
             }
             if p.split {
@@ -354,11 +353,7 @@ pub fn run(
                 res.unmaps += 1;
                 record(&mut res.op_latency.unmap, share);
                 res.op_time.unmap.add(share);
-                let s = ((p.gpa - cfg.base) / SLOT_BYTES) as usize;
-                pieces[s] -= 1;
-                if pieces[s] == 0 {
-                    free.push(s as u64);
-                }
+                drop_piece(pieces, free, slot_of(p.gpa));
             }
         }
     };
@@ -432,35 +427,30 @@ pub fn run(
                     }
                 }
             }
-            1 if cfg.batch > 1 => {
-                let i = rng.below(live.len() as u64) as usize;
-                let r = live.swap_remove(i);
-                pending.push(Pending {
-                    gpa: r.gpa,
-                    size: r.size,
-                    split: false,
-                });
-                if pending.len() >= cfg.batch {
-                    flush(&mut pending, &mut res, &mut pieces, &mut free);
-                }
-            }
             1 => {
                 let i = rng.below(live.len() as u64) as usize;
                 let r = live.swap_remove(i);
-                match space.unmap(r.gpa, r.size) {
-                    Ok(_) => {
-                        res.unmaps += 1;
-                        record(&mut res.op_latency.unmap, t0.elapsed());
-                        res.op_time.unmap.add(t0.elapsed());
-                        let s = slot_of(r.gpa);
-                        pieces[s] -= 1;
-                        if pieces[s] == 0 {
-                            free.push(s as u64);
-                        }
+                if cfg.batch > 1 {
+                    pending.push(Pending {
+                        gpa: r.gpa,
+                        size: r.size,
+                        split: false,
+                    });
+                    if pending.len() >= cfg.batch {
+                        flush(&mut pending, &mut res, &mut pieces, &mut free);
                     }
-                    Err(e) => {
-                        live.push(r);
-                        note(&mut res, e.to_string());
+                } else {
+                    match space.unmap(r.gpa, r.size) {
+                        Ok(_) => {
+                            res.unmaps += 1;
+                            record(&mut res.op_latency.unmap, t0.elapsed());
+                            res.op_time.unmap.add(t0.elapsed());
+                            drop_piece(&mut pieces, &mut free, slot_of(r.gpa));
+                        }
+                        Err(e) => {
+                            live.push(r);
+                            note(&mut res, e.to_string());
+                        }
                     }
                 }
             }
@@ -503,7 +493,7 @@ pub fn run(
                 });
                 pieces[slot_of(r.gpa)] += 1;
                 res.peak_live_regions = res.peak_live_regions.max(live.len() as u64);
-                if pending.len() >= cfg.batch.max(2) {
+                if cfg.batch > 1 && pending.len() >= cfg.batch {
                     flush(&mut pending, &mut res, &mut pieces, &mut free);
                 }
             }
@@ -546,6 +536,14 @@ pub fn run(
     let host_start = space.host_addr(cfg.base);
     res.residual_bytes = resident_in(host_start, host_start + cfg.span_bytes).unwrap_or(0);
     *shared.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(res);
+}
+
+/// One piece of a region in slot `s` is gone: the slot is free again when it was the last.
+fn drop_piece(pieces: &mut [u32], free: &mut Vec<u64>, s: usize) {
+    pieces[s] -= 1;
+    if pieces[s] == 0 {
+        free.push(s as u64);
+    }
 }
 
 /// Shares of the churn state for a run.
