@@ -45,9 +45,9 @@ pub struct ChurnConfig {
     pub populate: bool,
     /// Unmaps gathered into one batched unmap (`--churn-batch`; 1 = each alone).
     pub batch: usize,
-    /// Split regions (else those turns unmap whole regions; `--churn-ops`).
+    /// Split regions (`--churn-ops`; else splits are never picked).
     pub split: bool,
-    /// Protect regions (else those turns unmap whole regions; `--churn-ops`).
+    /// Protect regions (`--churn-ops`; else protects are never picked).
     pub protect: bool,
 }
 
