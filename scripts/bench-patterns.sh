@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Fault-around by access pattern: the adaptive window against fixed windows, the host kernel's
-# own faults (4 KiB pages and THP), the floor of a one-page-per-exit first touch (--floor)
+# Fault-around by access pattern: the adaptive window against fixed windows (and with --thp,
+# whole 2 MiB windows filled with huge pages), the host kernel's own faults (4 KiB pages and
+# THP), the floor of a one-page-per-exit first touch (--floor)
 # and the handler thread before and after the wake fix, on
 # 2 vCPUs x 32768 pages, no churn, bonsai. Every configuration is sampled BENCH_REPEATS
 # times; a sample is `vmm stress --duration BENCH_DURATION`: fresh-VM runs of 2 x 32768 pages
@@ -44,6 +45,9 @@ CONFIGS=$(
 - --pattern sequential --fault-around 512
 - --pattern sequential --fault-mode kernel
 - --pattern sequential --fault-mode kernel --thp
+- --pattern sequential --fault-around adaptive --thp
+- --pattern random --fault-around adaptive --thp
+- --pattern stride:2 --fault-around adaptive --thp
 - --pattern random --fault-around adaptive
 - --pattern random --fault-around 1
 - --pattern stride:2 --fault-around adaptive
@@ -57,6 +61,7 @@ CONFIGS=$(
 VMM_UFFD_ALWAYS_WAKE=1 --pattern sequential --fault-mode handler --fault-around 1
 - --pattern sequential --fault-mode handler --fault-around adaptive
 VMM_UFFD_ALWAYS_WAKE=1 --pattern sequential --fault-mode handler --fault-around adaptive
+- --pattern sequential --fault-mode handler --fault-around adaptive --thp
 EOF
 )
 

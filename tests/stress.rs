@@ -682,6 +682,44 @@ fn thp_in_kernel_mode() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
 
+/// `--thp` in `vcpu` and `handler` modes: a sequential scan's windows of 512 pages are filled
+/// with huge pages (moved in), the guest verifies every page under churn, the churn area is
+/// left empty, and patterns whose windows never cover a whole 2 MiB get no huge page.
+#[test]
+fn thp_fills_whole_windows_with_huge_pages_in_vcpu_and_handler_modes() {
+    require_kvm!();
+    for mode in ["vcpu", "handler"] {
+        for pattern in ["sequential", "reverse", "random"] {
+            let v = stress_json(&[
+                "--vcpus",
+                "2",
+                "--pages",
+                "8192",
+                "--regions",
+                "10",
+                "--fault-mode",
+                mode,
+                "--pattern",
+                pattern,
+                "--churn",
+                "2000",
+                "--thp",
+            ]);
+            let what = format!("{mode} {pattern}: {v}");
+            assert_eq!(v["thp"], true, "{what}");
+            check_common(&v, 2, 8192, mode, "bonsai");
+            let huge = u(&v, "huge_fills");
+            if pattern == "random" {
+                assert_eq!(huge, 0, "{what}");
+            } else {
+                // 2 x 32 MiB, in 2 MiB pages, less the ramp of each vCPU's scan.
+                assert!(huge >= 16, "{what}: {huge} huge fills");
+                assert!(huge * 512 <= u(&v, "pages_populated"), "{what}");
+            }
+        }
+    }
+}
+
 /// `handler` mode with `VMM_UFFD_ALWAYS_WAKE=1` (the old wake-after-every-fault behaviour,
 /// kept for the comparison in docs/bench.md) still verifies, and says so in the report.
 #[test]

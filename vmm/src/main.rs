@@ -103,8 +103,10 @@ struct RunArgs {
     #[arg(long, value_name = "PATTERN", default_value = "sequential", value_parser = Pattern::parse)]
     pattern: Pattern,
 
-    /// Ask for transparent huge pages on guest RAM (madvise MADV_HUGEPAGE): the host kernel's
-    /// own best case in `--fault-mode kernel`. Anonymous RAM only.
+    /// Transparent huge pages on guest RAM (madvise MADV_HUGEPAGE; anon or memfd RAM): the host
+    /// kernel's own best case in `--fault-mode kernel`; in `vcpu` and `handler` modes, a
+    /// fault-around window that covers a whole aligned 2 MiB of anon RAM is filled with one
+    /// zeroed huge page, moved in (UFFDIO_MOVE).
     #[arg(long)]
     thp: bool,
 

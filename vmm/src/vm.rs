@@ -606,6 +606,7 @@ impl<'a> Vm<'a> {
                     },
                     memslots: cfg.memslots,
                     hotplug_window: window,
+                    thp: cfg.thp,
                 },
                 Box::new(crate::inject::RecordingMemslots(kvm::KvmMemslots::new(
                     Arc::clone(&vm),
@@ -623,16 +624,6 @@ impl<'a> Vm<'a> {
             space
                 .map(r.start.0, r.size_bytes, backing, false, kind)
                 .map_err(MemoryError::from)?;
-        }
-        if cfg.thp {
-            for r in ranges.iter().filter(|r| r.kind != abi::mem_kind::BOOT) {
-                space
-                    .host()
-                    .advise_hugepage(r.start.0, r.size_bytes)
-                    .map_err(|e| {
-                        VmError::Populate(format!("--thp: madvise(MADV_HUGEPAGE): {e}"))
-                    })?;
-            }
         }
         let phase = |what: &str| {
             tracing::debug!(

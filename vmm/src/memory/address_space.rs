@@ -382,6 +382,8 @@ pub struct AsCounters {
     pub pages_populated: AtomicU64,
     /// Populates that found the page already there (another thread won).
     pub populate_races: AtomicU64,
+    /// Whole 2 MiB of zeroes populated at once by moving in a huge page (`UFFDIO_MOVE`).
+    pub huge_fills: AtomicU64,
     /// First touches reported as a bare `-EFAULT` and resolved by decoding the instruction.
     pub unannotated_faults: AtomicU64,
     /// Successful map / unmap / protect operations.
@@ -412,6 +414,8 @@ pub struct CountersSnapshot {
     pub pages_populated: u64,
     /// See [`AsCounters::populate_races`].
     pub populate_races: u64,
+    /// See [`AsCounters::huge_fills`].
+    pub huge_fills: u64,
     /// See [`AsCounters::unannotated_faults`].
     pub unannotated_faults: u64,
     /// See [`AsCounters::maps`].
@@ -436,6 +440,7 @@ impl AsCounters {
             faults: self.faults.load(Relaxed),
             pages_populated: self.pages_populated.load(Relaxed),
             populate_races: self.populate_races.load(Relaxed),
+            huge_fills: self.huge_fills.load(Relaxed),
             unannotated_faults: self.unannotated_faults.load(Relaxed),
             maps: self.maps.load(Relaxed),
             unmaps: self.unmaps.load(Relaxed),
@@ -484,6 +489,9 @@ pub struct AddressSpace {
     /// `VMM_UFFD_ALWAYS_WAKE=1`: the handler thread's behaviour before issue 16 (wake after
     /// every fault, read the userfaultfd until `EAGAIN`), kept to measure the difference.
     pub(crate) always_wake: bool,
+    /// Whether write faults in anonymous RAM fill whole aligned 2 MiB with transparent huge
+    /// pages (cleared for good if the kernel refuses one).
+    pub(crate) huge_fill: std::sync::atomic::AtomicBool,
     limits: Limits,
     memslots: MemslotMode,
     /// The hot-plug window and its memslot (window mode).
@@ -531,6 +539,11 @@ pub struct AsConfig {
     pub memslots: MemslotMode,
     /// The hot-plug window (window mode; may be empty): run-time regions must lie inside it.
     pub hotplug_window: Range<u64>,
+    /// Transparent huge pages on anonymous and memfd guest memory (`--thp`): the host
+    /// mappings ask for them (`MADV_HUGEPAGE`), and in `vcpu` and `handler` modes a write
+    /// fault whose fault-around window covers a whole aligned 2 MiB of anonymous memory
+    /// fills it with one huge page.
+    pub thp: bool,
 }
 
 /// The largest fault-around window.
@@ -586,10 +599,11 @@ impl AddressSpace {
                 )));
             }
         }
-        let host = HostSpace::reserve(cfg.space_bytes).map_err(|source| AsError::Host {
+        let mut host = HostSpace::reserve(cfg.space_bytes).map_err(|source| AsError::Host {
             what: "reserving host address space for guest memory",
             source,
         })?;
+        host.set_thp(cfg.thp);
         let uffd = match cfg.fault_mode {
             FaultMode::Kernel => None,
             FaultMode::Vcpu => Some(Uffd::new(UffdMode::Sigbus)),
@@ -617,6 +631,7 @@ impl AddressSpace {
             ]
             .into_boxed_slice(),
             always_wake: std::env::var_os("VMM_UFFD_ALWAYS_WAKE").is_some_and(|v| v == "1"),
+            huge_fill: std::sync::atomic::AtomicBool::new(cfg.thp),
             slots,
             limits: cfg.limits,
             memslots: cfg.memslots,
@@ -1553,6 +1568,7 @@ mod tests {
             },
             memslots: MemslotMode::PerRegion,
             hotplug_window: 0..0,
+            thp: false,
         };
         let s = AddressSpace::new(&Domain::new(), &cfg, Box::new(slots.clone())).unwrap();
         (s, slots)
@@ -1560,11 +1576,19 @@ mod tests {
 
     /// An address space in window mode, its hot-plug window [16M, 512M).
     fn window_space(mode: FaultMode) -> (AddressSpace, Arc<FakeSlots>) {
+        window_space_with(mode, FaultAround::Fixed(4), false)
+    }
+
+    fn window_space_with(
+        mode: FaultMode,
+        fault_around: FaultAround,
+        thp: bool,
+    ) -> (AddressSpace, Arc<FakeSlots>) {
         let slots = Arc::new(FakeSlots::default());
         let cfg = AsConfig {
             implementation: super::super::AddressSpaceKind::Bonsai,
             fault_mode: mode,
-            fault_around: FaultAround::Fixed(4),
+            fault_around,
             space_bytes: 1 << 30,
             limits: Limits {
                 max_regions: 100,
@@ -1572,6 +1596,7 @@ mod tests {
             },
             memslots: MemslotMode::Window,
             hotplug_window: 16 * MB..512 * MB,
+            thp,
         };
         let s = AddressSpace::new(&Domain::new(), &cfg, Box::new(slots.clone())).unwrap();
         (s, slots)
@@ -1794,6 +1819,7 @@ mod tests {
                 },
                 memslots: MemslotMode::Window,
                 hotplug_window: 16 * MB..512 * MB,
+                thp: false,
             };
             let s = AddressSpace::new(&Domain::new(), &cfg, Box::new(slots.clone())).unwrap();
             let regions: Vec<(u64, u64)> = (0..100).map(|i| (16 * MB + i * PAGE, PAGE)).collect();
@@ -1845,6 +1871,7 @@ mod tests {
             },
             memslots: MemslotMode::Window,
             hotplug_window: 512 * MB..2048 * MB,
+            thp: false,
         };
         let slots = Arc::new(FakeSlots::default());
         let e = AddressSpace::new(&Domain::new(), &cfg, Box::new(slots.clone())).unwrap_err();
@@ -1943,6 +1970,7 @@ mod tests {
             },
             memslots: MemslotMode::PerRegion,
             hotplug_window: 0..0,
+            thp: false,
         };
         let s = AddressSpace::new(&Domain::new(), &cfg, Box::new(slots)).unwrap();
         for gpa in [16 * MB, 18 * MB, 20 * MB] {
@@ -2065,6 +2093,7 @@ mod tests {
             },
             memslots: MemslotMode::PerRegion,
             hotplug_window: 0..0,
+            thp: false,
         };
         let s = AddressSpace::new(&Domain::new(), &cfg, Box::new(slots)).unwrap();
         s.map(0, 8 * MB, Backing::Anon, false, RegionKind::Boot)
@@ -2527,6 +2556,96 @@ mod tests {
                 .unwrap();
             assert_eq!(read(17 * MB), (Serviced::Ram, 0), "{backing:?}");
             s.unmap(16 * MB, 4 * MB).unwrap();
+        }
+    }
+
+    /// `AnonHugePages` of the mapping that holds host address `addr`, in KiB.
+    fn anon_huge_kib(addr: u64) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for l in smaps.lines() {
+            if let Some((range, _)) = l.split_once(' ').filter(|(r, _)| r.contains('-')) {
+                if let Some((a, b)) = range.split_once('-') {
+                    if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+                    {
+                        inside = a <= addr && addr < b;
+                        continue;
+                    }
+                }
+            }
+            if let Some(v) = l.strip_prefix("AnonHugePages:").filter(|_| inside) {
+                return v.trim().trim_end_matches("kB").trim().parse().unwrap();
+            }
+        }
+        0
+    }
+
+    /// With `--thp`, a write fault whose window covers a whole aligned 2 MiB of anonymous
+    /// memory gets one zeroed huge page (moved in, in both userfaultfd modes): every page reads
+    /// zero but the one written, an unmap frees it all, and the region mapped again starts
+    /// from zero. A window that covers part of a 2 MiB, memfd memory, and `--thp` off get
+    /// copies of zeroes, as before.
+    #[test]
+    fn thp_fills_a_whole_aligned_window_with_one_zeroed_huge_page() {
+        for mode in [FaultMode::Vcpu, FaultMode::Handler] {
+            for (thp, backing) in [
+                (true, Backing::Anon),
+                (true, Backing::Memfd),
+                (false, Backing::Anon),
+            ] {
+                let (s, _) = window_space_with(mode, FaultAround::Fixed(512), thp);
+                if !s.uffd.as_ref().unwrap().can_move() {
+                    eprintln!("skipped: this kernel has no UFFDIO_MOVE (Linux 6.8 and later)");
+                    return;
+                }
+                let what = format!("{mode:?} thp {thp} {backing:?}");
+                let access = |gpa: u64, a: Access<'_>| {
+                    let reader = s.domain().register();
+                    let served = s.complete_mmio(&reader.read(), gpa, a).unwrap();
+                    served
+                };
+                let read = |gpa: u64| {
+                    let mut b = [0u8];
+                    assert_eq!(access(gpa, Access::Read(&mut b)), Serviced::Ram, "{what}");
+                    b[0]
+                };
+                s.map(16 * MB, 4 * MB, backing, false, RegionKind::Hotplug)
+                    .unwrap();
+                assert_eq!(access(17 * MB + 5, Access::Write(&[0xab])), Serviced::Ram);
+                let huge = thp && backing == Backing::Anon;
+                let c = s.counters.snapshot();
+                assert_eq!(c.huge_fills, u64::from(huge), "{what}");
+                assert_eq!(c.pages_populated, 512, "{what}: the aligned 2 MiB window");
+                assert_eq!(read(17 * MB + 5), 0xab, "{what}");
+                for gpa in [16 * MB, 17 * MB - PAGE, 18 * MB - 1] {
+                    assert_eq!(read(gpa), 0, "{what}: {gpa:#x}");
+                }
+                if huge {
+                    assert_eq!(
+                        anon_huge_kib(s.host_addr(16 * MB)),
+                        2048,
+                        "{what}: one transparent huge page"
+                    );
+                }
+                s.unmap(16 * MB, 4 * MB).unwrap();
+                assert_eq!(
+                    crate::memory::snapshot::count_populated(s.host_addr(16 * MB), 4 * MB / PAGE)
+                        .unwrap(),
+                    0,
+                    "{what}: freed"
+                );
+                s.map(16 * MB, 4 * MB, backing, false, RegionKind::Hotplug)
+                    .unwrap();
+                assert_eq!(read(17 * MB + 5), 0, "{what}: mapped again, from zero");
+                assert_eq!(access(19 * MB, Access::Write(&[1])), Serviced::Ram);
+                assert_eq!(read(19 * MB), 1, "{what}");
+                assert_eq!(
+                    s.counters.snapshot().huge_fills,
+                    if huge { 2 } else { 0 },
+                    "{what}: filled huge again after the unmap"
+                );
+                s.unmap(16 * MB, 4 * MB).unwrap();
+            }
         }
     }
 }

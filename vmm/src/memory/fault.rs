@@ -17,6 +17,15 @@ use super::region::Region;
 use super::uffd::Populated;
 use super::window;
 
+/// 4 KiB pages per transparent huge page.
+const HUGE_PAGES: u64 = 512;
+
+thread_local! {
+    /// This thread's staging area for huge-page fills (`None` if it could not be mapped).
+    static HUGE_STAGE: std::cell::OnceCell<Option<super::uffd::HugeStage>> =
+        const { std::cell::OnceCell::new() };
+}
+
 /// An access the guest made that KVM handed to the VMM to complete (an MMIO exit).
 #[derive(Debug)]
 pub enum Access<'a> {
@@ -232,17 +241,20 @@ impl AddressSpace {
         // Pages of a read-only region map the zero page (a read): never a private copy.
         let write = write && !region.readonly;
         let (lo, hi) = (region.gpa / PAGE, region.end() / PAGE);
+        let huge = region.backing == Backing::Anon;
         let (n, woken) = match self.fault_around {
             FaultAround::Fixed(win) => {
                 let first = (pfn & !(win - 1)).max(lo);
                 let end = ((pfn | (win - 1)) + 1).min(hi);
-                self.populate_pages(uffd, first, end, write, pfn)?
+                self.populate_pages_in(uffd, first, end, write, pfn, huge)?
             }
             FaultAround::Adaptive => {
                 let fetch =
                     window::with_streams(self as *const Self as usize, |s| s.fault(pfn, lo, hi));
                 match fetch.contiguous() {
-                    Some((first, end)) => self.populate_pages(uffd, first, end, write, pfn)?,
+                    Some((first, end)) => {
+                        self.populate_pages_in(uffd, first, end, write, pfn, huge)?
+                    }
                     None => {
                         // A stride: each page on its own (populating the gaps would cost a
                         // page each, for pages the guest skips).
@@ -367,6 +379,21 @@ impl AddressSpace {
         write: bool,
         target: u64,
     ) -> Result<(u64, bool), FaultError> {
+        self.populate_pages_in(uffd, first, end, write, target, false)
+    }
+
+    /// [`populate_pages`](Self::populate_pages), filling whole aligned 2 MiB of zeroes with
+    /// transparent huge pages when `huge` (the pages are anonymous private RAM).
+    fn populate_pages_in(
+        &self,
+        uffd: &super::uffd::Uffd,
+        first: u64,
+        end: u64,
+        write: bool,
+        target: u64,
+        huge: bool,
+    ) -> Result<(u64, bool), FaultError> {
+        let huge = huge && self.huge_fill.load(Relaxed) && uffd.can_move();
         let max_run = MAX_FAULT_AROUND;
         let mut populated = 0;
         let mut woken = false;
@@ -388,14 +415,30 @@ impl AddressSpace {
                     }
                     None => (run_end, None),
                 };
-                let bytes = (sub_end - s) * PAGE;
                 let host = self.host.host_addr(s * PAGE);
                 // Write faults get private zeroed pages at once (no copy-on-write fault
-                // later); read faults map the shared zero page.
-                let r = match from {
-                    Some(src) => src.copy_to(uffd, host, s, sub_end - s),
-                    None if write => uffd.copy(host, &self.zeroes[..bytes as usize]),
-                    None => uffd.zeropage(host, bytes),
+                // later): a transparent huge page for a whole aligned 2 MiB of anonymous RAM
+                // where the host has one, else copies of zeroes (stopping at the next 2 MiB
+                // boundary, so that a huge fill can start there). Read faults map the shared
+                // zero page.
+                let (sub_end, r) = match from {
+                    Some(src) => (sub_end, src.copy_to(uffd, host, s, sub_end - s)),
+                    None if write => {
+                        let huge_end = (s | (HUGE_PAGES - 1)) + 1;
+                        match self.fill_huge(uffd, huge && sub_end >= huge_end, s, host) {
+                            Some(r) => (huge_end, r),
+                            None => {
+                                let e = if huge && huge_end < sub_end {
+                                    huge_end
+                                } else {
+                                    sub_end
+                                };
+                                let bytes = ((e - s) * PAGE) as usize;
+                                (e, uffd.copy(host, &self.zeroes[..bytes]))
+                            }
+                        }
+                    }
+                    None => (sub_end, uffd.zeropage(host, (sub_end - s) * PAGE)),
                 };
                 match r {
                     Ok(Populated::Done) => {
@@ -444,6 +487,52 @@ impl AddressSpace {
         }
         self.counters.pages_populated.fetch_add(populated, Relaxed);
         Ok((populated, woken))
+    }
+
+    /// Fills the 2 MiB at page `s` (aligned, all missing) with a zeroed transparent huge page
+    /// ([`Uffd::fill_huge_zeroed`](super::uffd::Uffd::fill_huge_zeroed)) from this thread's
+    /// stage, if `want` and `s` is aligned; `None` when it did not try (or the kernel refused
+    /// the calls, which turns huge fills off for the address space: copies do the work).
+    fn fill_huge(
+        &self,
+        uffd: &super::uffd::Uffd,
+        want: bool,
+        s: u64,
+        host: u64,
+    ) -> Option<io::Result<Populated>> {
+        if !want || s % HUGE_PAGES != 0 {
+            return None;
+        }
+        let r = HUGE_STAGE.with(|stage| {
+            let stage = stage.get_or_init(|| super::uffd::HugeStage::new().ok());
+            stage.as_ref().map(|st| uffd.fill_huge_zeroed(st, host))
+        })?;
+        match r {
+            Ok(p) => {
+                if p == Populated::Done {
+                    self.counters.huge_fills.fetch_add(1, Relaxed);
+                }
+                Some(Ok(p))
+            }
+            Err(e) => {
+                // A kernel without the calls (or refusing them here) turns huge fills off; a
+                // passing failure (no memory for a huge page, a page being migrated) leaves
+                // this 2 MiB to copies.
+                let refused = matches!(
+                    e.raw_os_error(),
+                    Some(
+                        libc::EINVAL | libc::ENOTTY | libc::ENOSYS | libc::EPERM | libc::EOPNOTSUPP
+                    )
+                );
+                if refused && self.huge_fill.swap(false, Relaxed) {
+                    tracing::warn!(
+                        "huge-page fills of first touches are off: the kernel refused one ({e}); \
+                         zeroes are copied instead"
+                    );
+                }
+                None
+            }
+        }
     }
 
     /// Populates `[gpa, gpa + len)` ahead of any guest access (writer side, e.g. before the

@@ -509,6 +509,7 @@ pub(crate) mod tests {
             },
             memslots: crate::memory::MemslotMode::PerRegion,
             hotplug_window: 0..0,
+            thp: false,
         };
         let s = AddressSpace::new(&Domain::new(), &cfg, Box::new(NoSlots)).unwrap();
         // Two adjacent demand-paged regions, a hole, a third one.

@@ -100,6 +100,9 @@ fn self_pidfd() -> Option<libc::c_int> {
 pub struct HostSpace {
     base: u64,
     size_bytes: u64,
+    /// Ask for transparent huge pages (`MADV_HUGEPAGE`) on every anonymous or memfd mapping
+    /// made here (`--thp`).
+    thp: bool,
 }
 
 // The reservation is plain address space; the addresses are only handed to the kernel or
@@ -164,7 +167,11 @@ impl HostSpace {
                 libc::munmap((base + size_bytes) as *mut libc::c_void, tail as usize);
             }
         }
-        Ok(Self { base, size_bytes })
+        Ok(Self {
+            base,
+            size_bytes,
+            thp: false,
+        })
     }
 
     /// The host address of guest-physical address `gpa`.
@@ -237,6 +244,7 @@ impl HostSpace {
                     libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                     -1,
                 )?;
+                self.advise_thp(gpa, len)?;
                 Ok(None)
             }
             Backing::Memfd | Backing::Hugetlb => {
@@ -273,6 +281,9 @@ impl HostSpace {
                     libc::MAP_NORESERVE
                 };
                 mmap_fixed(addr, len, rw, libc::MAP_SHARED | noreserve, fd.as_raw_fd())?;
+                if backing == Backing::Memfd {
+                    self.advise_thp(gpa, len)?;
+                }
                 Ok(Some(fd))
             }
         }
@@ -461,9 +472,25 @@ impl HostSpace {
         Ok(())
     }
 
+    /// Has every later anonymous or memfd [`map`](Self::map) ask for transparent huge pages.
+    pub fn set_thp(&mut self, on: bool) {
+        self.thp = on;
+    }
+
+    /// [`advise_hugepage`](Self::advise_hugepage) if [`set_thp`](Self::set_thp) asked for it.
+    fn advise_thp(&self, gpa: u64, len: u64) -> io::Result<()> {
+        if self.thp {
+            self.advise_hugepage(gpa, len)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Asks the host kernel for transparent huge pages on `[gpa, gpa + len)`
     /// (`madvise(MADV_HUGEPAGE)`, `--thp`): its own first-touch faults then populate a whole
-    /// 2 MiB page where the range covers one (the reservation is 1 GiB aligned).
+    /// 2 MiB page where the range covers one (the reservation is 1 GiB aligned), and a
+    /// fault in a 2 MiB that holds no page yet reaches userfaultfd without the kernel making
+    /// a page table there, so that a huge page can be moved in whole.
     pub fn advise_hugepage(&self, gpa: u64, len: u64) -> io::Result<()> {
         self.check(gpa, len)?;
         let addr = self.host_addr(gpa) as *mut libc::c_void;

@@ -22,10 +22,14 @@ const UFFDIO_UNREGISTER: u64 = ior(0x01, std::mem::size_of::<UffdioRange>());
 const UFFDIO_WAKE: u64 = ior(0x02, std::mem::size_of::<UffdioRange>());
 const UFFDIO_COPY: u64 = iowr(0x03, std::mem::size_of::<UffdioCopy>());
 const UFFDIO_ZEROPAGE: u64 = iowr(0x04, std::mem::size_of::<UffdioZeropage>());
+const UFFDIO_MOVE: u64 = iowr(0x05, std::mem::size_of::<UffdioMove>());
 
 /// Missing-page faults raise SIGBUS in the faulting thread instead of waiting for a handler
 /// (for KVM: `KVM_RUN` returns to the vCPU thread instead of blocking in the kernel).
 const UFFD_FEATURE_SIGBUS: u64 = 1 << 7;
+/// `UFFDIO_MOVE` (Linux 6.8 and later): pages of another anonymous mapping moved into the
+/// registered range, a transparent huge page as one PMD when both ends are 2 MiB aligned.
+const UFFD_FEATURE_MOVE: u64 = 1 << 16;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1;
@@ -67,6 +71,15 @@ struct UffdioZeropage {
     range: UffdioRange,
     mode: u64,
     zeropage: i64,
+}
+
+#[repr(C)]
+struct UffdioMove {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    moved: i64,
 }
 
 /// `struct uffd_msg` (32 bytes), page-fault view.
@@ -125,6 +138,8 @@ pub struct Uffd {
     fd: OwnedFd,
     mode: UffdMode,
     source: &'static str,
+    /// Whether the kernel accepted `UFFD_FEATURE_MOVE`.
+    can_move: bool,
 }
 
 /// `USERFAULTFD_IOC_NEW`: `_IO(0xAA, 0x00)`, on `/dev/userfaultfd`.
@@ -176,19 +191,73 @@ fn check(ret: libc::c_int) -> io::Result<()> {
 impl Uffd {
     /// Opens a userfaultfd (non-blocking, close-on-exec) and negotiates the API for `mode`.
     pub fn new(mode: UffdMode) -> io::Result<Self> {
-        let (fd, source) = open_userfaultfd()?;
         let features = match mode {
             UffdMode::Sigbus => UFFD_FEATURE_SIGBUS,
             UffdMode::Handler => 0,
         };
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features,
-            ioctls: 0,
+        // With `UFFDIO_MOVE` where the kernel has it; a kernel that does not know the feature
+        // refuses the handshake (EINVAL), and a descriptor takes one handshake only, so the
+        // fallback is a new descriptor without it.
+        let (fd, source) = open_userfaultfd()?;
+        if api_handshake(&fd, features | UFFD_FEATURE_MOVE).is_ok() {
+            return Ok(Self {
+                fd,
+                mode,
+                source,
+                can_move: true,
+            });
+        }
+        let (fd, source) = open_userfaultfd()?;
+        api_handshake(&fd, features)?;
+        Ok(Self {
+            fd,
+            mode,
+            source,
+            can_move: false,
+        })
+    }
+
+    /// Whether [`fill_huge_zeroed`](Self::fill_huge_zeroed) can work (the kernel has
+    /// `UFFDIO_MOVE`).
+    pub fn can_move(&self) -> bool {
+        self.can_move
+    }
+
+    /// Populates the 2 MiB at `host_addr` (2 MiB aligned, missing pages of an anonymous
+    /// private registered range) with zeroes, on a transparent huge page where the host can
+    /// give one: `stage` is populated for writing (the kernel allocates and zeroes a huge page
+    /// there when it has one, else 4 KiB pages) and its pages are moved into place
+    /// (`UFFDIO_MOVE`: one PMD for a huge page whose destination has no page table yet,
+    /// page by page otherwise). Whatever the move left behind in `stage` is dropped, so the
+    /// next fill starts from nothing.
+    pub fn fill_huge_zeroed(&self, stage: &HugeStage, host_addr: u64) -> io::Result<Populated> {
+        // SAFETY: `stage` owns a private anonymous mapping of HUGE bytes that no Rust
+        // reference points into; populating it only allocates zeroed pages there.
+        check(unsafe {
+            libc::madvise(
+                stage.addr as *mut libc::c_void,
+                HUGE as usize,
+                libc::MADV_POPULATE_WRITE,
+            )
+        })?;
+        let mut m = UffdioMove {
+            dst: host_addr,
+            src: stage.addr,
+            len: HUGE,
+            mode: self.dontwake(),
+            moved: 0,
         };
-        // SAFETY: UFFDIO_API reads and writes a `struct uffdio_api`, which `api` is.
-        check(unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api) })?;
-        Ok(Self { fd, mode, source })
+        // SAFETY: UFFDIO_MOVE reads and writes a `struct uffdio_move`. It takes pages out of
+        // `stage`'s mapping (ours, unreferenced) and the kernel checks that the destination
+        // lies in a range registered here and never replaces a present page (EEXIST).
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_MOVE as _, &mut m) };
+        let out = populated(r, m.moved);
+        // A huge page moved whole leaves the stage empty, and this is a no-op. One split on
+        // the way (the destination had a page table) leaves a page table in the stage, which
+        // would make every later fill there 4 KiB pages: dropping it (and any page the move
+        // left) keeps the next fill huge.
+        stage.clear();
+        out
     }
 
     /// How faults are reported: `SIGBUS` to the faulting thread, or events a handler reads.
@@ -413,6 +482,93 @@ impl Uffd {
     }
 }
 
+fn api_handshake(fd: &OwnedFd, features: u64) -> io::Result<()> {
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API reads and writes a `struct uffdio_api`, which `api` is.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api) })
+}
+
+/// The size of a transparent huge page on x86-64.
+const HUGE: u64 = 2 << 20;
+
+/// A 2 MiB aligned private anonymous mapping that asks for transparent huge pages
+/// (`MADV_HUGEPAGE`): where [`Uffd::fill_huge_zeroed`] has the kernel zero a huge page before
+/// moving it into guest RAM. Empty between fills.
+#[derive(Debug)]
+pub struct HugeStage {
+    addr: u64,
+}
+
+impl HugeStage {
+    /// Maps a new stage.
+    pub fn new() -> io::Result<Self> {
+        let len = 2 * HUGE as usize;
+        // SAFETY: a fresh anonymous mapping at an address the kernel picks; nothing else
+        // refers to it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let start = p as u64;
+        let addr = (start + HUGE - 1) & !(HUGE - 1);
+        // SAFETY: the slack before and after the aligned 2 MiB lies inside the mapping just
+        // made; unmapping it leaves `[addr, addr + HUGE)` mapped.
+        unsafe {
+            if addr > start {
+                libc::munmap(p, (addr - start) as usize);
+            }
+            let tail = start + len as u64 - (addr + HUGE);
+            if tail > 0 {
+                libc::munmap((addr + HUGE) as *mut libc::c_void, tail as usize);
+            }
+        }
+        let stage = Self { addr };
+        // SAFETY: advice on the stage's own mapping.
+        check(unsafe {
+            libc::madvise(
+                addr as *mut libc::c_void,
+                HUGE as usize,
+                libc::MADV_HUGEPAGE,
+            )
+        })?;
+        Ok(stage)
+    }
+
+    /// Drops whatever pages the stage holds.
+    fn clear(&self) {
+        // SAFETY: the stage's own mapping, which nothing references.
+        unsafe {
+            libc::madvise(
+                self.addr as *mut libc::c_void,
+                HUGE as usize,
+                libc::MADV_DONTNEED,
+            );
+        }
+    }
+}
+
+impl Drop for HugeStage {
+    fn drop(&mut self) {
+        // SAFETY: the stage owns `[addr, addr + HUGE)`; nothing refers to it any more.
+        unsafe {
+            libc::munmap(self.addr as *mut libc::c_void, HUGE as usize);
+        }
+    }
+}
+
 impl AsRawFd for Uffd {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
@@ -468,6 +624,7 @@ mod tests {
         assert_eq!(UFFDIO_WAKE, 0x8010_aa02);
         assert_eq!(UFFDIO_COPY, 0xc028_aa03);
         assert_eq!(UFFDIO_ZEROPAGE, 0xc020_aa04);
+        assert_eq!(UFFDIO_MOVE, 0xc028_aa05);
         assert_eq!(std::mem::size_of::<UffdMsg>(), 32);
     }
 }

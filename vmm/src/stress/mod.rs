@@ -75,8 +75,10 @@ pub struct StressArgs {
     #[arg(long)]
     pub floor: bool,
 
-    /// Ask for transparent huge pages on guest RAM (madvise MADV_HUGEPAGE; anon or memfd RAM):
-    /// with --fault-mode kernel, the host kernel's own best case.
+    /// Transparent huge pages on guest RAM (madvise MADV_HUGEPAGE; anon or memfd RAM): with
+    /// --fault-mode kernel, the host kernel's own best case; in vcpu and handler modes, a
+    /// fault-around window that covers a whole aligned 2 MiB of anon RAM is filled with one
+    /// zeroed huge page, moved in (UFFDIO_MOVE)
     #[arg(long)]
     pub thp: bool,
 

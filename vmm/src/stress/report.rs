@@ -264,6 +264,10 @@ pub struct StressReport {
     pub pages_populated: u64,
     /// Populates that found the page already present.
     pub populate_races: u64,
+    /// `--thp` in `vcpu` and `handler` modes: whole 2 MiB of guest RAM filled with one zeroed
+    /// huge page (moved in) instead of 512 copies of zeroes.
+    #[serde(default)]
+    pub huge_fills: u64,
     /// Guest writes to read-only memory (dropped).
     pub readonly_writes: u64,
     /// Exits by reason.
@@ -399,6 +403,7 @@ impl Aggregate {
         let churn_pages = f.churn.as_ref().map_or(0, |c| c.populated_bytes / 4096);
         r.pages_populated += c.pages_populated.saturating_sub(churn_pages);
         r.populate_races += c.populate_races;
+        r.huge_fills += c.huge_fills;
         r.readonly_writes += c.readonly_writes;
         let e = &f.exits;
         r.exits += e.total();
@@ -558,10 +563,15 @@ impl fmt::Display for StressReport {
         )?;
         writeln!(
             f,
-            "  first touches  {} pages in {:.3} s of touching: {:.0} faults/s ({} faults serviced by the VMM, {} pages populated, overfetch {}, {} populate races)",
+            "  first touches  {} pages in {:.3} s of touching: {:.0} faults/s ({} faults serviced by the VMM, {} pages populated{}, overfetch {}, {} populate races)",
             r.pages, r.seconds, r.faults_per_sec,
             if r.fault_mode == "kernel" { 0 } else { r.faults },
             r.pages_populated,
+            if r.huge_fills > 0 {
+                format!(" ({} of them in {} huge pages)", r.huge_fills * 512, r.huge_fills)
+            } else {
+                String::new()
+            },
             r.overfetch.map_or_else(|| "n/a".to_owned(), |o| format!("{o:.3}")),
             r.populate_races
         )?;

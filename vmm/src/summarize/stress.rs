@@ -229,7 +229,12 @@ pub fn markdown(groups: &[Group]) -> String {
     let fa1 = |pattern: &str| fps(find_pattern(groups, "vcpu", "1", "bonsai", 2, 0, pattern));
     let handler = |fa: &str| fps(find(groups, "handler", fa, "bonsai", 2, 0));
     let handler_old = |fa: &str| fps(find(groups, "handler-always-wake", fa, "bonsai", 2, 0));
-    let targets: [Target; 15] = [
+    let thp_adaptive = |pattern: &str| {
+        fps(find_pattern(
+            groups, "vcpu+thp", "adaptive", "bonsai", 2, 0, pattern,
+        ))
+    };
+    let targets: [Target; 21] = [
         (
             "sequential, fault-around 1: `vcpu` / the floor (`--floor`, report)",
             fa1("sequential"),
@@ -263,6 +268,48 @@ pub fn markdown(groups: &[Group]) -> String {
             "sequential: adaptive (vcpu) / `kernel` + THP (report)",
             adaptive("sequential"),
             fps(find(groups, "kernel+thp", "-", "bonsai", 2, 0)),
+            0.0,
+            false,
+        ),
+        (
+            "sequential: adaptive with `--thp` (huge-page fills) / `kernel` (4 KiB pages, report)",
+            thp_adaptive("sequential"),
+            fps(find(groups, "kernel", "-", "bonsai", 2, 0)),
+            0.0,
+            false,
+        ),
+        (
+            "sequential: adaptive with `--thp` / `kernel` + THP (report)",
+            thp_adaptive("sequential"),
+            fps(find(groups, "kernel+thp", "-", "bonsai", 2, 0)),
+            0.0,
+            false,
+        ),
+        (
+            "sequential: adaptive with `--thp` / without (vcpu, report)",
+            thp_adaptive("sequential"),
+            adaptive("sequential"),
+            0.0,
+            false,
+        ),
+        (
+            "random: adaptive with `--thp` / without (vcpu, report)",
+            thp_adaptive("random"),
+            adaptive("random"),
+            0.0,
+            false,
+        ),
+        (
+            "stride:2: adaptive with `--thp` / without (vcpu, report)",
+            thp_adaptive("stride:2"),
+            adaptive("stride:2"),
+            0.0,
+            false,
+        ),
+        (
+            "handler, adaptive: with `--thp` / without (report)",
+            fps(find(groups, "handler+thp", "adaptive", "bonsai", 2, 0)),
+            handler("adaptive"),
             0.0,
             false,
         ),

@@ -208,6 +208,7 @@ mod tests {
             },
             memslots: MemslotMode::PerRegion,
             hotplug_window: 0..0,
+            thp: false,
         };
         let s = AddressSpace::new(&Domain::new(), &cfg, Box::new(slots.clone())).unwrap();
         s.map(16 * MB, MB, Backing::Anon, false, RegionKind::Hotplug)
