@@ -366,6 +366,28 @@ fn run_json_summarises_the_run_on_the_last_line() {
         "{v}"
     );
     assert!(v["exits"]["total"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(
+        v["faults"]["huge_fills"], 0,
+        "no huge page without --thp: {v}"
+    );
+
+    // With --thp the touch workload's sequential slices are filled a huge page per 2 MiB
+    // window once the adaptive window has grown, and still verify.
+    let o = run(&[
+        "run",
+        "--vcpus",
+        "2",
+        "--workload",
+        "touch",
+        "--thp",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    let out = stdout(&o);
+    let v: serde_json::Value =
+        serde_json::from_str(out.lines().last().unwrap_or_default()).unwrap();
+    assert_eq!(v["touch"]["verify_errors"], 0, "{v}");
+    assert!(v["faults"]["huge_fills"].as_u64().unwrap() > 0, "{v}");
 
     let o = run(&[
         "run",

@@ -563,6 +563,7 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
             "faults": {"serviced": c.faults, "unannotated": c.unannotated_faults,
                        "pages_populated": c.pages_populated,
                        "populate_races": c.populate_races,
+                       "huge_fills": c.huge_fills,
                        "open_bus_reads": c.open_bus_reads,
                        "open_bus_writes": c.open_bus_writes,
                        "readonly_writes": c.readonly_writes},

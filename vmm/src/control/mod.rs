@@ -311,6 +311,9 @@ pub struct Totals {
     pub pages_populated: u64,
     /// Populates that lost a race.
     pub populate_races: u64,
+    /// 2 MiB windows filled with one zeroed huge page (`--thp`).
+    #[serde(default)]
+    pub huge_fills: u64,
     /// Bare `-EFAULT`s resolved by decoding.
     pub unannotated_faults: u64,
     /// Guest reads of unmapped addresses.
@@ -918,6 +921,7 @@ impl Vmm {
                 faults: c.faults,
                 pages_populated: c.pages_populated,
                 populate_races: c.populate_races,
+                huge_fills: c.huge_fills,
                 unannotated_faults: c.unannotated_faults,
                 open_bus_reads: c.open_bus_reads,
                 open_bus_writes: c.open_bus_writes,
