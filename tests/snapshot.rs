@@ -925,3 +925,52 @@ fn a_live_snapshot_of_a_guest_rewriting_its_memory_restores_clean() {
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+/// A guest whose RAM was filled with huge pages (`--thp`: the `pattern` workload writes its
+/// slices in order, so its windows grow to whole 2 MiB) is snapshotted live (KVM's dirty log
+/// over huge mappings) and stopped, and both snapshots restore clean, with and without
+/// `--thp` on the restored VM.
+#[test]
+fn a_guest_on_huge_page_fills_is_snapshotted_live_and_restored_clean() {
+    require_kvm!();
+    let vm = start(
+        "thp",
+        &[
+            "--workload",
+            "pattern",
+            "--rewrite",
+            "--vcpus",
+            "2",
+            "--mem",
+            "64M",
+            "--thp",
+        ],
+    );
+    vm.wait_for("ready", 2);
+    let stats: serde_json::Value = serde_json::from_str(&vm.ctl_ok(&["--json", "stats"])).unwrap();
+    let huge = stats["result"]["totals"]["huge_fills"].as_u64().unwrap();
+    assert!(
+        huge > 0,
+        "the pattern guest's RAM came in huge pages: {stats}"
+    );
+    let (live, stopped) = (tmp("thp-live"), tmp("thp-stop"));
+    vm.ctl_ok(&["snapshot", "--dir", live.to_str().unwrap(), "--live"]);
+    vm.ctl_ok(&["snapshot", "--dir", stopped.to_str().unwrap(), "--stop"]);
+    let (status, err) = vm.wait();
+    assert_eq!(status, Some(0), "{err}");
+    assert!(err.contains("0 wrong words"), "{err}");
+    for dir in [&live, &stopped] {
+        for extra in [
+            &["--restore-mode", "vcpu"][..],
+            &["--restore-mode", "handler", "--thp"],
+        ] {
+            let mut args = vec!["--passes", "2"];
+            args.extend_from_slice(extra);
+            let o = restore(dir, &args);
+            assert_restored_clean(&o, &format!("{} {extra:?}", dir.display()));
+        }
+    }
+    for d in [live, stopped] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
