@@ -246,14 +246,14 @@ impl AddressSpace {
             FaultAround::Fixed(win) => {
                 let first = (pfn & !(win - 1)).max(lo);
                 let end = ((pfn | (win - 1)) + 1).min(hi);
-                self.populate_pages_in(uffd, first, end, write, pfn, huge)?
+                self.populate_pages(uffd, first, end, write, pfn, huge)?
             }
             FaultAround::Adaptive => {
                 let fetch =
                     window::with_streams(self as *const Self as usize, |s| s.fault(pfn, lo, hi));
                 match fetch.contiguous() {
                     Some((first, end)) => {
-                        self.populate_pages_in(uffd, first, end, write, pfn, huge)?
+                        self.populate_pages(uffd, first, end, write, pfn, huge)?
                     }
                     None => {
                         // A stride: each page on its own (populating the gaps would cost a
@@ -261,7 +261,7 @@ impl AddressSpace {
                         let (mut n, mut woken) = (0, false);
                         for i in 0..fetch.count {
                             let p = fetch.page(i);
-                            let (k, w) = self.populate_pages(uffd, p, p + 1, write, pfn)?;
+                            let (k, w) = self.populate_pages(uffd, p, p + 1, write, pfn, false)?;
                             n += k;
                             woken |= w;
                         }
@@ -370,21 +370,10 @@ impl AddressSpace {
 
     /// Populates every page of `[first, end)` (page numbers) not known present, in runs of at
     /// most [`MAX_FAULT_AROUND`] pages, with zeroes; returns how many this call populated, and
-    /// whether page `target` was among them.
+    /// whether page `target` was among them. With `huge` (the pages are anonymous private
+    /// RAM), whole aligned 2 MiB of zeroes are filled with a transparent huge page where
+    /// `--thp` allows it.
     fn populate_pages(
-        &self,
-        uffd: &super::uffd::Uffd,
-        first: u64,
-        end: u64,
-        write: bool,
-        target: u64,
-    ) -> Result<(u64, bool), FaultError> {
-        self.populate_pages_in(uffd, first, end, write, target, false)
-    }
-
-    /// [`populate_pages`](Self::populate_pages), filling whole aligned 2 MiB of zeroes with
-    /// transparent huge pages when `huge` (the pages are anonymous private RAM).
-    fn populate_pages_in(
         &self,
         uffd: &super::uffd::Uffd,
         first: u64,
@@ -547,7 +536,7 @@ impl AddressSpace {
             self.populate_huge_pages(uffd, part)?;
         }
         let end = (gpa + len).div_ceil(PAGE);
-        self.populate_pages(uffd, gpa / PAGE, end, true, u64::MAX)
+        self.populate_pages(uffd, gpa / PAGE, end, true, u64::MAX, false)
             .map(|_| ())
     }
 
@@ -576,7 +565,8 @@ impl AddressSpace {
         let n = if region.backing == Backing::Hugetlb {
             self.populate_huge_pages(uffd, first * PAGE..end * PAGE)?
         } else {
-            self.populate_pages(uffd, first, end, write, u64::MAX)?.0
+            self.populate_pages(uffd, first, end, write, u64::MAX, false)?
+                .0
         };
         region.counters.pages_populated.fetch_add(n, Relaxed);
         Ok(())
@@ -712,7 +702,7 @@ impl AddressSpace {
                     while e < end && src.has(e) {
                         e += 1;
                     }
-                    k += self.populate_pages(uffd, p, e, true, u64::MAX)?.0;
+                    k += self.populate_pages(uffd, p, e, true, u64::MAX, false)?.0;
                     p = e;
                 }
                 region.counters.pages_populated.fetch_add(k, Relaxed);

@@ -95,6 +95,40 @@ fn self_pidfd() -> Option<libc::c_int> {
         .map(|fd| fd.as_raw_fd())
 }
 
+/// Maps `len` bytes of private anonymous memory (`MAP_NORESERVE`, protection `prot`) at an
+/// address the kernel picks, aligned to `align` (a power of two), and returns that address.
+pub(crate) fn map_aligned(len: u64, align: u64, prot: libc::c_int) -> io::Result<u64> {
+    let total = len + align;
+    // SAFETY: a fresh anonymous mapping at an address the kernel picks; nothing refers to it.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            total as usize,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let start = p as u64;
+    let base = (start + align - 1) & !(align - 1);
+    // Trim the slack before and after the aligned range.
+    // SAFETY: both ranges lie inside the mapping just made and nothing refers to them.
+    unsafe {
+        if base > start {
+            libc::munmap(p, (base - start) as usize);
+        }
+        let tail = start + total - (base + len);
+        if tail > 0 {
+            libc::munmap((base + len) as *mut libc::c_void, tail as usize);
+        }
+    }
+    Ok(base)
+}
+
 /// The host-side reservation mirroring guest-physical space.
 #[derive(Debug)]
 pub struct HostSpace {
@@ -138,35 +172,7 @@ impl HostSpace {
     /// Reserves `size_bytes` of host address space (1 GiB aligned, so that huge pages line up
     /// with guest-physical ones).
     pub fn reserve(size_bytes: u64) -> io::Result<Self> {
-        let align = 1u64 << 30;
-        let len = size_bytes + align;
-        // SAFETY: a fresh anonymous PROT_NONE mapping at an address the kernel picks.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let start = p as u64;
-        let base = (start + align - 1) & !(align - 1);
-        // Trim the slack before and after the aligned window.
-        // SAFETY: both ranges lie inside the mapping just made and nothing refers to them.
-        unsafe {
-            if base > start {
-                libc::munmap(p, (base - start) as usize);
-            }
-            let tail = start + len - (base + size_bytes);
-            if tail > 0 {
-                libc::munmap((base + size_bytes) as *mut libc::c_void, tail as usize);
-            }
-        }
+        let base = map_aligned(size_bytes, 1 << 30, libc::PROT_NONE)?;
         Ok(Self {
             base,
             size_bytes,

@@ -506,35 +506,7 @@ pub struct HugeStage {
 impl HugeStage {
     /// Maps a new stage.
     pub fn new() -> io::Result<Self> {
-        let len = 2 * HUGE as usize;
-        // SAFETY: a fresh anonymous mapping at an address the kernel picks; nothing else
-        // refers to it.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let start = p as u64;
-        let addr = (start + HUGE - 1) & !(HUGE - 1);
-        // SAFETY: the slack before and after the aligned 2 MiB lies inside the mapping just
-        // made; unmapping it leaves `[addr, addr + HUGE)` mapped.
-        unsafe {
-            if addr > start {
-                libc::munmap(p, (addr - start) as usize);
-            }
-            let tail = start + len as u64 - (addr + HUGE);
-            if tail > 0 {
-                libc::munmap((addr + HUGE) as *mut libc::c_void, tail as usize);
-            }
-        }
+        let addr = super::host::map_aligned(HUGE, HUGE, libc::PROT_READ | libc::PROT_WRITE)?;
         let stage = Self { addr };
         // SAFETY: advice on the stage's own mapping.
         check(unsafe {
