@@ -631,7 +631,7 @@ impl AddressSpace {
             ]
             .into_boxed_slice(),
             always_wake: std::env::var_os("VMM_UFFD_ALWAYS_WAKE").is_some_and(|v| v == "1"),
-            huge_fill: std::sync::atomic::AtomicBool::new(cfg.thp),
+            huge_fill: std::sync::atomic::AtomicBool::new(cfg.thp && super::host::thp_enabled()),
             slots,
             limits: cfg.limits,
             memslots: cfg.memslots,
@@ -2612,7 +2612,7 @@ mod tests {
                 s.map(16 * MB, 4 * MB, backing, false, RegionKind::Hotplug)
                     .unwrap();
                 assert_eq!(access(17 * MB + 5, Access::Write(&[0xab])), Serviced::Ram);
-                let huge = thp && backing == Backing::Anon;
+                let huge = thp && backing == Backing::Anon && super::super::host::thp_enabled();
                 let c = s.counters.snapshot();
                 assert_eq!(c.huge_fills, u64::from(huge), "{what}");
                 assert_eq!(c.pages_populated, 512, "{what}: the aligned 2 MiB window");

@@ -95,6 +95,14 @@ fn self_pidfd() -> Option<libc::c_int> {
         .map(|fd| fd.as_raw_fd())
 }
 
+/// Whether the host gives transparent huge pages to mappings that ask for them: its
+/// `/sys/kernel/mm/transparent_hugepage/enabled` is `always` or `madvise` (not `never`, and
+/// the file exists).
+pub fn thp_enabled() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|s| !s.contains("[never]"))
+}
+
 /// Maps `len` bytes of private anonymous memory (`MAP_NORESERVE`, protection `prot`) at an
 /// address the kernel picks, aligned to `align` (a power of two), and returns that address.
 pub(crate) fn map_aligned(len: u64, align: u64, prot: libc::c_int) -> io::Result<u64> {
