@@ -680,6 +680,19 @@ fn thp_in_kernel_mode() {
     assert_eq!(u(&v, "verify_errors"), 0, "{v}");
     let o = run(&["stress", "--thp", "--ram-backing", "hugetlb"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    // On a host that hands free memory back to its hypervisor, --thp says what that costs.
+    let reporting = std::fs::read_to_string("/sys/module/page_reporting/parameters/reported_kib")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .is_some_and(|kib| kib > 0);
+    let o = run(&["stress", "--pages", "2048", "--regions", "10", "--thp"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o).contains("free page reporting"),
+        reporting,
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// `--thp` in `vcpu` and `handler` modes: a sequential scan's windows of 512 pages are filled

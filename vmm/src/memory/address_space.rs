@@ -604,6 +604,19 @@ impl AddressSpace {
             source,
         })?;
         host.set_thp(cfg.thp);
+        if cfg.thp {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            if let Some(kib) = super::host::free_page_reporting_kib() {
+                WARNED.call_once(|| {
+                    tracing::warn!(
+                        reported_kib = kib,
+                        "--thp: this host hands free memory back to its hypervisor (free page \
+                         reporting), so its free huge pages are usually cold and first touches \
+                         can be slower than without --thp (docs/bench.md, \"Huge-page fills\")"
+                    )
+                });
+            }
+        }
         let uffd = match cfg.fault_mode {
             FaultMode::Kernel => None,
             FaultMode::Vcpu => Some(Uffd::new(UffdMode::Sigbus)),

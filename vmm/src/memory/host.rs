@@ -103,6 +103,18 @@ pub fn thp_enabled() -> bool {
         .is_ok_and(|s| !s.contains("[never]"))
 }
 
+/// Whether this host hands free memory back to a hypervisor of its own (free page reporting,
+/// as a guest with `virtio_balloon` does): how much it has reported, in KiB, if any. Free huge
+/// pages are then usually cold, backed again as they are zeroed.
+pub fn free_page_reporting_kib() -> Option<u64> {
+    std::fs::read_to_string("/sys/module/page_reporting/parameters/reported_kib")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&kib| kib > 0)
+}
+
 /// Maps `len` bytes of private anonymous memory (`MAP_NORESERVE`, protection `prot`) at an
 /// address the kernel picks, aligned to `align` (a power of two), and returns that address.
 pub(crate) fn map_aligned(len: u64, align: u64, prot: libc::c_int) -> io::Result<u64> {
