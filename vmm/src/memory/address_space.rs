@@ -490,7 +490,8 @@ pub struct AddressSpace {
     /// every fault, read the userfaultfd until `EAGAIN`), kept to measure the difference.
     pub(crate) always_wake: bool,
     /// Whether write faults in anonymous RAM fill whole aligned 2 MiB with transparent huge
-    /// pages (cleared for good if the kernel refuses one).
+    /// pages: `--thp`, on a host with THP and a kernel with `UFFDIO_MOVE` (cleared for good if
+    /// the kernel refuses a move).
     pub(crate) huge_fill: std::sync::atomic::AtomicBool,
     limits: Limits,
     memslots: MemslotMode,
@@ -628,6 +629,9 @@ impl AddressSpace {
             source,
         })?;
         let window = Self::plan_window(cfg, &host, slots.as_ref())?;
+        // Huge-page fills need THP from the host and `UFFDIO_MOVE` from the kernel.
+        let huge_fill =
+            cfg.thp && super::host::thp_enabled() && uffd.as_ref().is_some_and(Uffd::can_move);
         Ok(Self {
             domain: domain.clone(),
             map,
@@ -644,7 +648,7 @@ impl AddressSpace {
             ]
             .into_boxed_slice(),
             always_wake: std::env::var_os("VMM_UFFD_ALWAYS_WAKE").is_some_and(|v| v == "1"),
-            huge_fill: std::sync::atomic::AtomicBool::new(cfg.thp && super::host::thp_enabled()),
+            huge_fill: std::sync::atomic::AtomicBool::new(huge_fill),
             slots,
             limits: cfg.limits,
             memslots: cfg.memslots,

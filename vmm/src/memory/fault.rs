@@ -382,7 +382,7 @@ impl AddressSpace {
         target: u64,
         huge: bool,
     ) -> Result<(u64, bool), FaultError> {
-        let huge = huge && self.huge_fill.load(Relaxed) && uffd.can_move();
+        let huge = huge && self.huge_fill.load(Relaxed);
         let max_run = MAX_FAULT_AROUND;
         let mut populated = 0;
         let mut woken = false;
