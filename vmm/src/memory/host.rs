@@ -370,8 +370,15 @@ impl HostSpace {
     pub unsafe fn zap(&self, gpa: u64, len: u64) -> io::Result<()> {
         self.check(gpa, len)?;
         self.punch_out(gpa, len)?;
-        // SAFETY: the range lies inside our reservation (checked); per the contract nothing
-        // uses it. MADV_DONTNEED only drops the pages.
+        self.drop_pages(gpa, len)
+    }
+
+    /// `madvise(MADV_DONTNEED)` of `[gpa, gpa + len)`: drops the pages a private mapping holds
+    /// there (and a shared mapping's view of its file's), keeping the mapping. Callers have
+    /// checked the range and waited for a grace period, so nothing uses it.
+    fn drop_pages(&self, gpa: u64, len: u64) -> io::Result<()> {
+        // SAFETY: the range lies inside our reservation (checked by the callers), which no
+        // Rust object borrows, and nothing uses it any more. MADV_DONTNEED only drops pages.
         if unsafe {
             libc::madvise(
                 self.host_addr(gpa) as *mut libc::c_void,
@@ -457,18 +464,8 @@ impl HostSpace {
             }
         }
         for &(gpa, len) in &ranges[done..] {
-            // SAFETY: as above; one range at a time.
-            let r = unsafe {
-                libc::madvise(
-                    self.host_addr(gpa) as *mut libc::c_void,
-                    len as usize,
-                    libc::MADV_DONTNEED,
-                )
-            };
             calls += 1;
-            if r != 0 {
-                return Err(io::Error::last_os_error());
-            }
+            self.drop_pages(gpa, len)?;
         }
         Ok(calls)
     }
@@ -484,16 +481,12 @@ impl HostSpace {
         self.check(gpa, len)?;
         // Best effort: what it cannot punch out, DONTNEED below still drops from this mapping.
         let _ = self.punch_out(gpa, len);
+        self.drop_pages(gpa, len)?;
         let addr = self.host_addr(gpa) as *mut libc::c_void;
         // SAFETY: the range lies inside our reservation (checked), which no Rust object
-        // borrows; after a grace period nothing touches it. MADV_DONTNEED drops a private
-        // mapping's pages; mprotect only changes the access rights.
-        unsafe {
-            if libc::madvise(addr, len as usize, libc::MADV_DONTNEED) != 0
-                || libc::mprotect(addr, len as usize, libc::PROT_NONE) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
+        // borrows; mprotect only changes the access rights.
+        if unsafe { libc::mprotect(addr, len as usize, libc::PROT_NONE) } != 0 {
+            return Err(io::Error::last_os_error());
         }
         Ok(())
     }
