@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::memory::address_space::PAGE;
-use crate::memory::{AddressSpace, Backing, FaultMode, RegionKind};
+use crate::memory::{AddressSpace, AsError, Backing, FaultMode, RegionKind};
 
 /// Each churn region lives in its own slot of this size (so regions never collide).
 pub const SLOT_BYTES: u64 = 64 * PAGE;
@@ -325,22 +325,10 @@ pub fn run(
             return;
         }
         let ranges: Vec<(u64, u64)> = pending.iter().map(|p| (p.gpa, p.size)).collect();
-        let t0 = Instant::now();
-        let done = space.unmap_many(&ranges);
+        let (batch_time, outcomes) = unmap_ranges(space, &ranges);
         // Each range's share of the batch.
-        let share = t0.elapsed() / ranges.len() as u32;
-        // The ranges the batch took; after a failure, the rest one by one, each counted on
-        // its own.
-        let took = match &done {
-            Ok(_) => ranges.len(),
-            Err(partial) => partial.done.len(),
-        };
-        for (i, p) in pending.drain(..).enumerate() {
-            let r = if i < took {
-                Ok(())
-            } else {
-                space.unmap(p.gpa, p.size).map(drop)
-            };
+        let share = batch_time / ranges.len() as u32;
+        for (p, r) in pending.drain(..).zip(outcomes) {
             if let Err(e) = r {
                 note(res, e.to_string());
                 continue;
@@ -519,14 +507,9 @@ pub fn run(
     // Clean up: everything this thread mapped goes, and its memory with it.
     for chunk in live.chunks(cfg.batch.max(1)) {
         let ranges: Vec<(u64, u64)> = chunk.iter().map(|r| (r.gpa, r.size)).collect();
-        let took = match space.unmap_many(&ranges) {
-            Ok(_) => ranges.len(),
-            Err(partial) => partial.done.len(),
-        };
-        res.cleanup_unmaps += took as u64;
-        for r in &chunk[took..] {
-            match space.unmap(r.gpa, r.size) {
-                Ok(_) => res.cleanup_unmaps += 1,
+        for r in unmap_ranges(space, &ranges).1 {
+            match r {
+                Ok(()) => res.cleanup_unmaps += 1,
                 Err(e) => note(&mut res, e.to_string()),
             }
         }
@@ -536,6 +519,32 @@ pub fn run(
     let host_start = space.host_addr(cfg.base);
     res.residual_bytes = resident_in(host_start, host_start + cfg.span_bytes).unwrap_or(0);
     *shared.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(res);
+}
+
+/// Unmaps `ranges` as one batch and, after a failure part way, the ranges the batch did not
+/// take one by one. Returns how long the batch itself took and each range's outcome, in order.
+fn unmap_ranges(
+    space: &AddressSpace,
+    ranges: &[(u64, u64)],
+) -> (Duration, Vec<Result<(), AsError>>) {
+    let t0 = Instant::now();
+    let took = match space.unmap_many(ranges) {
+        Ok(_) => ranges.len(),
+        Err(partial) => partial.done.len(),
+    };
+    let batch_time = t0.elapsed();
+    let outcomes = ranges
+        .iter()
+        .enumerate()
+        .map(|(i, &(gpa, size))| {
+            if i < took {
+                Ok(())
+            } else {
+                space.unmap(gpa, size).map(drop)
+            }
+        })
+        .collect();
+    (batch_time, outcomes)
 }
 
 /// One piece of a region in slot `s` is gone: the slot is free again when it was the last.
