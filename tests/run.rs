@@ -387,8 +387,7 @@ fn run_json_summarises_the_run_on_the_last_line() {
     let v: serde_json::Value =
         serde_json::from_str(out.lines().last().unwrap_or_default()).unwrap();
     assert_eq!(v["touch"]["verify_errors"], 0, "{v}");
-    let thp_on = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
-        .is_ok_and(|s| !s.contains("[never]"));
+    let thp_on = support::thp_enabled();
     assert_eq!(
         v["faults"]["huge_fills"].as_u64().unwrap() > 0,
         thp_on,

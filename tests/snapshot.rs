@@ -949,8 +949,7 @@ fn a_guest_on_huge_page_fills_is_snapshotted_live_and_restored_clean() {
     vm.wait_for("ready", 2);
     let stats: serde_json::Value = serde_json::from_str(&vm.ctl_ok(&["--json", "stats"])).unwrap();
     let huge = stats["result"]["totals"]["huge_fills"].as_u64().unwrap();
-    let thp_on = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
-        .is_ok_and(|s| !s.contains("[never]"));
+    let thp_on = support::thp_enabled();
     assert_eq!(
         huge > 0,
         thp_on,

@@ -722,8 +722,7 @@ fn thp_fills_whole_windows_with_huge_pages_in_vcpu_and_handler_modes() {
             assert_eq!(v["thp"], true, "{what}");
             check_common(&v, 2, 8192, mode, "bonsai");
             let huge = u(&v, "huge_fills");
-            let thp_on = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
-                .is_ok_and(|s| !s.contains("[never]"));
+            let thp_on = support::thp_enabled();
             if pattern == "random" || !thp_on {
                 // (A host with THP `never` gives no huge page: copies do the work.)
                 assert_eq!(huge, 0, "{what}");

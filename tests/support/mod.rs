@@ -76,6 +76,13 @@ pub fn free_hugepages() -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether the host gives transparent huge pages to mappings that ask for them (its setting
+/// is not `never`): where it does not, `--thp` fills nothing with huge pages.
+pub fn thp_enabled() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|s| !s.contains("[never]"))
+}
+
 /// Whether `need` free huge pages are there for a hugetlb test. Returns false (after saying
 /// why) when they are not; with `VMM_REQUIRE_HUGETLB` set (as `.ci/run` does, after reserving
 /// them) that is a failure instead.
