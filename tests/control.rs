@@ -1974,3 +1974,62 @@ fn a_subscriber_that_never_reads_stalls_no_one() {
     );
     c.assert_consistent();
 }
+
+/// The scheduling policy (`/proc/PID/task/TID/stat`, field 41) of each of `pid`'s threads, by
+/// thread name.
+fn thread_policies(pid: u32) -> Vec<(String, u32)> {
+    let mut v = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let Ok(stat) = std::fs::read_to_string(t.unwrap().path().join("stat")) else {
+            continue;
+        };
+        // "TID (NAME) S ...": the name may hold spaces, the fields after it do not.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_owned();
+        // Field 41 is the 39th after the name's closing parenthesis (field 2).
+        let policy = stat[close + 1..].split_whitespace().nth(38).unwrap();
+        v.push((name, policy.parse().unwrap()));
+    }
+    v
+}
+
+/// With `--control-sched batch` the control socket's threads run as SCHED_BATCH beside vCPUs
+/// left as they were, so that a request never preempts a vCPU; by default (and with `normal`)
+/// every thread is left as it was.
+#[test]
+fn control_threads_do_not_preempt_the_vcpus_when_asked() {
+    require_kvm!();
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_BATCH: u32 = 3;
+    for (flag, want) in [
+        (None, SCHED_OTHER),
+        (Some("batch"), SCHED_BATCH),
+        (Some("normal"), SCHED_OTHER),
+    ] {
+        let mut extra = vec!["--workload", "spin", "--vcpus", "2", "--timeout", "30"];
+        if let Some(f) = flag {
+            extra.extend(["--control-sched", f]);
+        }
+        let vm = Vm::start("sched", &extra);
+        // A client served: its thread exists while it is connected.
+        let mut c = vm.client();
+        c.ok(json!({"op": "list"}));
+        let threads = thread_policies(vm.pid());
+        let of = |prefix: &str| -> Vec<u32> {
+            threads
+                .iter()
+                .filter(|(n, _)| n.starts_with(prefix))
+                .map(|&(_, p)| p)
+                .collect()
+        };
+        assert_eq!(of("vcpu"), [SCHED_OTHER; 2], "{flag:?}: {threads:?}");
+        assert_eq!(of("sidecar"), [want], "{flag:?}: {threads:?}");
+        assert_eq!(of("ctl-client"), [want], "{flag:?}: {threads:?}");
+        // The main thread (the process's own name) is left as it was.
+        assert!(of("vmm").iter().all(|&p| p == SCHED_OTHER), "{threads:?}");
+        drop(c);
+        drop(vm);
+    }
+}

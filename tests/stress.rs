@@ -283,6 +283,7 @@ fn bad_flags_are_usage_errors() {
         &["stress", "--churn-ops", "map,protect"],
         &["stress", "--churn-ops", "unmap"],
         &["stress", "--churn-ops", "map,unmap,dance"],
+        &["stress", "--control-sched", "idle"],
         // The floor knows the next page of a sequential scan at one page per exit only.
         &["stress", "--floor"],
         &[
@@ -444,15 +445,16 @@ fn churn_without_populating_times_the_mapping_change_alone() {
 
 /// `--churn-batch 16`: the churn thread's unmaps and splits go in batches, in window mode and
 /// per region; the guest verifies clean, the churn area is empty afterwards, and the report
-/// carries the batch size. `--churn-ops` without protect does no protect.
+/// carries the batch size. `--churn-ops` without protect does no protect. The churn thread's
+/// scheduling policy (`--control-sched`, normal by default) is in the report.
 #[test]
 fn batched_churn_unmaps_leave_nothing_behind() {
     require_kvm!();
-    for (memslots, ops) in [
-        ("window", "map,unmap,split,protect"),
-        ("per-region", "map,unmap,split"),
+    for (memslots, ops, sched) in [
+        ("window", "map,unmap,split,protect", None),
+        ("per-region", "map,unmap,split", Some("batch")),
     ] {
-        let v = stress_json(&[
+        let mut args = vec![
             "--vcpus",
             "2",
             "--pages",
@@ -469,9 +471,14 @@ fn batched_churn_unmaps_leave_nothing_behind() {
             "1",
             "--duration",
             "1",
-        ]);
+        ];
+        if let Some(s) = sched {
+            args.extend(["--control-sched", s]);
+        }
+        let v = stress_json(&args);
         let what = format!("--memslots {memslots}: {v}");
         assert_eq!(v["churn_batch"].as_u64(), Some(16), "{what}");
+        assert_eq!(v["control_sched"], sched.unwrap_or("normal"), "{what}");
         let kinds: Vec<&str> = v["churn_kinds"]
             .as_array()
             .unwrap()

@@ -45,6 +45,26 @@ pub enum Memslots {
     PerRegion,
 }
 
+/// How the VMM's companion threads (control socket, stress churn) are scheduled
+/// (`--control-sched`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ControlSched {
+    /// SCHED_BATCH: they never preempt a vCPU when they wake; they run at the scheduler's next
+    /// pick instead.
+    Batch,
+    /// The normal policy: a wake-up may preempt the vCPU on that CPU (the default).
+    Normal,
+}
+
+impl From<ControlSched> for crate::sched::ControlSched {
+    fn from(c: ControlSched) -> Self {
+        match c {
+            ControlSched::Batch => crate::sched::ControlSched::Batch,
+            ControlSched::Normal => crate::sched::ControlSched::Normal,
+        }
+    }
+}
+
 impl From<Memslots> for memory::MemslotMode {
     fn from(m: Memslots) -> Self {
         match m {

@@ -17,6 +17,7 @@
 //! | [`summarize`] | `vmm summarize`: Markdown tables from saved benchmark rows |
 //! | [`cli`] | flag values shared by `vmm run` and `vmm stress` |
 //! | [`inject`], [`size`], [`summary`] | fault injection, byte counts, run summaries |
+//! | [`sched`] | the scheduling policy of the companion threads (`--control-sched`) |
 #![deny(unsafe_code)]
 
 pub mod boot;
@@ -28,6 +29,7 @@ pub mod inject;
 #[allow(unsafe_code)]
 pub mod kvm;
 pub mod memory;
+pub mod sched;
 pub mod size;
 pub mod snapshot;
 pub mod stress;

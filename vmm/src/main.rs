@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use vmm::cli::{parse_fault_around, AddressSpace, FaultMode, Memslots, Pattern, RamBacking};
+use vmm::cli::{
+    parse_fault_around, AddressSpace, ControlSched, FaultMode, Memslots, Pattern, RamBacking,
+};
 use vmm::vm::{RunConfig, RunOutcome};
 use vmm::{control, memory, size, snapshot, stress, summarize, summary, vm};
 
@@ -124,6 +126,13 @@ struct RunArgs {
     /// changes touch only the tree and the host mappings) or per-region (one memslot each).
     #[arg(long, value_enum, default_value_t = Memslots::Window)]
     memslots: Memslots,
+
+    /// How the control socket's threads are scheduled beside the vCPUs: normal, or batch
+    /// (SCHED_BATCH: a request that arrives while every CPU runs a vCPU waits for the
+    /// scheduler's next pick, by the next tick, instead of preempting a vCPU; pays when vCPUs
+    /// exit rarely, costs when they exit for every page, see docs/bench.md).
+    #[arg(long, value_enum, default_value_t = ControlSched::Normal)]
+    control_sched: ControlSched,
 
     /// Size of the hot-plug window (window mode, with --api-sock): run-time regions must lie
     /// in [base, base + SIZE), base = max(4G, RAM's end rounded up to 1G). KVM allocates about
@@ -445,6 +454,7 @@ fn cmd_run(args: RunArgs, process_start: Instant) -> u8 {
         sidecars,
         restore,
         floor: false,
+        control_sched: args.control_sched.into(),
     };
     let pattern = cfg.workload == abi::workload::PATTERN;
     let restored = cfg.restore.is_some();

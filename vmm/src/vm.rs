@@ -71,6 +71,8 @@ pub struct RunConfig {
     /// `vmm stress --floor`: serve the `touch` workload's sequential first touches at the floor
     /// (see [`vcpu::FloorSlice`]); `params[1]` is the pages each vCPU touches.
     pub floor: bool,
+    /// The scheduling policy of the companion threads (`--control-sched`).
+    pub control_sched: crate::sched::ControlSched,
 }
 
 impl RunConfig {
@@ -98,6 +100,7 @@ impl RunConfig {
             sidecars: Sidecars::default(),
             restore: None,
             floor: false,
+            control_sched: crate::sched::ControlSched::Normal,
         }
     }
 }
@@ -785,7 +788,9 @@ impl<'a> Vm<'a> {
                     why,
                 })?;
         }
-        // Companion threads (control socket server, stress churn) get the running VM.
+        // Companion threads (control socket server, stress churn) get the running VM, and the
+        // scheduling policy asked for (`crate::sched`).
+        let sched = cfg.control_sched;
         for (i, sidecar) in cfg.sidecars.take().into_iter().enumerate() {
             let handle = VmHandle {
                 space: Arc::clone(&space),
@@ -794,7 +799,12 @@ impl<'a> Vm<'a> {
             };
             match std::thread::Builder::new()
                 .name(format!("sidecar{i}"))
-                .spawn(move || sidecar(handle))
+                .spawn(move || {
+                    if let Err(e) = sched.apply_to_current_thread() {
+                        tracing::warn!(error = %e, policy = sched.name(), "cannot set the scheduling policy of a companion thread");
+                    }
+                    sidecar(handle)
+                })
             {
                 Ok(h) => running.sidecars.push(h),
                 Err(e) => tracing::error!(error = %e, "cannot start a companion thread"),

@@ -128,6 +128,12 @@ pub struct StressArgs {
     #[arg(long, value_enum, default_value_t = crate::cli::Memslots::Window)]
     pub memslots: crate::cli::Memslots,
 
+    /// How the churn thread (and the progress monitor) are scheduled beside the vCPUs: normal,
+    /// or batch (SCHED_BATCH: waking for an operation or at the end of a grace period does not
+    /// preempt a vCPU; pays with the adaptive window, costs at one page per exit).
+    #[arg(long, value_enum, default_value_t = crate::cli::ControlSched::Normal)]
+    pub control_sched: crate::cli::ControlSched,
+
     /// Repeat runs, each on a fresh VM, until this many seconds have passed (0: one run).
     #[arg(long, value_name = "SECONDS", default_value = "0", value_parser = crate::size::parse_timeout)]
     pub duration: Duration,
@@ -367,6 +373,9 @@ pub fn cmd_stress(args: StressArgs, process_start: Instant) -> u8 {
         churn_rate: args.churn,
         churn_populate: args.churn_populate,
         churn_batch: args.churn_batch,
+        control_sched: crate::sched::ControlSched::from(args.control_sched)
+            .name()
+            .to_owned(),
         // In the order of their declaration, by their names on the command line.
         churn_kinds: ChurnOp::value_variants()
             .iter()
@@ -572,6 +581,7 @@ fn run_once(
         sidecars,
         restore: None,
         floor: args.floor,
+        control_sched: args.control_sched.into(),
     };
     let report = vm::run(&cfg, Box::new(serial.clone())).map_err(|e| e.to_string())?;
     let console = || {

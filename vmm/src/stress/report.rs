@@ -188,6 +188,10 @@ fn yes() -> bool {
     true
 }
 
+fn normal() -> String {
+    "normal".to_owned()
+}
+
 fn one() -> u64 {
     1
 }
@@ -253,6 +257,10 @@ pub struct StressReport {
     /// flag: all four).
     #[serde(default = "all_churn_ops")]
     pub churn_kinds: Vec<String>,
+    /// `--control-sched`: the churn thread's scheduling policy, normal or batch (absent in
+    /// reports from before the flag, which ran normal).
+    #[serde(default = "normal")]
+    pub control_sched: String,
     /// `--regions`: extra regions mapped up front.
     pub regions: u64,
     /// Runs (fresh VMs) done.
