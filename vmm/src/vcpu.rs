@@ -927,6 +927,12 @@ pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> Vcpu
     // while it handles an exit; each handled exit is one read-side critical section, and going
     // offline again for the next KVM_RUN is its quiescent state.
     let mut reader = shared.space.domain().register();
+    // Fault-around windows are filled a chunk per read-side critical section (the rest after
+    // the exit's guard is gone, below), so that an unmap waits for one chunk, not a window.
+    // `VMM_FILL_WHOLE_WINDOWS=1` keeps a window in one section: the baseline.
+    if std::env::var_os("VMM_FILL_WHOLE_WINDOWS").is_none_or(|v| v != "1") {
+        shared.space.fill_windows_in_chunks();
+    }
     let mut stalled: Stall = None;
     // Set up, about to run the guest: the first vCPU here marks the guest's first instruction.
     shared.first_entry.get_or_init(std::time::Instant::now);
@@ -1002,6 +1008,7 @@ pub fn run_vcpu(mut vcpu: Vcpu, cpuid: &CpuId, shared: &Arc<VcpuShared>) -> Vcpu
             other => other,
         };
         drop(guard);
+        shared.space.finish_deferred_fills(&mut reader);
         match emulation {
             VcpuEmulation::Handled => {}
             VcpuEmulation::Interrupted => fd.set_kvm_immediate_exit(0),

@@ -2597,6 +2597,85 @@ mod tests {
         0
     }
 
+    /// A thread that fills windows in chunks (a vCPU thread) populates the chunk around the
+    /// faulting page under the fault's guard and the rest of the window afterwards, a chunk per
+    /// read-side critical section; what was unmapped in between is not filled, and the guest
+    /// finds every other page of the window zero. A thread that does not (this test's other
+    /// faults, the handler thread) fills the window whole.
+    #[test]
+    fn a_window_is_filled_a_chunk_per_critical_section_on_a_thread_that_asks() {
+        use super::super::fault::FILL_CHUNK;
+        let (s, _) = window_space_with(FaultMode::Vcpu, FaultAround::Fixed(512), false);
+        s.map(16 * MB, 4 * MB, Backing::Anon, false, RegionKind::Hotplug)
+            .unwrap();
+        let populated = || s.counters.snapshot().pages_populated;
+        let resident = |gpa: u64, len: u64| {
+            crate::memory::snapshot::count_populated(s.host_addr(gpa), len / PAGE).unwrap()
+        };
+        let chunked = std::thread::scope(|t| {
+            t.spawn(|| {
+                s.fill_windows_in_chunks();
+                let mut reader = s.domain().register();
+                // A write at page 5 past 17 MiB: the 2 MiB window [16M, 18M), chunk [17M, 17M + 256K).
+                let guard = reader.read();
+                let got = s.complete_mmio(&guard, 17 * MB + 5 * PAGE, Access::Write(&[0xcd]));
+                drop(guard);
+                assert_eq!(got.unwrap(), Serviced::Ram);
+                let first = populated();
+                let chunk = resident(17 * MB, FILL_CHUNK * PAGE);
+                // The upper half of what is still to fill goes before the rest is filled.
+                reader
+                    .offline_while(|| s.unmap(17 * MB + 512 * 1024, 512 * 1024))
+                    .unwrap();
+                let rest = s.finish_deferred_fills(&mut reader);
+                // Nothing left to do.
+                assert_eq!(s.finish_deferred_fills(&mut reader), 0);
+                (first, chunk, rest)
+            })
+            .join()
+            .unwrap()
+        });
+        let (first, chunk, rest) = chunked;
+        assert_eq!(
+            first, FILL_CHUNK,
+            "the faulting page's chunk under its guard"
+        );
+        assert_eq!(chunk, FILL_CHUNK);
+        assert_eq!(
+            rest,
+            512 - FILL_CHUNK - 128,
+            "the window but the unmapped 512 KiB"
+        );
+        assert_eq!(resident(16 * MB, MB), 256);
+        assert_eq!(resident(17 * MB, 512 * 1024), 128);
+        assert_eq!(
+            resident(17 * MB + 512 * 1024, 512 * 1024),
+            0,
+            "unmapped meanwhile"
+        );
+        let reader = s.domain().register();
+        let read = |gpa: u64| {
+            let mut b = [0u8];
+            s.complete_mmio(&reader.read(), gpa, Access::Read(&mut b))
+                .unwrap();
+            b[0]
+        };
+        assert_eq!(read(17 * MB + 5 * PAGE), 0xcd);
+        assert_eq!(read(16 * MB), 0);
+        assert_eq!(read(17 * MB + 400 * 1024), 0);
+        // This thread fills whole windows: a fault in [18M, 20M) populates all 512 pages.
+        let before = populated();
+        assert_eq!(
+            s.complete_mmio(&reader.read(), 19 * MB, Access::Write(&[1]))
+                .unwrap(),
+            Serviced::Ram
+        );
+        assert_eq!(populated() - before, 512);
+        drop(reader);
+        s.unmap(16 * MB, 512 * 1024 * 3).unwrap();
+        s.unmap(18 * MB, 2 * MB).unwrap();
+    }
+
     /// With `--thp`, a write fault whose window covers a whole aligned 2 MiB of anonymous
     /// memory gets one zeroed huge page (moved in, in both userfaultfd modes): every page reads
     /// zero but the one written, an unmap frees it all, and the region mapped again starts

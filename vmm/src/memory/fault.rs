@@ -3,8 +3,9 @@
 //!
 //! Every entry point runs inside one RCU read-side critical section: the caller passes the
 //! guard under which the region is looked up, and the region's host memory cannot be freed
-//! before the guard is gone (unmapping waits for a grace period first). Nothing here takes a
-//! lock or allocates.
+//! before the guard is gone (unmapping waits for a grace period first). A vCPU thread fills a
+//! fault-around window a chunk per critical section ([`AddressSpace::fill_windows_in_chunks`]).
+//! Nothing here takes a lock or allocates.
 
 use std::io;
 use std::sync::atomic::Ordering::Relaxed;
@@ -24,6 +25,23 @@ thread_local! {
     /// This thread's staging area for huge-page fills (`None` if it could not be mapped).
     static HUGE_STAGE: std::cell::OnceCell<Option<super::uffd::HugeStage>> =
         const { std::cell::OnceCell::new() };
+    /// The rest of this thread's last fault-around window, when it fills windows in chunks
+    /// ([`AddressSpace::fill_windows_in_chunks`]).
+    static DEFERRED: std::cell::RefCell<Deferred> = const {
+        std::cell::RefCell::new(Deferred { owner: 0, ranges: Vec::new() })
+    };
+}
+
+/// Pages a thread that fills in chunks populates per read-side critical section: 256 KiB,
+/// about 60 µs of copying here, so that a grace period waits for that much at most instead of a
+/// whole 2 MiB window.
+pub const FILL_CHUNK: u64 = 64;
+
+/// A thread's deferred fault-around: for the address space at `owner` (0: this thread does not
+/// fill in chunks), page ranges `[first, end)` still to populate, and whether for writing.
+struct Deferred {
+    owner: usize,
+    ranges: Vec<(u64, u64, bool)>,
 }
 
 /// An access the guest made that KVM handed to the VMM to complete (an MMIO exit).
@@ -246,14 +264,14 @@ impl AddressSpace {
             FaultAround::Fixed(win) => {
                 let first = (pfn & !(win - 1)).max(lo);
                 let end = ((pfn | (win - 1)) + 1).min(hi);
-                self.populate_pages(uffd, first, end, write, pfn, huge)?
+                self.populate_window(uffd, first, end, write, pfn, huge)?
             }
             FaultAround::Adaptive => {
                 let fetch =
                     window::with_streams(self as *const Self as usize, |s| s.fault(pfn, lo, hi));
                 match fetch.contiguous() {
                     Some((first, end)) => {
-                        self.populate_pages(uffd, first, end, write, pfn, huge)?
+                        self.populate_window(uffd, first, end, write, pfn, huge)?
                     }
                     None => {
                         // A stride: each page on its own (populating the gaps would cost a
@@ -366,6 +384,95 @@ impl AddressSpace {
             at += huge;
         }
         Ok(populated)
+    }
+
+    /// Populates the fault-around window `[first, end)` for a fault at page `target`: all of it,
+    /// or, on a thread that fills in chunks ([`fill_windows_in_chunks`](Self::fill_windows_in_chunks)),
+    /// the [`FILL_CHUNK`] pages around `target` now and the rest at
+    /// [`finish_deferred_fills`](Self::finish_deferred_fills). A window that a huge page can
+    /// fill is filled whole (one move).
+    fn populate_window(
+        &self,
+        uffd: &super::uffd::Uffd,
+        first: u64,
+        end: u64,
+        write: bool,
+        target: u64,
+        huge: bool,
+    ) -> Result<(u64, bool), FaultError> {
+        let whole = end - first <= FILL_CHUNK
+            || (huge && self.huge_fill.load(Relaxed))
+            || !DEFERRED.with(|d| d.borrow().owner == self as *const Self as usize);
+        if whole {
+            return self.populate_pages(uffd, first, end, write, target, huge);
+        }
+        let c0 = (target & !(FILL_CHUNK - 1)).max(first);
+        let c1 = (c0 + FILL_CHUNK).min(end);
+        let r = self.populate_pages(uffd, c0, c1, write, target, false)?;
+        DEFERRED.with(|d| {
+            let mut d = d.borrow_mut();
+            // After the chunk first (where a forward scan goes next), then before it.
+            for (a, b) in [(c1, end), (first, c0)] {
+                if a < b {
+                    d.ranges.push((a, b, write));
+                }
+            }
+        });
+        Ok(r)
+    }
+
+    /// Makes the calling thread fill fault-around windows in chunks of [`FILL_CHUNK`] pages,
+    /// one read-side critical section each: a fault populates the chunk around its page, and
+    /// [`finish_deferred_fills`](Self::finish_deferred_fills) the rest, with a quiescent state
+    /// between chunks. A vCPU thread calls it once; it calls `finish_deferred_fills` after
+    /// every exit it handled, before it runs the guest again, so the guest finds the whole
+    /// window populated as before, and an `unmap` waits for one chunk instead of a window.
+    pub fn fill_windows_in_chunks(&self) {
+        DEFERRED.with(|d| {
+            *d.borrow_mut() = Deferred {
+                owner: self as *const Self as usize,
+                // Two ranges per fault at most, and an exit makes few faults: no allocation on
+                // the fault path after this one.
+                ranges: Vec::with_capacity(8),
+            }
+        });
+    }
+
+    /// Populates what this thread's last faults deferred ([`fill_windows_in_chunks`](Self::fill_windows_in_chunks)),
+    /// [`FILL_CHUNK`] pages per read-side critical section of `reader` (which holds no guard:
+    /// it is borrowed mutably), announcing a quiescent state after each. Each chunk looks its
+    /// region up again: a region unmapped, split or made read-only meanwhile is filled as it
+    /// is now, or not at all. A page that cannot be populated is left to the guest's own
+    /// fault, which reports it. Returns the pages populated.
+    pub fn finish_deferred_fills(&self, reader: &mut rcu::Reader) -> u64 {
+        let Some(uffd) = &self.uffd else {
+            return 0;
+        };
+        let mut populated = 0;
+        while let Some((mut p, end, write)) = DEFERRED.with(|d| d.borrow_mut().ranges.pop()) {
+            while p < end {
+                let guard = reader.read();
+                let next = self.map.lookup(&guard, p * PAGE, |hit| {
+                    let Some((_, region)) = hit else {
+                        // Unmapped meanwhile: nothing to fill up to the next chunk.
+                        return (p + FILL_CHUNK).min(end);
+                    };
+                    let stop = (p + FILL_CHUNK).min(end).min(region.end() / PAGE);
+                    if region.demand_paged && region.backing != Backing::Hugetlb {
+                        let w = write && !region.readonly;
+                        if let Ok((n, _)) = self.populate_pages(uffd, p, stop, w, u64::MAX, false) {
+                            region.counters.pages_populated.fetch_add(n, Relaxed);
+                            populated += n;
+                        }
+                    }
+                    stop.max(p + 1)
+                });
+                drop(guard);
+                reader.quiescent_state();
+                p = next;
+            }
+        }
+        populated
     }
 
     /// Populates every page of `[first, end)` (page numbers) not known present, in runs of at
