@@ -3,7 +3,10 @@
 //! The loop is `loop { check stop; vcpu.run(); handle_exit(..) }`. `KVM_RUN` is one clearly
 //! delimited call (`run_once`), made with the thread's RCU reader offline
 //! (`reader.offline_while`); each handled exit is one read-side critical section, so an exit
-//! is the vCPU's quiescent state. Exit handling is the pure function [`handle_exit`], which
+//! is the vCPU's quiescent state. A fault-around window bigger than
+//! [`crate::memory::fault::FILL_CHUNK`] pages is filled a chunk per critical section: the
+//! faulting page's chunk under the exit's guard, the rest after it, with a quiescent state
+//! between chunks, before the guest runs again. Exit handling is the pure function [`handle_exit`], which
 //! decides every exit; faults KVM did not locate go to the resolver (`crate::efault`).
 #![deny(unsafe_code)]
 
