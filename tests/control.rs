@@ -2016,7 +2016,16 @@ fn control_threads_do_not_preempt_the_vcpus_when_asked() {
         // A client served: its thread exists while it is connected.
         let mut c = vm.client();
         c.ok(json!({"op": "list"}));
-        let threads = thread_policies(vm.pid());
+        // The server starts before the vCPU threads: wait for both.
+        let t0 = Instant::now();
+        let threads = loop {
+            let t = thread_policies(vm.pid());
+            let vcpus = t.iter().filter(|(n, _)| n.starts_with("vcpu")).count();
+            if vcpus == 2 || t0.elapsed() > Duration::from_secs(10) {
+                break t;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
         let of = |prefix: &str| -> Vec<u32> {
             threads
                 .iter()
