@@ -9,7 +9,7 @@
 #
 # One page per exit (--fault-around 1), so that churn competes with a steady fault stream.
 # Rows labelled "adaptive window" run the default fault-around instead (a vCPU fills up to 2
-# MiB per exit, a 64-page chunk per read-side critical section), and "adaptive, whole windows"
+# MiB per exit, a 16-page chunk per read-side critical section), and "adaptive, whole windows"
 # the same with VMM_FILL_WHOLE_WINDOWS=1 (a window per section): what an unmap waits for there.
 # Rows labelled "unmaps in batches of 16" and "no protect" run the churn with --churn-batch 16
 # (and --churn-ops map,unmap,split), to show what batching and protect each cost.

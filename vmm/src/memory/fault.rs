@@ -32,10 +32,11 @@ thread_local! {
     };
 }
 
-/// Pages a thread that fills in chunks populates per read-side critical section: 256 KiB,
-/// about 60 µs of copying here, so that a grace period waits for that much at most instead of a
-/// whole 2 MiB window.
-pub const FILL_CHUNK: u64 = 64;
+/// Pages a thread that fills in chunks populates per read-side critical section: 64 KiB,
+/// about 20 µs of copying here, so that a grace period waits for that much at most instead of a
+/// whole 2 MiB window. (Chunks of 16, 32 and 64 pages cost the same throughput in paired runs;
+/// the unmap p50 beside the adaptive window was 91-98, 106-122 and 113-145 µs: docs/bench.md.)
+pub const FILL_CHUNK: u64 = 16;
 
 /// A thread's deferred fault-around: for the address space at `owner` (0: this thread does not
 /// fill in chunks), page ranges `[first, end)` still to populate, and whether for writing.
