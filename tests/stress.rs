@@ -446,7 +446,7 @@ fn churn_without_populating_times_the_mapping_change_alone() {
 /// `--churn-batch 16`: the churn thread's unmaps and splits go in batches, in window mode and
 /// per region; the guest verifies clean, the churn area is empty afterwards, and the report
 /// carries the batch size. `--churn-ops` without protect does no protect. The churn thread's
-/// scheduling policy (`--control-sched`, normal by default) is in the report.
+/// scheduling policy (`--control-sched`, auto by default) is in the report.
 #[test]
 fn batched_churn_unmaps_leave_nothing_behind() {
     require_kvm!();
@@ -478,7 +478,7 @@ fn batched_churn_unmaps_leave_nothing_behind() {
         let v = stress_json(&args);
         let what = format!("--memslots {memslots}: {v}");
         assert_eq!(v["churn_batch"].as_u64(), Some(16), "{what}");
-        assert_eq!(v["control_sched"], sched.unwrap_or("normal"), "{what}");
+        assert_eq!(v["control_sched"], sched.unwrap_or("auto"), "{what}");
         let kinds: Vec<&str> = v["churn_kinds"]
             .as_array()
             .unwrap()

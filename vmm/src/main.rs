@@ -127,11 +127,12 @@ struct RunArgs {
     #[arg(long, value_enum, default_value_t = Memslots::Window)]
     memslots: Memslots,
 
-    /// How the control socket's threads are scheduled beside the vCPUs: normal, or batch
-    /// (SCHED_BATCH: a request that arrives while every CPU runs a vCPU waits for the
-    /// scheduler's next pick, by the next tick, instead of preempting a vCPU; pays when vCPUs
-    /// exit rarely, costs when they exit for every page, see docs/bench.md).
-    #[arg(long, value_enum, default_value_t = ControlSched::Normal)]
+    /// How the control socket's threads are scheduled beside the vCPUs: batch (SCHED_BATCH: a
+    /// request that arrives while every CPU runs a vCPU waits for the scheduler's next pick,
+    /// by the next tick, instead of preempting a vCPU; pays when vCPUs exit rarely, costs when
+    /// they exit for every page, see docs/bench.md), normal, or auto (batch while the vCPUs
+    /// exit under 4000 times a second each, normal otherwise).
+    #[arg(long, value_enum, default_value_t = ControlSched::Auto)]
     control_sched: ControlSched,
 
     /// Size of the hot-plug window (window mode, with --api-sock): run-time regions must lie

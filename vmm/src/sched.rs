@@ -19,16 +19,91 @@
 //! The one `unsafe` block (the `sched_setscheduler` call) lives here.
 #![allow(unsafe_code)]
 
+use std::cell::Cell;
 use std::io;
+use std::time::{Duration, Instant};
 
 /// The scheduling policy of the VMM's companion threads.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ControlSched {
     /// `SCHED_BATCH`: no wake-up preemption of the vCPUs.
     Batch,
-    /// The policy the thread was started with (normally `SCHED_OTHER`; the default).
-    #[default]
+    /// The policy the thread was started with (normally `SCHED_OTHER`).
     Normal,
+    /// `SCHED_BATCH` while the vCPUs exit fewer than [`AUTO_BATCH_BELOW`] times a second each,
+    /// `SCHED_OTHER` otherwise, decided again at each [`tick`] at most every [`AUTO_PERIOD`]
+    /// (the default).
+    #[default]
+    Auto,
+}
+
+/// `auto`: exits per second per vCPU below which companion threads run as `SCHED_BATCH`. With
+/// the adaptive fault-around window a vCPU under a fault storm exits about 800 times a second
+/// here, at one page per exit about 20,000 times.
+pub const AUTO_BATCH_BELOW: f64 = 4000.0;
+
+/// `auto`: the shortest span over which the exit rate is measured.
+pub const AUTO_PERIOD: Duration = Duration::from_millis(10);
+
+/// What `auto` last decided on this thread: since when it counts, the VM's exits then, and
+/// whether the thread runs as batch.
+#[derive(Clone, Copy)]
+struct AutoState {
+    since: Instant,
+    exits: u64,
+    batch: bool,
+}
+
+thread_local! {
+    static AUTO: Cell<Option<AutoState>> = const { Cell::new(None) };
+}
+
+/// A companion thread's check-in under `mode` before a burst of work (a churn operation, a
+/// control request): with [`ControlSched::Auto`], it measures the vCPUs' exit rate since the
+/// last check-in (`exits`: the VM's exits so far, over `vcpus` vCPUs) and switches the calling
+/// thread between `SCHED_BATCH` and `SCHED_OTHER` when the rate crosses
+/// [`AUTO_BATCH_BELOW`]. Costs a clock read unless it switches (one system call). Returns
+/// whether the thread now runs as batch under `auto` (`None` for the other modes).
+pub fn tick(mode: ControlSched, exits: u64, vcpus: u32) -> Option<bool> {
+    if mode != ControlSched::Auto {
+        return None;
+    }
+    let now = Instant::now();
+    AUTO.with(|a| {
+        let Some(s) = a.get() else {
+            // The first check-in: the thread starts as it is (normal) and counts from here.
+            a.set(Some(AutoState {
+                since: now,
+                exits,
+                batch: false,
+            }));
+            return Some(false);
+        };
+        let span = now.saturating_duration_since(s.since);
+        if span < AUTO_PERIOD {
+            return Some(s.batch);
+        }
+        let per_vcpu =
+            exits.saturating_sub(s.exits) as f64 / span.as_secs_f64() / f64::from(vcpus.max(1));
+        let batch = per_vcpu < AUTO_BATCH_BELOW;
+        if batch != s.batch {
+            let policy = if batch {
+                libc::SCHED_BATCH
+            } else {
+                libc::SCHED_OTHER
+            };
+            if let Err(e) = set_policy(policy) {
+                tracing::debug!(error = %e, "--control-sched auto: cannot switch policy");
+                return Some(s.batch);
+            }
+        }
+        a.set(Some(AutoState {
+            since: now,
+            exits,
+            batch,
+        }));
+        Some(batch)
+    })
 }
 
 impl ControlSched {
@@ -37,15 +112,17 @@ impl ControlSched {
         match self {
             ControlSched::Batch => "batch",
             ControlSched::Normal => "normal",
+            ControlSched::Auto => "auto",
         }
     }
 
     /// Gives the calling thread this policy (threads it starts afterwards inherit it).
-    /// `Normal` leaves the thread as it is.
+    /// `Normal` leaves the thread as it is, and so does `Auto` until its first switch
+    /// ([`tick`]).
     pub fn apply_to_current_thread(self) -> io::Result<()> {
         match self {
             ControlSched::Batch => set_policy(libc::SCHED_BATCH),
-            ControlSched::Normal => Ok(()),
+            ControlSched::Normal | ControlSched::Auto => Ok(()),
         }
     }
 }
@@ -104,5 +181,30 @@ mod tests {
         .join()
         .unwrap();
         assert_eq!(other, before);
+    }
+
+    #[test]
+    fn auto_switches_by_the_exit_rate_and_the_others_never_do() {
+        std::thread::spawn(|| {
+            let policy = || current_policy().unwrap();
+            let before = policy();
+            assert_eq!(tick(ControlSched::Normal, 0, 2), None);
+            assert_eq!(tick(ControlSched::Batch, 0, 2), None);
+            // First check-in: as it is.
+            assert_eq!(tick(ControlSched::Auto, 0, 2), Some(false));
+            assert_eq!(policy(), before);
+            // 2 vCPUs, 10 exits in over 10 ms: far below the threshold.
+            std::thread::sleep(AUTO_PERIOD + Duration::from_millis(2));
+            assert_eq!(tick(ControlSched::Auto, 10, 2), Some(true));
+            assert_eq!(policy(), libc::SCHED_BATCH);
+            // Within the period nothing is measured.
+            assert_eq!(tick(ControlSched::Auto, 1_000_000, 2), Some(true));
+            // A million exits in about 12 ms: far above.
+            std::thread::sleep(AUTO_PERIOD + Duration::from_millis(2));
+            assert_eq!(tick(ControlSched::Auto, 2_000_000, 2), Some(false));
+            assert_eq!(policy(), libc::SCHED_OTHER);
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -494,6 +494,19 @@ pub struct VcpuShared {
     pub shape: crate::snapshot::Shape,
     /// When the first vCPU, its state set up, went to enter the guest for the first time.
     pub first_entry: std::sync::OnceLock<std::time::Instant>,
+    /// The companion threads' scheduling policy (`--control-sched`).
+    pub control_sched: crate::sched::ControlSched,
+}
+
+impl VcpuShared {
+    /// A companion thread's check-in before a burst of work (see [`crate::sched::tick`]).
+    pub fn companion_tick(&self) {
+        crate::sched::tick(
+            self.control_sched,
+            self.exits.snapshot().total(),
+            self.shape.vcpus,
+        );
+    }
 }
 
 /// The vCPUs paused for a snapshot: each one's state (in vCPU order) and the MSRs KVM refused

@@ -100,7 +100,7 @@ impl RunConfig {
             sidecars: Sidecars::default(),
             restore: None,
             floor: false,
-            control_sched: crate::sched::ControlSched::Normal,
+            control_sched: crate::sched::ControlSched::Auto,
         }
     }
 }
@@ -740,6 +740,7 @@ impl<'a> Vm<'a> {
             msr_indices,
             xsave_image_bytes: kvm::state::xsave_image_bytes(&res.vm),
             first_entry: std::sync::OnceLock::new(),
+            control_sched: cfg.control_sched,
             shape: crate::snapshot::Shape {
                 vcpus: cfg.vcpus,
                 mem_bytes: cfg.mem_bytes,

@@ -482,6 +482,8 @@ impl Vmm {
 
     /// Runs one request.
     pub fn execute(&self, req: Request) -> Result<Reply, ControlError> {
+        // `--control-sched auto`: this client thread batch or not, by how often the vCPUs exit.
+        self.shared.companion_tick();
         match req {
             Request::Map {
                 gpa,

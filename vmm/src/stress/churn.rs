@@ -292,6 +292,7 @@ pub fn run(
     cfg: &ChurnConfig,
     stop: &std::sync::atomic::AtomicBool,
     shared: &ChurnShared,
+    vm: &crate::vcpu::VcpuShared,
 ) {
     let mut res = ChurnResult {
         rss_before_bytes: rss_bytes(),
@@ -355,6 +356,8 @@ pub fn run(
         if now.saturating_duration_since(next) > MAX_LAG {
             next = now;
         }
+        // `--control-sched auto`: batch or not, by how often the vCPUs exit.
+        vm.companion_tick();
         // Pick an operation: map while there is little, unmap when there is a lot. Weights
         // of map, unmap, split, protect; kinds left out (`--churn-ops`) are never picked, and
         // the others keep their proportions.

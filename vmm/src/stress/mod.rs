@@ -128,10 +128,12 @@ pub struct StressArgs {
     #[arg(long, value_enum, default_value_t = crate::cli::Memslots::Window)]
     pub memslots: crate::cli::Memslots,
 
-    /// How the churn thread (and the progress monitor) are scheduled beside the vCPUs: normal,
-    /// or batch (SCHED_BATCH: waking for an operation or at the end of a grace period does not
-    /// preempt a vCPU; pays with the adaptive window, costs at one page per exit).
-    #[arg(long, value_enum, default_value_t = crate::cli::ControlSched::Normal)]
+    /// How the churn thread (and the progress monitor) are scheduled beside the vCPUs: batch
+    /// (SCHED_BATCH: waking for an operation or at the end of a grace period does not preempt
+    /// a vCPU; pays with the adaptive window, costs at one page per exit), normal, or auto
+    /// (batch while the vCPUs exit under 4000 times a second each, normal otherwise; the churn
+    /// thread measures before each operation).
+    #[arg(long, value_enum, default_value_t = crate::cli::ControlSched::Auto)]
     pub control_sched: crate::cli::ControlSched,
 
     /// Repeat runs, each on a fresh VM, until this many seconds have passed (0: one run).
@@ -517,7 +519,7 @@ fn run_once(
                 split,
                 protect,
             };
-            churn::run(&h.space, &cfg, &h.stop, &shared);
+            churn::run(&h.space, &cfg, &h.stop, &shared, &h.shared);
         }));
     }
     // The monitor: samples progress for the bar and the throughput plot.
