@@ -533,6 +533,8 @@ fn run_once(
             let uffd = h.space.uffd().is_some();
             let rss0 = churn::rss_bytes();
             while !h.stop.load(Ordering::Acquire) {
+                // `--control-sched auto`, as for the churn thread.
+                h.shared.companion_tick();
                 // Guest RAM pages the VMM populated (not churn regions'); without userfaultfd
                 // the VMM does not know, and the process's RSS growth stands in.
                 let pages = if uffd {
