@@ -9,12 +9,13 @@
 //! preemption: the thread runs when the scheduler next picks it (by the next tick at most), so
 //! its bursts come together and the vCPUs keep their CPUs in between. It needs no privilege.
 //!
-//! It is not the default because it is not a win everywhere. Measured in `vmm stress` with 2
-//! vCPUs on 2 CPUs (docs/bench.md, "Companion threads that do not preempt the vCPUs"), it
-//! helps where vCPUs exit rarely (the adaptive fault-around window) and hurts where they exit
-//! for every page: there a vCPU is often inside its fault path, in a read-side critical
-//! section, when the batch thread finally takes its CPU, and the grace period that thread
-//! then starts waits for the very vCPU it displaced.
+//! It is not a win everywhere. Measured in `vmm stress` with 2 vCPUs on 2 CPUs (docs/bench.md,
+//! "Companion threads that do not preempt the vCPUs"), it helps where vCPUs exit rarely (the
+//! adaptive fault-around window) and hurts where they exit for every page: there a vCPU is
+//! often inside its fault path, in a read-side critical section, when the batch thread finally
+//! takes its CPU, and the grace period that thread then starts waits for the very vCPU it
+//! displaced. So the default, [`ControlSched::Auto`], chooses by the vCPUs' exit rate
+//! ([`tick`]), and its price is the tail of an operation's latency.
 //!
 //! The one `unsafe` block (the `sched_setscheduler` call) lives here.
 #![allow(unsafe_code)]

@@ -442,13 +442,12 @@ impl AddressSpace {
     /// Populates what this thread's last faults deferred ([`fill_windows_in_chunks`](Self::fill_windows_in_chunks)),
     /// [`FILL_CHUNK`] pages per read-side critical section of `reader` (which holds no guard:
     /// it is borrowed mutably), announcing a quiescent state after each. Each chunk looks its
-    /// region up again: a region unmapped, split or made read-only meanwhile is filled as it
-    /// is now, or not at all. A page that cannot be populated is left to the guest's own
+    /// region up again and is populated as any host access to it would be
+    /// ([`populate_in_region`](Self::populate_in_region)): a region unmapped, split or made
+    /// read-only meanwhile is filled as it is now, or not at all. A page that cannot be populated is left to the guest's own
     /// fault, which reports it. Returns the pages populated.
     pub fn finish_deferred_fills(&self, reader: &mut rcu::Reader) -> u64 {
-        let Some(uffd) = &self.uffd else {
-            return 0;
-        };
+        // Only a fault with userfaultfd defers anything.
         let mut populated = 0;
         while let Some((mut p, end, write)) = DEFERRED.with(|d| d.borrow_mut().ranges.pop()) {
             while p < end {
@@ -459,12 +458,10 @@ impl AddressSpace {
                         return (p + FILL_CHUNK).min(end);
                     };
                     let stop = (p + FILL_CHUNK).min(end).min(region.end() / PAGE);
-                    if region.demand_paged && region.backing != Backing::Hugetlb {
-                        let w = write && !region.readonly;
-                        if let Ok((n, _)) = self.populate_pages(uffd, p, stop, w, u64::MAX, false) {
-                            region.counters.pages_populated.fetch_add(n, Relaxed);
-                            populated += n;
-                        }
+                    let w = write && !region.readonly;
+                    let len = (stop - p) * PAGE;
+                    if let Ok(n) = self.populate_in_region(region, p * PAGE, len, w) {
+                        populated += n;
                     }
                     stop.max(p + 1)
                 });
@@ -651,24 +648,24 @@ impl AddressSpace {
     /// Populates the pages of `[gpa, gpa + len)` (clamped to `region`) that the VMM has not
     /// populated yet, so that a host access to them cannot raise a userfault (SIGBUS in vCPU
     /// mode). A no-op for regions that are not demand-paged and without userfaultfd. The
-    /// caller holds the read guard under which it found `region`.
+    /// caller holds the read guard under which it found `region`. Returns the pages populated.
     pub(crate) fn populate_in_region(
         &self,
         region: &Region,
         gpa: u64,
         len: u64,
         write: bool,
-    ) -> Result<(), FaultError> {
+    ) -> Result<u64, FaultError> {
         if !region.demand_paged || len == 0 {
-            return Ok(());
+            return Ok(0);
         }
         let Some(uffd) = &self.uffd else {
-            return Ok(());
+            return Ok(0);
         };
         let first = gpa.max(region.gpa) / PAGE;
         let end = gpa.saturating_add(len).min(region.end()).div_ceil(PAGE);
         if first >= end || self.residency.next_missing(first, end).is_none() {
-            return Ok(());
+            return Ok(0);
         }
         let n = if region.backing == Backing::Hugetlb {
             self.populate_huge_pages(uffd, first * PAGE..end * PAGE)?
@@ -677,7 +674,7 @@ impl AddressSpace {
                 .0
         };
         region.counters.pages_populated.fetch_add(n, Relaxed);
-        Ok(())
+        Ok(n)
     }
 
     /// Services one fault read from the userfaultfd by a handler thread: the faulting thread
