@@ -138,15 +138,20 @@ lines = [
     "thread in the same run.",
     "",
     "| memslots | vCPUs | regions | address space | churn/s | first touches/s | churn ops/s "
-    "| map | unmap | split | protect | mmap | memslot changes | verify errors | RSS before churn |",
-    "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| churn thread CPU | map | unmap | split | protect | mmap | memslot changes | verify errors | RSS before churn |",
+    "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
 ]
+def cpu_share(rs):
+    # The churn thread's share of one CPU (reports from before it was measured have none).
+    v = [r["churn"].get("cpu_share") for r in rs if r["churn_rate"] > 0]
+    v = [x for x in v if x is not None]
+    return f"{100 * statistics.median(v):.1f} %" if v else "-"
 for k in sorted(groups, key=lambda k: (k[2], k[0] != "window", k[1], k[3], k[4])):
     rs = groups[k]
     c = lambda p: int(med(rs, lambda r: get(r, p)))
     lines.append(
         f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {k[4]} | {med(rs, lambda r: r['faults_per_sec']):.0f} "
-        f"| {med(rs, lambda r: r['churn']['ops_per_sec']):.0f} "
+        f"| {med(rs, lambda r: r['churn']['ops_per_sec']):.0f} | {cpu_share(rs)} "
         f"| {c('churn.op_latency_ns.map.p50')} | {c('churn.op_latency_ns.unmap.p50')} "
         f"| {c('churn.op_latency_ns.split.p50')} | {c('churn.op_latency_ns.protect.p50')} "
         f"| {c('churn.mmap_baseline_ns.p50')} | {sum(r['kvm_memslot_changes'] for r in rs)} "

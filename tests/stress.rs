@@ -398,6 +398,16 @@ fn window_mode_changes_no_memslot_under_churn() {
                     "{what}"
                 );
             }
+            // The churn thread's own CPU time, where the kernel reports it: more than none,
+            // at most all of the time it churned.
+            if std::path::Path::new("/proc/thread-self/schedstat").exists() {
+                let share = v["churn"]["cpu_share"].as_f64().unwrap();
+                assert!(u(&v, "churn.cpu_ns") > 0, "{what}");
+                assert!(share > 0.0 && share <= 1.01, "{what}");
+                assert!(v["churn"]["runqueue_wait_ns"].is_u64(), "{what}");
+            } else {
+                assert!(v["churn"]["cpu_share"].is_null(), "{what}");
+            }
         }
     }
 }

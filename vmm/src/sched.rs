@@ -128,6 +128,40 @@ impl ControlSched {
     }
 }
 
+/// How long the calling thread has run on a CPU and waited for one since it started, in ns,
+/// from `/proc/thread-self/schedstat`; `None` where the kernel does not report it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ThreadTimes {
+    /// Time on a CPU.
+    pub cpu_ns: u64,
+    /// Time runnable but waiting for a CPU.
+    pub wait_ns: u64,
+}
+
+impl ThreadTimes {
+    /// The calling thread's times so far.
+    pub fn now() -> Option<Self> {
+        Self::parse(&std::fs::read_to_string("/proc/thread-self/schedstat").ok()?)
+    }
+
+    /// Parses a `schedstat` line: time on a CPU, time waiting, time slices.
+    fn parse(line: &str) -> Option<Self> {
+        let mut f = line.split_ascii_whitespace().map(str::parse::<u64>);
+        Some(ThreadTimes {
+            cpu_ns: f.next()?.ok()?,
+            wait_ns: f.next()?.ok()?,
+        })
+    }
+
+    /// What was spent from `earlier` to `self`.
+    pub fn since(self, earlier: ThreadTimes) -> ThreadTimes {
+        ThreadTimes {
+            cpu_ns: self.cpu_ns.saturating_sub(earlier.cpu_ns),
+            wait_ns: self.wait_ns.saturating_sub(earlier.wait_ns),
+        }
+    }
+}
+
 /// The calling thread's scheduling policy (`libc::SCHED_*`).
 pub fn current_policy() -> io::Result<i32> {
     // SAFETY: `sched_getscheduler` takes a thread id (0: the caller) and touches no memory.
@@ -182,6 +216,44 @@ mod tests {
         .join()
         .unwrap();
         assert_eq!(other, before);
+    }
+
+    #[test]
+    fn thread_times_count_this_threads_cpu_time_only() {
+        assert_eq!(
+            ThreadTimes::parse("404025073 729929 48\n"),
+            Some(ThreadTimes {
+                cpu_ns: 404_025_073,
+                wait_ns: 729_929
+            })
+        );
+        assert_eq!(ThreadTimes::parse("12"), None);
+        assert_eq!(ThreadTimes::parse("x 1 2"), None);
+        let Some(t0) = ThreadTimes::now() else {
+            eprintln!("skipped: this kernel does not report /proc/thread-self/schedstat");
+            return;
+        };
+        // Another thread busy for 100 ms is not this thread's time.
+        std::thread::spawn(|| {
+            let t = std::time::Instant::now();
+            while t.elapsed() < Duration::from_millis(100) {
+                std::hint::spin_loop();
+            }
+        })
+        .join()
+        .unwrap();
+        let idle = ThreadTimes::now().unwrap().since(t0);
+        let t = std::time::Instant::now();
+        while t.elapsed() < Duration::from_millis(100) {
+            std::hint::spin_loop();
+        }
+        let busy = ThreadTimes::now().unwrap().since(t0);
+        assert!(idle.cpu_ns < 50_000_000, "{idle:?}");
+        // 100 ms of wall time spinning is on a CPU or waiting for one.
+        assert!(
+            busy.cpu_ns + busy.wait_ns >= 90_000_000 && busy.cpu_ns > idle.cpu_ns,
+            "{busy:?}"
+        );
     }
 
     #[test]

@@ -89,6 +89,9 @@ pub struct ChurnResult {
     pub mmap_baseline: Option<hdrhistogram::Histogram<u64>>,
     /// Time spent populating mapped regions, ns (see `populated_bytes`).
     pub populate_ns: u64,
+    /// The thread's time on a CPU and waiting for one while it churned (`None` where the
+    /// kernel does not report them).
+    pub thread_times: Option<crate::sched::ThreadTimes>,
     /// The first refusal, if any.
     pub first_error: Option<String>,
 }
@@ -307,6 +310,7 @@ pub fn run(
     let populate = cfg.populate && space.fault_mode() != FaultMode::Kernel;
     let interval = Duration::from_secs_f64(1.0 / cfg.ops_per_sec.max(1) as f64);
     let start = Instant::now();
+    let times0 = crate::sched::ThreadTimes::now();
     let mut next = start;
     let note = |res: &mut ChurnResult, e: String| {
         res.failed += 1;
@@ -507,6 +511,7 @@ pub fn run(
     }
     flush(&mut pending, &mut res, &mut pieces, &mut free);
     res.seconds = start.elapsed().as_secs_f64();
+    res.thread_times = times0.and_then(|t0| Some(crate::sched::ThreadTimes::now()?.since(t0)));
     // Clean up: everything this thread mapped goes, and its memory with it.
     for chunk in live.chunks(cfg.batch.max(1)) {
         let ranges: Vec<(u64, u64)> = chunk.iter().map(|r| (r.gpa, r.size)).collect();

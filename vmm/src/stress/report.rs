@@ -81,6 +81,17 @@ pub struct ChurnSummary {
     /// Populating mapped regions, ns per 4 KiB page (not part of `op_latency_ns.map`).
     #[serde(default)]
     pub populate_ns_per_page: f64,
+    /// The churn thread's time on a CPU while it churned, ns, summed over runs (`None` where
+    /// the kernel does not report it: `/proc/thread-self/schedstat`).
+    #[serde(default)]
+    pub cpu_ns: Option<u64>,
+    /// `cpu_ns` over the time it churned: the share of one CPU the churn took.
+    #[serde(default)]
+    pub cpu_share: Option<f64>,
+    /// The churn thread's time runnable but waiting for a CPU while it churned, ns, summed
+    /// over runs.
+    #[serde(default)]
+    pub runqueue_wait_ns: Option<u64>,
     /// The first refusal, if any.
     pub first_error: Option<String>,
 }
@@ -452,6 +463,10 @@ impl Aggregate {
             self.op_latency.merge(&c.op_latency);
             super::churn::merge_hist(&mut self.mmap_baseline, &c.mmap_baseline);
             self.populate_ns += c.populate_ns;
+            if let Some(t) = c.thread_times {
+                *s.cpu_ns.get_or_insert(0) += t.cpu_ns;
+                *s.runqueue_wait_ns.get_or_insert(0) += t.wait_ns;
+            }
             if s.first_error.is_none() {
                 s.first_error.clone_from(&c.first_error);
             }
@@ -496,6 +511,10 @@ impl Aggregate {
         }
         if self.churn_seconds > 0.0 {
             r.churn.ops_per_sec = r.churn_ops as f64 / self.churn_seconds;
+            r.churn.cpu_share = r
+                .churn
+                .cpu_ns
+                .map(|ns| ns as f64 / 1e9 / self.churn_seconds);
         }
         let o = &self.op_latency;
         r.churn.op_latency_ns = OpLatencies {
@@ -652,6 +671,17 @@ impl fmt::Display for StressReport {
                 fmt_ns(t.protect.mean_ns()),
                 fmt_ns(t.protect.max_ns)
             )?;
+            if let (Some(cpu), Some(share), Some(wait)) =
+                (c.cpu_ns, c.cpu_share, c.runqueue_wait_ns)
+            {
+                writeln!(
+                    f,
+                    "  churn thread   {} on a CPU ({:.1} % of one), {} waiting for one",
+                    fmt_ns(cpu),
+                    share * 100.0,
+                    fmt_ns(wait)
+                )?;
+            }
         } else {
             writeln!(f, "  churn          none (--churn 0)")?;
         }
