@@ -232,7 +232,8 @@ impl fmt::Display for RestoreSummary {
         )?;
         match &self.ws_recorded {
             Some(Ok((runs, pages))) => {
-                write!(f, "; working set recorded: {pages} pages in {runs} runs")?
+                let s = if *runs == 1 { "" } else { "s" };
+                write!(f, "; working set recorded: {pages} pages in {runs} run{s}")?
             }
             Some(Err(e)) => write!(f, "; working set not recorded: {e}")?,
             None => {}
