@@ -70,6 +70,17 @@ fn check_common(v: &Value, vcpus: u64, pages_per_vcpu: u64, mode: &str, aspace: 
     assert_eq!(u(v, "verify_errors"), 0, "{v}");
     assert_eq!(u(v, "open_bus_accesses"), 0, "{v}");
     assert!(f(v, "seconds") > 0.0, "{v}");
+    // The vCPU threads' own time, where the kernel reports it: they ran, for no more than
+    // the runs' wall time each.
+    if std::path::Path::new("/proc/thread-self/schedstat").exists() {
+        let cpu = u(v, "vcpu_cpu_ns");
+        assert!(cpu > 0, "{v}");
+        assert!(
+            cpu as f64 <= f(v, "wall_seconds") * 1e9 * vcpus as f64 * 1.01,
+            "{v}"
+        );
+        assert!(v["vcpu_runqueue_wait_ns"].is_u64(), "{v}");
+    }
     let fps = f(v, "faults_per_sec");
     assert!(fps > 0.0, "{v}");
     let expected = u(v, "pages") as f64 / f(v, "seconds");

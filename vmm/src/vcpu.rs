@@ -496,9 +496,23 @@ pub struct VcpuShared {
     pub first_entry: std::sync::OnceLock<std::time::Instant>,
     /// The companion threads' scheduling policy (`--control-sched`).
     pub control_sched: crate::sched::ControlSched,
+    /// The vCPU threads' time on a CPU and waiting for one, summed as each thread ends
+    /// (`None` until one has, or where the kernel does not report it).
+    pub thread_times: std::sync::Mutex<Option<crate::sched::ThreadTimes>>,
 }
 
 impl VcpuShared {
+    /// Adds an ended vCPU thread's times to [`thread_times`](Self::thread_times).
+    pub fn add_thread_times(&self, t: crate::sched::ThreadTimes) {
+        let mut sum = self
+            .thread_times
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let s = sum.get_or_insert_with(Default::default);
+        s.cpu_ns += t.cpu_ns;
+        s.wait_ns += t.wait_ns;
+    }
+
     /// A companion thread's check-in before a burst of work (see [`crate::sched::tick`]).
     pub fn companion_tick(&self) {
         crate::sched::tick(

@@ -318,6 +318,9 @@ pub struct RunReport {
     pub ws_recorded: Option<Result<(u64, u64), String>>,
     /// The process's resident memory at the end of the run, before teardown.
     pub rss_bytes: u64,
+    /// The vCPU threads' time on a CPU and waiting for one, summed over the threads that
+    /// ended (`None` where the kernel does not report it).
+    pub vcpu_thread_times: Option<crate::sched::ThreadTimes>,
     /// The process's resident memory when the vCPUs were started (after a restore: before the
     /// guest touched anything).
     pub rss_at_start_bytes: u64,
@@ -741,6 +744,7 @@ impl<'a> Vm<'a> {
             xsave_image_bytes: kvm::state::xsave_image_bytes(&res.vm),
             first_entry: std::sync::OnceLock::new(),
             control_sched: cfg.control_sched,
+            thread_times: Default::default(),
             shape: crate::snapshot::Shape {
                 vcpus: cfg.vcpus,
                 mem_bytes: cfg.mem_bytes,
@@ -855,7 +859,12 @@ impl<'a> Vm<'a> {
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
                     let _span = tracing::debug_span!("vcpu", index).entered();
+                    let t0 = crate::sched::ThreadTimes::now();
                     let outcome = vcpu::run_vcpu(vcpu, &cpuid, &thread_shared);
+                    // Before the outcome goes: the report is built once every vCPU has sent one.
+                    if let (Some(t0), Some(t1)) = (t0, crate::sched::ThreadTimes::now()) {
+                        thread_shared.add_thread_times(t1.since(t0));
+                    }
                     tracing::debug!(?outcome, "vcpu thread done");
                     // The receiver outlives every vCPU thread unless the VMM gave up on it.
                     let _ = tx.send(ThreadEnd::Vcpu(index, outcome));
@@ -1197,6 +1206,11 @@ impl<'a> RunningVm<'a> {
             ws_recorded,
             rss_bytes,
             rss_at_start_bytes: self.rss_at_start_bytes,
+            vcpu_thread_times: *self
+                .shared
+                .thread_times
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
         }
     }
 }

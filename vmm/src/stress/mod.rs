@@ -660,6 +660,7 @@ fn run_once(
             .memslot_changes
             .saturating_sub(report.memslot_changes_after_setup),
         fault_mode: report.fault_mode.name(),
+        vcpu_thread_times: report.vcpu_thread_times,
     })
 }
 

@@ -326,6 +326,14 @@ pub struct StressReport {
     /// `--floor`: first touches served at the host's floor, not by the VMM's fault path.
     #[serde(default)]
     pub floor: bool,
+    /// The vCPU threads' time on a CPU, ns, summed over threads and runs (`None` where the
+    /// kernel does not report it: `/proc/thread-self/schedstat`).
+    #[serde(default)]
+    pub vcpu_cpu_ns: Option<u64>,
+    /// The vCPU threads' time runnable but waiting for a CPU, ns, summed likewise: what
+    /// other threads (the VMM's own companions or the host's) took from them.
+    #[serde(default)]
+    pub vcpu_runqueue_wait_ns: Option<u64>,
 }
 
 fn per_region() -> String {
@@ -359,6 +367,8 @@ pub struct RunFigures {
     pub memslot_changes: u64,
     /// The fault mode in effect.
     pub fault_mode: &'static str,
+    /// The vCPU threads' time on a CPU and waiting for one.
+    pub vcpu_thread_times: Option<crate::sched::ThreadTimes>,
 }
 
 /// Accumulates runs into a [`StressReport`].
@@ -416,6 +426,10 @@ impl Aggregate {
         }
         r.verify_errors += f.verify_errors;
         r.kvm_memslot_changes += f.memslot_changes;
+        if let Some(t) = f.vcpu_thread_times {
+            *r.vcpu_cpu_ns.get_or_insert(0) += t.cpu_ns;
+            *r.vcpu_runqueue_wait_ns.get_or_insert(0) += t.wait_ns;
+        }
         let c = &f.counters;
         r.open_bus_accesses += c.open_bus_reads + c.open_bus_writes;
         // Guest RAM only: the churn thread's populates are counted in `churn`.
@@ -640,6 +654,19 @@ impl fmt::Display for StressReport {
                 0.0
             }
         )?;
+        if let (Some(cpu), Some(wait)) = (r.vcpu_cpu_ns, r.vcpu_runqueue_wait_ns) {
+            writeln!(
+                f,
+                "  vCPU threads   {} on a CPU, {} waiting for one ({:.1} % of their runnable time)",
+                fmt_ns(cpu),
+                fmt_ns(wait),
+                if cpu + wait > 0 {
+                    wait as f64 * 100.0 / (cpu + wait) as f64
+                } else {
+                    0.0
+                }
+            )?;
+        }
         let c = &r.churn;
         if r.churn_rate > 0 {
             writeln!(
@@ -739,12 +766,20 @@ mod tests {
             histogram: hist,
             tsc_khz: 1_000_000,
             fault_mode: "vcpu",
+            vcpu_thread_times: Some(crate::sched::ThreadTimes {
+                cpu_ns: 300,
+                wait_ns: 100,
+            }),
             ..Default::default()
         };
         a.add(&run);
         a.add(&run);
         let r = a.finish(2.0);
         assert_eq!((r.pages, r.faults, r.runs), (200, 200, 2));
+        assert_eq!(
+            (r.vcpu_cpu_ns, r.vcpu_runqueue_wait_ns),
+            (Some(600), Some(200))
+        );
         assert!((r.faults_per_sec - 200.0).abs() < 1e-9);
         let l = r.fault_latency_ns;
         assert!(
@@ -763,6 +798,10 @@ mod tests {
         assert_eq!(back, r);
         let text = r.to_string();
         assert!(text.contains("faults/s"), "{text}");
+        assert!(
+            text.contains("vCPU threads   600 ns on a CPU, 200 ns waiting for one (25.0 %"),
+            "{text}"
+        );
     }
 
     #[test]
