@@ -154,11 +154,29 @@ impl ThreadTimes {
     }
 
     /// What was spent from `earlier` to `self`.
-    pub fn since(self, earlier: ThreadTimes) -> ThreadTimes {
+    fn since(self, earlier: ThreadTimes) -> ThreadTimes {
         ThreadTimes {
             cpu_ns: self.cpu_ns.saturating_sub(earlier.cpu_ns),
             wait_ns: self.wait_ns.saturating_sub(earlier.wait_ns),
         }
+    }
+
+    /// What the calling thread has spent since it read `self` ([`now`](Self::now)).
+    pub fn elapsed(self) -> Option<ThreadTimes> {
+        Some(Self::now()?.since(self))
+    }
+
+    /// Adds `self` to a sum kept as two fields, as reports carry it (`None`: nothing yet).
+    pub fn add_to(self, cpu_ns: &mut Option<u64>, wait_ns: &mut Option<u64>) {
+        *cpu_ns.get_or_insert(0) += self.cpu_ns;
+        *wait_ns.get_or_insert(0) += self.wait_ns;
+    }
+}
+
+impl std::ops::AddAssign for ThreadTimes {
+    fn add_assign(&mut self, o: ThreadTimes) {
+        self.cpu_ns += o.cpu_ns;
+        self.wait_ns += o.wait_ns;
     }
 }
 
@@ -193,7 +211,7 @@ mod tests {
     #[test]
     fn batch_is_set_on_the_calling_thread_only_and_normal_changes_nothing() {
         let before = current_policy().unwrap();
-        let (batch, normal) = std::thread::spawn(|| {
+        let (batch, child) = std::thread::spawn(|| {
             ControlSched::Batch.apply_to_current_thread().unwrap();
             let batch = current_policy().unwrap();
             // A thread started by a batch thread inherits the policy.
@@ -206,7 +224,7 @@ mod tests {
         .join()
         .unwrap();
         assert_eq!(batch, libc::SCHED_BATCH);
-        assert_eq!(normal, libc::SCHED_BATCH);
+        assert_eq!(child, libc::SCHED_BATCH);
         // The spawning thread kept its own.
         assert_eq!(current_policy().unwrap(), before);
         let other = std::thread::spawn(|| {

@@ -508,9 +508,7 @@ impl VcpuShared {
             .thread_times
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let s = sum.get_or_insert_with(Default::default);
-        s.cpu_ns += t.cpu_ns;
-        s.wait_ns += t.wait_ns;
+        *sum.get_or_insert_with(Default::default) += t;
     }
 
     /// A companion thread's check-in before a burst of work (see [`crate::sched::tick`]).

@@ -318,12 +318,12 @@ pub struct RunReport {
     pub ws_recorded: Option<Result<(u64, u64), String>>,
     /// The process's resident memory at the end of the run, before teardown.
     pub rss_bytes: u64,
-    /// The vCPU threads' time on a CPU and waiting for one, summed over the threads that
-    /// ended (`None` where the kernel does not report it).
-    pub vcpu_thread_times: Option<crate::sched::ThreadTimes>,
     /// The process's resident memory when the vCPUs were started (after a restore: before the
     /// guest touched anything).
     pub rss_at_start_bytes: u64,
+    /// The vCPU threads' time on a CPU and waiting for one, summed over the threads that
+    /// ended (`None` where the kernel does not report it).
+    pub vcpu_thread_times: Option<crate::sched::ThreadTimes>,
 }
 
 /// What a companion thread gets: the running VM's address space (it reads and writes guest
@@ -862,8 +862,8 @@ impl<'a> Vm<'a> {
                     let t0 = crate::sched::ThreadTimes::now();
                     let outcome = vcpu::run_vcpu(vcpu, &cpuid, &thread_shared);
                     // Before the outcome goes: the report is built once every vCPU has sent one.
-                    if let (Some(t0), Some(t1)) = (t0, crate::sched::ThreadTimes::now()) {
-                        thread_shared.add_thread_times(t1.since(t0));
+                    if let Some(t) = t0.and_then(crate::sched::ThreadTimes::elapsed) {
+                        thread_shared.add_thread_times(t);
                     }
                     tracing::debug!(?outcome, "vcpu thread done");
                     // The receiver outlives every vCPU thread unless the VMM gave up on it.

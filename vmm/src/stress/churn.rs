@@ -511,7 +511,7 @@ pub fn run(
     }
     flush(&mut pending, &mut res, &mut pieces, &mut free);
     res.seconds = start.elapsed().as_secs_f64();
-    res.thread_times = times0.and_then(|t0| Some(crate::sched::ThreadTimes::now()?.since(t0)));
+    res.thread_times = times0.and_then(crate::sched::ThreadTimes::elapsed);
     // Clean up: everything this thread mapped goes, and its memory with it.
     for chunk in live.chunks(cfg.batch.max(1)) {
         let ranges: Vec<(u64, u64)> = chunk.iter().map(|r| (r.gpa, r.size)).collect();

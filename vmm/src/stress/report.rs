@@ -268,8 +268,8 @@ pub struct StressReport {
     /// flag: all four).
     #[serde(default = "all_churn_ops")]
     pub churn_kinds: Vec<String>,
-    /// `--control-sched`: the churn thread's scheduling policy, normal or batch (absent in
-    /// reports from before the flag, which ran normal).
+    /// `--control-sched`: the churn thread's scheduling policy, `auto`, `batch` or `normal`
+    /// (absent in reports from before the flag, which ran normal).
     #[serde(default = "normal")]
     pub control_sched: String,
     /// `--regions`: extra regions mapped up front.
@@ -427,8 +427,7 @@ impl Aggregate {
         r.verify_errors += f.verify_errors;
         r.kvm_memslot_changes += f.memslot_changes;
         if let Some(t) = f.vcpu_thread_times {
-            *r.vcpu_cpu_ns.get_or_insert(0) += t.cpu_ns;
-            *r.vcpu_runqueue_wait_ns.get_or_insert(0) += t.wait_ns;
+            t.add_to(&mut r.vcpu_cpu_ns, &mut r.vcpu_runqueue_wait_ns);
         }
         let c = &f.counters;
         r.open_bus_accesses += c.open_bus_reads + c.open_bus_writes;
@@ -478,8 +477,7 @@ impl Aggregate {
             super::churn::merge_hist(&mut self.mmap_baseline, &c.mmap_baseline);
             self.populate_ns += c.populate_ns;
             if let Some(t) = c.thread_times {
-                *s.cpu_ns.get_or_insert(0) += t.cpu_ns;
-                *s.runqueue_wait_ns.get_or_insert(0) += t.wait_ns;
+                t.add_to(&mut s.cpu_ns, &mut s.runqueue_wait_ns);
             }
             if s.first_error.is_none() {
                 s.first_error.clone_from(&c.first_error);
