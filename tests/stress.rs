@@ -72,7 +72,7 @@ fn check_common(v: &Value, vcpus: u64, pages_per_vcpu: u64, mode: &str, aspace: 
     assert!(f(v, "seconds") > 0.0, "{v}");
     // The vCPU threads' own time, where the kernel reports it: they ran, for no more than
     // the runs' wall time each.
-    if std::path::Path::new("/proc/thread-self/schedstat").exists() {
+    if support::schedstat_available() {
         let cpu = u(v, "vcpu_cpu_ns");
         assert!(cpu > 0, "{v}");
         assert!(
@@ -411,7 +411,7 @@ fn window_mode_changes_no_memslot_under_churn() {
             }
             // The churn thread's own CPU time, where the kernel reports it: more than none,
             // at most all of the time it churned.
-            if std::path::Path::new("/proc/thread-self/schedstat").exists() {
+            if support::schedstat_available() {
                 let share = v["churn"]["cpu_share"].as_f64().unwrap();
                 assert!(u(&v, "churn.cpu_ns") > 0, "{what}");
                 assert!(share > 0.0 && share <= 1.01, "{what}");

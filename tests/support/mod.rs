@@ -83,6 +83,12 @@ pub fn thp_enabled() -> bool {
         .is_ok_and(|s| !s.contains("[never]"))
 }
 
+/// Whether the kernel reports each thread's time on a CPU and waiting for one
+/// (`/proc/thread-self/schedstat`), which `vmm stress` reports then.
+pub fn schedstat_available() -> bool {
+    std::path::Path::new("/proc/thread-self/schedstat").exists()
+}
+
 /// Whether `need` free huge pages are there for a hugetlb test. Returns false (after saying
 /// why) when they are not; with `VMM_REQUIRE_HUGETLB` set (as `.ci/run` does, after reserving
 /// them) that is a failure instead.
